@@ -1,0 +1,649 @@
+//! The `json/1` envelope (shared/PROTOCOL.md): pure functions over bytes.
+//!
+//! Nothing here knows about sockets or sessions. The encoders build the
+//! frames tabmux sends upstream; [`decode`] turns one upstream text frame into
+//! a [`BackendFrame`] or a [`FrameError`] saying why it was refused.
+//!
+//! Two properties matter for the proxy's cost and correctness:
+//! - A tab's JSON payload is embedded **byte for byte**: it is validated, never
+//!   re-serialised.
+//! - A payload the backend sends is returned as a slice of the frame's own
+//!   buffer ([`Bytes::slice_ref`]) whenever it can be, so decoding copies
+//!   nothing and the one buffer is shared by every tab it fans out to.
+
+use std::borrow::Cow;
+use std::fmt::{self, Write as _};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::config::Payload;
+
+/// A tab id. tabmux assigns them per upstream connection as `t1`, `t2`, …;
+/// the wire form is `t` followed by the number in decimal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TabId(pub u64);
+
+impl TabId {
+    /// Parses the wire form of an id tabmux could have assigned. Any other
+    /// string (even one that is a syntactically valid id) names no tab.
+    pub fn parse(s: &str) -> Option<TabId> {
+        let digits = s.strip_prefix('t')?;
+        // "t0" is never assigned and "t07" is not how "t7" is written.
+        if digits.is_empty()
+            || digits.starts_with('0')
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+        {
+            return None;
+        }
+        digits.parse().ok().map(TabId)
+    }
+}
+
+impl fmt::Display for TabId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "t{}", self.0)
+    }
+}
+
+/// Whether `s` has the syntax PROTOCOL.md gives tab ids: 1 to 32 characters
+/// from `[A-Za-z0-9_-]`.
+pub fn is_valid_tab_id(s: &str) -> bool {
+    (1..=32).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+// ---------------------------------------------------------------- encoders
+
+/// `{"tab":"t7","event":"open","query":"…"}`, with `"headers":{…}` when the
+/// route selects request headers for it.
+pub fn open_event(tab: TabId, query: &str, headers: &[(&str, &str)]) -> Utf8Bytes {
+    let mut out = String::with_capacity(48 + query.len());
+    let _ = write!(out, "{{\"tab\":\"{tab}\",\"event\":\"open\",\"query\":");
+    push_json_string(&mut out, query);
+    if !headers.is_empty() {
+        out.push_str(",\"headers\":{");
+        for (i, (name, value)) in headers.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_json_string(&mut out, name);
+            out.push(':');
+            push_json_string(&mut out, value);
+        }
+        out.push('}');
+    }
+    out.push('}');
+    out.into()
+}
+
+/// `{"tab":"t7","event":"close","code":1001}`.
+pub fn close_event(tab: TabId, code: u16) -> Utf8Bytes {
+    format!("{{\"tab\":\"{tab}\",\"event\":\"close\",\"code\":{code}}}").into()
+}
+
+/// The tab's text is not valid JSON (`payload = "json"`); the tab is closed
+/// with 1007.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotJson;
+
+/// `{"tab":"t7","data":P}` for a tab's text message. With `payload = "json"`
+/// the text must be JSON and is embedded byte for byte; with `"text"` it is
+/// embedded as a JSON string.
+pub fn data_text(tab: TabId, text: &str, payload: Payload) -> Result<Utf8Bytes, NotJson> {
+    let mut out = String::with_capacity(text.len() + 32);
+    let _ = write!(out, "{{\"tab\":\"{tab}\",\"data\":");
+    match payload {
+        Payload::Json => {
+            if serde_json::from_str::<serde::de::IgnoredAny>(text).is_err() {
+                return Err(NotJson);
+            }
+            out.push_str(text);
+        }
+        Payload::Text => push_json_string(&mut out, text),
+    }
+    out.push('}');
+    Ok(out.into())
+}
+
+/// `{"tab":"t7","data_b64":"…"}` for a tab's binary message.
+pub fn data_binary(tab: TabId, bytes: &[u8]) -> Utf8Bytes {
+    let mut out = String::with_capacity(bytes.len() * 4 / 3 + 40);
+    let _ = write!(out, "{{\"tab\":\"{tab}\",\"data_b64\":\"");
+    base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut out);
+    out.push_str("\"}");
+    out.into()
+}
+
+fn push_json_string(out: &mut String, s: &str) {
+    // Serialising a &str into JSON cannot fail.
+    let quoted = serde_json::to_string(s).unwrap_or_default();
+    out.push_str(&quoted);
+}
+
+// ---------------------------------------------------------------- decoder
+
+/// Whom an upstream frame is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// No `tab` field: every tab of the session.
+    All,
+    /// The listed tabs, each once (duplicates removed). `foreign` counts ids
+    /// that are well-formed but could never have been assigned by tabmux:
+    /// they name no tab and are dropped like ids of tabs that left.
+    Tabs { ids: Vec<TabId>, foreign: usize },
+}
+
+/// A message to deliver to tabs. Cloning it clones a reference, not the bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    Text(Utf8Bytes),
+    Binary(Bytes),
+}
+
+impl Body {
+    /// Payload size in bytes, compared with the route's `max_message_size`.
+    pub fn len(&self) -> usize {
+        match self {
+            Body::Text(t) => t.len(),
+            Body::Binary(b) => b.len(),
+        }
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One decoded upstream frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendFrame {
+    Deliver {
+        to: Target,
+        body: Body,
+    },
+    Close {
+        to: Target,
+        code: u16,
+        reason: String,
+    },
+}
+
+/// Why an upstream frame was dropped. [`FrameError::label`] is the metric
+/// label; `Display` is the log message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("not valid JSON")]
+    NotJson,
+    #[error("not a JSON object")]
+    NotObject,
+    #[error("a binary frame (the json envelope carries text frames only)")]
+    Binary,
+    #[error("`tab` is not a tab id or a list of tab ids")]
+    BadTab,
+    #[error("no `data`, `data_b64` or `event`")]
+    NoPayload,
+    #[error("more than one of `data`, `data_b64` and `event`")]
+    Ambiguous,
+    #[error("unknown `event` (only \"close\" is accepted from the backend)")]
+    UnknownEvent,
+    #[error("a close event needs `tab`")]
+    CloseWithoutTab,
+    #[error("close `code` must be 1000 or 3000-4999")]
+    BadCloseCode,
+    #[error("`data_b64` is not standard padded base64")]
+    BadBase64,
+    #[error("a field appears twice or has the wrong type")]
+    BadField,
+}
+
+impl FrameError {
+    /// A short, stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            FrameError::NotJson => "not_json",
+            FrameError::NotObject => "not_object",
+            FrameError::Binary => "binary",
+            FrameError::BadTab => "bad_tab",
+            FrameError::NoPayload => "no_payload",
+            FrameError::Ambiguous => "ambiguous",
+            FrameError::UnknownEvent => "unknown_event",
+            FrameError::CloseWithoutTab => "close_without_tab",
+            FrameError::BadCloseCode => "bad_close_code",
+            FrameError::BadBase64 => "bad_base64",
+            FrameError::BadField => "bad_field",
+        }
+    }
+}
+
+/// The fields tabmux reads; anything else the backend adds is ignored.
+/// `tab` and `data` are kept raw so `data: null` is still a payload and a
+/// payload is never re-serialised.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow, default, deserialize_with = "raw")]
+    tab: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    data_b64: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    event: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    code: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    reason: Option<Cow<'a, str>>,
+}
+
+fn raw<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// The longest close reason a close frame can carry (125 bytes minus the code).
+const MAX_REASON: usize = 123;
+
+/// Decodes one upstream text frame. `frame` must be the frame's UTF-8 bytes;
+/// payloads returned share its buffer where possible.
+pub fn decode(frame: &Bytes, payload: Payload) -> Result<BackendFrame, FrameError> {
+    let first = frame.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        // serde would accept a JSON array as a struct, so check first.
+        return match serde_json::from_slice::<serde::de::IgnoredAny>(frame) {
+            Ok(_) => Err(FrameError::NotObject),
+            Err(_) => Err(FrameError::NotJson),
+        };
+    }
+    let wire: Wire<'_> = serde_json::from_slice(frame).map_err(|e| {
+        if e.is_data() {
+            FrameError::BadField
+        } else {
+            FrameError::NotJson
+        }
+    })?;
+    let to = match wire.tab {
+        None => Target::All,
+        Some(raw) => parse_target(raw.get())?,
+    };
+    match (wire.data, wire.data_b64, wire.event) {
+        (Some(data), None, None) => Ok(BackendFrame::Deliver {
+            to,
+            body: Body::Text(text_body(frame, data.get(), payload)?),
+        }),
+        (None, Some(b64), None) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|_| FrameError::BadBase64)?;
+            Ok(BackendFrame::Deliver {
+                to,
+                body: Body::Binary(Bytes::from(bytes)),
+            })
+        }
+        (None, None, Some(event)) => {
+            if event != "close" {
+                return Err(FrameError::UnknownEvent);
+            }
+            if to == Target::All {
+                return Err(FrameError::CloseWithoutTab);
+            }
+            let code = match wire.code {
+                None => 1000,
+                Some(raw) => raw
+                    .get()
+                    .parse::<u16>()
+                    .map_err(|_| FrameError::BadCloseCode)?,
+            };
+            if !(code == 1000 || (3000..=4999).contains(&code)) {
+                return Err(FrameError::BadCloseCode);
+            }
+            let mut reason = wire.reason.map(Cow::into_owned).unwrap_or_default();
+            truncate_at_char(&mut reason, MAX_REASON);
+            Ok(BackendFrame::Close { to, code, reason })
+        }
+        (None, None, None) => Err(FrameError::NoPayload),
+        _ => Err(FrameError::Ambiguous),
+    }
+}
+
+fn parse_target(raw: &str) -> Result<Target, FrameError> {
+    let names: Vec<Cow<'_, str>> = if raw.starts_with('[') {
+        serde_json::from_str(raw).map_err(|_| FrameError::BadTab)?
+    } else {
+        vec![serde_json::from_str(raw).map_err(|_| FrameError::BadTab)?]
+    };
+    let mut ids = Vec::with_capacity(names.len());
+    let mut foreign = 0;
+    for name in &names {
+        if !is_valid_tab_id(name) {
+            return Err(FrameError::BadTab);
+        }
+        match TabId::parse(name) {
+            Some(id) => ids.push(id),
+            None => foreign += 1,
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(Target::Tabs { ids, foreign })
+}
+
+/// The text a tab receives for payload `data` (its raw JSON text in `frame`).
+fn text_body(frame: &Bytes, data: &str, payload: Payload) -> Result<Utf8Bytes, FrameError> {
+    let bytes = if payload == Payload::Text && data.starts_with('"') {
+        // A JSON string is delivered as the string itself. When it has no
+        // escapes, that is the bytes between the quotes: share them.
+        let inner = &data[1..data.len() - 1];
+        if inner.contains('\\') {
+            let s: String = serde_json::from_str(data).map_err(|_| FrameError::NotJson)?;
+            Bytes::from(s)
+        } else {
+            frame.slice_ref(inner.as_bytes())
+        }
+    } else {
+        frame.slice_ref(data.as_bytes())
+    };
+    // Slices of valid UTF-8 at JSON token boundaries are valid UTF-8; this
+    // checks it once per frame, not once per tab.
+    Utf8Bytes::try_from(bytes).map_err(|_| FrameError::NotJson)
+}
+
+fn truncate_at_char(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dec(s: &str) -> Result<BackendFrame, FrameError> {
+        decode(&Bytes::copy_from_slice(s.as_bytes()), Payload::Json)
+    }
+
+    fn text(s: &str) -> Body {
+        Body::Text(s.into())
+    }
+
+    fn tabs(ids: &[u64]) -> Target {
+        Target::Tabs {
+            ids: ids.iter().map(|&n| TabId(n)).collect(),
+            foreign: 0,
+        }
+    }
+
+    #[test]
+    fn tab_ids_round_trip_and_reject_lookalikes() {
+        assert_eq!(TabId(7).to_string(), "t7");
+        assert_eq!(TabId::parse("t7"), Some(TabId(7)));
+        for s in [
+            "t0",
+            "t07",
+            "t",
+            "x7",
+            "T7",
+            "t7a",
+            "t-1",
+            "t99999999999999999999999",
+        ] {
+            assert_eq!(TabId::parse(s), None, "{s}");
+        }
+        assert!(is_valid_tab_id("abc_DEF-123"));
+        assert!(!is_valid_tab_id(""));
+        assert!(!is_valid_tab_id(&"a".repeat(33)));
+        assert!(!is_valid_tab_id("t 7"));
+    }
+
+    #[test]
+    fn encoders_match_the_protocol_tables() {
+        assert_eq!(
+            open_event(TabId(7), "room=5", &[]).as_str(),
+            r#"{"tab":"t7","event":"open","query":"room=5"}"#
+        );
+        assert_eq!(
+            open_event(TabId(1), "a=\"b\"", &[("accept-language", "fr")]).as_str(),
+            r#"{"tab":"t1","event":"open","query":"a=\"b\"","headers":{"accept-language":"fr"}}"#
+        );
+        assert_eq!(
+            close_event(TabId(7), 1001).as_str(),
+            r#"{"tab":"t7","event":"close","code":1001}"#
+        );
+        assert_eq!(
+            data_binary(TabId(2), &[0, 255, 1]).as_str(),
+            r#"{"tab":"t2","data_b64":"AP8B"}"#
+        );
+    }
+
+    #[test]
+    fn tab_json_is_embedded_byte_for_byte() {
+        let p = r#" { "b" : 1.50, "a":"\u00e9" } "#;
+        let out = data_text(TabId(3), p, Payload::Json).unwrap();
+        assert_eq!(out.as_str(), format!(r#"{{"tab":"t3","data":{p}}}"#));
+        assert_eq!(data_text(TabId(3), "{oops", Payload::Json), Err(NotJson));
+        assert_eq!(data_text(TabId(3), "", Payload::Json), Err(NotJson));
+        assert_eq!(
+            data_text(TabId(3), "say \"hi\"", Payload::Text)
+                .unwrap()
+                .as_str(),
+            r#"{"tab":"t3","data":"say \"hi\""}"#
+        );
+    }
+
+    #[test]
+    fn unicast_multicast_broadcast() {
+        assert_eq!(
+            dec(r#"{"tab":"t7","data":{"x":[1, 2]}}"#),
+            Ok(BackendFrame::Deliver {
+                to: tabs(&[7]),
+                body: text(r#"{"x":[1, 2]}"#)
+            })
+        );
+        assert_eq!(
+            dec(r#"{"tab":["t9","t7","t9"],"data":1}"#),
+            Ok(BackendFrame::Deliver {
+                to: tabs(&[7, 9]),
+                body: text("1")
+            })
+        );
+        assert_eq!(
+            dec(r#"{"data":null,"extra":true}"#),
+            Ok(BackendFrame::Deliver {
+                to: Target::All,
+                body: text("null")
+            })
+        );
+        assert_eq!(
+            dec(r#"{"tab":["t1","someone-else"],"data":"x"}"#),
+            Ok(BackendFrame::Deliver {
+                to: Target::Tabs {
+                    ids: vec![TabId(1)],
+                    foreign: 1
+                },
+                body: text("\"x\"")
+            })
+        );
+    }
+
+    #[test]
+    fn payload_shares_the_frame_buffer() {
+        let frame = Bytes::from_static(br#"{"data":{"big":"payload"}}"#);
+        let Ok(BackendFrame::Deliver {
+            body: Body::Text(t),
+            ..
+        }) = decode(&frame, Payload::Json)
+        else {
+            panic!("not a delivery")
+        };
+        let inner = Bytes::from(t);
+        let start = inner.as_ptr() as usize - frame.as_ptr() as usize;
+        assert_eq!(&frame[start..start + inner.len()], br#"{"big":"payload"}"#);
+    }
+
+    #[test]
+    fn text_payload_delivers_strings_unquoted() {
+        let d = |s: &str| decode(&Bytes::copy_from_slice(s.as_bytes()), Payload::Text);
+        assert_eq!(
+            d(r#"{"data":"plain"}"#),
+            Ok(BackendFrame::Deliver {
+                to: Target::All,
+                body: text("plain")
+            })
+        );
+        assert_eq!(
+            d(r#"{"data":"a\"b\n\u00e9"}"#),
+            Ok(BackendFrame::Deliver {
+                to: Target::All,
+                body: text("a\"b\n\u{e9}")
+            })
+        );
+        // A non-string payload is still its raw JSON text.
+        assert_eq!(
+            d(r#"{"data":[1]}"#),
+            Ok(BackendFrame::Deliver {
+                to: Target::All,
+                body: text("[1]")
+            })
+        );
+    }
+
+    #[test]
+    fn binary_and_close() {
+        assert_eq!(
+            dec(r#"{"tab":"t2","data_b64":"AP8B"}"#),
+            Ok(BackendFrame::Deliver {
+                to: tabs(&[2]),
+                body: Body::Binary(Bytes::from_static(&[0, 255, 1]))
+            })
+        );
+        assert_eq!(
+            dec(r#"{"tab":"t7","event":"close","code":4001,"reason":"bye"}"#),
+            Ok(BackendFrame::Close {
+                to: tabs(&[7]),
+                code: 4001,
+                reason: "bye".into()
+            })
+        );
+        let long = format!(
+            r#"{{"tab":"t7","event":"close","reason":"{}"}}"#,
+            "é".repeat(100)
+        );
+        let Ok(BackendFrame::Close { code, reason, .. }) = dec(&long) else {
+            panic!()
+        };
+        assert_eq!(code, 1000);
+        assert!(reason.len() <= MAX_REASON && reason.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn malformed_frames_say_why() {
+        let cases = [
+            ("nope", FrameError::NotJson),
+            ("[1,2]", FrameError::NotObject),
+            ("\"s\"", FrameError::NotObject),
+            (r#"{"tab":"t1""#, FrameError::NotJson),
+            (r#"{"tab":"t1"}"#, FrameError::NoPayload),
+            (r#"{"tab":7,"data":1}"#, FrameError::BadTab),
+            (r#"{"tab":null,"data":1}"#, FrameError::BadTab),
+            (r#"{"tab":"no spaces","data":1}"#, FrameError::BadTab),
+            (r#"{"tab":["t1",2],"data":1}"#, FrameError::BadTab),
+            (r#"{"data":1,"data_b64":"AA=="}"#, FrameError::Ambiguous),
+            (r#"{"data":1,"data":2}"#, FrameError::BadField),
+            (r#"{"data_b64":5}"#, FrameError::BadField),
+            (
+                r#"{"tab":"t1","event":"close","code":"4001"}"#,
+                FrameError::BadCloseCode,
+            ),
+            (r#"{"tab":"t1","event":"open"}"#, FrameError::UnknownEvent),
+            (r#"{"event":"close"}"#, FrameError::CloseWithoutTab),
+            (
+                r#"{"tab":"t1","event":"close","code":1001}"#,
+                FrameError::BadCloseCode,
+            ),
+            (
+                r#"{"tab":"t1","event":"close","code":70000}"#,
+                FrameError::BadCloseCode,
+            ),
+            (r#"{"data_b64":"AP8"}"#, FrameError::BadBase64),
+            (r#"{"data_b64":"!!!!"}"#, FrameError::BadBase64),
+        ];
+        for (frame, want) in cases {
+            assert_eq!(dec(frame), Err(want), "{frame}");
+        }
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn json_value() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::Bool),
+                any::<i64>().prop_map(|n| serde_json::json!(n)),
+                ".{0,12}".prop_map(serde_json::Value::String),
+            ];
+            leaf.prop_recursive(3, 24, 4, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..4)
+                        .prop_map(serde_json::Value::Array),
+                    proptest::collection::btree_map(".{0,6}", inner, 0..4)
+                        .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            /// What a tab sends reaches the backend exactly, and what the
+            /// backend sends back in the same shape reaches the tab exactly.
+            #[test]
+            fn json_payloads_survive_both_directions(v in json_value(), n in 1u64..1_000_000) {
+                let text = serde_json::to_string_pretty(&v).unwrap();
+                let up = data_text(TabId(n), &text, Payload::Json).unwrap();
+                let parsed: serde_json::Value = serde_json::from_str(&up).unwrap();
+                prop_assert_eq!(&parsed["tab"], &serde_json::json!(format!("t{n}")));
+                prop_assert_eq!(&parsed["data"], &v);
+                let frame = Bytes::from(up);
+                let down = decode(&frame, Payload::Json).unwrap();
+                prop_assert_eq!(down, BackendFrame::Deliver { to: tabs(&[n]), body: text.as_str().into_body() });
+            }
+
+            #[test]
+            fn text_payloads_survive_both_directions(s in ".{0,40}", n in 1u64..1000) {
+                let up = data_text(TabId(n), &s, Payload::Text).unwrap();
+                let down = decode(&Bytes::from(up), Payload::Text).unwrap();
+                prop_assert_eq!(down, BackendFrame::Deliver { to: tabs(&[n]), body: s.as_str().into_body() });
+            }
+
+            #[test]
+            fn binary_payloads_survive_both_directions(b in proptest::collection::vec(any::<u8>(), 0..64)) {
+                let up = data_binary(TabId(1), &b);
+                let down = decode(&Bytes::from(up), Payload::Json).unwrap();
+                prop_assert_eq!(down, BackendFrame::Deliver { to: tabs(&[1]), body: Body::Binary(Bytes::from(b)) });
+            }
+
+            /// The decoder never panics, whatever the backend sends.
+            #[test]
+            fn decode_never_panics(s in ".{0,200}") {
+                let _ = decode(&Bytes::from(s.clone()), Payload::Json);
+                let _ = decode(&Bytes::from(s), Payload::Text);
+            }
+        }
+
+        trait IntoBody {
+            fn into_body(self) -> Body;
+        }
+        impl IntoBody for &str {
+            fn into_body(self) -> Body {
+                Body::Text(self.into())
+            }
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! The tab listener: accept TCP, terminate TLS when configured, and let hyper
+//! serve HTTP/1.1 until a request is upgraded to a WebSocket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::server::Shared;
+use crate::upgrade;
+
+/// Accepts connections until `stop`'s sender is dropped.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<()>) {
+    let acceptor = shared
+        .server
+        .tls
+        .clone()
+        .map(tokio_rustls::TlsAcceptor::from);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Typically EMFILE: back off briefly instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let shared = shared.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            match acceptor {
+                None => serve_http(stream, shared, peer).await,
+                Some(acceptor) => {
+                    let timeout = shared.server.handshake_timeout;
+                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => serve_http(tls, shared, peer).await,
+                        Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Serves HTTP/1.1 on one connection; upgraded requests become tabs.
+async fn serve_http<I>(io: I, shared: Arc<Shared>, peer: std::net::SocketAddr)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let timeout = shared.server.handshake_timeout;
+    let service = service_fn(move |req| upgrade::handle(req, shared.clone(), peer));
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        // A connection that never sends its request is dropped.
+        .header_read_timeout(timeout)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        debug!(%peer, error = %e, "connection ended with an error");
+    }
+}

@@ -1,0 +1,184 @@
+//! The proxy as a whole: bind every listener, then serve until told to stop.
+//!
+//! [`Proxy::bind`] binds the tab listener and the admin listener (so an
+//! address in use is an error before anything is served), and
+//! [`Proxy::run`] serves both until its `shutdown` future completes.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::{Config, Origins, Route, Server};
+use crate::metrics::Metrics;
+use crate::session::{Registry, SessionContext, SessionHasher};
+use crate::upgrade::TabLimiter;
+use crate::{admin, listener};
+
+/// One route with the runtime state its sessions share.
+pub struct RouteRuntime {
+    /// Position in the config; part of every session key of this route.
+    pub index: usize,
+    pub route: Arc<Route>,
+    pub ctx: SessionContext,
+}
+
+/// State shared by every connection task. Nothing in it is locked across an
+/// `.await`: the session registry is a sharded map whose entries are only
+/// touched to insert, look up or remove a handle.
+pub struct Shared {
+    pub server: Server,
+    pub routes: Vec<RouteRuntime>,
+    pub hasher: SessionHasher,
+    pub tabs: Arc<TabLimiter>,
+    pub registry: Arc<Registry>,
+    /// True once every listener accepts connections (`/readyz`).
+    pub ready: AtomicBool,
+    pub metrics_registry: prometheus_client::registry::Registry,
+}
+
+impl Shared {
+    /// The route serving an exact request path.
+    pub fn route(&self, path: &str) -> Option<&RouteRuntime> {
+        self.routes.iter().find(|r| r.route.path == path)
+    }
+}
+
+/// A bound, not yet serving, proxy.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    tabs: TcpListener,
+    admin: TcpListener,
+}
+
+/// A listener that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {what} {addr}: {source}")]
+pub struct BindError {
+    pub what: &'static str,
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
+impl Proxy {
+    /// Binds the tab and admin listeners of a validated configuration.
+    pub async fn bind(config: Config) -> Result<Proxy, BindError> {
+        let tabs = listen("server.listen", config.server.listen)?;
+        let admin = listen("admin.listen", config.admin.listen)?;
+        let mut metrics_registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::new(&mut metrics_registry);
+        let registry = Arc::new(Registry::default());
+        let routes = config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(index, route)| RouteRuntime {
+                index,
+                route: route.clone(),
+                ctx: SessionContext {
+                    route: route.clone(),
+                    registry: registry.clone(),
+                    metrics: metrics.route(&route.path),
+                },
+            })
+            .collect();
+        let shared = Arc::new(Shared {
+            tabs: TabLimiter::new(config.server.max_tabs),
+            server: config.server,
+            routes,
+            hasher: SessionHasher::new(),
+            registry,
+            ready: AtomicBool::new(false),
+            metrics_registry,
+        });
+        Ok(Proxy {
+            shared,
+            tabs,
+            admin,
+        })
+    }
+
+    /// Where tabs connect (useful when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.tabs.local_addr().unwrap_or(self.shared.server.listen)
+    }
+
+    /// Where the admin endpoints are served.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The state shared with connection tasks (for tests and the demo).
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting.
+    ///
+    /// Draining (closing tabs with 1001 and upstreams with 1000 within
+    /// `shutdown_timeout`) is the next step of this function's life.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Proxy {
+            shared,
+            tabs,
+            admin,
+        } = self;
+        // Dropping `stop` is the signal: every accept loop holds a receiver.
+        let (stop, stopped) = watch::channel(());
+        let scheme = if shared.server.tls.is_some() {
+            "wss"
+        } else {
+            "ws"
+        };
+        let tab_addr = tabs.local_addr().ok();
+        for rt in &shared.routes {
+            if rt.route.allowed_origins == Origins::Any {
+                warn!(route = %rt.route.path, "allowed_origins = [\"*\"]: any web site may open tabs on this route");
+            }
+        }
+        let admin_addr = admin.local_addr().ok();
+        let tab_task = tokio::spawn(listener::serve(tabs, shared.clone(), stopped.clone()));
+        let admin_task = tokio::spawn(admin::serve(admin, shared.clone(), stopped));
+        shared.ready.store(true, Ordering::Release);
+        if let Some(addr) = tab_addr {
+            let routes: Vec<String> = shared
+                .routes
+                .iter()
+                .map(|r| format!("{} -> {}", r.route.path, r.route.upstream.uri))
+                .collect();
+            info!(
+                "tabs: listening on {scheme}://{addr} ({})",
+                routes.join(", ")
+            );
+        }
+        if let Some(addr) = admin_addr {
+            info!("admin: listening on http://{addr} (/healthz, /readyz, /metrics, /)");
+        }
+        shutdown.await;
+        info!("shutting down: no longer accepting connections");
+        shared.ready.store(false, Ordering::Release);
+        drop(stop);
+        let _ = tokio::join!(tab_task, admin_task);
+    }
+}
+
+/// Binds with a deep accept backlog: a page reload across many tabs, or a
+/// reconnect storm, arrives all at once.
+fn listen(what: &'static str, addr: SocketAddr) -> Result<TcpListener, BindError> {
+    let err = |source| BindError { what, addr, source };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(4096).map_err(err)
+}

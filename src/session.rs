@@ -1,0 +1,717 @@
+//! Sessions: the tabs that share one upstream, and the task that owns it.
+//!
+//! Each session is one task (an actor) that owns the upstream socket and the
+//! table of its tabs. Tabs talk to it over one bounded channel of
+//! [`Command`]s; it talks to each tab over that tab's own bounded queue, with
+//! `try_send` only, so a tab that stops reading can never delay the upstream
+//! reader or another tab. No lock is needed for routing: one task owns it.
+//!
+//! The [`Registry`] maps session keys to running sessions. Its only job is
+//! to make sure that a key has at most one session, however many tabs of it
+//! arrive at once: the first tab inserts the session (which starts dialling),
+//! the others find it and queue their join behind the dial.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderValue, StatusCode};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, Sleep};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::{Envelope, Route};
+use crate::envelope::{self, BackendFrame, Body, FrameError, TabId, Target};
+use crate::metrics::RouteMetrics;
+use crate::upstream::{self, DialError, DialParams, UpstreamSocket};
+
+/// A session key: a keyed hash (HMAC-SHA256) of route, session cookie,
+/// requested subprotocols and forwarded query. The cookie itself is never
+/// stored or shown; [`SessionKey::name`] is what logs and pages print.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionKey([u8; 32]);
+
+impl SessionKey {
+    /// The session's public name: the first 8 bytes of the hash, in hex.
+    pub fn name(&self) -> String {
+        self.0[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl std::fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SessionKey({})", self.name())
+    }
+}
+
+/// Hashes session identities with a key made fresh for each process, so a
+/// session name cannot be traced back to a cookie, nor compared across runs.
+pub struct SessionHasher {
+    key: ring::hmac::Key,
+    direct: AtomicU64,
+}
+
+impl SessionHasher {
+    /// A hasher with a random key.
+    pub fn new() -> SessionHasher {
+        let rng = ring::rand::SystemRandom::new();
+        let key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
+            .expect("the system random number generator failed");
+        SessionHasher {
+            key,
+            direct: AtomicU64::new(0),
+        }
+    }
+
+    /// The key of a shared session. Each part is length-prefixed, so no two
+    /// different identities can produce the same input.
+    pub fn shared(
+        &self,
+        route: usize,
+        cookie: &[u8],
+        protocols: &[u8],
+        query: &[u8],
+    ) -> SessionKey {
+        let mut ctx = ring::hmac::Context::with_key(&self.key);
+        ctx.update(b"S");
+        ctx.update(&(route as u64).to_be_bytes());
+        for part in [cookie, protocols, query] {
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part);
+        }
+        SessionKey::from_tag(ctx.sign())
+    }
+
+    /// A key no other tab can ever produce (`missing_cookie = "direct"`).
+    pub fn direct(&self) -> SessionKey {
+        let n = self.direct.fetch_add(1, Ordering::Relaxed);
+        let mut ctx = ring::hmac::Context::with_key(&self.key);
+        ctx.update(b"D");
+        ctx.update(&n.to_be_bytes());
+        SessionKey::from_tag(ctx.sign())
+    }
+}
+
+impl Default for SessionHasher {
+    fn default() -> Self {
+        SessionHasher::new()
+    }
+}
+
+impl SessionKey {
+    fn from_tag(tag: ring::hmac::Tag) -> SessionKey {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        SessionKey(out)
+    }
+}
+
+/// A running session, as the registry and its tabs see it.
+#[derive(Clone)]
+struct SessionHandle {
+    /// Tells this session from a later one under the same key.
+    id: u64,
+    /// Commands to the session task. The registry and every tab hold a
+    /// clone; the session closes its receiving end when it ends, so a send
+    /// that fails means "that session is gone".
+    tx: mpsc::Sender<Command>,
+}
+
+/// All live sessions of the process.
+#[derive(Default)]
+pub struct Registry {
+    sessions: DashMap<SessionKey, SessionHandle>,
+    next_id: AtomicU64,
+}
+
+impl Registry {
+    /// Number of live sessions (dialling or connected).
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether no session is live.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    fn remove(&self, key: &SessionKey, id: u64) {
+        self.sessions.remove_if(key, |_, h| h.id == id);
+    }
+}
+
+/// Messages from tabs (and the join path) to a session task.
+enum Command {
+    /// A tab wants in. Answered once the upstream is up (or failed).
+    Join {
+        info: JoinInfo,
+        reply: oneshot::Sender<Result<Joined, Refusal>>,
+    },
+    /// A tab sent a message: already wrapped in the envelope for `json`
+    /// routes, exactly as sent for `none` routes.
+    FromTab { tab: TabId, msg: Message },
+    /// A tab's connection ended with this close code.
+    Leave { tab: TabId, code: u16 },
+}
+
+/// What a joining tab tells its session.
+#[derive(Debug, Clone, Default)]
+pub struct JoinInfo {
+    /// The tab's raw query string (`""` if none), for the `open` event.
+    pub query: String,
+    /// Request headers the route copies into the `open` event.
+    pub headers: Vec<(String, String)>,
+}
+
+/// Why a tab could not join.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Refusal {
+    #[error("this session is at its tab limit (max_tabs_per_session)")]
+    SessionFull,
+    #[error("{0}")]
+    Dial(DialError),
+    #[error("the session ended while the tab was joining; try again")]
+    Gone,
+}
+
+impl Refusal {
+    /// The HTTP status the tab's handshake fails with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::SessionFull => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::Dial(e) => e.status(),
+            Refusal::Gone => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// A tab's membership in a session, handed to the tab's task.
+pub struct Joined {
+    pub tab: TabId,
+    /// The subprotocol the upstream chose; every tab is answered with it.
+    pub protocol: Option<HeaderValue>,
+    /// Messages for this tab. The session holds the sender and drops it
+    /// when the tab is removed or the session ends.
+    pub out: mpsc::Receiver<Message>,
+    /// Fires when the session must close this tab at once, ahead of
+    /// whatever is queued (a slow consumer whose queue is full).
+    pub kill: oneshot::Receiver<CloseFrame>,
+    /// Sends this tab's messages to the session, and its `Leave` when dropped.
+    pub link: TabLink,
+}
+
+/// A tab's sending side to its session. Dropping it tells the session the
+/// tab has left, with the close code last set by [`TabLink::set_close_code`]
+/// (1006, "vanished", until then). Leaving on drop means a tab task that
+/// ends in any way, even by panic, still produces its `close` event.
+pub struct TabLink {
+    tab: TabId,
+    tx: mpsc::Sender<Command>,
+    code: u16,
+}
+
+impl TabLink {
+    /// Sends a tab message to the session, waiting while its queue is full.
+    /// Returns false if the session is gone.
+    pub async fn send(&self, msg: Message) -> bool {
+        self.tx
+            .send(Command::FromTab { tab: self.tab, msg })
+            .await
+            .is_ok()
+    }
+
+    /// The close code the `close` event will carry.
+    pub fn set_close_code(&mut self, code: u16) {
+        self.code = code;
+    }
+}
+
+impl Drop for TabLink {
+    fn drop(&mut self) {
+        let cmd = Command::Leave {
+            tab: self.tab,
+            code: self.code,
+        };
+        match self.tx.try_send(cmd) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(cmd)) => {
+                // The session is busy: deliver the leave later rather than lose it.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let tx = self.tx.clone();
+                    rt.spawn(async move {
+                        let _ = tx.send(cmd).await;
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Capacity of a session's command channel, shared by all of its tabs.
+const COMMAND_QUEUE: usize = 256;
+/// Commands handled before the upstream writes are flushed.
+const BATCH: usize = 64;
+/// How many times a join retries when it races with a session ending.
+const JOIN_TRIES: usize = 3;
+
+/// Everything a session task needs from the proxy.
+#[derive(Clone)]
+pub struct SessionContext {
+    pub route: Arc<Route>,
+    pub registry: Arc<Registry>,
+    pub metrics: RouteMetrics,
+}
+
+/// Joins the tab to the session `key`, creating the session (and dialling its
+/// upstream) if there is none. Returns once the tab is a member, or refused.
+pub async fn join(
+    ctx: &SessionContext,
+    key: SessionKey,
+    dial: DialParams,
+    info: JoinInfo,
+) -> Result<Joined, Refusal> {
+    for _ in 0..JOIN_TRIES {
+        let handle = ctx
+            .registry
+            .sessions
+            .entry(key)
+            // The shard lock is held only for this insert: spawning does not
+            // wait, and the dial happens inside the new task.
+            .or_insert_with(|| spawn(ctx.clone(), key, dial.clone()))
+            .clone();
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::Join {
+            info: info.clone(),
+            reply,
+        };
+        if handle.tx.send(cmd).await.is_err() {
+            // The session ended after we found it; make sure it is unlisted.
+            ctx.registry.remove(&key, handle.id);
+            continue;
+        }
+        match answer.await {
+            Ok(result) => return result,
+            Err(_) => continue,
+        }
+    }
+    Err(Refusal::Gone)
+}
+
+fn spawn(ctx: SessionContext, key: SessionKey, dial: DialParams) -> SessionHandle {
+    let id = ctx.registry.next_id.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let span = tracing::info_span!("session", session = %key.name(), route = %ctx.route.path);
+    tokio::spawn(run(ctx, key, id, dial, tx.clone(), rx).instrument(span));
+    SessionHandle { id, tx }
+}
+
+/// The session task: dial, serve, then unlist and refuse late joiners.
+async fn run(
+    ctx: SessionContext,
+    key: SessionKey,
+    id: u64,
+    dial: DialParams,
+    commands: mpsc::Sender<Command>,
+    mut rx: mpsc::Receiver<Command>,
+) {
+    ctx.metrics.sessions_active.inc();
+    let late = match upstream::dial(&ctx.route, &dial).await {
+        Ok((socket, protocol)) => {
+            ctx.metrics.dial("ok");
+            ctx.metrics.upstreams_open.inc();
+            debug!("upstream connected");
+            let mut session = Session::new(&ctx, key, socket, protocol, commands);
+            session.serve(&mut rx).await;
+            ctx.metrics.upstreams_open.dec();
+            // A tab that raced with the end retries and starts a new session.
+            Refusal::Gone
+        }
+        Err(e) => {
+            ctx.metrics.dial(e.label());
+            info!(error = %e, "upstream dial failed");
+            // Every tab queued behind the dial gets the same answer.
+            Refusal::Dial(e)
+        }
+    };
+    // Unlist first, so new tabs start a new session instead of finding this
+    // one; then answer whatever is queued or raced in.
+    ctx.registry.remove(&key, id);
+    rx.close();
+    while let Some(cmd) = rx.recv().await {
+        if let Command::Join { reply, .. } = cmd {
+            let _ = reply.send(Err(late.clone()));
+        }
+    }
+    ctx.metrics.sessions_active.dec();
+}
+
+/// One member tab, as its session sees it.
+struct TabSlot {
+    /// This tab's message queue (capacity `tab_queue`). Dropping it ends the
+    /// tab's task once the queue is drained.
+    out: mpsc::Sender<Message>,
+    /// Closes the tab ahead of its queue.
+    kill: Option<oneshot::Sender<CloseFrame>>,
+}
+
+/// Why a session stopped serving.
+enum End {
+    /// The linger time after the last tab passed.
+    Linger,
+    /// The upstream closed or failed.
+    UpstreamLost(String),
+}
+
+/// The state a session task owns.
+struct Session<'c> {
+    ctx: &'c SessionContext,
+    key: SessionKey,
+    upstream: UpstreamSocket,
+    protocol: Option<HeaderValue>,
+    /// A sender to this session's own command channel, cloned into each
+    /// tab's [`TabLink`].
+    commands: mpsc::Sender<Command>,
+    tabs: HashMap<TabId, TabSlot>,
+    /// The next tab id; ids are never reused on one upstream connection.
+    next_tab: u64,
+    /// `envelope = "none"`: the first `replay_first` upstream frames.
+    replay: Vec<Message>,
+    /// Upstream frames decided on but not yet written (flushed per batch).
+    to_upstream: Vec<Message>,
+    /// Armed while the session has no tabs.
+    linger: Option<Pin<Box<Sleep>>>,
+}
+
+impl<'c> Session<'c> {
+    fn new(
+        ctx: &'c SessionContext,
+        key: SessionKey,
+        upstream: UpstreamSocket,
+        protocol: Option<HeaderValue>,
+        commands: mpsc::Sender<Command>,
+    ) -> Self {
+        Session {
+            ctx,
+            key,
+            upstream,
+            protocol,
+            commands,
+            tabs: HashMap::new(),
+            next_tab: 1,
+            replay: Vec::new(),
+            to_upstream: Vec::new(),
+            linger: None,
+        }
+    }
+
+    fn route(&self) -> &Route {
+        &self.ctx.route
+    }
+
+    async fn serve(&mut self, rx: &mut mpsc::Receiver<Command>) {
+        // A session starts with its first join queued; linger only matters
+        // once the last tab leaves.
+        let end = loop {
+            let linger = async {
+                match self.linger.as_mut() {
+                    Some(sleep) => sleep.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                cmd = rx.recv() => {
+                    // The registry holds a sender, so the channel cannot close
+                    // while the session is listed.
+                    let Some(cmd) = cmd else { break End::Linger };
+                    self.command(cmd);
+                    // Take what else is waiting before writing, so a burst
+                    // becomes one flush.
+                    for _ in 1..BATCH {
+                        match rx.try_recv() {
+                            Ok(cmd) => self.command(cmd),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                frame = self.upstream.next() => match frame {
+                    Some(Ok(msg)) => self.from_upstream(msg),
+                    Some(Err(e)) => break End::UpstreamLost(e.to_string()),
+                    None => break End::UpstreamLost("connection closed".into()),
+                },
+                () = linger => break End::Linger,
+            }
+            if let Err(e) = self.flush_upstream().await {
+                break End::UpstreamLost(e);
+            }
+        };
+        match end {
+            End::Linger => {
+                debug!("linger time passed with no tab; closing the upstream");
+                let _ = self.upstream.close(None).await;
+            }
+            End::UpstreamLost(why) => self.upstream_lost(&why),
+        }
+    }
+
+    /// The upstream is gone. Redial with backoff belongs here (issue 3); for
+    /// now every tab is closed with 1011 and the session ends.
+    fn upstream_lost(&mut self, why: &str) {
+        warn!(reason = %why, tabs = self.tabs.len(), "upstream lost; closing the session's tabs");
+        let ids: Vec<TabId> = self.tabs.keys().copied().collect();
+        for id in ids {
+            self.ctx.metrics.tab_closed("upstream_lost");
+            self.close_tab(id, 1011, "upstream connection lost");
+        }
+        // No close events: there is no upstream to send them to.
+        self.to_upstream.clear();
+    }
+
+    async fn flush_upstream(&mut self) -> Result<(), String> {
+        if self.to_upstream.is_empty() {
+            return Ok(());
+        }
+        for msg in self.to_upstream.drain(..) {
+            self.upstream.feed(msg).await.map_err(|e| e.to_string())?;
+        }
+        self.upstream.flush().await.map_err(|e| e.to_string())
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Join { info, reply } => self.join(info, reply),
+            Command::FromTab { tab, msg } => {
+                // A tab that tabmux already closed may still have had
+                // messages in flight; it has left as far as the backend knows.
+                if self.tabs.contains_key(&tab) {
+                    self.to_upstream.push(msg);
+                }
+            }
+            Command::Leave { tab, code } => {
+                if self.tabs.remove(&tab).is_some() {
+                    debug!(tab = %tab, code, "tab left");
+                    self.ctx.metrics.tabs_open.dec();
+                    self.left(tab, code);
+                }
+            }
+        }
+    }
+
+    fn join(&mut self, info: JoinInfo, reply: oneshot::Sender<Result<Joined, Refusal>>) {
+        if self.tabs.len() >= self.route().max_tabs_per_session {
+            let _ = reply.send(Err(Refusal::SessionFull));
+            return;
+        }
+        let tab = TabId(self.next_tab);
+        self.next_tab += 1;
+        // Room for the greeting replay on top of the tab's own queue.
+        let (out_tx, out_rx) = mpsc::channel(self.route().tab_queue + self.replay.len());
+        for msg in &self.replay {
+            let _ = out_tx.try_send(msg.clone());
+        }
+        let (kill_tx, kill_rx) = oneshot::channel();
+        let joined = Joined {
+            tab,
+            protocol: self.protocol.clone(),
+            out: out_rx,
+            kill: kill_rx,
+            link: TabLink {
+                tab,
+                tx: self.commands.clone(),
+                code: 1006,
+            },
+        };
+        if reply.send(Ok(joined)).is_err() {
+            // The tab's handshake was abandoned while it waited, so it never
+            // joined: no open event. Dropping the returned `Joined` sends a
+            // Leave for a tab that is not in the table, which is ignored.
+            return;
+        }
+        self.tabs.insert(
+            tab,
+            TabSlot {
+                out: out_tx,
+                kill: Some(kill_tx),
+            },
+        );
+        self.ctx.metrics.tabs_open.inc();
+        self.linger = None;
+        debug!(tab = %tab, tabs = self.tabs.len(), "tab joined");
+        if self.route().envelope == Envelope::Json {
+            let headers: Vec<(&str, &str)> = info
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            let open = envelope::open_event(tab, &info.query, &headers);
+            self.to_upstream.push(Message::Text(open));
+        }
+    }
+
+    /// A tab is no longer a member: tell the backend, and start lingering
+    /// if it was the last.
+    fn left(&mut self, tab: TabId, code: u16) {
+        if self.route().envelope == Envelope::Json {
+            self.to_upstream
+                .push(Message::Text(envelope::close_event(tab, code)));
+        }
+        if self.tabs.is_empty() {
+            let deadline = Instant::now() + self.route().linger;
+            self.linger = Some(Box::pin(tokio::time::sleep_until(deadline)));
+        }
+    }
+
+    /// Closes a tab from tabmux's side with `code`: removes it, queues the
+    /// close frame behind what it was already sent (or, if its queue is
+    /// full, closes it at once), and reports the `close` event.
+    fn close_tab(&mut self, tab: TabId, code: u16, reason: &str) {
+        let Some(mut slot) = self.tabs.remove(&tab) else {
+            return;
+        };
+        self.ctx.metrics.tabs_open.dec();
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) =
+            slot.out.try_send(Message::Close(Some(frame.clone())))
+        {
+            if let Some(kill) = slot.kill.take() {
+                let _ = kill.send(frame);
+            }
+        }
+        debug!(tab = %tab, code, reason, "tabmux closed the tab");
+        self.left(tab, code);
+    }
+
+    /// Queues `msg` for `tab`. A full queue makes the tab a slow consumer.
+    fn deliver(&mut self, tab: TabId, msg: Message) -> bool {
+        let Some(slot) = self.tabs.get(&tab) else {
+            return false;
+        };
+        match slot.out.try_send(msg) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.ctx.metrics.tab_closed("slow_consumer");
+                info!(tab = %tab, "slow consumer: tab queue full");
+                self.close_tab(tab, 1008, "slow consumer");
+                false
+            }
+            // The tab task ended; its Leave is on the way.
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    fn from_upstream(&mut self, msg: Message) {
+        let data = matches!(msg, Message::Text(_) | Message::Binary(_));
+        if !data {
+            // Ping/pong are answered by tungstenite; a close frame ends the
+            // stream on the next read.
+            return;
+        }
+        match self.route().envelope {
+            Envelope::None => self.from_upstream_raw(msg),
+            Envelope::Json => match msg {
+                Message::Text(text) => {
+                    let bytes = Bytes::from(text);
+                    match envelope::decode(&bytes, self.route().payload) {
+                        Ok(frame) => self.backend_frame(frame),
+                        Err(e) => self.malformed(e),
+                    }
+                }
+                _ => self.malformed(FrameError::Binary),
+            },
+        }
+    }
+
+    /// `envelope = "none"`: every frame to every tab, greeting kept for replay.
+    fn from_upstream_raw(&mut self, msg: Message) {
+        let len = match &msg {
+            Message::Text(t) => t.len(),
+            Message::Binary(b) => b.len(),
+            _ => 0,
+        };
+        if self.replay.len() < self.route().replay_first {
+            self.replay.push(msg.clone());
+        }
+        let all: Vec<TabId> = self.tabs.keys().copied().collect();
+        if len > self.route().max_message_size {
+            self.too_big(&all);
+            return;
+        }
+        for tab in all {
+            self.deliver(tab, msg.clone());
+        }
+    }
+
+    fn backend_frame(&mut self, frame: BackendFrame) {
+        match frame {
+            BackendFrame::Deliver { to, body } => {
+                let ids = self.targets(&to);
+                if body.len() > self.route().max_message_size {
+                    self.too_big(&ids);
+                    return;
+                }
+                // One buffer for every tab: cloning the message clones a
+                // reference count, never the payload.
+                let msg = match body {
+                    Body::Text(t) => Message::Text(t),
+                    Body::Binary(b) => Message::Binary(b),
+                };
+                for tab in ids {
+                    self.deliver(tab, msg.clone());
+                }
+            }
+            BackendFrame::Close { to, code, reason } => {
+                for tab in self.targets(&to) {
+                    self.ctx.metrics.tab_closed("backend");
+                    self.close_tab(tab, code, &reason);
+                }
+            }
+        }
+    }
+
+    /// The member tabs a frame is for. Ids of tabs that left (or never
+    /// existed) are counted as unroutable.
+    fn targets(&self, to: &Target) -> Vec<TabId> {
+        match to {
+            Target::All => self.tabs.keys().copied().collect(),
+            Target::Tabs { ids, foreign } => {
+                let present: Vec<TabId> = ids
+                    .iter()
+                    .copied()
+                    .filter(|id| self.tabs.contains_key(id))
+                    .collect();
+                let missing = (ids.len() - present.len() + foreign) as u64;
+                if missing > 0 {
+                    self.ctx.metrics.dropped("unroutable", missing);
+                    debug!(missing, "frame addressed to tabs that are not connected");
+                }
+                present
+            }
+        }
+    }
+
+    fn too_big(&mut self, tabs: &[TabId]) {
+        info!(
+            tabs = tabs.len(),
+            max = self.route().max_message_size,
+            "upstream payload over max_message_size; closing its tabs with 1009"
+        );
+        for &tab in tabs {
+            self.ctx.metrics.tab_closed("too_big");
+            self.close_tab(tab, 1009, "message too big");
+        }
+    }
+
+    fn malformed(&self, e: FrameError) {
+        self.ctx.metrics.dropped(e.label(), 1);
+        warn!(session = %self.key.name(), error = %e, "dropped a malformed frame from the backend");
+    }
+}

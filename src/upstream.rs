@@ -1,0 +1,242 @@
+//! Dialling the one upstream WebSocket of a session.
+//!
+//! [`dial`] connects (TCP, then TLS for `wss://`), sends the WebSocket
+//! handshake with the headers PROTOCOL.md lists, and maps every failure to a
+//! [`DialError`] that knows which HTTP status the waiting tab gets. The whole
+//! dial runs under the route's `dial_timeout`.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::header::{self, HeaderValue};
+use http::{Request, StatusCode};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::config::Route;
+
+/// The session's upstream socket.
+pub type UpstreamSocket = WebSocketStream<UpstreamIo>;
+
+/// What the tab that opens a session contributes to the upstream handshake.
+#[derive(Debug, Clone, Default)]
+pub struct DialParams {
+    /// The first tab's `Cookie` header (all of it, as sent).
+    pub cookie: Option<HeaderValue>,
+    pub user_agent: Option<HeaderValue>,
+    pub origin: Option<HeaderValue>,
+    /// The tab's own `X-Forwarded-For`, if any, with its peer address appended.
+    pub forwarded_for: Option<HeaderValue>,
+    /// `https` when the tab came over TLS, else `http`.
+    pub forwarded_proto: &'static str,
+    /// The tab's requested subprotocols, in its order, comma-separated.
+    pub protocols: Option<HeaderValue>,
+    /// The tab's raw query string, when the route forwards it.
+    pub query: Option<String>,
+}
+
+/// A failed dial, and what the tab waiting on it is told.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DialError {
+    #[error("upstream refused the handshake with HTTP {0}")]
+    Refused(StatusCode),
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    #[error("upstream did not complete the handshake within dial_timeout")]
+    Timeout,
+    #[error("upstream handshake failed: {0}")]
+    Handshake(String),
+}
+
+impl DialError {
+    /// The status the tab's handshake fails with: 401/403/404 from the
+    /// upstream pass through; a timeout is 504; anything else 502.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            DialError::Refused(s)
+                if matches!(
+                    *s,
+                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND
+                ) =>
+            {
+                *s
+            }
+            DialError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The metric label for this result.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DialError::Refused(_) => "refused",
+            DialError::Unreachable(_) => "unreachable",
+            DialError::Timeout => "timeout",
+            DialError::Handshake(_) => "handshake",
+        }
+    }
+}
+
+/// The WebSocket settings of an upstream connection. There is one per
+/// session, so its buffers can be larger than a tab's. Frames may exceed the
+/// route's `max_message_size` by the envelope and base64 overhead, so that an
+/// oversized payload can be recognised and refused per tab instead of
+/// breaking the upstream.
+pub fn ws_config(route: &Route) -> WebSocketConfig {
+    let limit = route
+        .max_message_size
+        .saturating_mul(4)
+        .saturating_add(64 * 1024);
+    WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(16 * 1024)
+        .max_write_buffer_size(limit.saturating_mul(2))
+        .max_message_size(Some(limit))
+        .max_frame_size(Some(limit))
+}
+
+/// Dials the route's upstream. Returns the socket and the subprotocol the
+/// upstream chose, if any.
+pub async fn dial(
+    route: &Route,
+    params: &DialParams,
+) -> Result<(UpstreamSocket, Option<HeaderValue>), DialError> {
+    match tokio::time::timeout(route.dial_timeout, dial_inner(route, params)).await {
+        Ok(result) => result,
+        Err(_) => Err(DialError::Timeout),
+    }
+}
+
+async fn dial_inner(
+    route: &Route,
+    params: &DialParams,
+) -> Result<(UpstreamSocket, Option<HeaderValue>), DialError> {
+    let up = &route.upstream;
+    let tcp = TcpStream::connect((up.host.as_str(), up.port))
+        .await
+        .map_err(|e| DialError::Unreachable(format!("{}:{}: {e}", up.host, up.port)))?;
+    // Envelope frames are small and latency-sensitive.
+    let _ = tcp.set_nodelay(true);
+    let io = match &route.upstream_tls {
+        None => UpstreamIo::Plain(tcp),
+        Some(tls) => {
+            let name = ServerName::try_from(up.host.clone())
+                .map_err(|e| DialError::Handshake(format!("bad TLS server name: {e}")))?;
+            let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| DialError::Handshake(format!("TLS: {e}")))?;
+            UpstreamIo::Tls(Box::new(stream))
+        }
+    };
+    let request = build_request(route, params)?;
+    match tokio_tungstenite::client_async_with_config(request, io, Some(ws_config(route))).await {
+        Ok((socket, response)) => {
+            let protocol = response
+                .headers()
+                .get(header::SEC_WEBSOCKET_PROTOCOL)
+                .cloned();
+            Ok((socket, protocol))
+        }
+        Err(WsError::Http(response)) => Err(DialError::Refused(response.status())),
+        Err(WsError::Io(e)) => Err(DialError::Unreachable(e.to_string())),
+        Err(e) => Err(DialError::Handshake(e.to_string())),
+    }
+}
+
+/// The upstream handshake request: the WebSocket headers tungstenite needs,
+/// then the forwarded ones.
+fn build_request(route: &Route, params: &DialParams) -> Result<Request<()>, DialError> {
+    let base = &route.upstream.uri;
+    let mut target = base
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    if let Some(q) = params.query.as_deref().filter(|q| !q.is_empty()) {
+        target.push(if base.query().is_some() { '&' } else { '?' });
+        target.push_str(q);
+    }
+    let authority = base.authority().map_or("", |a| a.as_str());
+    let mut b = Request::builder()
+        .uri(target)
+        .header(header::HOST, authority)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_VERSION, "13")
+        .header(header::SEC_WEBSOCKET_KEY, generate_key())
+        .header("x-tabmux-envelope", route.envelope.header_value())
+        .header("x-forwarded-proto", params.forwarded_proto);
+    let origin = route.upstream_origin.as_ref().or(params.origin.as_ref());
+    let user_agent = route
+        .upstream_user_agent
+        .as_ref()
+        .or(params.user_agent.as_ref());
+    for (name, value) in [
+        (header::COOKIE, params.cookie.as_ref()),
+        (header::ORIGIN, origin),
+        (header::USER_AGENT, user_agent),
+        (header::SEC_WEBSOCKET_PROTOCOL, params.protocols.as_ref()),
+    ] {
+        if let Some(v) = value {
+            b = b.header(name, v);
+        }
+    }
+    if let Some(v) = &params.forwarded_for {
+        b = b.header("x-forwarded-for", v);
+    }
+    b.body(())
+        .map_err(|e| DialError::Handshake(format!("cannot build the request: {e}")))
+}
+
+/// A plain or TLS upstream stream.
+pub enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
