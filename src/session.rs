@@ -307,7 +307,8 @@ pub async fn join(
 fn spawn(ctx: SessionContext, key: SessionKey, dial: DialParams) -> SessionHandle {
     let id = ctx.registry.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-    let span = tracing::info_span!("session", session = %key.name(), route = %ctx.route.path);
+    // A root span: the session outlives the tab that started it.
+    let span = tracing::info_span!(parent: None, "session", session = %key.name(), route = %ctx.route.path);
     tokio::spawn(run(ctx, key, id, dial, tx.clone(), rx).instrument(span));
     SessionHandle { id, tx }
 }

@@ -13,6 +13,7 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -183,6 +184,8 @@ fn read_error(e: &WsError) -> (u16, &'static str, &'static str) {
     match e {
         WsError::Capacity(_) => (1009, "message too big", "too_big"),
         WsError::Utf8(_) => (1007, "invalid UTF-8", "invalid_utf8"),
+        // The TCP connection ended without a close frame: the tab vanished.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => (1006, "", ""),
         WsError::Protocol(_) => (1002, "protocol error", "protocol_error"),
         _ => (1006, "", ""),
     }

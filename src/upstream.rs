@@ -164,8 +164,9 @@ fn build_request(route: &Route, params: &DialParams) -> Result<Request<()>, Dial
         target.push_str(q);
     }
     let authority = base.authority().map_or("", |a| a.as_str());
+    let scheme = if route.upstream.tls { "wss" } else { "ws" };
     let mut b = Request::builder()
-        .uri(target)
+        .uri(format!("{scheme}://{authority}{target}"))
         .header(header::HOST, authority)
         .header(header::CONNECTION, "Upgrade")
         .header(header::UPGRADE, "websocket")
