@@ -455,7 +455,7 @@ impl<'c> Session<'c> {
         match end {
             End::Linger => {
                 debug!("linger time passed with no tab; closing the upstream");
-                let _ = self.upstream.close(None).await;
+                let _ = self.upstream.close(Some(normal_close())).await;
             }
             End::UpstreamLost(why) => self.upstream_lost(&why),
         }
@@ -714,5 +714,13 @@ impl<'c> Session<'c> {
     fn malformed(&self, e: FrameError) {
         self.ctx.metrics.dropped(e.label(), 1);
         warn!(session = %self.key.name(), error = %e, "dropped a malformed frame from the backend");
+    }
+}
+
+/// The close frame tabmux ends an upstream with.
+fn normal_close() -> CloseFrame {
+    CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
     }
 }

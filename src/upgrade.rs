@@ -117,8 +117,6 @@ async fn admit(
         );
         r.headers_mut()
             .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        r.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         return r;
     }
     let key = match check_handshake(req.method(), req.version(), headers) {
@@ -260,11 +258,14 @@ async fn admit(
     response
 }
 
-/// A refusal with a short plain-text body saying why.
+/// A refusal with a short plain-text body saying why. The connection is
+/// closed after it: a refused client has no use for it, and an idle one
+/// would hold a slot until the header timeout.
 pub fn refuse(status: StatusCode, why: &str) -> HttpResponse {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(header::CONNECTION, "close")
         .body(Full::new(Bytes::from(format!("{why}\n"))))
         .unwrap_or_default()
 }

@@ -1,0 +1,443 @@
+//! PROTOCOL.md: handshakes, admission, session sharing, lifetime, and the
+//! `none` envelope.
+
+mod common;
+
+use common::*;
+use http::StatusCode;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn upstream_handshake_forwards_the_first_tabs_headers() {
+    let mock = Mock::start_with(
+        Behavior {
+            pick_first_protocol: true,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let proxy = proxy_for(&mock, "").await;
+    let tab = TabSpec::new("abc")
+        .header("cookie", "theme=dark")
+        .header("user-agent", "TestBrowser/1.0")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("sec-websocket-protocol", "chat.v2, chat.v1")
+        .connect(&proxy)
+        .await;
+    mock.conn(0).await;
+    let h = mock.headers(0);
+    let get = |n: &str| h.get(n).map(|v| v.to_str().unwrap().to_string());
+    // The tab's two Cookie headers arrive as one, in order.
+    assert_eq!(get("cookie").as_deref(), Some("sessionid=abc; theme=dark"));
+    assert_eq!(get("user-agent").as_deref(), Some("TestBrowser/1.0"));
+    assert_eq!(get("origin").as_deref(), Some("http://app.test"));
+    assert_eq!(
+        get("x-forwarded-for").as_deref(),
+        Some("203.0.113.7, 127.0.0.1")
+    );
+    assert_eq!(get("x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(
+        get("sec-websocket-protocol").as_deref(),
+        Some("chat.v2, chat.v1")
+    );
+    assert_eq!(get("x-tabmux-envelope").as_deref(), Some("json/1"));
+    // The subprotocol the upstream chose is the tab's answer.
+    assert_eq!(tab.protocol.as_deref(), Some("chat.v2"));
+    // A second tab of the session gets the same answer without a dial.
+    let second = TabSpec::new("abc")
+        .header("sec-websocket-protocol", "chat.v2, chat.v1")
+        .connect(&proxy)
+        .await;
+    assert_eq!(second.protocol.as_deref(), Some("chat.v2"));
+    assert_eq!(mock.attempts(), 1);
+}
+
+#[tokio::test]
+async fn route_overrides_origin_and_user_agent_upstream() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(
+        &mock,
+        "upstream_origin = \"https://backend.internal\"\nupstream_user_agent = \"tabmux\"",
+    )
+    .await;
+    let _tab = TabSpec::new("s")
+        .header("user-agent", "Browser")
+        .connect(&proxy)
+        .await;
+    mock.conn(0).await;
+    let h = mock.headers(0);
+    assert_eq!(h["origin"], "https://backend.internal");
+    assert_eq!(h["user-agent"], "tabmux");
+}
+
+#[tokio::test]
+async fn envelope_none_is_announced_upstream() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "envelope = \"none\"").await;
+    let _tab = TabSpec::new("s").connect(&proxy).await;
+    mock.conn(0).await;
+    assert_eq!(mock.headers(0)["x-tabmux-envelope"], "none");
+}
+
+#[tokio::test]
+async fn upstream_refusals_pass_through_or_become_502() {
+    for (upstream_status, tab_status) in
+        [(401, 401), (403, 403), (404, 404), (500, 502), (400, 502)]
+    {
+        let mock = Mock::start_with(
+            Behavior {
+                refuse: Some(upstream_status),
+                ..Default::default()
+            },
+            None,
+        )
+        .await;
+        let proxy = proxy_for(&mock, "").await;
+        let (status, _) = TabSpec::new("s").refused(&proxy).await;
+        assert_eq!(
+            status.as_u16(),
+            tab_status,
+            "upstream answered {upstream_status}"
+        );
+        // No session remains: the next tab dials again (and, now allowed, joins).
+        mock.set_behavior(Behavior::default());
+        let _tab = TabSpec::new("s").connect(&proxy).await;
+        assert_eq!(mock.attempts(), 2);
+    }
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_and_dial_timeout_is_504() {
+    // Nothing listens on a port we just bound and released.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let toml = base_config("") + &route("/ws", port, "");
+    let proxy = start_proxy(&toml).await;
+    let (status, body) = TabSpec::new("s").refused(&proxy).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(body.contains("unreachable"), "{body}");
+
+    let hang = Mock::start_with(
+        Behavior {
+            hang: true,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let proxy = proxy_for(&hang, "dial_timeout = \"200ms\"").await;
+    let (status, _) = TabSpec::new("s").refused(&proxy).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+}
+
+#[tokio::test]
+async fn fifty_tabs_of_one_session_at_once_make_one_upstream() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "max_tabs_per_session = 64").await;
+    let spec = TabSpec::new("race");
+    let tabs = futures_util::future::join_all((0..50).map(|_| spec.connect(&proxy))).await;
+    assert_eq!(tabs.len(), 50);
+    let frames = mock.json(0, 50).await;
+    let mut ids: Vec<&str> = frames.iter().map(|v| v["tab"].as_str().unwrap()).collect();
+    assert!(frames.iter().all(|v| v["event"] == "open"));
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 50, "tab ids must be unique");
+    assert_eq!(mock.attempts(), 1, "exactly one upstream dial");
+    assert_eq!(mock.connections(), 1);
+}
+
+#[tokio::test]
+async fn sessions_are_isolated() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "").await;
+    let mut alice = TabSpec::new("alice").connect(&proxy).await;
+    mock.json(0, 1).await;
+    let mut bob = TabSpec::new("bob").connect(&proxy).await;
+    mock.json(1, 1).await;
+    assert_eq!(mock.connections(), 2);
+    let alice_conn = if mock.headers(0)["cookie"] == "sessionid=alice" {
+        0
+    } else {
+        1
+    };
+    let bob_conn = 1 - alice_conn;
+    // Both sessions have a tab "t1": ids are per session.
+    mock.send_json(alice_conn, json!({"data": "for alice"}));
+    mock.send_json(alice_conn, json!({"tab": "t1", "data": "alice t1"}));
+    mock.send_json(bob_conn, json!({"data": "for bob"}));
+    assert_eq!(alice.recv_text().await, "\"for alice\"");
+    assert_eq!(alice.recv_text().await, "\"alice t1\"");
+    assert_eq!(bob.recv_text().await, "\"for bob\"");
+    bob.send_text("1").await;
+    mock.json(bob_conn, 2).await;
+    // Alice's upstream saw only Alice's open event.
+    assert_eq!(mock.json(alice_conn, 1).await.len(), 1);
+}
+
+#[tokio::test]
+async fn session_key_includes_subprotocols_and_forwarded_query() {
+    let mock = Mock::start_with(
+        Behavior {
+            pick_first_protocol: true,
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let proxy = proxy_for(&mock, "").await;
+    let _a = TabSpec::new("same").connect(&proxy).await;
+    let _b = TabSpec::new("same")
+        .path("/ws?room=2")
+        .connect(&proxy)
+        .await;
+    let _c = TabSpec::new("same")
+        .header("sec-websocket-protocol", "p1")
+        .connect(&proxy)
+        .await;
+    mock.conn(2).await;
+    assert_eq!(mock.connections(), 3);
+}
+
+#[tokio::test]
+async fn origin_allow_list() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "").await;
+    let (status, body) = TabSpec::new("s")
+        .origin(Some("https://evil.example"))
+        .refused(&proxy)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body, "origin not allowed\n");
+    // No Origin header: not a browser, allowed.
+    let _tab = TabSpec::new("s").origin(None).connect(&proxy).await;
+    // The refused tab never reached the backend.
+    assert_eq!(mock.attempts(), 1);
+}
+
+#[tokio::test]
+async fn any_origin_when_configured() {
+    let mock = Mock::start().await;
+    let toml = base_config("")
+        + &format!(
+            "[[route]]\npath = \"/ws\"\nupstream = \"ws://{}/\"\nallowed_origins = [\"*\"]\n",
+            mock.addr
+        );
+    let proxy = start_proxy(&toml).await;
+    let _tab = TabSpec::new("s")
+        .origin(Some("https://anywhere.example"))
+        .connect(&proxy)
+        .await;
+}
+
+#[tokio::test]
+async fn missing_or_empty_cookie_is_401() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "").await;
+    let (status, body) = TabSpec::new("s").cookie(None).refused(&proxy).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("sessionid"), "{body}");
+    let (status, _) = TabSpec::new("s")
+        .cookie(Some("sessionid=; other=1"))
+        .refused(&proxy)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(mock.attempts(), 0);
+}
+
+#[tokio::test]
+async fn missing_cookie_direct_gives_each_tab_its_own_upstream() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "missing_cookie = \"direct\"").await;
+    let mut a = TabSpec::new("x").cookie(None).connect(&proxy).await;
+    let mut b = TabSpec::new("x").cookie(None).connect(&proxy).await;
+    mock.conn(1).await;
+    assert_eq!(mock.connections(), 2);
+    // Same envelope, same events, on each upstream.
+    assert_eq!(mock.json(0, 1).await[0]["event"], "open");
+    assert_eq!(mock.json(1, 1).await[0]["event"], "open");
+    mock.send_json(0, json!({"data": "zero"}));
+    mock.send_json(1, json!({"data": "one"}));
+    let mut got = vec![a.recv_text().await, b.recv_text().await];
+    got.sort();
+    assert_eq!(got, vec!["\"one\"", "\"zero\""]);
+}
+
+#[tokio::test]
+async fn session_tab_limit_is_429() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "max_tabs_per_session = 2").await;
+    let _a = TabSpec::new("s").connect(&proxy).await;
+    let b = TabSpec::new("s").connect(&proxy).await;
+    let (status, body) = TabSpec::new("s").refused(&proxy).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(body.contains("max_tabs_per_session"), "{body}");
+    // Another session is not affected.
+    let _other = TabSpec::new("t").connect(&proxy).await;
+    // A slot frees when a tab leaves.
+    b.close(1000).await;
+    mock.find(0, "close event", |v| v["event"] == "close").await;
+    let _c = TabSpec::new("s").connect(&proxy).await;
+}
+
+#[tokio::test]
+async fn proxy_tab_limit_is_429() {
+    let mock = Mock::start().await;
+    let toml = base_config("max_tabs = 2") + &route("/ws", mock.addr, "");
+    let proxy = start_proxy(&toml).await;
+    let _a = TabSpec::new("s1").connect(&proxy).await;
+    let b = TabSpec::new("s2").connect(&proxy).await;
+    let (status, _) = TabSpec::new("s3").refused(&proxy).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    b.close(1000).await;
+    // The permit is released when the tab's task ends; wait for that.
+    guard("a free slot", async {
+        loop {
+            match TabSpec::new("s3").try_connect(&proxy).await {
+                Ok(_) => break,
+                Err(_) => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn malformed_handshakes_are_400_plain_gets_426_unknown_paths_404() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "").await;
+    let req = |extra: &str| {
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{extra}Cookie: sessionid=s\r\n\r\n"
+        )
+    };
+    let (status, body) = raw_http(proxy.addr, &req("Sec-WebSocket-Version: 13\r\n")).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("Sec-WebSocket-Key"), "{body}");
+    let (status, _) = raw_http(
+        proxy.addr,
+        &req("Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, body) = raw_http(
+        proxy.addr,
+        "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 426);
+    assert!(body.contains("WebSocket"), "{body}");
+    let (status, _) = raw_http(
+        proxy.addr,
+        "GET /elsewhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!(mock.attempts(), 0);
+}
+
+#[tokio::test]
+async fn a_tab_joining_within_linger_reuses_the_upstream() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "linger = \"1h\"").await;
+    let first = TabSpec::new("s").connect(&proxy).await;
+    first.close(1001).await;
+    mock.find(0, "close event", |v| v["event"] == "close").await;
+    // Reload: a new tab of the same session arrives after the last left.
+    let _again = TabSpec::new("s").connect(&proxy).await;
+    let open = mock
+        .find(0, "second open", |v| {
+            v["event"] == "open" && v["tab"] == "t2"
+        })
+        .await;
+    assert_eq!(open["query"], "");
+    assert_eq!(mock.attempts(), 1, "no new dial within linger");
+}
+
+#[tokio::test]
+async fn upstream_closes_with_1000_when_linger_ends() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "linger = \"0s\"").await;
+    let tab = TabSpec::new("s").connect(&proxy).await;
+    tab.close(1000).await;
+    let frame = mock.closed(0).await.expect("a close frame");
+    assert_eq!(u16::from(frame.code), 1000);
+    // The session is gone: the next tab dials anew.
+    let _tab = TabSpec::new("s").connect(&proxy).await;
+    mock.conn(1).await;
+    assert_eq!(mock.attempts(), 2);
+}
+
+#[tokio::test]
+async fn several_routes_are_separate() {
+    let a = Mock::start().await;
+    let b = Mock::start().await;
+    let toml =
+        base_config("") + &route("/a", a.addr, "") + &route("/b", b.addr, "envelope = \"none\"");
+    let proxy = start_proxy(&toml).await;
+    let _ta = TabSpec::new("s").path("/a").connect(&proxy).await;
+    let _tb = TabSpec::new("s").path("/b").connect(&proxy).await;
+    a.conn(0).await;
+    b.conn(0).await;
+    assert_eq!(a.headers(0)["x-tabmux-envelope"], "json/1");
+    assert_eq!(b.headers(0)["x-tabmux-envelope"], "none");
+}
+
+#[tokio::test]
+async fn envelope_none_passes_frames_through_and_replays_the_greeting() {
+    let mock = Mock::start_with(
+        Behavior {
+            greeting: vec![
+                Message::text("hello-1"),
+                Message::binary(b"hello-2".to_vec()),
+            ],
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let proxy = proxy_for(&mock, "envelope = \"none\"\nreplay_first = 2").await;
+    let mut first = TabSpec::new("s").connect(&proxy).await;
+    assert_eq!(first.recv().await, Message::text("hello-1"));
+    assert_eq!(first.recv().await, Message::binary(b"hello-2".to_vec()));
+    // Tab frames go upstream unchanged, text and binary.
+    first.send_text("not even json").await;
+    first.send_binary(&[9, 9]).await;
+    let frames = mock.frames(0, 2).await;
+    assert_eq!(
+        frames,
+        vec![Message::text("not even json"), Message::binary(vec![9, 9])]
+    );
+    mock.send(0, Message::text("live-1"));
+    assert_eq!(first.recv().await, Message::text("live-1"));
+    // A later tab gets the greeting replayed first, then live frames only.
+    let mut later = TabSpec::new("s").connect(&proxy).await;
+    assert_eq!(later.recv().await, Message::text("hello-1"));
+    assert_eq!(later.recv().await, Message::binary(b"hello-2".to_vec()));
+    mock.send(0, Message::text("live-2"));
+    assert_eq!(later.recv().await, Message::text("live-2"));
+    assert_eq!(first.recv().await, Message::text("live-2"));
+    assert_eq!(mock.connections(), 1);
+}
+
+#[tokio::test]
+async fn admin_health_and_readiness() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "").await;
+    assert_eq!(admin_get(proxy.admin, "/healthz").await.0, 200);
+    // Ready is set once the listeners run; wait for it rather than assume.
+    guard("readiness", async {
+        while admin_get(proxy.admin, "/readyz").await.0 != 200 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let (status, scrape) = admin_get(proxy.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(scrape.contains("tabmux_tabs_open"), "{scrape}");
+    assert_eq!(admin_get(proxy.admin, "/nope").await.0, 404);
+}
