@@ -442,7 +442,7 @@ impl<'c> Session<'c> {
                     }
                 }
                 frame = self.upstream.next() => match frame {
-                    Some(Ok(msg)) => self.from_upstream(msg),
+                    Some(Ok(msg)) => self.upstream_frame(msg),
                     Some(Err(e)) => break End::UpstreamLost(e.to_string()),
                     None => break End::UpstreamLost("connection closed".into()),
                 },
@@ -609,7 +609,7 @@ impl<'c> Session<'c> {
         }
     }
 
-    fn from_upstream(&mut self, msg: Message) {
+    fn upstream_frame(&mut self, msg: Message) {
         let data = matches!(msg, Message::Text(_) | Message::Binary(_));
         if !data {
             // Ping/pong are answered by tungstenite; a close frame ends the
@@ -617,7 +617,7 @@ impl<'c> Session<'c> {
             return;
         }
         match self.route().envelope {
-            Envelope::None => self.from_upstream_raw(msg),
+            Envelope::None => self.upstream_raw_frame(msg),
             Envelope::Json => match msg {
                 Message::Text(text) => {
                     let bytes = Bytes::from(text);
@@ -632,7 +632,7 @@ impl<'c> Session<'c> {
     }
 
     /// `envelope = "none"`: every frame to every tab, greeting kept for replay.
-    fn from_upstream_raw(&mut self, msg: Message) {
+    fn upstream_raw_frame(&mut self, msg: Message) {
         let len = match &msg {
             Message::Text(t) => t.len(),
             Message::Binary(b) => b.len(),

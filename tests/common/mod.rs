@@ -4,6 +4,8 @@
 //! Nothing here sleeps: tests wait for conditions, each wait bounded by a
 //! generous guard so a broken proxy fails the test instead of hanging it.
 #![allow(dead_code)]
+// tungstenite's handshake callback type returns a large error by design.
+#![allow(clippy::result_large_err)]
 
 use std::net::SocketAddr;
 use std::path::Path;

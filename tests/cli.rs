@@ -1,0 +1,114 @@
+//! The `tabmux` binary: `check`, exit codes, start-up lines, `gen-cert`.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+fn tabmux() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tabmux"))
+}
+
+fn scratch(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tabmux-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[[route]]
+path = "/ws"
+upstream = "ws://127.0.0.1:9/ws"
+allowed_origins = ["http://localhost:8080"]
+"#;
+
+#[test]
+fn check_accepts_a_valid_file() {
+    let path = scratch("good.toml", GOOD);
+    let out = tabmux().args(["check", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+}
+
+#[test]
+fn check_reports_every_problem_with_its_place_and_exits_2() {
+    let bad = GOOD
+        .replace("listen = \"127.0.0.1:0\"\n[admin]", "listen = \"localhost\"\ncolour = 1\n[admin]")
+        .replace("ws://127.0.0.1:9/ws", "http://127.0.0.1:9/ws");
+    let path = scratch("bad.toml", &bad);
+    let out = tabmux().args(["check", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let name = path.display().to_string();
+    assert!(err.contains(&format!("{name}:3:10: ")), "{err}");
+    assert!(err.contains(&format!("{name}:4:1: unknown key `colour` in [server]; allowed keys: listen,")), "{err}");
+    assert!(err.contains("use ws:// or wss://"), "{err}");
+}
+
+#[test]
+fn a_missing_file_or_bad_flag_exits_2() {
+    let out = tabmux().args(["check", "--config", "/nonexistent/proxy.toml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/proxy.toml"));
+    let out = tabmux().arg("--no-such-flag").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn an_address_in_use_exits_1_with_one_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let text = GOOD.replacen("127.0.0.1:0", &addr.to_string(), 1);
+    let path = scratch("busy.toml", &text);
+    let out = tabmux().arg("--config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains(&addr.to_string()) && err.contains("server.listen"), "{err}");
+}
+
+#[test]
+fn runs_logs_its_listeners_and_exits_0_on_sigterm() {
+    let path = scratch("run.toml", GOOD);
+    let mut child = tabmux()
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    // Read until both listener lines have appeared (the stream ends if the
+    // process dies, failing the test).
+    while !(seen.iter().any(|l: &String| l.contains("tabs: listening on ws://"))
+        && seen.iter().any(|l| l.contains("admin: listening on http://")))
+    {
+        match lines.next() {
+            Some(Ok(l)) => seen.push(l),
+            _ => panic!("tabmux exited before listening: {seen:?}"),
+        }
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn gen_cert_writes_a_loadable_pair() {
+    let dir = std::env::temp_dir().join(format!("tabmux-gencert-{}", std::process::id()));
+    let out = tabmux().args(["gen-cert", "--dir"]).arg(&dir).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    tabmux::tls::server_config(&dir.join("dev.crt"), &dir.join("dev.key")).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}

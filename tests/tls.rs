@@ -1,0 +1,98 @@
+//! TLS: tabs over wss:// with a generated certificate, and a wss:// upstream
+//! verified against a route's `ca`.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use serde_json::json;
+
+/// A generated certificate written to a fresh directory.
+fn dev_cert() -> (tempdir::Dir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempdir::Dir::new("tls");
+    let (cert, key) = tabmux::tls::write_dev_cert(dir.path()).unwrap();
+    (dir, cert, key)
+}
+
+/// A client config that trusts exactly `cert`.
+fn trusting(cert: &std::path::Path) -> Arc<rustls::ClientConfig> {
+    Arc::new(tabmux::tls::client_config(Some(cert)).unwrap())
+}
+
+#[tokio::test]
+async fn tabs_connect_over_wss_with_a_generated_certificate() {
+    let (dir, cert, _key) = dev_cert();
+    let mock = Mock::start().await;
+    let toml = base_config("tls = { cert = \"dev.crt\", key = \"dev.key\" }")
+        + &route("/ws", mock.addr, "");
+    // Relative paths resolve against the config file's directory.
+    let proxy = start_proxy_in(&toml, dir.path()).await;
+    let spec = TabSpec::new("s").tls(trusting(&cert));
+    let mut tab = spec.connect(&proxy).await;
+    let frames = mock.json(0, 1).await;
+    assert_eq!(frames[0]["event"], "open");
+    assert_eq!(mock.headers(0)["x-forwarded-proto"], "https");
+    mock.send_json(0, json!({"data": "over tls"}));
+    assert_eq!(tab.recv_text().await, "\"over tls\"");
+    // A client that does not trust the certificate cannot connect.
+    let other = dev_cert();
+    assert!(TabSpec::new("s").tls(trusting(&other.1)).try_connect(&proxy).await.is_err());
+}
+
+#[tokio::test]
+async fn wss_upstream_is_verified_against_the_route_ca() {
+    let (dir, cert, key) = dev_cert();
+    let server = Arc::new(tabmux::tls::server_config(&cert, &key).unwrap());
+    let mock = Mock::start_with(Behavior::default(), Some(server)).await;
+    let toml = base_config("")
+        + &format!(
+            "[[route]]\npath = \"/ws\"\nupstream = \"wss://localhost:{}/backend\"\nallowed_origins = [\"http://app.test\"]\nca = \"{}\"\n",
+            mock.addr.port(),
+            cert.display()
+        );
+    let proxy = start_proxy_in(&toml, dir.path()).await;
+    let mut tab = TabSpec::new("s").connect(&proxy).await;
+    mock.json(0, 1).await;
+    mock.send_json(0, json!({"data": 1}));
+    assert_eq!(tab.recv_text().await, "1");
+
+    // Without the CA, the upstream's certificate is refused: 502.
+    let toml = base_config("")
+        + &format!(
+            "[[route]]\npath = \"/ws\"\nupstream = \"wss://localhost:{}/backend\"\nallowed_origins = [\"http://app.test\"]\n",
+            mock.addr.port()
+        );
+    let proxy = start_proxy(&toml).await;
+    let (status, body) = TabSpec::new("s").refused(&proxy).await;
+    assert_eq!(status.as_u16(), 502);
+    assert!(body.contains("TLS"), "{body}");
+}
+
+/// A tiny self-removing temporary directory.
+mod tempdir {
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    pub struct Dir(PathBuf);
+
+    impl Dir {
+        pub fn new(tag: &str) -> Dir {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let n = N.fetch_add(1, Ordering::Relaxed);
+            let p = std::env::temp_dir().join(format!("tabmux-{tag}-{}-{n}", std::process::id()));
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
