@@ -26,9 +26,11 @@
 //! - [`metrics`], [`admin`]: Prometheus metrics and the admin endpoints.
 //! - [`server`]: binds the listeners and runs them until shutdown.
 //! - [`tls`]: rustls configs (ring provider) and dev certificates.
+//! - [`demo`]: `tabmux demo`, a backend, the proxy and a page in one process.
 
 pub mod admin;
 pub mod config;
+pub mod demo;
 pub mod envelope;
 pub mod listener;
 pub mod metrics;

@@ -25,6 +25,14 @@ struct Cli {
 enum Command {
     /// Validate the configuration file and exit (0 if valid, 2 if not).
     Check,
+    /// Run a self-contained demo: a demo backend, the proxy, and a page to
+    /// open in several tabs.
+    Demo {
+        /// Where the demo page is served; the proxy takes the next port and
+        /// the admin listener the one after.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
     /// Write a self-signed development certificate (dev.crt, dev.key).
     GenCert {
         /// Directory to write into.
@@ -51,8 +59,53 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Some(Command::Demo { listen }) => demo(listen),
         None => run(&cli.config),
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("tabmux: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        })
+}
+
+fn demo(listen: std::net::SocketAddr) -> ExitCode {
+    init_logging(LogFormat::Pretty, "info");
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async {
+        let next = |n: u16| {
+            std::net::SocketAddr::new(listen.ip(), listen.port().checked_add(n).unwrap_or(0))
+        };
+        match tabmux::demo::start(listen, next(1), next(2)).await {
+            Ok(d) => {
+                println!();
+                println!(
+                    "  tabmux demo: open http://{}/ in several tabs of one browser",
+                    d.page
+                );
+                println!(
+                    "  tabs connect through ws://{}/ws; status and metrics: http://{}/",
+                    d.proxy, d.admin
+                );
+                println!("  Ctrl-C to stop");
+                println!();
+                shutdown_signal().await;
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tabmux: demo: {e:#}");
+                ExitCode::from(1)
+            }
+        }
+    })
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {

@@ -30,29 +30,53 @@ allowed_origins = ["http://localhost:8080"]
 #[test]
 fn check_accepts_a_valid_file() {
     let path = scratch("good.toml", GOOD);
-    let out = tabmux().args(["check", "--config"]).arg(&path).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tabmux()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
 }
 
 #[test]
 fn check_reports_every_problem_with_its_place_and_exits_2() {
     let bad = GOOD
-        .replace("listen = \"127.0.0.1:0\"\n[admin]", "listen = \"localhost\"\ncolour = 1\n[admin]")
+        .replace(
+            "listen = \"127.0.0.1:0\"\n[admin]",
+            "listen = \"localhost\"\ncolour = 1\n[admin]",
+        )
         .replace("ws://127.0.0.1:9/ws", "http://127.0.0.1:9/ws");
     let path = scratch("bad.toml", &bad);
-    let out = tabmux().args(["check", "--config"]).arg(&path).output().unwrap();
+    let out = tabmux()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     let name = path.display().to_string();
     assert!(err.contains(&format!("{name}:3:10: ")), "{err}");
-    assert!(err.contains(&format!("{name}:4:1: unknown key `colour` in [server]; allowed keys: listen,")), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{name}:4:1: unknown key `colour` in [server]; allowed keys: listen,"
+        )),
+        "{err}"
+    );
     assert!(err.contains("use ws:// or wss://"), "{err}");
 }
 
 #[test]
 fn a_missing_file_or_bad_flag_exits_2() {
-    let out = tabmux().args(["check", "--config", "/nonexistent/proxy.toml"]).output().unwrap();
+    let out = tabmux()
+        .args(["check", "--config", "/nonexistent/proxy.toml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/proxy.toml"));
     let out = tabmux().arg("--no-such-flag").output().unwrap();
@@ -69,7 +93,10 @@ fn an_address_in_use_exits_1_with_one_line() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains(&addr.to_string()) && err.contains("server.listen"), "{err}");
+    assert!(
+        err.contains(&addr.to_string()) && err.contains("server.listen"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -88,8 +115,12 @@ fn runs_logs_its_listeners_and_exits_0_on_sigterm() {
     let mut seen = Vec::new();
     // Read until both listener lines have appeared (the stream ends if the
     // process dies, failing the test).
-    while !(seen.iter().any(|l: &String| l.contains("tabs: listening on ws://"))
-        && seen.iter().any(|l| l.contains("admin: listening on http://")))
+    while !(seen
+        .iter()
+        .any(|l: &String| l.contains("tabs: listening on ws://"))
+        && seen
+            .iter()
+            .any(|l| l.contains("admin: listening on http://")))
     {
         match lines.next() {
             Some(Ok(l)) => seen.push(l),
@@ -107,7 +138,11 @@ fn runs_logs_its_listeners_and_exits_0_on_sigterm() {
 #[test]
 fn gen_cert_writes_a_loadable_pair() {
     let dir = std::env::temp_dir().join(format!("tabmux-gencert-{}", std::process::id()));
-    let out = tabmux().args(["gen-cert", "--dir"]).arg(&dir).output().unwrap();
+    let out = tabmux()
+        .args(["gen-cert", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0));
     tabmux::tls::server_config(&dir.join("dev.crt"), &dir.join("dev.key")).unwrap();
     std::fs::remove_dir_all(&dir).ok();

@@ -37,7 +37,11 @@ async fn tabs_connect_over_wss_with_a_generated_certificate() {
     assert_eq!(tab.recv_text().await, "\"over tls\"");
     // A client that does not trust the certificate cannot connect.
     let other = dev_cert();
-    assert!(TabSpec::new("s").tls(trusting(&other.1)).try_connect(&proxy).await.is_err());
+    assert!(TabSpec::new("s")
+        .tls(trusting(&other.1))
+        .try_connect(&proxy)
+        .await
+        .is_err());
 }
 
 #[tokio::test]

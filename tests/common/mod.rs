@@ -42,7 +42,18 @@ pub async fn guard<T>(what: &str, f: impl std::future::Future<Output = T>) -> T 
 pub struct TestProxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl TestProxy {
+    /// A proxy started elsewhere (the demo), to connect tabs to.
+    pub fn at(addr: SocketAddr, admin: SocketAddr) -> TestProxy {
+        TestProxy {
+            addr,
+            admin,
+            _stop: None,
+        }
+    }
 }
 
 /// The `[server]` and `[admin]` tables every test uses, before its routes.
@@ -85,7 +96,7 @@ pub async fn start_proxy_in(toml: &str, base: &Path) -> TestProxy {
     TestProxy {
         addr,
         admin,
-        _stop: stop,
+        _stop: Some(stop),
     }
 }
 
