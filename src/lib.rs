@@ -22,6 +22,7 @@
 //! - [`tab`]: one task per tab socket, browser ⇄ session.
 //! - [`session`]: the registry of sessions and the per-session actor.
 //! - [`upstream`]: dialling the backend.
+//! - [`reconnect`]: the redial backoff (full jitter) and reconnect buffer.
 //! - [`envelope`]: the `json/1` envelope codec, pure functions over bytes.
 //! - [`metrics`], [`admin`]: Prometheus metrics and the admin endpoints.
 //! - [`server`]: binds the listeners and runs them until shutdown.
@@ -34,6 +35,7 @@ pub mod demo;
 pub mod envelope;
 pub mod listener;
 pub mod metrics;
+pub mod reconnect;
 pub mod server;
 pub mod session;
 pub mod tab;

@@ -154,7 +154,17 @@ fn run(path: &std::path::Path) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        proxy.run(shutdown_signal()).await;
+        proxy
+            .run(async {
+                shutdown_signal().await;
+                // A second signal during the drain means "now".
+                tokio::spawn(async {
+                    shutdown_signal().await;
+                    eprintln!("tabmux: second signal: exiting without finishing the drain");
+                    std::process::exit(1);
+                });
+            })
+            .await;
         ExitCode::SUCCESS
     })
 }

@@ -16,6 +16,7 @@ pub const TABS_OPEN: &str = "tabmux_tabs_open";
 pub const SESSIONS_ACTIVE: &str = "tabmux_sessions_active";
 pub const UPSTREAMS_OPEN: &str = "tabmux_upstream_connections_open";
 pub const UPSTREAM_DIALS: &str = "tabmux_upstream_dials";
+pub const UPSTREAM_REDIALS: &str = "tabmux_upstream_redials";
 pub const ADMISSIONS_REFUSED: &str = "tabmux_admissions_refused";
 pub const FRAMES_DROPPED: &str = "tabmux_frames_dropped";
 pub const TAB_CLOSES: &str = "tabmux_tab_closes";
@@ -38,6 +39,7 @@ pub struct Metrics {
     sessions_active: Family<RouteLabel, Gauge>,
     upstreams_open: Family<RouteLabel, Gauge>,
     upstream_dials: Family<ReasonLabel, Counter>,
+    upstream_redials: Family<ReasonLabel, Counter>,
     admissions_refused: Family<ReasonLabel, Counter>,
     frames_dropped: Family<ReasonLabel, Counter>,
     tab_closes: Family<ReasonLabel, Counter>,
@@ -62,6 +64,11 @@ impl Metrics {
             UPSTREAM_DIALS,
             "Upstream dials by result (ok, refused, unreachable, timeout, handshake)",
             m.upstream_dials.clone(),
+        );
+        registry.register(
+            UPSTREAM_REDIALS,
+            "Upstream redials after a loss, by result (ok, refused, unreachable, timeout, handshake)",
+            m.upstream_redials.clone(),
         );
         registry.register(
             ADMISSIONS_REFUSED,
@@ -118,6 +125,14 @@ impl RouteMetrics {
     pub fn dial(&self, result: &'static str) {
         self.families
             .upstream_dials
+            .get_or_create(&self.reason(result))
+            .inc();
+    }
+
+    /// Counts an upstream redial by its result word.
+    pub fn redial(&self, result: &'static str) {
+        self.families
+            .upstream_redials
             .get_or_create(&self.reason(result))
             .inc();
     }

@@ -53,6 +53,8 @@ pub struct Proxy {
     shared: Arc<Shared>,
     tabs: TcpListener,
     admin: TcpListener,
+    /// Dropped to shut down: every accept loop and session holds a receiver.
+    stop: watch::Sender<()>,
 }
 
 /// A listener that could not be bound.
@@ -72,6 +74,7 @@ impl Proxy {
         let mut metrics_registry = prometheus_client::registry::Registry::default();
         let metrics = Metrics::new(&mut metrics_registry);
         let registry = Arc::new(Registry::default());
+        let (stop, stopped) = watch::channel(());
         let routes = config
             .routes
             .iter()
@@ -83,6 +86,7 @@ impl Proxy {
                     route: route.clone(),
                     registry: registry.clone(),
                     metrics: metrics.route(&route.path),
+                    shutdown: stopped.clone(),
                 },
             })
             .collect();
@@ -99,6 +103,7 @@ impl Proxy {
             shared,
             tabs,
             admin,
+            stop,
         })
     }
 
@@ -119,18 +124,17 @@ impl Proxy {
         self.shared.clone()
     }
 
-    /// Serves until `shutdown` completes, then stops accepting.
-    ///
-    /// Draining (closing tabs with 1001 and upstreams with 1000 within
-    /// `shutdown_timeout`) is the next step of this function's life.
+    /// Serves until `shutdown` completes, then drains: stops accepting,
+    /// closes every tab with 1001 and every upstream with 1000, and returns
+    /// once all are closed or `shutdown_timeout` has passed.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Proxy {
             shared,
             tabs,
             admin,
+            stop,
         } = self;
-        // Dropping `stop` is the signal: every accept loop holds a receiver.
-        let (stop, stopped) = watch::channel(());
+        let stopped = stop.subscribe();
         let scheme = if shared.server.tls.is_some() {
             "wss"
         } else {
@@ -161,10 +165,43 @@ impl Proxy {
             info!("admin: listening on http://{addr} (/healthz, /readyz, /metrics, /)");
         }
         shutdown.await;
-        info!("shutting down: no longer accepting connections");
+        let budget = shared.server.shutdown_timeout;
+        info!(
+            tabs = shared.tabs.open(),
+            sessions = shared.registry.len(),
+            "shutting down: closing tabs (1001) and upstreams (1000) within {budget:?}"
+        );
         shared.ready.store(false, Ordering::Release);
+        // The signal: accept loops stop, sessions close their tabs and upstream.
         drop(stop);
+        let drained = tokio::time::timeout(budget, drained(&shared)).await;
+        if drained.is_err() {
+            warn!(
+                tabs = shared.tabs.open(),
+                sessions = shared.registry.len(),
+                "shutdown_timeout passed with connections still open; exiting anyway"
+            );
+        }
         let _ = tokio::join!(tab_task, admin_task);
+    }
+}
+
+/// Completes once no session and no tab is left.
+async fn drained(shared: &Shared) {
+    loop {
+        let session_ended = shared.registry.ended.notified();
+        let tab_released = shared.tabs.released.notified();
+        tokio::pin!(session_ended, tab_released);
+        // Register interest before checking, so no wake-up is missed.
+        session_ended.as_mut().enable();
+        tab_released.as_mut().enable();
+        if shared.registry.is_empty() && shared.tabs.open() == 0 {
+            return;
+        }
+        tokio::select! {
+            () = session_ended => {}
+            () = tab_released => {}
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 //! the others find it and queue their join behind the dial.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,16 +21,17 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, StatusCode};
-use tokio::sync::{mpsc, oneshot};
-use tokio::time::{Instant, Sleep};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{Envelope, Route};
 use crate::envelope::{self, BackendFrame, Body, FrameError, TabId, Target};
 use crate::metrics::RouteMetrics;
+use crate::reconnect::{self, Backoff};
 use crate::upstream::{self, DialError, DialParams, UpstreamSocket};
 
 /// A session key: a keyed hash (HMAC-SHA256) of route, session cookie,
@@ -129,6 +131,8 @@ struct SessionHandle {
 pub struct Registry {
     sessions: DashMap<SessionKey, SessionHandle>,
     next_id: AtomicU64,
+    /// Notified each time a session task ends (the shutdown drain waits on it).
+    pub ended: Notify,
 }
 
 impl Registry {
@@ -155,8 +159,13 @@ enum Command {
         reply: oneshot::Sender<Result<Joined, Refusal>>,
     },
     /// A tab sent a message: already wrapped in the envelope for `json`
-    /// routes, exactly as sent for `none` routes.
-    FromTab { tab: TabId, msg: Message },
+    /// routes, exactly as sent for `none` routes. `payload` is the size of
+    /// what the tab sent (what `reconnect_buffer` counts).
+    FromTab {
+        tab: TabId,
+        msg: Message,
+        payload: usize,
+    },
     /// A tab's connection ended with this close code.
     Leave { tab: TabId, code: u16 },
 }
@@ -218,13 +227,16 @@ pub struct TabLink {
 }
 
 impl TabLink {
-    /// Sends a tab message to the session, waiting while its queue is full.
-    /// Returns false if the session is gone.
-    pub async fn send(&self, msg: Message) -> bool {
-        self.tx
-            .send(Command::FromTab { tab: self.tab, msg })
-            .await
-            .is_ok()
+    /// Sends a tab message (`payload` bytes as the tab sent it) to the
+    /// session, waiting while its queue is full. Returns false if the session
+    /// is gone.
+    pub async fn send(&self, msg: Message, payload: usize) -> bool {
+        let cmd = Command::FromTab {
+            tab: self.tab,
+            msg,
+            payload,
+        };
+        self.tx.send(cmd).await.is_ok()
     }
 
     /// The close code the `close` event will carry.
@@ -267,6 +279,8 @@ pub struct SessionContext {
     pub route: Arc<Route>,
     pub registry: Arc<Registry>,
     pub metrics: RouteMetrics,
+    /// Its sender is dropped when the proxy shuts down.
+    pub shutdown: watch::Receiver<()>,
 }
 
 /// Joins the tab to the session `key`, creating the session (and dialling its
@@ -328,9 +342,8 @@ async fn run(
             ctx.metrics.dial("ok");
             ctx.metrics.upstreams_open.inc();
             debug!("upstream connected");
-            let mut session = Session::new(&ctx, key, socket, protocol, commands);
+            let mut session = Session::new(&ctx, key, socket, protocol, dial, commands);
             session.serve(&mut rx).await;
-            ctx.metrics.upstreams_open.dec();
             // A tab that raced with the end retries and starts a new session.
             Refusal::Gone
         }
@@ -351,6 +364,7 @@ async fn run(
         }
     }
     ctx.metrics.sessions_active.dec();
+    ctx.registry.ended.notify_waiters();
 }
 
 /// One member tab, as its session sees it.
@@ -360,25 +374,64 @@ struct TabSlot {
     out: mpsc::Sender<Message>,
     /// Closes the tab ahead of its queue.
     kill: Option<oneshot::Sender<CloseFrame>>,
+    /// Its query and headers, for the `open` event sent again after a redial.
+    info: JoinInfo,
 }
 
 /// Why a session stopped serving.
 enum End {
     /// The linger time after the last tab passed.
     Linger,
-    /// The upstream closed or failed.
-    UpstreamLost(String),
+    /// The proxy is shutting down.
+    Shutdown,
+    /// The upstream was lost with no tab left to keep it for.
+    LostIdle,
+    /// Every redial of the route's budget failed.
+    BudgetSpent,
+    /// Tabs sent more than `reconnect_buffer` while the upstream was down.
+    BufferFull,
+}
+
+/// The upstream is down and being redialled.
+struct Outage {
+    backoff: Backoff,
+    /// The wait before the next redial.
+    wait: Pin<Box<Sleep>>,
+    /// The redial under way, once `wait` has passed.
+    dialing: Option<Pin<Box<dyn Future<Output = DialResult> + Send>>>,
+    /// What tabs sent meanwhile, in order.
+    buffer: reconnect::Buffer,
+    /// The first tab's handshake details, for the redials.
+    params: DialParams,
+}
+
+type DialResult = Result<(UpstreamSocket, Option<HeaderValue>), DialError>;
+
+/// One turn of the session loop.
+enum Event {
+    Shutdown,
+    Command(Option<Command>),
+    Upstream(Option<Result<Message, WsError>>),
+    Redialed(DialResult),
+    Tick,
+    Linger,
 }
 
 /// The state a session task owns.
 struct Session<'c> {
     ctx: &'c SessionContext,
     key: SessionKey,
-    upstream: UpstreamSocket,
+    /// The upstream, or None during an outage.
+    upstream: Option<UpstreamSocket>,
     protocol: Option<HeaderValue>,
+    /// The first tab's handshake details, reused for every redial.
+    dial: DialParams,
     /// A sender to this session's own command channel, cloned into each
     /// tab's [`TabLink`].
     commands: mpsc::Sender<Command>,
+    /// Completes (with an error, its sender being dropped) when the proxy
+    /// shuts down.
+    shutdown: watch::Receiver<()>,
     tabs: HashMap<TabId, TabSlot>,
     /// The next tab id; ids are never reused on one upstream connection.
     next_tab: u64,
@@ -388,6 +441,14 @@ struct Session<'c> {
     to_upstream: Vec<Message>,
     /// Armed while the session has no tabs.
     linger: Option<Pin<Box<Sleep>>>,
+    /// Set while the upstream is down.
+    outage: Option<Outage>,
+    /// Pings the upstream and checks it is alive, every `ping_interval`.
+    keepalive: Interval,
+    /// Whether the upstream sent anything since the last tick, and when it
+    /// last did as of a tick.
+    upstream_seen: bool,
+    upstream_last_seen: Instant,
 }
 
 impl<'c> Session<'c> {
@@ -396,19 +457,29 @@ impl<'c> Session<'c> {
         key: SessionKey,
         upstream: UpstreamSocket,
         protocol: Option<HeaderValue>,
+        dial: DialParams,
         commands: mpsc::Sender<Command>,
     ) -> Self {
+        let period = ctx.route.ping_interval;
+        let mut keepalive = tokio::time::interval_at(Instant::now() + period, period);
+        keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Session {
             ctx,
             key,
-            upstream,
+            upstream: Some(upstream),
             protocol,
+            dial,
             commands,
+            shutdown: ctx.shutdown.clone(),
             tabs: HashMap::new(),
             next_tab: 1,
             replay: Vec::new(),
             to_upstream: Vec::new(),
             linger: None,
+            outage: None,
+            keepalive,
+            upstream_seen: false,
+            upstream_last_seen: Instant::now(),
         }
     }
 
@@ -416,82 +487,258 @@ impl<'c> Session<'c> {
         &self.ctx.route
     }
 
+    /// Serves until the session ends, then closes what is left.
     async fn serve(&mut self, rx: &mut mpsc::Receiver<Command>) {
-        // A session starts with its first join queued; linger only matters
-        // once the last tab leaves.
         let end = loop {
-            let linger = async {
-                match self.linger.as_mut() {
-                    Some(sleep) => sleep.await,
-                    None => std::future::pending().await,
-                }
+            let event = tokio::select! {
+                biased;
+                _ = self.shutdown.changed() => Event::Shutdown,
+                cmd = rx.recv() => Event::Command(cmd),
+                frame = next_frame(&mut self.upstream) => Event::Upstream(frame),
+                result = redial(&mut self.outage, self.ctx) => Event::Redialed(result),
+                _ = self.keepalive.tick() => Event::Tick,
+                () = expire(&mut self.linger) => Event::Linger,
             };
-            tokio::select! {
-                cmd = rx.recv() => {
-                    // The registry holds a sender, so the channel cannot close
-                    // while the session is listed.
-                    let Some(cmd) = cmd else { break End::Linger };
-                    self.command(cmd);
-                    // Take what else is waiting before writing, so a burst
-                    // becomes one flush.
-                    for _ in 1..BATCH {
-                        match rx.try_recv() {
-                            Ok(cmd) => self.command(cmd),
-                            Err(_) => break,
-                        }
-                    }
+            let outcome = match event {
+                Event::Shutdown => Err(End::Shutdown),
+                // The registry holds a sender, so the channel cannot close
+                // while the session is listed.
+                Event::Command(None) => Err(End::Linger),
+                Event::Command(Some(cmd)) => self.commands_batch(cmd, rx),
+                Event::Upstream(Some(Ok(msg))) => {
+                    self.upstream_seen = true;
+                    self.upstream_frame(msg);
+                    Ok(())
                 }
-                frame = self.upstream.next() => match frame {
-                    Some(Ok(msg)) => self.upstream_frame(msg),
-                    Some(Err(e)) => break End::UpstreamLost(e.to_string()),
-                    None => break End::UpstreamLost("connection closed".into()),
-                },
-                () = linger => break End::Linger,
+                Event::Upstream(Some(Err(e))) => self.lose(&e.to_string()),
+                Event::Upstream(None) => self.lose("the backend closed the connection"),
+                Event::Redialed(Ok((socket, protocol))) => {
+                    self.restored(socket, protocol);
+                    Ok(())
+                }
+                Event::Redialed(Err(e)) => self.redial_failed(&e),
+                Event::Tick => self.tick(),
+                Event::Linger => Err(End::Linger),
+            };
+            if let Err(end) = outcome {
+                break end;
             }
-            if let Err(e) = self.flush_upstream().await {
-                break End::UpstreamLost(e);
+            if let Err(why) = self.flush_upstream().await {
+                if let Err(end) = self.lose(&why) {
+                    break end;
+                }
             }
         };
-        match end {
+        self.finish(end).await;
+    }
+
+    /// Handles `first` and whatever else is already waiting, so a burst of
+    /// tab messages becomes one upstream flush.
+    fn commands_batch(
+        &mut self,
+        first: Command,
+        rx: &mut mpsc::Receiver<Command>,
+    ) -> Result<(), End> {
+        self.command(first)?;
+        for _ in 1..BATCH {
+            match rx.try_recv() {
+                Ok(cmd) => self.command(cmd)?,
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes what is left when the session ends.
+    async fn finish(&mut self, end: End) {
+        let (code, reason, label) = match end {
             End::Linger => {
                 debug!("linger time passed with no tab; closing the upstream");
-                let _ = self.upstream.close(Some(normal_close())).await;
+                (None, "", "")
             }
-            End::UpstreamLost(why) => self.upstream_lost(&why),
+            End::LostIdle => (None, "", ""),
+            End::Shutdown => (Some(1001), "going away", "shutdown"),
+            End::BudgetSpent => (Some(1011), "upstream unavailable", "upstream_lost"),
+            End::BufferFull => (Some(1013), "reconnect buffer full", "buffer_full"),
+        };
+        if let Some(code) = code {
+            if !self.tabs.is_empty() {
+                info!(
+                    code,
+                    tabs = self.tabs.len(),
+                    "closing the session's tabs: {label}"
+                );
+            }
+            for tab in self.member_ids() {
+                self.ctx.metrics.tab_closed(label);
+                self.close_tab(tab, code, reason);
+            }
+        }
+        if self.upstream.is_some() {
+            // Close events first (shutdown), then a clean close.
+            let _ = self.flush_upstream().await;
+            if let Some(mut up) = self.upstream.take() {
+                let _ =
+                    tokio::time::timeout(self.route().dial_timeout, up.close(Some(normal_close())))
+                        .await;
+                self.ctx.metrics.upstreams_open.dec();
+            }
         }
     }
 
-    /// The upstream is gone. Redial with backoff belongs here (issue 3); for
-    /// now every tab is closed with 1011 and the session ends.
-    fn upstream_lost(&mut self, why: &str) {
-        warn!(reason = %why, tabs = self.tabs.len(), "upstream lost; closing the session's tabs");
-        let ids: Vec<TabId> = self.tabs.keys().copied().collect();
-        for id in ids {
-            self.ctx.metrics.tab_closed("upstream_lost");
-            self.close_tab(id, 1011, "upstream connection lost");
+    /// The member tabs in join order.
+    fn member_ids(&self) -> Vec<TabId> {
+        let mut ids: Vec<TabId> = self.tabs.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The upstream is gone: start redialling, unless no tab needs it.
+    fn lose(&mut self, why: &str) -> Result<(), End> {
+        if self.upstream.take().is_none() {
+            return Ok(());
         }
-        // No close events: there is no upstream to send them to.
+        self.ctx.metrics.upstreams_open.dec();
         self.to_upstream.clear();
+        if self.tabs.is_empty() {
+            debug!(reason = %why, "upstream lost while no tab was connected; ending the session");
+            return Err(End::LostIdle);
+        }
+        warn!(reason = %why, tabs = self.tabs.len(), "upstream lost; redialling");
+        let mut backoff = Backoff::new(self.route().reconnect);
+        let Some(delay) = backoff.next_delay() else {
+            return Err(End::BudgetSpent);
+        };
+        self.outage = Some(Outage {
+            backoff,
+            wait: Box::pin(tokio::time::sleep(delay)),
+            dialing: None,
+            buffer: reconnect::Buffer::new(self.route().reconnect_buffer),
+            params: self.dial.clone(),
+        });
+        Ok(())
     }
 
+    fn redial_failed(&mut self, e: &DialError) -> Result<(), End> {
+        self.ctx.metrics.redial(e.label());
+        let Some(outage) = self.outage.as_mut() else {
+            return Ok(());
+        };
+        outage.dialing = None;
+        match outage.backoff.next_delay() {
+            Some(delay) => {
+                info!(error = %e, attempt = outage.backoff.made() - 1, "redial failed");
+                outage.wait.as_mut().reset(Instant::now() + delay);
+                Ok(())
+            }
+            None => {
+                warn!(error = %e, "redial failed; reconnect budget spent");
+                Err(End::BudgetSpent)
+            }
+        }
+    }
+
+    /// The upstream is back: announce every connected tab again, in join
+    /// order, then send what they sent meanwhile, in order.
+    fn restored(&mut self, socket: UpstreamSocket, protocol: Option<HeaderValue>) {
+        let Some(mut outage) = self.outage.take() else {
+            return;
+        };
+        self.ctx.metrics.redial("ok");
+        self.ctx.metrics.upstreams_open.inc();
+        info!(after = outage.backoff.made(), "upstream re-established");
+        if protocol != self.protocol {
+            warn!(
+                "the upstream chose a different subprotocol after the redial; tabs keep the first"
+            );
+        }
+        self.upstream = Some(socket);
+        self.upstream_seen = false;
+        self.upstream_last_seen = Instant::now();
+        // A new connection greets anew; later tabs get this greeting.
+        self.replay.clear();
+        if self.route().envelope == Envelope::Json {
+            for tab in self.member_ids() {
+                let info = &self.tabs[&tab].info;
+                let open = open_event(tab, info);
+                self.to_upstream.push(Message::Text(open));
+            }
+        }
+        let mut orphaned = 0;
+        for (tab, msg) in outage.buffer.drain() {
+            if self.tabs.contains_key(&tab) {
+                self.to_upstream.push(msg);
+            } else {
+                orphaned += 1;
+            }
+        }
+        if orphaned > 0 {
+            // Their tabs left during the outage; the backend never saw them go.
+            self.ctx.metrics.dropped("tab_left_during_outage", orphaned);
+        }
+    }
+
+    /// Keepalive: a silent upstream is lost; otherwise ping it.
+    fn tick(&mut self) -> Result<(), End> {
+        if self.upstream.is_none() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if self.upstream_seen {
+            self.upstream_seen = false;
+            self.upstream_last_seen = now;
+        }
+        if now.duration_since(self.upstream_last_seen) >= self.route().idle_timeout {
+            return self.lose("idle timeout: the upstream sent nothing, not even a pong");
+        }
+        self.to_upstream.push(Message::Ping(Bytes::new()));
+        Ok(())
+    }
+
+    /// Writes what is pending to the upstream. A write that cannot finish
+    /// within `idle_timeout` (the backend stopped reading) is a loss.
     async fn flush_upstream(&mut self) -> Result<(), String> {
+        let Some(up) = self.upstream.as_mut() else {
+            self.to_upstream.clear();
+            return Ok(());
+        };
         if self.to_upstream.is_empty() {
             return Ok(());
         }
-        for msg in self.to_upstream.drain(..) {
-            self.upstream.feed(msg).await.map_err(|e| e.to_string())?;
+        let pending = std::mem::take(&mut self.to_upstream);
+        let write = async {
+            for msg in pending {
+                up.feed(msg).await?;
+            }
+            up.flush().await
+        };
+        match tokio::time::timeout(self.ctx.route.idle_timeout, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the upstream stopped reading (write timed out)".into()),
         }
-        self.upstream.flush().await.map_err(|e| e.to_string())
     }
 
-    fn command(&mut self, cmd: Command) {
+    fn command(&mut self, cmd: Command) -> Result<(), End> {
         match cmd {
             Command::Join { info, reply } => self.join(info, reply),
-            Command::FromTab { tab, msg } => {
+            Command::FromTab { tab, msg, payload } => {
                 // A tab that tabmux already closed may still have had
                 // messages in flight; it has left as far as the backend knows.
-                if self.tabs.contains_key(&tab) {
-                    self.to_upstream.push(msg);
+                if !self.tabs.contains_key(&tab) {
+                    return Ok(());
+                }
+                match self.outage.as_mut() {
+                    None => self.to_upstream.push(msg),
+                    Some(outage) => {
+                        if outage.buffer.push(tab, msg, payload).is_err() {
+                            warn!(
+                                limit = self.ctx.route.reconnect_buffer,
+                                "reconnect buffer full"
+                            );
+                            return Err(End::BufferFull);
+                        }
+                    }
                 }
             }
             Command::Leave { tab, code } => {
@@ -499,9 +746,14 @@ impl<'c> Session<'c> {
                     debug!(tab = %tab, code, "tab left");
                     self.ctx.metrics.tabs_open.dec();
                     self.left(tab, code);
+                    if self.tabs.is_empty() && self.outage.is_some() {
+                        debug!("the last tab left during an outage; ending the session");
+                        return Err(End::LostIdle);
+                    }
                 }
             }
         }
+        Ok(())
     }
 
     fn join(&mut self, info: JoinInfo, reply: oneshot::Sender<Result<Joined, Refusal>>) {
@@ -534,31 +786,28 @@ impl<'c> Session<'c> {
             // Leave for a tab that is not in the table, which is ignored.
             return;
         }
+        // During an outage the open event goes out with the others once the
+        // upstream is back.
+        if self.upstream.is_some() && self.route().envelope == Envelope::Json {
+            self.to_upstream.push(Message::Text(open_event(tab, &info)));
+        }
         self.tabs.insert(
             tab,
             TabSlot {
                 out: out_tx,
                 kill: Some(kill_tx),
+                info,
             },
         );
         self.ctx.metrics.tabs_open.inc();
         self.linger = None;
         debug!(tab = %tab, tabs = self.tabs.len(), "tab joined");
-        if self.route().envelope == Envelope::Json {
-            let headers: Vec<(&str, &str)> = info
-                .headers
-                .iter()
-                .map(|(n, v)| (n.as_str(), v.as_str()))
-                .collect();
-            let open = envelope::open_event(tab, &info.query, &headers);
-            self.to_upstream.push(Message::Text(open));
-        }
     }
 
-    /// A tab is no longer a member: tell the backend, and start lingering
-    /// if it was the last.
+    /// A tab is no longer a member: tell the backend (if it is there to
+    /// hear it), and start lingering if it was the last.
     fn left(&mut self, tab: TabId, code: u16) {
-        if self.route().envelope == Envelope::Json {
+        if self.upstream.is_some() && self.route().envelope == Envelope::Json {
             self.to_upstream
                 .push(Message::Text(envelope::close_event(tab, code)));
         }
@@ -592,20 +841,19 @@ impl<'c> Session<'c> {
     }
 
     /// Queues `msg` for `tab`. A full queue makes the tab a slow consumer.
-    fn deliver(&mut self, tab: TabId, msg: Message) -> bool {
+    fn deliver(&mut self, tab: TabId, msg: Message) {
         let Some(slot) = self.tabs.get(&tab) else {
-            return false;
+            return;
         };
         match slot.out.try_send(msg) {
-            Ok(()) => true,
+            Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.ctx.metrics.tab_closed("slow_consumer");
                 info!(tab = %tab, "slow consumer: tab queue full");
                 self.close_tab(tab, 1008, "slow consumer");
-                false
             }
             // The tab task ended; its Leave is on the way.
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 
@@ -641,7 +889,7 @@ impl<'c> Session<'c> {
         if self.replay.len() < self.route().replay_first {
             self.replay.push(msg.clone());
         }
-        let all: Vec<TabId> = self.tabs.keys().copied().collect();
+        let all = self.member_ids();
         if len > self.route().max_message_size {
             self.too_big(&all);
             return;
@@ -714,6 +962,51 @@ impl<'c> Session<'c> {
     fn malformed(&self, e: FrameError) {
         self.ctx.metrics.dropped(e.label(), 1);
         warn!(session = %self.key.name(), error = %e, "dropped a malformed frame from the backend");
+    }
+}
+
+fn open_event(tab: TabId, info: &JoinInfo) -> tokio_tungstenite::tungstenite::Utf8Bytes {
+    let headers: Vec<(&str, &str)> = info
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    envelope::open_event(tab, &info.query, &headers)
+}
+
+/// The next upstream frame, or never while the upstream is down.
+async fn next_frame(upstream: &mut Option<UpstreamSocket>) -> Option<Result<Message, WsError>> {
+    match upstream {
+        Some(up) => up.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits out the backoff, then dials; never completes outside an outage.
+/// Cancel-safe: the wait and the dial live in `outage`, not in this future.
+async fn redial(outage: &mut Option<Outage>, ctx: &SessionContext) -> DialResult {
+    let Some(outage) = outage.as_mut() else {
+        return std::future::pending().await;
+    };
+    if outage.dialing.is_none() {
+        outage.wait.as_mut().await;
+        let route = ctx.route.clone();
+        let params = outage.params.clone();
+        outage.dialing = Some(Box::pin(
+            async move { upstream::dial(&route, &params).await },
+        ));
+    }
+    match outage.dialing.as_mut() {
+        Some(dial) => dial.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Completes when the linger timer (if armed) passes.
+async fn expire(linger: &mut Option<Pin<Box<Sleep>>>) {
+    match linger.as_mut() {
+        Some(sleep) => sleep.await,
+        None => std::future::pending().await,
     }
 }
 

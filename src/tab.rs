@@ -9,10 +9,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
@@ -23,7 +25,7 @@ use tracing::debug;
 use crate::config::{Envelope, Route};
 use crate::envelope;
 use crate::metrics::RouteMetrics;
-use crate::session::Joined;
+use crate::session::{Joined, TabLink};
 
 /// A tab's WebSocket, over the connection hyper upgraded.
 pub type TabSocket = WebSocketStream<TokioIo<Upgraded>>;
@@ -40,7 +42,7 @@ const BURST: usize = 64;
 pub fn ws_config(route: &Route) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(TAB_READ_BUFFER)
-        .write_buffer_size(0)
+        .write_buffer_size(4 * 1024)
         .max_write_buffer_size(route.max_message_size.saturating_mul(2).max(64 * 1024))
         .max_message_size(Some(route.max_message_size))
         .max_frame_size(Some(route.max_message_size))
@@ -50,92 +52,169 @@ pub fn ws_config(route: &Route) -> WebSocketConfig {
 pub const TAB_READ_BUFFER: usize = 1024;
 
 /// Runs a tab until it closes.
-pub async fn run(mut ws: TabSocket, joined: Joined, route: Arc<Route>, metrics: RouteMetrics) {
+pub async fn run(ws: TabSocket, joined: Joined, route: Arc<Route>, metrics: RouteMetrics) {
     let Joined {
         tab,
-        mut out,
+        out,
         kill,
         mut link,
         ..
     } = joined;
-    let mut kill = Some(kill);
-    let code = loop {
-        tokio::select! {
-            biased;
-            // A full queue: close now, ahead of the queued messages.
-            frame = killed(&mut kill) => {
-                let code = u16::from(frame.code);
-                close(&mut ws, Some(frame)).await;
-                break code;
-            }
-            msg = out.recv() => {
-                let Some(msg) = msg else {
-                    // The session ended without a word: it is shutting down.
-                    close(&mut ws, Some(close_frame(1001, "going away"))).await;
-                    break 1001;
-                };
-                if let Message::Close(frame) = msg {
-                    let code = frame.as_ref().map_or(1000, |f| u16::from(f.code));
-                    close(&mut ws, frame).await;
-                    break code;
-                }
-                // A tab that stops reading can block this write; the kill
-                // signal must still get through, so race them.
-                let written = tokio::select! {
-                    biased;
-                    frame = killed(&mut kill) => Err(frame),
-                    r = write_burst(&mut ws, msg, &mut out) => Ok(r),
-                };
-                match written {
-                    Ok(Ok(None)) => {}
-                    Ok(Ok(Some(frame))) => {
-                        let code = frame.as_ref().map_or(1000, |f| u16::from(f.code));
-                        close(&mut ws, frame).await;
-                        break code;
-                    }
-                    Ok(Err(_)) => break 1006,
-                    Err(frame) => {
-                        let code = u16::from(frame.code);
-                        close(&mut ws, Some(frame)).await;
-                        break code;
-                    }
-                }
-            }
-            msg = ws.next() => match msg {
-                Some(Ok(msg)) => match from_tab(&route, tab, msg) {
-                    Inbound::Forward(m) => {
-                        if !link.send(m).await {
-                            close(&mut ws, Some(close_frame(1001, "going away"))).await;
-                            break 1001;
-                        }
-                    }
-                    Inbound::Ignore => {}
-                    Inbound::Closed(code) => {
-                        // tungstenite queued the reply; finish the handshake.
-                        finish(&mut ws).await;
-                        break code;
-                    }
-                    Inbound::Refuse(code, reason) => {
-                        metrics.tab_closed("invalid_json");
-                        close(&mut ws, Some(close_frame(code, reason))).await;
-                        break code;
-                    }
-                },
-                Some(Err(e)) => {
-                    let (code, reason, label) = read_error(&e);
-                    if code != 1006 {
-                        metrics.tab_closed(label);
-                        close(&mut ws, Some(close_frame(code, reason))).await;
-                    }
-                    debug!(error = %e, code, "tab read failed");
-                    break code;
-                }
-                None => break 1006,
-            },
-        }
+    let period = route.ping_interval;
+    let mut keepalive = tokio::time::interval_at(Instant::now() + period, period);
+    keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut task = TabTask {
+        ws,
+        tab,
+        out,
+        kill: Some(kill),
+        route,
+        metrics,
+        keepalive,
+        seen: false,
+        last_seen: Instant::now(),
     };
+    let code = task.serve(&link).await;
     debug!(code, "tab closed");
+    // The link reports the leave with this code as it drops, here.
     link.set_close_code(code);
+}
+
+/// The state of one tab task.
+struct TabTask {
+    ws: TabSocket,
+    tab: envelope::TabId,
+    /// What the session queued for this tab.
+    out: mpsc::Receiver<Message>,
+    kill: Option<oneshot::Receiver<CloseFrame>>,
+    route: Arc<Route>,
+    metrics: RouteMetrics,
+    /// Pings the tab and checks it is alive, every `ping_interval`.
+    keepalive: Interval,
+    /// Whether the tab sent anything since the last tick, and when it last
+    /// did as of a tick.
+    seen: bool,
+    last_seen: Instant,
+}
+
+/// One turn of the tab loop.
+enum Step {
+    Kill(CloseFrame),
+    Out(Option<Message>),
+    In(Option<Result<Message, WsError>>),
+    Tick,
+}
+
+impl TabTask {
+    /// Serves the tab; returns the close code its `close` event carries.
+    async fn serve(&mut self, link: &TabLink) -> u16 {
+        loop {
+            let step = tokio::select! {
+                biased;
+                // A full queue: close now, ahead of the queued messages.
+                frame = killed(&mut self.kill) => Step::Kill(frame),
+                msg = self.out.recv() => Step::Out(msg),
+                msg = self.ws.next() => Step::In(msg),
+                _ = self.keepalive.tick() => Step::Tick,
+            };
+            let done = match step {
+                Step::Kill(frame) => Some(self.close(frame).await),
+                // The session ended without a word: it is going away.
+                Step::Out(None) => Some(self.close(close_frame(1001, "going away")).await),
+                Step::Out(Some(Message::Close(frame))) => {
+                    let frame = frame.unwrap_or_else(|| close_frame(1000, ""));
+                    Some(self.close(frame).await)
+                }
+                Step::Out(Some(msg)) => self.write(msg).await,
+                Step::In(msg) => self.read(msg, link).await,
+                Step::Tick => self.tick().await,
+            };
+            if let Some(code) = done {
+                return code;
+            }
+        }
+    }
+
+    /// Handles what the tab sent. Returns a close code when the tab is done.
+    async fn read(&mut self, msg: Option<Result<Message, WsError>>, link: &TabLink) -> Option<u16> {
+        self.seen = true;
+        match msg {
+            Some(Ok(msg)) => match from_tab(&self.route, self.tab, msg) {
+                Inbound::Forward(m, payload) => {
+                    if link.send(m, payload).await {
+                        None
+                    } else {
+                        Some(self.close(close_frame(1001, "going away")).await)
+                    }
+                }
+                Inbound::Ignore => None,
+                Inbound::Closed(code) => {
+                    // tungstenite queued the reply; finish the handshake.
+                    finish(&mut self.ws).await;
+                    Some(code)
+                }
+                Inbound::Refuse(code, reason) => {
+                    self.metrics.tab_closed("invalid_json");
+                    Some(self.close(close_frame(code, reason)).await)
+                }
+            },
+            Some(Err(e)) => {
+                let (code, reason, label) = read_error(&e);
+                debug!(error = %e, code, "tab read failed");
+                if code == 1006 {
+                    return Some(1006);
+                }
+                self.metrics.tab_closed(label);
+                Some(self.close(close_frame(code, reason)).await)
+            }
+            None => Some(1006),
+        }
+    }
+
+    /// Keepalive: a silent tab is closed; otherwise ping it.
+    async fn tick(&mut self) -> Option<u16> {
+        let now = Instant::now();
+        if self.seen {
+            self.seen = false;
+            self.last_seen = now;
+        }
+        if now.duration_since(self.last_seen) >= self.route.idle_timeout {
+            self.metrics.tab_closed("idle");
+            return Some(self.close(close_frame(1001, "idle timeout")).await);
+        }
+        self.write(Message::Ping(Bytes::new())).await
+    }
+
+    /// Writes `first` and whatever else is queued, racing the kill signal:
+    /// a tab that stops reading can block this write, and must still be
+    /// closable. Returns a close code when the tab is done.
+    async fn write(&mut self, first: Message) -> Option<u16> {
+        let written = tokio::select! {
+            biased;
+            frame = killed(&mut self.kill) => Err(frame),
+            r = write_burst(&mut self.ws, first, &mut self.out) => Ok(r),
+        };
+        match written {
+            Ok(Ok(None)) => None,
+            Ok(Ok(Some(frame))) => Some(self.close(frame).await),
+            Ok(Err(_)) => Some(1006),
+            Err(frame) => Some(self.close(frame).await),
+        }
+    }
+
+    /// Starts a close handshake from tabmux's side and waits (briefly) for
+    /// the tab's reply. Returns the code, for the `close` event.
+    async fn close(&mut self, frame: CloseFrame) -> u16 {
+        let code = u16::from(frame.code);
+        let ws = &mut self.ws;
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            if ws.close(Some(frame)).await.is_ok() {
+                while let Some(Ok(_)) = ws.next().await {}
+            }
+        })
+        .await;
+        code
+    }
 }
 
 /// Resolves when the session closes this tab ahead of its queue. A dropped
@@ -154,7 +233,8 @@ async fn killed(kill: &mut Option<oneshot::Receiver<CloseFrame>>) -> CloseFrame 
 
 /// What to do with one message read from a tab.
 enum Inbound {
-    Forward(Message),
+    /// Pass on this message; the tab's payload was this many bytes.
+    Forward(Message, usize),
     Ignore,
     /// The tab sent a close frame with this code (1005 if it had none).
     Closed(u16),
@@ -166,15 +246,19 @@ fn from_tab(route: &Route, tab: envelope::TabId, msg: Message) -> Inbound {
     match (route.envelope, msg) {
         (_, Message::Close(frame)) => Inbound::Closed(frame.map_or(1005, |f| u16::from(f.code))),
         (_, Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => Inbound::Ignore,
-        (Envelope::None, msg) => Inbound::Forward(msg),
+        (Envelope::None, msg) => {
+            let len = msg.len();
+            Inbound::Forward(msg, len)
+        }
         (Envelope::Json, Message::Text(text)) => {
             match envelope::data_text(tab, &text, route.payload) {
-                Ok(frame) => Inbound::Forward(Message::Text(frame)),
+                Ok(frame) => Inbound::Forward(Message::Text(frame), text.len()),
                 Err(envelope::NotJson) => Inbound::Refuse(1007, "message is not valid JSON"),
             }
         }
         (Envelope::Json, Message::Binary(bytes)) => {
-            Inbound::Forward(Message::Text(envelope::data_binary(tab, &bytes)))
+            let frame = envelope::data_binary(tab, &bytes);
+            Inbound::Forward(Message::Text(frame), bytes.len())
         }
     }
 }
@@ -197,13 +281,13 @@ async fn write_burst(
     ws: &mut TabSocket,
     first: Message,
     out: &mut mpsc::Receiver<Message>,
-) -> Result<Option<Option<CloseFrame>>, WsError> {
+) -> Result<Option<CloseFrame>, WsError> {
     ws.feed(first).await?;
     let mut closing = None;
     for _ in 1..BURST {
         match out.try_recv() {
             Ok(Message::Close(frame)) => {
-                closing = Some(frame);
+                closing = Some(frame.unwrap_or_else(|| close_frame(1000, "")));
                 break;
             }
             Ok(msg) => ws.feed(msg).await?,
@@ -219,17 +303,6 @@ fn close_frame(code: u16, reason: &str) -> CloseFrame {
         code: CloseCode::from(code),
         reason: reason.into(),
     }
-}
-
-/// Starts a close handshake from tabmux's side and waits (briefly) for the
-/// tab's reply.
-async fn close(ws: &mut TabSocket, frame: Option<CloseFrame>) {
-    let _ = tokio::time::timeout(CLOSE_GRACE, async {
-        if ws.close(frame).await.is_ok() {
-            while let Some(Ok(_)) = ws.next().await {}
-        }
-    })
-    .await;
 }
 
 /// Completes a close handshake the tab started (sends the queued reply).

@@ -19,6 +19,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
@@ -37,6 +38,8 @@ pub type HttpResponse = Response<Full<Bytes>>;
 pub struct TabLimiter {
     open: AtomicUsize,
     max: usize,
+    /// Notified each time a slot is given back (the shutdown drain waits on it).
+    pub released: Notify,
 }
 
 impl TabLimiter {
@@ -44,6 +47,7 @@ impl TabLimiter {
         Arc::new(TabLimiter {
             open: AtomicUsize::new(0),
             max,
+            released: Notify::new(),
         })
     }
 
@@ -76,6 +80,7 @@ pub struct TabPermit(Arc<TabLimiter>);
 impl Drop for TabPermit {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.released.notify_waiters();
     }
 }
 
