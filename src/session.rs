@@ -412,7 +412,8 @@ enum Event {
     Shutdown,
     Command(Option<Command>),
     Upstream(Option<Result<Message, WsError>>),
-    Redialed(DialResult),
+    /// Boxed: a socket is large, and redials are rare.
+    Redialed(Box<DialResult>),
     Tick,
     Linger,
 }
@@ -495,7 +496,7 @@ impl<'c> Session<'c> {
                 _ = self.shutdown.changed() => Event::Shutdown,
                 cmd = rx.recv() => Event::Command(cmd),
                 frame = next_frame(&mut self.upstream) => Event::Upstream(frame),
-                result = redial(&mut self.outage, self.ctx) => Event::Redialed(result),
+                result = redial(&mut self.outage, self.ctx) => Event::Redialed(Box::new(result)),
                 _ = self.keepalive.tick() => Event::Tick,
                 () = expire(&mut self.linger) => Event::Linger,
             };
@@ -512,11 +513,13 @@ impl<'c> Session<'c> {
                 }
                 Event::Upstream(Some(Err(e))) => self.lose(&e.to_string()),
                 Event::Upstream(None) => self.lose("the backend closed the connection"),
-                Event::Redialed(Ok((socket, protocol))) => {
-                    self.restored(socket, protocol);
-                    Ok(())
-                }
-                Event::Redialed(Err(e)) => self.redial_failed(&e),
+                Event::Redialed(result) => match *result {
+                    Ok((socket, protocol)) => {
+                        self.restored(socket, protocol);
+                        Ok(())
+                    }
+                    Err(e) => self.redial_failed(&e),
+                },
                 Event::Tick => self.tick(),
                 Event::Linger => Err(End::Linger),
             };
