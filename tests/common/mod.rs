@@ -259,7 +259,108 @@ impl TabSpec {
     }
 }
 
+/// A tab whose socket is read continuously by a background task, as a
+/// browser does: it answers pings, and what it receives waits in a queue.
+pub struct LiveTab {
+    rx: mpsc::UnboundedReceiver<Message>,
+    /// Messages read while waiting for pings, kept for `recv`.
+    held: std::collections::VecDeque<Message>,
+    tx: mpsc::UnboundedSender<Message>,
+    /// Pings received so far.
+    pub pings: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl LiveTab {
+    pub fn send_text(&self, s: &str) {
+        let _ = self.tx.send(Message::text(s));
+    }
+
+    /// The next text, binary or close message (pings are counted, not
+    /// returned). None once the connection has ended.
+    pub async fn recv(&mut self) -> Option<Message> {
+        if let Some(m) = self.held.pop_front() {
+            return Some(m);
+        }
+        loop {
+            match guard("a message to the live tab", self.rx.recv()).await {
+                Some(Message::Ping(_)) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Waits until the tab has received `n` pings (and answered them).
+    pub async fn wait_pings(&mut self, n: usize) {
+        let mut seen = 0;
+        while seen < n {
+            match guard("pings to the live tab", self.rx.recv()).await {
+                Some(Message::Ping(_)) => seen += 1,
+                Some(m) => self.held.push_back(m),
+                None => panic!("the live tab ended while waiting for pings"),
+            }
+        }
+    }
+
+    pub async fn recv_text(&mut self) -> String {
+        match self.recv().await {
+            Some(Message::Text(t)) => t.as_str().to_string(),
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+
+    /// Waits for the close frame; returns its code (1006 if the connection
+    /// ended without one).
+    pub async fn closed(&mut self) -> u16 {
+        loop {
+            match self.recv().await {
+                Some(Message::Close(Some(f))) => return u16::from(f.code),
+                Some(Message::Close(None)) => return 1005,
+                Some(_) => continue,
+                None => return 1006,
+            }
+        }
+    }
+}
+
 impl Tab {
+    /// Hands the socket to a background reader.
+    pub fn live(self) -> LiveTab {
+        let (in_tx, in_rx) = mpsc::unbounded_channel();
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
+        let pings = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = pings.clone();
+        let mut ws = self.ws;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    msg = ws.next() => match msg {
+                        Some(Ok(Message::Ping(_))) => {
+                            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            let _ = in_tx.send(Message::Ping(Default::default()));
+                        }
+                        Some(Ok(m @ Message::Close(_))) => {
+                            let _ = in_tx.send(m);
+                            while let Some(Ok(_)) = ws.next().await {}
+                            break;
+                        }
+                        Some(Ok(m)) => { let _ = in_tx.send(m); }
+                        _ => break,
+                    },
+                    out = out_rx.recv() => match out {
+                        Some(m) => { if ws.send(m).await.is_err() { break } }
+                        None => { let _ = ws.close(None).await; break }
+                    },
+                }
+            }
+        });
+        LiveTab {
+            rx: in_rx,
+            held: Default::default(),
+            tx: out_tx,
+            pings,
+        }
+    }
+
     pub async fn send_text(&mut self, s: &str) {
         self.ws.send(Message::text(s)).await.expect("tab send");
     }
@@ -343,7 +444,18 @@ pub struct Conn {
     pub frames: Vec<Message>,
     /// The close frame the proxy sent, once the connection ended.
     pub closed: Option<Option<CloseFrame>>,
-    tx: mpsc::UnboundedSender<Message>,
+    /// Pings the proxy sent on this connection.
+    pub pings: usize,
+    tx: mpsc::UnboundedSender<MockCmd>,
+}
+
+/// What a test can make a mock connection do.
+enum MockCmd {
+    Send(Message),
+    /// Drop the TCP connection without a close frame.
+    Drop,
+    /// Stop reading and writing, keeping the connection open.
+    Stall,
 }
 
 #[derive(Default)]
@@ -456,6 +568,7 @@ impl Mock {
                 headers,
                 frames: Vec::new(),
                 closed: None,
+                pings: 0,
                 tx,
             });
             st.conns.len() - 1
@@ -467,9 +580,14 @@ impl Mock {
         loop {
             tokio::select! {
                 out = rx.recv() => match out {
-                    Some(Message::Close(f)) => { let _ = ws.close(f).await; }
-                    Some(m) => { if ws.send(m).await.is_err() { break } }
-                    None => break,
+                    Some(MockCmd::Send(Message::Close(f))) => { let _ = ws.close(f).await; }
+                    Some(MockCmd::Send(m)) => { if ws.send(m).await.is_err() { break } }
+                    Some(MockCmd::Drop) | None => break,
+                    Some(MockCmd::Stall) => {
+                        let _keep = ws;
+                        std::future::pending::<()>().await;
+                        return;
+                    }
                 },
                 msg = ws.next() => match msg {
                     Some(Ok(Message::Close(f))) => {
@@ -479,6 +597,10 @@ impl Mock {
                     }
                     Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
                         self.state.lock().unwrap().conns[index].frames.push(m);
+                        self.changed.notify_waiters();
+                    }
+                    Some(Ok(Message::Ping(_))) => {
+                        self.state.lock().unwrap().conns[index].pings += 1;
                         self.changed.notify_waiters();
                     }
                     Some(Ok(_)) => {}
@@ -566,6 +688,21 @@ impl Mock {
         .await
     }
 
+    /// A frame on `conn` matching `pred`, if one has arrived (no waiting).
+    pub fn try_find(
+        &self,
+        conn: usize,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let st = self.state.lock().unwrap();
+        st.conns
+            .get(conn)?
+            .frames
+            .iter()
+            .map(to_json)
+            .find(|v| pred(v))
+    }
+
     /// Waits until connection `conn` has ended; returns the close frame.
     pub async fn closed(&self, conn: usize) -> Option<CloseFrame> {
         self.wait(&format!("upstream #{conn} to close"), |c| {
@@ -574,12 +711,43 @@ impl Mock {
         .await
     }
 
-    /// Sends a frame to the proxy on connection `conn`.
-    pub fn send(&self, conn: usize, msg: Message) {
+    fn command(&self, conn: usize, cmd: MockCmd) {
         self.state.lock().unwrap().conns[conn]
             .tx
-            .send(msg)
-            .expect("upstream connection gone");
+            .send(cmd)
+            .unwrap_or_else(|_| panic!("upstream connection #{conn} is gone"));
+    }
+
+    /// Sends a frame to the proxy on connection `conn`.
+    pub fn send(&self, conn: usize, msg: Message) {
+        self.command(conn, MockCmd::Send(msg));
+    }
+
+    /// Drops connection `conn`'s TCP connection, with no close frame.
+    pub fn drop_conn(&self, conn: usize) {
+        self.command(conn, MockCmd::Drop);
+    }
+
+    /// Makes connection `conn` stop reading (and writing), keeping it open.
+    pub fn stall(&self, conn: usize) {
+        self.command(conn, MockCmd::Stall);
+    }
+
+    /// Waits until `n` TCP connections (dials) have been made.
+    pub async fn wait_attempts(&self, n: usize) {
+        let state = self.state.clone();
+        guard(&format!("{n} dials"), async {
+            loop {
+                let notified = self.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if state.lock().unwrap().attempts >= n {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
     }
 
     /// Sends a JSON text frame on connection `conn`.

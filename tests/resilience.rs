@@ -1,0 +1,320 @@
+//! PROTOCOL.md "Lifetime": upstream loss and redial, slow consumers,
+//! keepalive, and the shutdown drain, by fault injection.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use common::*;
+use serde_json::json;
+
+/// Fast redials, so outages in tests are short; attempts as given.
+fn fast_redial(attempts: u32) -> String {
+    format!("reconnect = {{ initial = \"5ms\", max = \"20ms\", attempts = {attempts} }}")
+}
+
+fn refusing() -> Behavior {
+    Behavior {
+        refuse: Some(503),
+        ..Default::default()
+    }
+}
+
+/// The frames on `conn` that are not pings, as JSON.
+async fn events(mock: &Mock, conn: usize, n: usize) -> Vec<serde_json::Value> {
+    mock.json(conn, n).await
+}
+
+#[tokio::test]
+async fn upstream_loss_redials_reopens_tabs_in_join_order_and_flushes_the_buffer() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, &fast_redial(100)).await;
+    let (mut a, a_id) = join(&proxy, &mock, 0, &TabSpec::new("s").path("/ws?room=1"), 0).await;
+    let (mut b, b_id) = join(&proxy, &mock, 0, &TabSpec::new("s").path("/ws?room=1"), 1).await;
+
+    // Refuse redials for a while, drop the connection, and wait until the
+    // proxy has noticed (it is redialling).
+    mock.set_behavior(refusing());
+    mock.drop_conn(0);
+    mock.wait_attempts(3).await;
+    // Tabs stay connected; what they send now is held, in order.
+    a.send_text(r#""a1""#).await;
+    b.send_text(r#""b1""#).await;
+    a.send_text(r#""a2""#).await;
+    // A tab that joins during the outage is announced with the others.
+    let mut c = TabSpec::new("s").path("/ws?room=1").connect(&proxy).await;
+
+    mock.set_behavior(Behavior::default());
+    mock.conn(1).await;
+    let frames = events(&mock, 1, 6).await;
+    assert_eq!(
+        frames,
+        vec![
+            json!({"tab": a_id, "event": "open", "query": "room=1"}),
+            json!({"tab": b_id, "event": "open", "query": "room=1"}),
+            json!({"tab": "t3", "event": "open", "query": "room=1"}),
+            json!({"tab": a_id, "data": "a1"}),
+            json!({"tab": b_id, "data": "b1"}),
+            json!({"tab": a_id, "data": "a2"}),
+        ]
+    );
+    // The new upstream carries the same forwarded handshake.
+    assert_eq!(mock.headers(1)["cookie"], "sessionid=s");
+    assert_eq!(mock.path(1), "/backend?room=1");
+    // Every tab is served by the new upstream.
+    mock.send_json(1, json!({"data": "back"}));
+    for tab in [&mut a, &mut b, &mut c] {
+        assert_eq!(tab.recv_text().await, "\"back\"");
+    }
+    let (_, scrape) = admin_get(proxy.admin, "/metrics").await;
+    assert_eq!(
+        metric(
+            &scrape,
+            r#"tabmux_upstream_redials_total{route="/ws",reason="ok"}"#
+        ),
+        Some(1.0),
+        "{scrape}"
+    );
+    assert!(
+        metric(
+            &scrape,
+            r#"tabmux_upstream_redials_total{route="/ws",reason="refused"}"#
+        )
+        .unwrap()
+            >= 2.0
+    );
+}
+
+#[tokio::test]
+async fn a_backend_close_is_a_loss_too() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, &fast_redial(8)).await;
+    let (mut tab, id) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
+    mock.close(0);
+    mock.conn(1).await;
+    let frames = events(&mock, 1, 1).await;
+    assert_eq!(frames[0], json!({"tab": id, "event": "open", "query": ""}));
+    mock.send_json(1, json!({"tab": id, "data": 2}));
+    assert_eq!(tab.recv_text().await, "2");
+}
+
+#[tokio::test]
+async fn a_spent_reconnect_budget_closes_every_tab_with_1011() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, &fast_redial(3)).await;
+    let (mut a, _) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
+    let (mut b, _) = join(&proxy, &mock, 0, &TabSpec::new("s"), 1).await;
+    mock.set_behavior(refusing());
+    mock.drop_conn(0);
+    assert_eq!(a.closed().await.0, 1011);
+    assert_eq!(b.closed().await.0, 1011);
+    // One dial, then exactly the three redials of the budget.
+    assert_eq!(mock.attempts(), 4);
+    // The session is gone: the next tab dials anew.
+    mock.set_behavior(Behavior::default());
+    let _c = TabSpec::new("s").connect(&proxy).await;
+    assert_eq!(mock.attempts(), 5);
+}
+
+#[tokio::test]
+async fn a_full_reconnect_buffer_closes_every_tab_with_1013() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(
+        &mock,
+        &format!("{}\nreconnect_buffer = 16", fast_redial(1000)),
+    )
+    .await;
+    let (mut a, _) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
+    let (mut b, _) = join(&proxy, &mock, 0, &TabSpec::new("s"), 1).await;
+    mock.set_behavior(refusing());
+    mock.drop_conn(0);
+    mock.wait_attempts(2).await;
+    a.send_text(r#""0123456789""#).await; // 12 bytes: held
+    b.send_text(r#""0123456789""#).await; // 24 in all: over the limit
+    assert_eq!(a.closed().await.0, 1013);
+    assert_eq!(b.closed().await.0, 1013);
+}
+
+#[tokio::test]
+async fn a_stalled_upstream_is_caught_by_idle_timeout_and_redialled() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(
+        &mock,
+        &format!(
+            "ping_interval = \"50ms\"\nidle_timeout = \"200ms\"\n{}",
+            fast_redial(100)
+        ),
+    )
+    .await;
+    let tab = TabSpec::new("s").connect(&proxy).await;
+    let mut tab = tab.live();
+    mock.json(0, 1).await;
+    // The upstream is pinged while it answers.
+    mock.wait("two pings upstream", |c| (c[0].pings >= 2).then_some(()))
+        .await;
+    mock.stall(0);
+    mock.conn(1).await;
+    let frames = events(&mock, 1, 1).await;
+    assert_eq!(frames[0]["event"], "open");
+    mock.send_json(1, json!({"data": "after the stall"}));
+    assert_eq!(tab.recv_text().await, "\"after the stall\"");
+}
+
+#[tokio::test]
+async fn upstream_lost_while_lingering_ends_the_session() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, &format!("linger = \"1h\"\n{}", fast_redial(8))).await;
+    let tab = TabSpec::new("s").connect(&proxy).await;
+    tab.close(1000).await;
+    mock.find(0, "close event", |v| v["event"] == "close").await;
+    mock.drop_conn(0);
+    // No tab needs it: no redial. A new tab makes a new session.
+    let _tab = guard("a new session", async {
+        loop {
+            if let Ok(t) = TabSpec::new("s").try_connect(&proxy).await {
+                break t;
+            }
+        }
+    })
+    .await;
+    mock.conn(1).await;
+    assert_eq!(mock.json(1, 1).await[0]["tab"], "t1");
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_closed_with_1008_and_delays_no_one() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "tab_queue = 8\nmax_message_size = \"128KiB\"").await;
+    let (slow, slow_id) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
+    let (fast, _) = join(&proxy, &mock, 0, &TabSpec::new("s"), 1).await;
+    let mut fast = fast.live();
+    // Broadcast at the pace of the tab that reads: it is never more than one
+    // message behind, while the tab that does not read falls further behind
+    // until its socket buffers and its queue are full.
+    let big = "x".repeat(100 * 1024);
+    let mut sent = 0;
+    let close = loop {
+        assert!(sent < 2000, "the tab that does not read was never closed");
+        mock.send_json(0, json!({"data": {"i": sent, "pad": big}}));
+        let v: serde_json::Value = serde_json::from_str(&fast.recv_text().await).unwrap();
+        assert_eq!(
+            v["i"], sent,
+            "the reading tab got every broadcast, in order"
+        );
+        sent += 1;
+        if let Some(close) = mock.try_find(0, |v| v["event"] == "close") {
+            break close;
+        }
+    };
+    assert_eq!(
+        close,
+        json!({"tab": slow_id, "event": "close", "code": 1008})
+    );
+    // The reading tab goes on being served.
+    mock.send_json(0, json!({"data": "after"}));
+    assert_eq!(fast.recv_text().await, "\"after\"");
+    // The slow tab, reading at last, finds its connection ended (with a
+    // 1008 close frame if it arrived within the close grace period).
+    let mut slow = slow.live();
+    let code = slow.closed().await;
+    assert!(code == 1008 || code == 1006, "slow tab closed with {code}");
+    let (_, scrape) = admin_get(proxy.admin, "/metrics").await;
+    assert_eq!(
+        metric(
+            &scrape,
+            r#"tabmux_tab_closes_total{route="/ws",reason="slow_consumer"}"#
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_silent_tab_is_closed_by_idle_timeout_and_a_live_one_is_not() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "ping_interval = \"30ms\"\nidle_timeout = \"120ms\"").await;
+    // This tab never reads, so it never answers a ping.
+    let (_silent, silent_id) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
+    let (live, live_id) = join(&proxy, &mock, 0, &TabSpec::new("s"), 1).await;
+    let mut live = live.live();
+    let close = mock
+        .find(0, "the silent tab's close event", |v| v["event"] == "close")
+        .await;
+    assert_eq!(
+        close,
+        json!({"tab": silent_id, "event": "close", "code": 1001})
+    );
+    // The live tab has answered pings well past the idle timeout.
+    live.wait_pings(10).await;
+    live.send_text("\"still here\"");
+    mock.find(0, "the live tab's message", |v| {
+        v["tab"] == live_id.as_str() && v["data"] == "still here"
+    })
+    .await;
+}
+
+/// Runs the real binary against `mock`; returns the child and its tab port.
+fn spawn_tabmux(mock: &Mock, extra: &str) -> (std::process::Child, u16) {
+    let dir = std::env::temp_dir().join(format!("tabmux-drain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("proxy.toml");
+    let toml = base_config(extra) + &route("/ws", mock.addr, "");
+    std::fs::write(&path, toml).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tabmux"))
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let port = loop {
+        let line = lines
+            .next()
+            .expect("tabmux exited before listening")
+            .unwrap();
+        if let Some(rest) = line.split("tabs: listening on ws://").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap();
+            break addr.rsplit(':').next().unwrap().parse().unwrap();
+        }
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, port)
+}
+
+#[tokio::test]
+async fn sigterm_drains_tabs_with_1001_and_upstreams_with_1000_then_exits_0() {
+    let mock = Mock::start().await;
+    let (mut child, port) = spawn_tabmux(&mock, "shutdown_timeout = \"10s\"");
+    let proxy = TestProxy::at(([127, 0, 0, 1], port).into(), ([127, 0, 0, 1], 0).into());
+    let (a, a_id) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
+    let (b, b_id) = join(&proxy, &mock, 0, &TabSpec::new("s"), 1).await;
+    let (mut a, mut b) = (a.live(), b.live());
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(a.closed().await, 1001);
+    assert_eq!(b.closed().await, 1001);
+    let frame = mock.closed(0).await.expect("a close frame upstream");
+    assert_eq!(u16::from(frame.code), 1000);
+    // Both tabs' close events reached the backend before the upstream closed.
+    let closes: Vec<_> = mock
+        .json(0, 4)
+        .await
+        .into_iter()
+        .filter(|v| v["event"] == "close")
+        .collect();
+    let mut closed: Vec<&str> = closes.iter().map(|v| v["tab"].as_str().unwrap()).collect();
+    closed.sort_unstable();
+    assert_eq!(closed, vec![a_id.as_str(), b_id.as_str()]);
+    assert!(closes.iter().all(|v| v["code"] == 1001), "{closes:?}");
+    let code = tokio::task::spawn_blocking(move || child.wait().unwrap().code())
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+}
