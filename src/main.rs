@@ -81,6 +81,13 @@ fn demo(listen: std::net::SocketAddr) -> ExitCode {
         Err(code) => return code,
     };
     rt.block_on(async {
+        let mut signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("tabmux: cannot install signal handlers: {e}");
+                return ExitCode::from(1);
+            }
+        };
         let next = |n: u16| {
             std::net::SocketAddr::new(listen.ip(), listen.port().checked_add(n).unwrap_or(0))
         };
@@ -97,7 +104,7 @@ fn demo(listen: std::net::SocketAddr) -> ExitCode {
                 );
                 println!("  Ctrl-C to stop");
                 println!();
-                shutdown_signal().await;
+                signals.next().await;
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -147,6 +154,13 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     runtime.block_on(async {
+        let mut signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("tabmux: cannot install signal handlers: {e}");
+                return ExitCode::from(1);
+            }
+        };
         let proxy = match Proxy::bind(config).await {
             Ok(p) => p,
             Err(e) => {
@@ -155,11 +169,11 @@ fn run(path: &std::path::Path) -> ExitCode {
             }
         };
         proxy
-            .run(async {
-                shutdown_signal().await;
+            .run(async move {
+                signals.next().await;
                 // A second signal during the drain means "now".
-                tokio::spawn(async {
-                    shutdown_signal().await;
+                tokio::spawn(async move {
+                    signals.next().await;
                     eprintln!("tabmux: second signal: exiting without finishing the drain");
                     std::process::exit(1);
                 });
@@ -169,25 +183,39 @@ fn run(path: &std::path::Path) -> ExitCode {
     })
 }
 
-/// Completes on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGTERM and SIGINT (Ctrl-C), registered when created: a signal that
+/// arrives before anything awaits it is still caught, not fatal.
+struct Signals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Must run inside the runtime.
+    fn install() -> std::io::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// Completes on the next SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
