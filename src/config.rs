@@ -48,6 +48,9 @@ pub struct Server {
     /// How long a new connection may take to send its HTTP request headers
     /// (added key; a connection that sends nothing is dropped after this).
     pub handshake_timeout: Duration,
+    /// The largest request head (request line and headers) accepted; a
+    /// larger one is refused with 431 (added key).
+    pub max_header_size: usize,
 }
 
 /// `[admin]`: health, readiness, metrics and status.
@@ -211,6 +214,9 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// hyper's smallest request buffer.
+const MIN_HEADER_SIZE: usize = 8 * 1024;
+
 const TOP_KEYS: &[&str] = &["server", "admin", "log", "route"];
 const SERVER_KEYS: &[&str] = &[
     "listen",
@@ -218,6 +224,7 @@ const SERVER_KEYS: &[&str] = &[
     "max_tabs",
     "shutdown_timeout",
     "handshake_timeout",
+    "max_header_size",
 ];
 const TLS_KEYS: &[&str] = &["cert", "key"];
 const ADMIN_KEYS: &[&str] = &["listen"];
@@ -401,12 +408,24 @@ impl Checker<'_> {
             Duration::from_secs(10),
             Self::duration,
         );
+        let max_header_size = self.optional(t, "max_header_size", 32 * 1024, |c, item| {
+            let n = c.size(item)?;
+            if n < MIN_HEADER_SIZE {
+                c.at(
+                    item.span(),
+                    format!("max_header_size must be at least {MIN_HEADER_SIZE} bytes (8KiB)"),
+                );
+                return None;
+            }
+            Some(n)
+        });
         Some(Server {
             listen: listen?,
             tls: tls?,
             max_tabs: max_tabs? as usize,
             shutdown_timeout: shutdown_timeout?,
             handshake_timeout: handshake_timeout?,
+            max_header_size: max_header_size?,
         })
     }
 

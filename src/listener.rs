@@ -60,11 +60,15 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let timeout = shared.server.handshake_timeout;
+    let max_header_size = shared.server.max_header_size;
     let service = service_fn(move |req| upgrade::handle(req, shared.clone(), peer));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         // A connection that never sends its request is dropped.
         .header_read_timeout(timeout)
+        // An oversized request head (a huge Cookie, hundreds of headers) is
+        // refused with 431 before it is buffered.
+        .max_buf_size(max_header_size)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     if let Err(e) = conn.await {

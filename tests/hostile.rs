@@ -1,0 +1,248 @@
+//! Hostile clients: raw frames and handshakes that break the rules. Each
+//! gets a clear refusal or close code, and none affects another session.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use http::StatusCode;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Opens a tab by hand and returns the raw socket after the 101.
+async fn raw_tab(addr: SocketAddr, session: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Cookie: sessionid={session}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        guard("the 101", s.read_exact(&mut byte)).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
+}
+
+/// A client frame: masked (unless `masked` is false), with the given opcode.
+fn frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut out = vec![(u8::from(fin) << 7) | opcode];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(mask_bit | n as u8),
+        n if n < 65536 => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        let key = [0x12, 0x34, 0x56, 0x78];
+        out.extend_from_slice(&key);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+/// Reads server frames until a close frame; returns its code.
+async fn read_close(s: &mut TcpStream) -> u16 {
+    guard("a close frame", async {
+        loop {
+            let mut h = [0u8; 2];
+            s.read_exact(&mut h)
+                .await
+                .expect("connection ended without a close frame");
+            let mut len = u64::from(h[1] & 0x7f);
+            if len == 126 {
+                len = u64::from(s.read_u16().await.unwrap());
+            } else if len == 127 {
+                len = s.read_u64().await.unwrap();
+            }
+            let mut payload = vec![0u8; len as usize];
+            s.read_exact(&mut payload).await.unwrap();
+            if h[0] & 0x0f == 0x8 {
+                return u16::from_be_bytes([payload[0], payload[1]]);
+            }
+        }
+    })
+    .await
+}
+
+/// A tab of another session that must keep working throughout.
+async fn bystander(proxy: &TestProxy, mock: &Mock) -> (Tab, usize) {
+    let tab = TabSpec::new("bystander").connect(proxy).await;
+    let conn = mock
+        .wait("the bystander's upstream", |c| {
+            c.iter()
+                .position(|c| c.headers["cookie"] == "sessionid=bystander")
+        })
+        .await;
+    (tab, conn)
+}
+
+async fn still_works(tab: &mut Tab, mock: &Mock, conn: usize) {
+    mock.send_json(conn, json!({"data": "unaffected"}));
+    assert_eq!(tab.recv_text().await, "\"unaffected\"");
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_a_text_frame_is_1007() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "").await;
+    let (mut other, other_conn) = bystander(&proxy, &mock).await;
+    let mut s = raw_tab(proxy.addr, "evil").await;
+    s.write_all(&frame(true, 0x1, &[b'"', 0xff, 0xfe, b'"'], true))
+        .await
+        .unwrap();
+    assert_eq!(read_close(&mut s).await, 1007);
+    let evil = mock
+        .wait("the attacker's session", |c| {
+            c.iter()
+                .position(|c| c.headers["cookie"] == "sessionid=evil")
+        })
+        .await;
+    let close = mock
+        .find(evil, "close event", |v| v["event"] == "close")
+        .await;
+    assert_eq!(close["code"], 1007);
+    still_works(&mut other, &mock, other_conn).await;
+}
+
+#[tokio::test]
+async fn fragmented_messages_are_reassembled() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "").await;
+    let mut s = raw_tab(proxy.addr, "s").await;
+    let mut bytes = frame(false, 0x1, b"{\"parts\":", true);
+    bytes.extend(frame(false, 0x0, b"[1,2,", true));
+    // A ping may arrive between fragments.
+    bytes.extend(frame(true, 0x9, b"", true));
+    bytes.extend(frame(true, 0x0, b"3]}", true));
+    s.write_all(&bytes).await.unwrap();
+    let frames = mock.json(0, 2).await;
+    assert_eq!(
+        frames[1],
+        json!({"tab": "t1", "data": {"parts": [1, 2, 3]}})
+    );
+}
+
+#[tokio::test]
+async fn protocol_violations_are_1002() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "").await;
+    let (mut other, other_conn) = bystander(&proxy, &mock).await;
+    // A control frame over 125 bytes.
+    let mut s = raw_tab(proxy.addr, "a").await;
+    s.write_all(&frame(true, 0x9, &[0u8; 126], true))
+        .await
+        .unwrap();
+    assert_eq!(read_close(&mut s).await, 1002);
+    // An unmasked client frame.
+    let mut s = raw_tab(proxy.addr, "b").await;
+    s.write_all(&frame(true, 0x1, b"1", false)).await.unwrap();
+    assert_eq!(read_close(&mut s).await, 1002);
+    // A continuation with nothing to continue.
+    let mut s = raw_tab(proxy.addr, "c").await;
+    s.write_all(&frame(true, 0x0, b"1", true)).await.unwrap();
+    assert_eq!(read_close(&mut s).await, 1002);
+    still_works(&mut other, &mock, other_conn).await;
+}
+
+#[tokio::test]
+async fn a_frame_claiming_a_huge_length_is_1009_without_waiting_for_it() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "").await;
+    let mut s = raw_tab(proxy.addr, "s").await;
+    // Header only: 1 TiB of payload announced, none sent.
+    let mut header = vec![0x81, 0x80 | 127];
+    header.extend_from_slice(&(1u64 << 40).to_be_bytes());
+    header.extend_from_slice(&[1, 2, 3, 4]);
+    s.write_all(&header).await.unwrap();
+    assert_eq!(read_close(&mut s).await, 1009);
+}
+
+#[tokio::test]
+async fn absurd_handshakes_are_refused_with_431() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "").await;
+    let huge_cookie = format!("sessionid=s; big={}", "c".repeat(64 * 1024));
+    let (status, _) = raw_http(
+        proxy.addr,
+        &format!(
+            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nCookie: {huge_cookie}\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(status, 431);
+    let many: String = (0..500).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let (status, _) = raw_http(
+        proxy.addr,
+        &format!("GET /ws HTTP/1.1\r\nHost: x\r\n{many}\r\n"),
+    )
+    .await;
+    assert_eq!(status, 431);
+    assert_eq!(mock.attempts(), 0);
+}
+
+#[tokio::test]
+async fn a_connection_that_never_speaks_is_dropped_after_handshake_timeout() {
+    let mock = Mock::start().await;
+    let toml = base_config("handshake_timeout = \"100ms\"") + &route("/ws", mock.addr, "");
+    let proxy = start_proxy(&toml).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut buf = Vec::new();
+    // The proxy closes the connection (hyper may first answer 408).
+    guard(
+        "the proxy to drop the silent connection",
+        s.read_to_end(&mut buf),
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(buf.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+}
+
+#[tokio::test]
+async fn thousands_of_tabs_under_one_cookie_meet_the_session_limit() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "").await;
+    let (mut other, other_conn) = bystander(&proxy, &mock).await;
+    let spec = TabSpec::new("flood");
+    let mut admitted = Vec::new();
+    let mut refused = 0;
+    for _ in 0..20 {
+        let attempts =
+            futures_util::future::join_all((0..100).map(|_| spec.try_connect(&proxy))).await;
+        for a in attempts {
+            match a {
+                Ok(tab) => admitted.push(tab),
+                Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+                    refused += 1;
+                }
+                Err(e) => panic!("unexpected failure: {e}"),
+            }
+        }
+    }
+    // The default max_tabs_per_session.
+    assert_eq!(admitted.len(), 32);
+    assert_eq!(refused, 2000 - 32);
+    // One upstream for the flood, one for the bystander.
+    assert_eq!(mock.attempts(), 2);
+    still_works(&mut other, &mock, other_conn).await;
+}
