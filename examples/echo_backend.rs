@@ -10,7 +10,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:9002".into());
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:9002".into());
     let listener = TcpListener::bind(&addr).await?;
     println!("echo backend on ws://{}", listener.local_addr()?);
     loop {
@@ -19,7 +21,8 @@ async fn main() -> std::io::Result<()> {
             let config = WebSocketConfig::default()
                 .max_message_size(Some(64 << 20))
                 .max_frame_size(Some(64 << 20));
-            let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
+            let Ok(mut ws) =
+                tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
             else {
                 return;
             };
