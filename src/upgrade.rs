@@ -288,7 +288,7 @@ fn wants_websocket(headers: &HeaderMap) -> bool {
 }
 
 /// Checks the rest of an RFC 6455 opening handshake; returns the client key.
-fn check_handshake(
+pub fn check_handshake(
     method: &Method,
     version: Version,
     headers: &HeaderMap,
@@ -334,7 +334,7 @@ pub fn find_cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
 }
 
 /// The requested subprotocols, in the tab's order, as one `a, b` list.
-fn requested_protocols(headers: &HeaderMap) -> String {
+pub fn requested_protocols(headers: &HeaderMap) -> String {
     let mut out = String::new();
     for v in headers.get_all(header::SEC_WEBSOCKET_PROTOCOL) {
         let Ok(s) = v.to_str() else { continue };
