@@ -9,6 +9,7 @@ cd "$(dirname "$0")"
 secs=${1:-60}
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 export RUSTC_BOOTSTRAP=1
+cargo fuzz build -O
 for target in envelope handshake config; do
   echo "== fuzz $target for ${secs}s"
   cargo fuzz run -O "$target" -- -max_total_time="$secs" -max_len=4096 2>&1 | grep -E '^Done|ERROR|panicked' || true
