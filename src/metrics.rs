@@ -20,6 +20,7 @@ pub const UPSTREAM_REDIALS: &str = "tabmux_upstream_redials";
 pub const ADMISSIONS_REFUSED: &str = "tabmux_admissions_refused";
 pub const FRAMES_DROPPED: &str = "tabmux_frames_dropped";
 pub const TAB_CLOSES: &str = "tabmux_tab_closes";
+pub const TASKS_ALIVE: &str = "tabmux_runtime_tasks_alive";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
@@ -43,6 +44,7 @@ pub struct Metrics {
     admissions_refused: Family<ReasonLabel, Counter>,
     frames_dropped: Family<ReasonLabel, Counter>,
     tab_closes: Family<ReasonLabel, Counter>,
+    tasks_alive: Gauge,
 }
 
 impl Metrics {
@@ -81,11 +83,25 @@ impl Metrics {
             m.frames_dropped.clone(),
         );
         registry.register(
+            TASKS_ALIVE,
+            "Tasks alive in the async runtime (sampled at each scrape)",
+            m.tasks_alive.clone(),
+        );
+        registry.register(
             TAB_CLOSES,
             "Tabs closed by tabmux, by reason (invalid_json, too_big, slow_consumer, backend, upstream_lost)",
             m.tab_closes.clone(),
         );
         m
+    }
+
+    /// Samples process-wide values that are read, not counted: call before
+    /// encoding a scrape.
+    pub fn sample(&self) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let n = rt.metrics().num_alive_tasks();
+            self.tasks_alive.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 
     /// The handles one route uses, resolved once.

@@ -39,6 +39,7 @@ pub struct Shared {
     /// True once every listener accepts connections (`/readyz`).
     pub ready: AtomicBool,
     pub metrics_registry: prometheus_client::registry::Registry,
+    pub metrics: Metrics,
 }
 
 impl Shared {
@@ -98,6 +99,7 @@ impl Proxy {
             registry,
             ready: AtomicBool::new(false),
             metrics_registry,
+            metrics,
         });
         Ok(Proxy {
             shared,

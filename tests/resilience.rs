@@ -3,8 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::*;
 use serde_json::json;
@@ -253,43 +252,11 @@ async fn a_silent_tab_is_closed_by_idle_timeout_and_a_live_one_is_not() {
     .await;
 }
 
-/// Runs the real binary against `mock`; returns the child and its tab port.
-fn spawn_tabmux(mock: &Mock, extra: &str) -> (std::process::Child, u16) {
-    let dir = std::env::temp_dir().join(format!("tabmux-drain-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("proxy.toml");
-    let toml = base_config(extra) + &route("/ws", mock.addr, "");
-    std::fs::write(&path, toml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tabmux"))
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let port = loop {
-        let line = lines
-            .next()
-            .expect("tabmux exited before listening")
-            .unwrap();
-        if let Some(rest) = line.split("tabs: listening on ws://").nth(1) {
-            let addr = rest.split_whitespace().next().unwrap();
-            break addr.rsplit(':').next().unwrap().parse().unwrap();
-        }
-    };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, port)
-}
-
 #[tokio::test]
 async fn sigterm_drains_tabs_with_1001_and_upstreams_with_1000_then_exits_0() {
     let mock = Mock::start().await;
-    let (mut child, port) = spawn_tabmux(&mock, "shutdown_timeout = \"10s\"");
-    let proxy = TestProxy::at(([127, 0, 0, 1], port).into(), ([127, 0, 0, 1], 0).into());
+    let toml = base_config("shutdown_timeout = \"10s\"") + &route("/ws", mock.addr, "");
+    let (mut child, proxy) = spawn_tabmux(&toml);
     let (a, a_id) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
     let (b, b_id) = join(&proxy, &mock, 0, &TabSpec::new("s"), 1).await;
     let (mut a, mut b) = (a.live(), b.live());

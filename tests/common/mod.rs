@@ -106,6 +106,48 @@ pub async fn proxy_for(upstream: &Mock, route_extra: &str) -> TestProxy {
     start_proxy(&toml).await
 }
 
+/// Runs the real binary with this configuration (which should listen on
+/// port 0); returns the child and where it listens, read from its log.
+pub fn spawn_tabmux(toml: &str) -> (std::process::Child, TestProxy) {
+    use std::io::{BufRead, BufReader};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "tabmux-child-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, toml).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tabmux"))
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr_after = |line: &str, marker: &str| -> Option<SocketAddr> {
+        let rest = line.split(marker).nth(1)?;
+        rest.split_whitespace().next()?.parse().ok()
+    };
+    let (mut tabs, mut admin) = (None, None);
+    while tabs.is_none() || admin.is_none() {
+        let line = lines
+            .next()
+            .expect("tabmux exited before listening")
+            .unwrap();
+        tabs = tabs.or_else(|| addr_after(&line, "tabs: listening on ws://"));
+        admin = admin.or_else(|| addr_after(&line, "admin: listening on http://"));
+    }
+    // Keep draining its output so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, TestProxy::at(tabs.unwrap(), admin.unwrap()))
+}
+
 /// A plain HTTP GET to the admin listener; returns status and body.
 pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
     raw_http(
@@ -435,6 +477,9 @@ pub struct Behavior {
     pub greeting: Vec<Message>,
     /// Answer with the first requested subprotocol.
     pub pick_first_protocol: bool,
+    /// Send every tab's `data` back to that tab, and keep no record of
+    /// frames (for long runs).
+    pub echo: bool,
 }
 
 /// One upstream connection the mock accepted.
@@ -595,6 +640,11 @@ impl Mock {
                         let _ = ws.flush().await;
                         break;
                     }
+                    Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) if behavior.echo => {
+                        if let Some(reply) = echo_reply(&m) {
+                            if ws.send(reply).await.is_err() { break }
+                        }
+                    }
                     Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
                         self.state.lock().unwrap().conns[index].frames.push(m);
                         self.changed.notify_waiters();
@@ -728,6 +778,15 @@ impl Mock {
         self.command(conn, MockCmd::Drop);
     }
 
+    /// Like `drop_conn`, for a connection that may have ended already;
+    /// returns whether it was still there.
+    pub fn try_drop_conn(&self, conn: usize) -> bool {
+        let st = self.state.lock().unwrap();
+        st.conns
+            .get(conn)
+            .is_some_and(|c| c.tx.send(MockCmd::Drop).is_ok())
+    }
+
     /// Makes connection `conn` stop reading (and writing), keeping it open.
     pub fn stall(&self, conn: usize) {
         self.command(conn, MockCmd::Stall);
@@ -759,6 +818,14 @@ impl Mock {
     pub fn close(&self, conn: usize) {
         self.send(conn, Message::Close(None));
     }
+}
+
+/// The echo of a tab's data frame: the same data, back to that tab.
+fn echo_reply(m: &Message) -> Option<Message> {
+    let v: serde_json::Value = serde_json::from_str(m.to_text().ok()?).ok()?;
+    let data = v.get("data")?;
+    let reply = serde_json::json!({"tab": v.get("tab")?, "data": data});
+    Some(Message::text(reply.to_string()))
 }
 
 pub fn to_json(m: &Message) -> serde_json::Value {
