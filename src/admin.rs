@@ -1,4 +1,5 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics` and a status page.
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, and the status page
+//! (`/` and its data, `/status.json`).
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -15,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::server::Shared;
+use crate::status;
 
 /// Serves admin requests until `stop`'s sender is dropped.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<()>) {
@@ -67,22 +69,29 @@ async fn answer(
                 ),
             }
         }
-        "/" => text(
+        "/" => typed(
             StatusCode::OK,
-            format!(
-                "tabmux\ntabs open: {}\nsessions: {}\n",
-                shared.tabs.open(),
-                shared.registry.len()
-            ),
+            "text/html; charset=utf-8",
+            status::PAGE.into(),
+        ),
+        "/status.json" => typed(
+            StatusCode::OK,
+            "application/json",
+            status::status_json(&shared).to_string(),
         ),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     })
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    typed(status, "text/plain; charset=utf-8", body)
+}
+
+fn typed(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
-        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, "no-store")
         .body(Full::new(Bytes::from(body)))
         .unwrap_or_default()
 }

@@ -995,6 +995,59 @@ impl Checker<'_> {
     }
 }
 
+impl Config {
+    /// A short summary of the effective configuration, for `tabmux check`.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write as _;
+        let s = &self.server;
+        let mut out = String::new();
+        let scheme = if s.tls.is_some() { "wss" } else { "ws" };
+        let _ = writeln!(
+            out,
+            "tabs on {scheme}://{}, admin on http://{}; max_tabs {}, shutdown_timeout {:?}",
+            s.listen, self.admin.listen, s.max_tabs, s.shutdown_timeout
+        );
+        for r in &self.routes {
+            let origins = match &r.allowed_origins {
+                Origins::Any => "any origin (*)".to_string(),
+                Origins::List(l) => l.join(", "),
+            };
+            let _ = writeln!(out, "route {} -> {}", r.path, r.upstream.uri);
+            let _ = writeln!(
+                out,
+                "  envelope {}{}, cookie `{}` (missing: {}), origins: {origins}",
+                r.envelope.header_value(),
+                if r.envelope == Envelope::Json {
+                    format!(" payload {:?}", r.payload).to_lowercase()
+                } else {
+                    format!(", replay_first {}", r.replay_first)
+                },
+                r.session_cookie,
+                match r.missing_cookie {
+                    MissingCookie::Reject => "401",
+                    MissingCookie::Direct => "direct",
+                },
+            );
+            let _ = writeln!(
+                out,
+                "  limits: {} tabs/session, {} B/message, tab_queue {}, reconnect_buffer {} B; linger {:?}",
+                r.max_tabs_per_session, r.max_message_size, r.tab_queue, r.reconnect_buffer, r.linger
+            );
+            let _ = writeln!(
+                out,
+                "  redial {:?}..{:?} x{}, dial_timeout {:?}, ping {:?}, idle {:?}",
+                r.reconnect.initial,
+                r.reconnect.max,
+                r.reconnect.attempts,
+                r.dial_timeout,
+                r.ping_interval,
+                r.idle_timeout
+            );
+        }
+        out
+    }
+}
+
 /// Parses `"250ms"`, `"10s"`, `"5m"`, `"1h"` (a whole number and a unit).
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();

@@ -24,7 +24,8 @@
 //! - [`upstream`]: dialling the backend.
 //! - [`reconnect`]: the redial backoff (full jitter) and reconnect buffer.
 //! - [`envelope`]: the `json/1` envelope codec, pure functions over bytes.
-//! - [`metrics`], [`admin`]: Prometheus metrics and the admin endpoints.
+//! - [`metrics`], [`admin`], [`status`]: Prometheus metrics, the admin
+//!   endpoints and the live status page.
 //! - [`server`]: binds the listeners and runs them until shutdown.
 //! - [`tls`]: rustls configs (ring provider) and dev certificates.
 //! - [`demo`]: `tabmux demo`, a backend, the proxy and a page in one process.
@@ -38,6 +39,7 @@ pub mod metrics;
 pub mod reconnect;
 pub mod server;
 pub mod session;
+pub mod status;
 pub mod tab;
 pub mod tls;
 pub mod upgrade;

@@ -131,6 +131,7 @@ fn check(path: &std::path::Path) -> ExitCode {
     match load(path) {
         Ok(config) => {
             println!("{}: ok ({} route(s))", path.display(), config.routes.len());
+            print!("{}", config.summary());
             ExitCode::SUCCESS
         }
         Err(code) => code,

@@ -6,10 +6,15 @@
 //! Hot-path counters are resolved once per route into [`RouteMetrics`], so a
 //! message never pays for a label lookup.
 
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 pub const TABS_OPEN: &str = "tabmux_tabs_open";
@@ -21,10 +26,28 @@ pub const ADMISSIONS_REFUSED: &str = "tabmux_admissions_refused";
 pub const FRAMES_DROPPED: &str = "tabmux_frames_dropped";
 pub const TAB_CLOSES: &str = "tabmux_tab_closes";
 pub const TASKS_ALIVE: &str = "tabmux_runtime_tasks_alive";
+pub const MESSAGES: &str = "tabmux_messages";
+pub const BYTES: &str = "tabmux_bytes";
+pub const BROADCAST_DELIVERIES: &str = "tabmux_broadcast_deliveries";
+pub const SESSION_PEAK_TABS: &str = "tabmux_session_peak_tabs";
+/// Savings ledger: upstream connections avoided right now (tabs − upstreams).
+pub const CONNECTIONS_AVOIDED: &str = "tabmux_upstream_connections_avoided";
+/// Savings ledger: the integral of the above over time, in seconds.
+pub const CONNECTION_SECONDS_AVOIDED: &str = "tabmux_upstream_connection_seconds_avoided";
+/// Savings ledger: deliveries made at the edge that the backend would
+/// otherwise have sent once per tab.
+pub const MESSAGES_AVOIDED: &str = "tabmux_upstream_messages_avoided";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
     pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub route: String,
+    /// `to_upstream` (tab messages) or `to_tabs` (deliveries).
+    pub direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -34,7 +57,7 @@ pub struct ReasonLabel {
 }
 
 /// All metric families, registered once at start.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Metrics {
     tabs_open: Family<RouteLabel, Gauge>,
     sessions_active: Family<RouteLabel, Gauge>,
@@ -45,6 +68,43 @@ pub struct Metrics {
     frames_dropped: Family<ReasonLabel, Counter>,
     tab_closes: Family<ReasonLabel, Counter>,
     tasks_alive: Gauge,
+    messages: Family<DirectionLabel, Counter>,
+    bytes: Family<DirectionLabel, Counter>,
+    broadcast_deliveries: Family<RouteLabel, Counter>,
+    session_peak_tabs: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    connections_avoided: Family<RouteLabel, Gauge>,
+    connection_seconds_avoided: Family<RouteLabel, Counter<f64, AtomicU64>>,
+    messages_avoided: Family<RouteLabel, Counter>,
+    /// Every route's ledger, sampled at each scrape.
+    ledgers: Arc<Mutex<Vec<Arc<Ledger>>>>,
+}
+
+fn peak_tabs_histogram() -> Histogram {
+    Histogram::new([1.0, 2.0, 3.0, 4.0, 5.0, 8.0, 10.0, 16.0, 32.0, 64.0])
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            tabs_open: Family::default(),
+            sessions_active: Family::default(),
+            upstreams_open: Family::default(),
+            upstream_dials: Family::default(),
+            upstream_redials: Family::default(),
+            admissions_refused: Family::default(),
+            frames_dropped: Family::default(),
+            tab_closes: Family::default(),
+            tasks_alive: Gauge::default(),
+            messages: Family::default(),
+            bytes: Family::default(),
+            broadcast_deliveries: Family::default(),
+            session_peak_tabs: Family::new_with_constructor(peak_tabs_histogram),
+            connections_avoided: Family::default(),
+            connection_seconds_avoided: Family::default(),
+            messages_avoided: Family::default(),
+            ledgers: Arc::default(),
+        }
+    }
 }
 
 impl Metrics {
@@ -88,6 +148,41 @@ impl Metrics {
             m.tasks_alive.clone(),
         );
         registry.register(
+            MESSAGES,
+            "Messages passed on, by direction (to_upstream: from tabs; to_tabs: deliveries)",
+            m.messages.clone(),
+        );
+        registry.register(
+            BYTES,
+            "Payload bytes passed on, by direction",
+            m.bytes.clone(),
+        );
+        registry.register(
+            BROADCAST_DELIVERIES,
+            "Deliveries of backend broadcasts (one per tab reached)",
+            m.broadcast_deliveries.clone(),
+        );
+        registry.register(
+            SESSION_PEAK_TABS,
+            "Tabs per session: each session's largest tab count, observed when it ends",
+            m.session_peak_tabs.clone(),
+        );
+        registry.register(
+            CONNECTIONS_AVOIDED,
+            "Savings: upstream connections avoided right now (tabs minus upstream connections)",
+            m.connections_avoided.clone(),
+        );
+        registry.register(
+            CONNECTION_SECONDS_AVOIDED,
+            "Savings: upstream connection-seconds avoided (the integral of connections avoided)",
+            m.connection_seconds_avoided.clone(),
+        );
+        registry.register(
+            MESSAGES_AVOIDED,
+            "Savings: upstream messages avoided (each upstream frame delivered to n tabs saves n - 1)",
+            m.messages_avoided.clone(),
+        );
+        registry.register(
             TAB_CLOSES,
             "Tabs closed by tabmux, by reason (invalid_json, too_big, slow_consumer, backend, upstream_lost)",
             m.tab_closes.clone(),
@@ -102,6 +197,10 @@ impl Metrics {
             let n = rt.metrics().num_alive_tasks();
             self.tasks_alive.set(i64::try_from(n).unwrap_or(i64::MAX));
         }
+        let ledgers = self.ledgers.lock().map(|l| l.clone()).unwrap_or_default();
+        for ledger in ledgers {
+            ledger.sample();
+        }
     }
 
     /// The handles one route uses, resolved once.
@@ -109,13 +208,89 @@ impl Metrics {
         let label = RouteLabel {
             route: path.to_string(),
         };
+        let direction = |direction| DirectionLabel {
+            route: path.to_string(),
+            direction,
+        };
+        let ledger = Arc::new(Ledger {
+            state: Mutex::new(LedgerState {
+                since: Instant::now(),
+                tabs: 0,
+                upstreams: 0,
+            }),
+            avoided_now: self.connections_avoided.get_or_create_owned(&label),
+            seconds: self.connection_seconds_avoided.get_or_create_owned(&label),
+        });
+        if let Ok(mut all) = self.ledgers.lock() {
+            all.push(ledger.clone());
+        }
         RouteMetrics {
             route: path.to_string(),
             tabs_open: self.tabs_open.get_or_create_owned(&label),
             sessions_active: self.sessions_active.get_or_create_owned(&label),
             upstreams_open: self.upstreams_open.get_or_create_owned(&label),
+            messages_up: self.messages.get_or_create_owned(&direction("to_upstream")),
+            bytes_up: self.bytes.get_or_create_owned(&direction("to_upstream")),
+            messages_down: self.messages.get_or_create_owned(&direction("to_tabs")),
+            bytes_down: self.bytes.get_or_create_owned(&direction("to_tabs")),
+            broadcast_deliveries: self.broadcast_deliveries.get_or_create_owned(&label),
+            messages_avoided: self.messages_avoided.get_or_create_owned(&label),
+            session_peak_tabs: self.session_peak_tabs.get_or_create_owned(&label),
+            ledger,
             families: self.clone(),
         }
+    }
+}
+
+/// Integrates "tabs minus upstream connections" over time, exactly: the
+/// running total is brought up to date at every change and every scrape.
+/// Its lock is held for a few arithmetic operations, never across an await.
+pub struct Ledger {
+    state: Mutex<LedgerState>,
+    avoided_now: Gauge,
+    seconds: Counter<f64, AtomicU64>,
+}
+
+struct LedgerState {
+    since: Instant,
+    tabs: i64,
+    upstreams: i64,
+}
+
+impl Ledger {
+    fn change(&self, tabs: i64, upstreams: i64) {
+        let Ok(mut st) = self.state.lock() else {
+            return;
+        };
+        self.accrue(&mut st);
+        st.tabs += tabs;
+        st.upstreams += upstreams;
+        self.avoided_now.set((st.tabs - st.upstreams).max(0));
+    }
+
+    fn sample(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            self.accrue(&mut st);
+        }
+    }
+
+    fn accrue(&self, st: &mut LedgerState) {
+        let now = Instant::now();
+        let avoided = (st.tabs - st.upstreams).max(0) as f64;
+        self.seconds
+            .inc_by(avoided * now.duration_since(st.since).as_secs_f64());
+        st.since = now;
+    }
+
+    /// Connections avoided right now.
+    pub fn avoided_now(&self) -> i64 {
+        self.avoided_now.get()
+    }
+
+    /// Connection-seconds avoided so far.
+    pub fn seconds(&self) -> f64 {
+        self.sample();
+        self.seconds.get()
     }
 }
 
@@ -126,10 +301,65 @@ pub struct RouteMetrics {
     pub tabs_open: Gauge,
     pub sessions_active: Gauge,
     pub upstreams_open: Gauge,
+    messages_up: Counter,
+    bytes_up: Counter,
+    messages_down: Counter,
+    bytes_down: Counter,
+    broadcast_deliveries: Counter,
+    pub messages_avoided: Counter,
+    session_peak_tabs: Histogram,
+    pub ledger: Arc<Ledger>,
     families: Metrics,
 }
 
 impl RouteMetrics {
+    /// A tab became a member of a session.
+    pub fn tab_joined(&self) {
+        self.tabs_open.inc();
+        self.ledger.change(1, 0);
+    }
+
+    /// A tab stopped being a member.
+    pub fn tab_left(&self) {
+        self.tabs_open.dec();
+        self.ledger.change(-1, 0);
+    }
+
+    /// An upstream connection was established.
+    pub fn upstream_up(&self) {
+        self.upstreams_open.inc();
+        self.ledger.change(0, 1);
+    }
+
+    /// An upstream connection ended.
+    pub fn upstream_down(&self) {
+        self.upstreams_open.dec();
+        self.ledger.change(0, -1);
+    }
+
+    /// A tab message of `bytes` payload bytes was passed upstream.
+    pub fn to_upstream(&self, bytes: usize) {
+        self.messages_up.inc();
+        self.bytes_up.inc_by(bytes as u64);
+    }
+
+    /// One upstream frame of `bytes` was delivered to `tabs` tabs; a
+    /// broadcast when `broadcast`.
+    pub fn delivered(&self, tabs: usize, bytes: usize, broadcast: bool) {
+        let n = tabs as u64;
+        self.messages_down.inc_by(n);
+        self.bytes_down.inc_by(n * bytes as u64);
+        if broadcast {
+            self.broadcast_deliveries.inc_by(n);
+        }
+        self.messages_avoided.inc_by(n.saturating_sub(1));
+    }
+
+    /// A session ended; it had at most `peak` tabs at once.
+    pub fn session_ended(&self, peak: usize) {
+        self.session_peak_tabs.observe(peak as f64);
+    }
+
     fn reason(&self, reason: &'static str) -> ReasonLabel {
         ReasonLabel {
             route: self.route.clone(),

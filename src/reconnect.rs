@@ -89,7 +89,7 @@ impl Backoff {
 /// Tab messages held while the upstream is down.
 #[derive(Debug)]
 pub struct Buffer {
-    items: VecDeque<(TabId, Message)>,
+    items: VecDeque<(TabId, Message, usize)>,
     bytes: usize,
     limit: usize,
 }
@@ -115,7 +115,7 @@ impl Buffer {
             return Err(Full);
         }
         self.bytes = total;
-        self.items.push_back((tab, msg));
+        self.items.push_back((tab, msg, payload));
         Ok(())
     }
 
@@ -124,8 +124,8 @@ impl Buffer {
         self.bytes
     }
 
-    /// Everything held, in the order it was sent.
-    pub fn drain(&mut self) -> impl Iterator<Item = (TabId, Message)> + '_ {
+    /// Everything held, in the order it was sent, with payload sizes.
+    pub fn drain(&mut self) -> impl Iterator<Item = (TabId, Message, usize)> + '_ {
         self.bytes = 0;
         self.items.drain(..)
     }
@@ -198,7 +198,7 @@ mod tests {
         buf.push(TabId(2), Message::text("bbbbbb"), 6).unwrap();
         assert_eq!(buf.push(TabId(1), Message::text("c"), 1), Err(Full));
         assert_eq!(buf.bytes(), 10);
-        let order: Vec<TabId> = buf.drain().map(|(t, _)| t).collect();
+        let order: Vec<TabId> = buf.drain().map(|(t, _, _)| t).collect();
         assert_eq!(order, vec![TabId(1), TabId(2)]);
         assert_eq!(buf.bytes(), 0);
     }

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::config::{Config, Origins, Route, Server};
 use crate::metrics::Metrics;
 use crate::session::{Registry, SessionContext, SessionHasher};
+use crate::status::{History, SAMPLE_EVERY};
 use crate::upgrade::TabLimiter;
 use crate::{admin, listener};
 
@@ -40,6 +41,9 @@ pub struct Shared {
     pub ready: AtomicBool,
     pub metrics_registry: prometheus_client::registry::Registry,
     pub metrics: Metrics,
+    /// The status page's chart data.
+    pub history: History,
+    pub started: std::time::Instant,
 }
 
 impl Shared {
@@ -84,6 +88,7 @@ impl Proxy {
                 index,
                 route: route.clone(),
                 ctx: SessionContext {
+                    index,
                     route: route.clone(),
                     registry: registry.clone(),
                     metrics: metrics.route(&route.path),
@@ -100,6 +105,8 @@ impl Proxy {
             ready: AtomicBool::new(false),
             metrics_registry,
             metrics,
+            history: History::default(),
+            started: std::time::Instant::now(),
         });
         Ok(Proxy {
             shared,
@@ -150,7 +157,8 @@ impl Proxy {
         }
         let admin_addr = admin.local_addr().ok();
         let tab_task = tokio::spawn(listener::serve(tabs, shared.clone(), stopped.clone()));
-        let admin_task = tokio::spawn(admin::serve(admin, shared.clone(), stopped));
+        let admin_task = tokio::spawn(admin::serve(admin, shared.clone(), stopped.clone()));
+        tokio::spawn(sample_history(shared.clone(), stopped));
         shared.ready.store(true, Ordering::Release);
         if let Some(addr) = tab_addr {
             let routes: Vec<String> = shared
@@ -185,6 +193,17 @@ impl Proxy {
             );
         }
         let _ = tokio::join!(tab_task, admin_task);
+    }
+}
+
+/// Samples the status page's history until shutdown.
+async fn sample_history(shared: Arc<Shared>, mut stop: watch::Receiver<()>) {
+    let mut every = tokio::time::interval(SAMPLE_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => shared.history.sample(&shared),
+            _ = stop.changed() => return,
+        }
     }
 }
 

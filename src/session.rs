@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -115,11 +115,34 @@ impl SessionKey {
     }
 }
 
+/// What the status page may read about a live session. Its task keeps it
+/// current; readers only load.
+pub struct SessionStats {
+    /// The route's position in the configuration.
+    pub route: usize,
+    pub tabs: AtomicUsize,
+    /// Whether its upstream is up (false while dialling or redialling).
+    pub connected: AtomicBool,
+    pub started: std::time::Instant,
+}
+
+/// One line of [`Registry::snapshot`].
+#[derive(Debug, Clone)]
+pub struct SessionSnapshot {
+    /// The session's public name (a keyed hash, never the cookie).
+    pub name: String,
+    pub route: usize,
+    pub tabs: usize,
+    pub connected: bool,
+    pub age: std::time::Duration,
+}
+
 /// A running session, as the registry and its tabs see it.
 #[derive(Clone)]
 struct SessionHandle {
     /// Tells this session from a later one under the same key.
     id: u64,
+    stats: Arc<SessionStats>,
     /// Commands to the session task. The registry and every tab hold a
     /// clone; the session closes its receiving end when it ends, so a send
     /// that fails means "that session is gone".
@@ -144,6 +167,23 @@ impl Registry {
     /// Whether no session is live.
     pub fn is_empty(&self) -> bool {
         self.sessions.is_empty()
+    }
+
+    /// The live sessions, as the status page shows them.
+    pub fn snapshot(&self) -> Vec<SessionSnapshot> {
+        self.sessions
+            .iter()
+            .map(|entry| {
+                let st = &entry.value().stats;
+                SessionSnapshot {
+                    name: entry.key().name(),
+                    route: st.route,
+                    tabs: st.tabs.load(Ordering::Relaxed),
+                    connected: st.connected.load(Ordering::Relaxed),
+                    age: st.started.elapsed(),
+                }
+            })
+            .collect()
     }
 
     fn remove(&self, key: &SessionKey, id: u64) {
@@ -276,6 +316,8 @@ const JOIN_TRIES: usize = 3;
 /// Everything a session task needs from the proxy.
 #[derive(Clone)]
 pub struct SessionContext {
+    /// The route's position in the configuration.
+    pub index: usize,
     pub route: Arc<Route>,
     pub registry: Arc<Registry>,
     pub metrics: RouteMetrics,
@@ -321,10 +363,16 @@ pub async fn join(
 fn spawn(ctx: SessionContext, key: SessionKey, dial: DialParams) -> SessionHandle {
     let id = ctx.registry.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let stats = Arc::new(SessionStats {
+        route: ctx.index,
+        tabs: AtomicUsize::new(0),
+        connected: AtomicBool::new(false),
+        started: std::time::Instant::now(),
+    });
     // A root span: the session outlives the tab that started it.
     let span = tracing::info_span!(parent: None, "session", session = %key.name(), route = %ctx.route.path);
-    tokio::spawn(run(ctx, key, id, dial, tx.clone(), rx).instrument(span));
-    SessionHandle { id, tx }
+    tokio::spawn(run(ctx, key, id, dial, tx.clone(), rx, stats.clone()).instrument(span));
+    SessionHandle { id, stats, tx }
 }
 
 /// The session task: dial, serve, then unlist and refuse late joiners.
@@ -335,15 +383,17 @@ async fn run(
     dial: DialParams,
     commands: mpsc::Sender<Command>,
     mut rx: mpsc::Receiver<Command>,
+    stats: Arc<SessionStats>,
 ) {
     ctx.metrics.sessions_active.inc();
     let late = match upstream::dial(&ctx.route, &dial).await {
         Ok((socket, protocol)) => {
             ctx.metrics.dial("ok");
-            ctx.metrics.upstreams_open.inc();
+            ctx.metrics.upstream_up();
             debug!("upstream connected");
-            let mut session = Session::new(&ctx, key, socket, protocol, dial, commands);
+            let mut session = Session::new(&ctx, key, socket, protocol, dial, commands, stats);
             session.serve(&mut rx).await;
+            ctx.metrics.session_ended(session.peak);
             // A tab that raced with the end retries and starts a new session.
             Refusal::Gone
         }
@@ -450,6 +500,10 @@ struct Session<'c> {
     /// last did as of a tick.
     upstream_seen: bool,
     upstream_last_seen: Instant,
+    /// Published for the status page after every turn of the loop.
+    stats: Arc<SessionStats>,
+    /// The most tabs this session had at once.
+    peak: usize,
 }
 
 impl<'c> Session<'c> {
@@ -460,6 +514,7 @@ impl<'c> Session<'c> {
         protocol: Option<HeaderValue>,
         dial: DialParams,
         commands: mpsc::Sender<Command>,
+        stats: Arc<SessionStats>,
     ) -> Self {
         let period = ctx.route.ping_interval;
         let mut keepalive = tokio::time::interval_at(Instant::now() + period, period);
@@ -481,6 +536,8 @@ impl<'c> Session<'c> {
             keepalive,
             upstream_seen: false,
             upstream_last_seen: Instant::now(),
+            stats,
+            peak: 0,
         }
     }
 
@@ -523,6 +580,7 @@ impl<'c> Session<'c> {
                 Event::Tick => self.tick(),
                 Event::Linger => Err(End::Linger),
             };
+            self.publish();
             if let Err(end) = outcome {
                 break end;
             }
@@ -533,6 +591,15 @@ impl<'c> Session<'c> {
             }
         };
         self.finish(end).await;
+    }
+
+    /// Makes the session's state visible to the status page.
+    fn publish(&mut self) {
+        self.peak = self.peak.max(self.tabs.len());
+        self.stats.tabs.store(self.tabs.len(), Ordering::Relaxed);
+        self.stats
+            .connected
+            .store(self.upstream.is_some(), Ordering::Relaxed);
     }
 
     /// Handles `first` and whatever else is already waiting, so a burst of
@@ -584,7 +651,7 @@ impl<'c> Session<'c> {
                 let _ =
                     tokio::time::timeout(self.route().dial_timeout, up.close(Some(normal_close())))
                         .await;
-                self.ctx.metrics.upstreams_open.dec();
+                self.ctx.metrics.upstream_down();
             }
         }
     }
@@ -601,7 +668,7 @@ impl<'c> Session<'c> {
         if self.upstream.take().is_none() {
             return Ok(());
         }
-        self.ctx.metrics.upstreams_open.dec();
+        self.ctx.metrics.upstream_down();
         self.to_upstream.clear();
         if self.tabs.is_empty() {
             debug!(reason = %why, "upstream lost while no tab was connected; ending the session");
@@ -648,7 +715,7 @@ impl<'c> Session<'c> {
             return;
         };
         self.ctx.metrics.redial("ok");
-        self.ctx.metrics.upstreams_open.inc();
+        self.ctx.metrics.upstream_up();
         info!(after = outage.backoff.made(), "upstream re-established");
         if protocol != self.protocol {
             warn!(
@@ -668,8 +735,9 @@ impl<'c> Session<'c> {
             }
         }
         let mut orphaned = 0;
-        for (tab, msg) in outage.buffer.drain() {
+        for (tab, msg, payload) in outage.buffer.drain() {
             if self.tabs.contains_key(&tab) {
+                self.ctx.metrics.to_upstream(payload);
                 self.to_upstream.push(msg);
             } else {
                 orphaned += 1;
@@ -732,7 +800,10 @@ impl<'c> Session<'c> {
                     return Ok(());
                 }
                 match self.outage.as_mut() {
-                    None => self.to_upstream.push(msg),
+                    None => {
+                        self.ctx.metrics.to_upstream(payload);
+                        self.to_upstream.push(msg);
+                    }
                     Some(outage) => {
                         if outage.buffer.push(tab, msg, payload).is_err() {
                             warn!(
@@ -747,7 +818,7 @@ impl<'c> Session<'c> {
             Command::Leave { tab, code } => {
                 if self.tabs.remove(&tab).is_some() {
                     debug!(tab = %tab, code, "tab left");
-                    self.ctx.metrics.tabs_open.dec();
+                    self.ctx.metrics.tab_left();
                     self.left(tab, code);
                     if self.tabs.is_empty() && self.outage.is_some() {
                         debug!("the last tab left during an outage; ending the session");
@@ -802,7 +873,7 @@ impl<'c> Session<'c> {
                 info,
             },
         );
-        self.ctx.metrics.tabs_open.inc();
+        self.ctx.metrics.tab_joined();
         self.linger = None;
         debug!(tab = %tab, tabs = self.tabs.len(), "tab joined");
     }
@@ -827,7 +898,7 @@ impl<'c> Session<'c> {
         let Some(mut slot) = self.tabs.remove(&tab) else {
             return;
         };
-        self.ctx.metrics.tabs_open.dec();
+        self.ctx.metrics.tab_left();
         let frame = CloseFrame {
             code: CloseCode::from(code),
             reason: reason.into(),
@@ -843,21 +914,34 @@ impl<'c> Session<'c> {
         self.left(tab, code);
     }
 
-    /// Queues `msg` for `tab`. A full queue makes the tab a slow consumer.
-    fn deliver(&mut self, tab: TabId, msg: Message) {
+    /// Queues `msg` for `tab`; returns whether it was queued. A full queue
+    /// makes the tab a slow consumer.
+    fn deliver(&mut self, tab: TabId, msg: Message) -> bool {
         let Some(slot) = self.tabs.get(&tab) else {
-            return;
+            return false;
         };
         match slot.out.try_send(msg) {
-            Ok(()) => {}
+            Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.ctx.metrics.tab_closed("slow_consumer");
                 info!(tab = %tab, "slow consumer: tab queue full");
                 self.close_tab(tab, 1008, "slow consumer");
+                false
             }
             // The tab task ended; its Leave is on the way.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
+    }
+
+    /// Delivers one upstream message to `tabs`, sharing its buffer, and
+    /// counts the deliveries (and the savings they make).
+    fn fan_out(&mut self, tabs: Vec<TabId>, msg: Message, len: usize, broadcast: bool) {
+        let mut delivered = 0;
+        for tab in tabs {
+            // Cloning the message clones a reference count, never the payload.
+            delivered += usize::from(self.deliver(tab, msg.clone()));
+        }
+        self.ctx.metrics.delivered(delivered, len, broadcast);
     }
 
     fn upstream_frame(&mut self, msg: Message) {
@@ -897,28 +981,24 @@ impl<'c> Session<'c> {
             self.too_big(&all);
             return;
         }
-        for tab in all {
-            self.deliver(tab, msg.clone());
-        }
+        self.fan_out(all, msg, len, true);
     }
 
     fn backend_frame(&mut self, frame: BackendFrame) {
         match frame {
             BackendFrame::Deliver { to, body } => {
                 let ids = self.targets(&to);
-                if body.len() > self.route().max_message_size {
+                let len = body.len();
+                if len > self.route().max_message_size {
                     self.too_big(&ids);
                     return;
                 }
-                // One buffer for every tab: cloning the message clones a
-                // reference count, never the payload.
+                // One buffer for every tab.
                 let msg = match body {
                     Body::Text(t) => Message::Text(t),
                     Body::Binary(b) => Message::Binary(b),
                 };
-                for tab in ids {
-                    self.deliver(tab, msg.clone());
-                }
+                self.fan_out(ids, msg, len, to == Target::All);
             }
             BackendFrame::Close { to, code, reason } => {
                 for tab in self.targets(&to) {

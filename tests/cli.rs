@@ -41,7 +41,18 @@ fn check_accepts_a_valid_file() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("ok (1 route(s))"), "{stdout}");
+    // A summary of the effective configuration, defaults filled in.
+    assert!(
+        stdout.contains("route /ws -> ws://127.0.0.1:9/ws"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("32 tabs/session"), "{stdout}");
+    assert!(
+        stdout.contains("origins: http://localhost:8080"),
+        "{stdout}"
+    );
 }
 
 #[test]
