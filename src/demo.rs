@@ -212,7 +212,7 @@ const PAGE: &str = r#"<!doctype html>
  body{font:16px/1.5 system-ui,sans-serif;max-width:44rem;margin:2rem auto;padding:0 1rem;color:#222}
  .big{font-size:2.2rem;font-weight:700} .grid{display:grid;grid-template-columns:1fr 1fr 1fr;gap:1rem}
  .card{border:1px solid #ddd;border-radius:.5rem;padding:.8rem} .label{color:#666;font-size:.85rem}
- #log{border:1px solid #eee;height:12rem;overflow:auto;padding:.5rem;font:13px monospace;background:#fafafa}
+ #log{border:1px solid #eee;height:12rem;overflow:auto;padding:.5rem;font:13px monospace;background:#fafafa;white-space:pre-wrap}
  button,input{font:inherit;padding:.3rem .6rem}
 </style></head><body>
 <h1>tabmux demo</h1>
