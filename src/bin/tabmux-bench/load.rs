@@ -1,0 +1,244 @@
+//! The load client: tabs as WebSocket clients, and one function per
+//! scenario. Each returns raw observations; main.rs turns them into figures.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{self, StreamExt};
+use futures_util::SinkExt;
+use http::HeaderValue;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+pub type Ws = WebSocketStream<TcpStream>;
+
+/// Connections opened at once while connecting many tabs.
+const CONCURRENCY: usize = 256;
+/// A 32-byte JSON message (with its sequence number in place of the zeros).
+fn message(n: u64) -> String {
+    format!("{{\"n\":{n:>10},\"pad\":\"0123456\"}}")
+}
+
+/// Opens one tab of `session` (cookie `sid` and query `session`).
+pub async fn connect(addr: SocketAddr, session: usize) -> anyhow::Result<Ws> {
+    let mut req = format!("ws://{addr}/ws?session={session}").into_client_request()?;
+    req.headers_mut()
+        .insert("cookie", HeaderValue::from_str(&format!("sid=s{session}"))?);
+    req.headers_mut()
+        .insert("origin", HeaderValue::from_static("http://bench.local"));
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(req, tcp, Some(config)).await?;
+    Ok(ws)
+}
+
+/// Opens `tabs` tabs, `per_session` to a session, `CONCURRENCY` at a time.
+pub async fn connect_many(
+    addr: SocketAddr,
+    tabs: usize,
+    per_session: usize,
+) -> anyhow::Result<Vec<Ws>> {
+    let results: Vec<anyhow::Result<Ws>> = stream::iter(0..tabs)
+        .map(|i| connect(addr, i / per_session))
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// The next data message, ignoring control frames.
+async fn next_data(ws: &mut Ws) -> anyhow::Result<Message> {
+    loop {
+        match ws.next().await {
+            Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => return Ok(m),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.into()),
+            None => anyhow::bail!("connection closed"),
+        }
+    }
+}
+
+/// Scenario 1: `tabs` idle tabs, each having sent and received one message
+/// (so every buffer is live). Returns the open sockets, to be measured.
+pub async fn idle_tabs(
+    addr: SocketAddr,
+    tabs: usize,
+    per_session: usize,
+) -> anyhow::Result<Vec<Ws>> {
+    let mut all = connect_many(addr, tabs, per_session).await?;
+    let echoed: Vec<anyhow::Result<()>> = stream::iter(all.iter_mut().enumerate())
+        .map(|(i, ws)| async move {
+            ws.send(Message::text(message(i as u64))).await?;
+            next_data(ws).await?;
+            Ok(())
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    echoed.into_iter().collect::<anyhow::Result<()>>()?;
+    Ok(all)
+}
+
+/// Scenario 2: one tab, closed loop; round-trip times in nanoseconds.
+pub async fn latency(addr: SocketAddr, warmup: usize, samples: usize) -> anyhow::Result<Vec<u64>> {
+    let mut ws = connect(addr, 0).await?;
+    let mut rtts = Vec::with_capacity(samples);
+    for i in 0..(warmup + samples) {
+        let start = Instant::now();
+        ws.send(Message::text(message(i as u64))).await?;
+        next_data(&mut ws).await?;
+        if i >= warmup {
+            rtts.push(start.elapsed().as_nanos() as u64);
+        }
+    }
+    Ok(rtts)
+}
+
+/// Scenario 3: `tabs` tabs of one session send `rate` messages/s in total
+/// for `duration`, each echoed. Returns the echoes received.
+pub async fn offered_rate(
+    addr: SocketAddr,
+    tabs: usize,
+    rate: u64,
+    duration: Duration,
+) -> anyhow::Result<u64> {
+    let sockets = connect_many(addr, tabs, tabs).await?;
+    let received = Arc::new(AtomicU64::new(0));
+    let mut sinks = Vec::new();
+    let mut readers = Vec::new();
+    for ws in sockets {
+        let (sink, mut stream) = ws.split();
+        sinks.push(sink);
+        let received = received.clone();
+        readers.push(tokio::spawn(async move {
+            while let Some(Ok(m)) = stream.next().await {
+                if matches!(m, Message::Text(_)) {
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    // Send in 1 ms ticks, spread over the tabs.
+    let per_tick = (rate / 1000).max(1);
+    let ticks = duration.as_millis() as u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut n = 0u64;
+    for _ in 0..ticks {
+        tick.tick().await;
+        for _ in 0..per_tick {
+            let sink = &mut sinks[(n as usize) % tabs];
+            sink.feed(Message::text(message(n))).await?;
+            n += 1;
+        }
+        for sink in &mut sinks {
+            sink.flush().await?;
+        }
+    }
+    // Wait (bounded) for the echoes still in flight.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while received.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for r in readers {
+        r.abort();
+    }
+    Ok(received.load(Ordering::Relaxed))
+}
+
+/// Scenario 4's tabs: `sessions` × `per_session` tabs that record the
+/// latency of every stamped broadcast they receive.
+pub struct FanOut {
+    pub deliveries: Arc<AtomicU64>,
+    latencies: Vec<tokio::task::JoinHandle<Vec<u32>>>,
+    /// Dropped to make every tab task stop and hand back its latencies.
+    stop: tokio::sync::watch::Sender<()>,
+}
+
+impl FanOut {
+    pub async fn connect(
+        addr: SocketAddr,
+        sessions: usize,
+        per_session: usize,
+    ) -> anyhow::Result<FanOut> {
+        let sockets = connect_many(addr, sessions * per_session, per_session).await?;
+        let deliveries = Arc::new(AtomicU64::new(0));
+        let (stop, stopped) = tokio::sync::watch::channel(());
+        let latencies = sockets
+            .into_iter()
+            .map(|mut ws| {
+                let deliveries = deliveries.clone();
+                let mut stopped = stopped.clone();
+                tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    loop {
+                        let m = tokio::select! {
+                            m = next_data(&mut ws) => m,
+                            _ = stopped.changed() => break,
+                        };
+                        let Ok(m) = m else { break };
+                        let now = crate::unix_ns();
+                        if let Some(t) = stamp(m.to_text().unwrap_or("")) {
+                            lat.push((now.saturating_sub(t) / 1000) as u32);
+                            deliveries.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    lat
+                })
+            })
+            .collect();
+        Ok(FanOut {
+            deliveries,
+            latencies,
+            stop,
+        })
+    }
+
+    /// Closes every tab; returns all delivery latencies, in microseconds.
+    pub async fn finish(self) -> Vec<u32> {
+        drop(self.stop);
+        let mut all = Vec::new();
+        for task in self.latencies {
+            if let Ok(lat) = task.await {
+                all.extend(lat);
+            }
+        }
+        all
+    }
+}
+
+/// The `t` of `{"t":123}`.
+fn stamp(text: &str) -> Option<u64> {
+    let start = text.find("\"t\":")? + 4;
+    let digits: String = text[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// Scenario 5: `tabs` tabs of `sessions` sessions connect as fast as they
+/// can. Returns the time it took and the open sockets.
+pub async fn join_storm(
+    addr: SocketAddr,
+    tabs: usize,
+    sessions: usize,
+) -> anyhow::Result<(Duration, Vec<Ws>)> {
+    let start = Instant::now();
+    // Interleave sessions, as tabs of many users arrive mixed together.
+    let results: Vec<anyhow::Result<Ws>> = stream::iter(0..tabs)
+        .map(|i| connect(addr, i % sessions))
+        .buffer_unordered(2 * CONCURRENCY)
+        .collect()
+        .await;
+    let elapsed = start.elapsed();
+    let sockets: anyhow::Result<Vec<Ws>> = results.into_iter().collect();
+    Ok((elapsed, sockets?))
+}

@@ -1,0 +1,487 @@
+//! `tabmux-bench`: tabmux side by side with a direct connection and with
+//! nginx, on this machine, in one run.
+//!
+//! ```sh
+//! cargo build --release && target/release/tabmux-bench run
+//! ```
+//!
+//! Every figure is measured in rounds; in each round the contenders run one
+//! after another (tabmux, direct, nginx, tabmux, direct, nginx, …), each
+//! with a fresh backend and a fresh proxy process, and the report gives the
+//! median over rounds. The proxy under test is pinned to core 1; the load
+//! client and the backend share core 0. Everything stays on 127.0.0.1 and
+//! is bounded in connections and time. See BENCHMARKS.md.
+
+// tungstenite's handshake callback returns its large error type by design.
+#![allow(clippy::result_large_err)]
+
+mod backend;
+mod load;
+mod procs;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use procs::{Contender, Running};
+
+#[derive(Parser)]
+#[command(
+    name = "tabmux-bench",
+    about = "Benchmark tabmux against direct connections and nginx"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the benchmark and print the report.
+    Run(RunArgs),
+    /// Open N idle tabs (each sends and receives one message) against a
+    /// proxy you started, and hold them for a while: for profiling.
+    Hold {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        tabs: usize,
+        #[arg(long, default_value_t = 10)]
+        per_session: usize,
+        /// How long to hold them, in seconds.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+    },
+    /// (internal) the benchmark backend.
+    Backend {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        control: SocketAddr,
+        /// Speak the tabmux envelope's broadcast form.
+        #[arg(long)]
+        envelope: bool,
+        /// Broadcasts per second per session while broadcasting.
+        #[arg(long, default_value_t = 10)]
+        rate: u32,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct RunArgs {
+    /// Rounds per scenario (the report gives medians over rounds).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Scenarios to run: memory, latency, cpu, fanout, storm.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "memory,latency,cpu,fanout,storm"
+    )]
+    scenarios: Vec<String>,
+    /// A much smaller run, to check the benchmark itself.
+    #[arg(long)]
+    quick: bool,
+    /// Run even if the machine looks busy.
+    #[arg(long)]
+    force: bool,
+    /// Where to write the results as JSON.
+    #[arg(long, default_value = "target/bench/latest.json")]
+    json: std::path::PathBuf,
+}
+
+/// Nanoseconds since the Unix epoch: a clock every process here shares.
+pub fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Backend {
+            listen,
+            control,
+            envelope,
+            rate,
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(backend::run(listen, control, envelope, rate))
+            .context("backend"),
+        Command::Run(args) => run(args),
+        Command::Hold {
+            target,
+            tabs,
+            per_session,
+            secs,
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let held = load::idle_tabs(target, tabs, per_session).await?;
+                eprintln!("holding {} tabs for {secs} s", held.len());
+                tokio::time::sleep(Duration::from_secs(secs)).await;
+                Ok(())
+            }),
+    }
+}
+
+/// Figures of one contender in one scenario, by name.
+type Figures = BTreeMap<String, f64>;
+
+/// Every observation: scenario → contender → figure → one value per round.
+type Results = BTreeMap<String, BTreeMap<String, BTreeMap<String, Vec<f64>>>>;
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let one_min: f64 = load
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    if one_min > 1.0 && !args.force {
+        anyhow::bail!(
+            "the machine is busy (1-minute load average {one_min:.2} on {} cores): \
+             figures would be noise. Wait until it is quiet, or pass --force.",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        );
+    }
+    procs::pin_self(0);
+    let mut contenders = vec![Contender::Tabmux, Contender::Direct];
+    if procs::nginx_path().is_some() {
+        contenders.push(Contender::Nginx);
+    } else {
+        eprintln!(
+            "nginx is not installed (apt-get install nginx-light): comparing with direct only"
+        );
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut results: Results = BTreeMap::new();
+    for scenario in &args.scenarios {
+        for round in 0..args.rounds {
+            for &c in &contenders {
+                eprintln!(
+                    "{scenario}: round {} of {}, {}",
+                    round + 1,
+                    args.rounds,
+                    c.name()
+                );
+                let figures = rt
+                    .block_on(scenario_once(scenario, c, args.quick))
+                    .with_context(|| format!("{scenario} with {}", c.name()))?;
+                let slot = results
+                    .entry(scenario.clone())
+                    .or_default()
+                    .entry(c.name().into())
+                    .or_default();
+                for (k, v) in figures {
+                    slot.entry(k).or_default().push(v);
+                }
+            }
+        }
+    }
+    if let Some(dir) = args.json.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&results)?)?;
+    print!("{}", report(&results, &args, one_min));
+    Ok(())
+}
+
+/// The backend and (unless direct) the proxy for one measurement.
+struct Setup {
+    _backend: Running,
+    control: SocketAddr,
+    backend_pids: Vec<u32>,
+    proxy: Option<Running>,
+    /// Where tabs connect.
+    target: SocketAddr,
+}
+
+impl Setup {
+    fn start(c: Contender, tabs: usize, per_session: usize) -> anyhow::Result<Setup> {
+        let listen = SocketAddr::from(([127, 0, 0, 1], procs::free_port()));
+        let control = SocketAddr::from(([127, 0, 0, 1], procs::free_port()));
+        let mut args = vec![
+            "backend".to_string(),
+            "--listen".into(),
+            listen.to_string(),
+            "--control".into(),
+            control.to_string(),
+        ];
+        if c == Contender::Tabmux {
+            args.push("--envelope".into());
+        }
+        let exe = std::env::current_exe()?;
+        let child = procs::spawn_pinned(0, &exe, &args)?;
+        let backend = Running::new(child, listen)?;
+        let backend_pids = backend.pids();
+        // One nginx worker can hold about 9,000 proxied connections under
+        // this machine's 20,000 open files per process; beyond, two.
+        let proxy = match c {
+            Contender::Tabmux => Some(procs::start_tabmux(1, listen, per_session.max(32))?),
+            Contender::Nginx => Some(procs::start_nginx(
+                1,
+                listen,
+                if tabs > 9000 { 2 } else { 1 },
+            )?),
+            Contender::Direct => None,
+        };
+        let target = proxy.as_ref().map_or(listen, |p| p.addr);
+        Ok(Setup {
+            _backend: backend,
+            control,
+            backend_pids,
+            proxy,
+            target,
+        })
+    }
+
+    fn proxy_pids(&self) -> Vec<u32> {
+        self.proxy.as_ref().map(Running::pids).unwrap_or_default()
+    }
+
+    async fn backend_stat(&self, key: &str) -> anyhow::Result<f64> {
+        let line = backend::command(self.control, "stats").await?;
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        v[key].as_f64().context("backend stats")
+    }
+}
+
+/// Sizes of the scenarios (full, or `--quick`).
+struct Sizes {
+    memory: &'static [usize],
+    latency_samples: usize,
+    cpu_rate: u64,
+    cpu_secs: u64,
+    fan_sessions: usize,
+    fan_tabs: usize,
+    fan_secs: u64,
+    storm_tabs: usize,
+    storm_sessions: usize,
+}
+
+const FULL: Sizes = Sizes {
+    memory: &[1000, 5000, 15000],
+    latency_samples: 20_000,
+    cpu_rate: 20_000,
+    cpu_secs: 5,
+    fan_sessions: 100,
+    fan_tabs: 100,
+    fan_secs: 5,
+    storm_tabs: 5000,
+    storm_sessions: 500,
+};
+
+const QUICK: Sizes = Sizes {
+    memory: &[200, 500, 1000],
+    latency_samples: 2_000,
+    cpu_rate: 5_000,
+    cpu_secs: 1,
+    fan_sessions: 10,
+    fan_tabs: 20,
+    fan_secs: 1,
+    storm_tabs: 500,
+    storm_sessions: 50,
+};
+
+async fn scenario_once(scenario: &str, c: Contender, quick: bool) -> anyhow::Result<Figures> {
+    let sizes = if quick { &QUICK } else { &FULL };
+    let mut f = Figures::new();
+    match scenario {
+        "memory" => {
+            // RSS growth per tab at each size, each on fresh processes.
+            for &n in sizes.memory {
+                let setup = Setup::start(c, n, 10)?;
+                let proxy_pids = setup.proxy_pids();
+                let (p0, b0) = (
+                    procs::rss_kib(&proxy_pids),
+                    procs::rss_kib(&setup.backend_pids),
+                );
+                let tabs = load::idle_tabs(setup.target, n, 10).await?;
+                // Let the proxy finish its side of the last handshakes.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let (p1, b1) = (
+                    procs::rss_kib(&proxy_pids),
+                    procs::rss_kib(&setup.backend_pids),
+                );
+                drop(tabs);
+                if setup.proxy.is_some() {
+                    f.insert(
+                        format!("proxy_kib_per_tab@{n}"),
+                        (p1 as f64 - p0 as f64) / n as f64,
+                    );
+                }
+                f.insert(
+                    format!("backend_kib_per_tab@{n}"),
+                    (b1 as f64 - b0 as f64) / n as f64,
+                );
+            }
+        }
+        "latency" => {
+            let setup = Setup::start(c, 1, 1)?;
+            let mut rtts = load::latency(setup.target, 1000, sizes.latency_samples).await?;
+            rtts.sort_unstable();
+            for (name, q) in [("p50_us", 0.50), ("p99_us", 0.99), ("p999_us", 0.999)] {
+                f.insert(name.into(), percentile(&rtts, q) as f64 / 1000.0);
+            }
+        }
+        "cpu" => {
+            let setup = Setup::start(c, 10, 10)?;
+            let pids = setup.proxy_pids();
+            let cpu0 = procs::cpu_us(&pids);
+            let echoes = load::offered_rate(
+                setup.target,
+                10,
+                sizes.cpu_rate,
+                Duration::from_secs(sizes.cpu_secs),
+            )
+            .await?;
+            let cpu = procs::cpu_us(&pids) - cpu0;
+            // Each echoed message crossed the proxy twice.
+            let frames = 2 * echoes;
+            f.insert("echoes_per_s".into(), echoes as f64 / sizes.cpu_secs as f64);
+            if setup.proxy.is_some() {
+                f.insert("cpu_us_per_frame".into(), cpu as f64 / frames.max(1) as f64);
+            }
+        }
+        "fanout" => {
+            let tabs = sizes.fan_sessions * sizes.fan_tabs;
+            let setup = Setup::start(c, tabs, sizes.fan_tabs)?;
+            let pids = setup.proxy_pids();
+            let fan =
+                load::FanOut::connect(setup.target, sizes.fan_sessions, sizes.fan_tabs).await?;
+            let sent0 = setup.backend_stat("sent").await?;
+            let cpu0 = procs::cpu_us(&pids);
+            backend::command(setup.control, "start").await?;
+            tokio::time::sleep(Duration::from_secs(sizes.fan_secs)).await;
+            backend::command(setup.control, "stop").await?;
+            // Let deliveries in flight land (bounded).
+            let mut last = u64::MAX;
+            for _ in 0..100 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let now = fan.deliveries.load(std::sync::atomic::Ordering::Relaxed);
+                if now == last {
+                    break;
+                }
+                last = now;
+            }
+            let cpu = procs::cpu_us(&pids) - cpu0;
+            let sent = setup.backend_stat("sent").await? - sent0;
+            let mut lat = fan.finish().await;
+            lat.sort_unstable();
+            let deliveries = lat.len() as f64;
+            f.insert("deliveries".into(), deliveries);
+            f.insert("upstream_messages".into(), sent);
+            f.insert("p50_ms".into(), percentile(&lat, 0.5) as f64 / 1000.0);
+            f.insert("p99_ms".into(), percentile(&lat, 0.99) as f64 / 1000.0);
+            if setup.proxy.is_some() {
+                f.insert(
+                    "cpu_us_per_delivery".into(),
+                    cpu as f64 / deliveries.max(1.0),
+                );
+            }
+        }
+        "storm" => {
+            let setup = Setup::start(c, sizes.storm_tabs, sizes.storm_tabs / sizes.storm_sessions)?;
+            let (elapsed, tabs) =
+                load::join_storm(setup.target, sizes.storm_tabs, sizes.storm_sessions).await?;
+            f.insert(
+                "tabs_per_s".into(),
+                tabs.len() as f64 / elapsed.as_secs_f64(),
+            );
+            f.insert(
+                "upstream_dials".into(),
+                setup.backend_stat("accepted").await?,
+            );
+            drop(tabs);
+        }
+        other => anyhow::bail!("unknown scenario {other}"),
+    }
+    Ok(f)
+}
+
+fn percentile<T: Copy + Default>(sorted: &[T], q: f64) -> T {
+    if sorted.is_empty() {
+        return T::default();
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        f64::NAN
+    } else if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    }
+}
+
+/// The markdown report: per scenario, a row per figure with each
+/// contender's median and tabmux's ratio to the others.
+fn report(results: &Results, args: &RunArgs, load: f64) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "tabmux-bench: {} round(s){}; load average at start {load:.2}; medians over rounds\n",
+        args.rounds,
+        if args.quick { ", quick sizes" } else { "" }
+    );
+    for (scenario, by_contender) in results {
+        let _ = writeln!(out, "### {scenario}\n");
+        let _ = writeln!(
+            out,
+            "| figure | tabmux | direct | nginx | tabmux / direct | tabmux / nginx |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|");
+        let mut figures: Vec<&String> = by_contender.values().flat_map(|m| m.keys()).collect();
+        figures.sort();
+        figures.dedup();
+        for fig in figures {
+            let get = |c: &str| {
+                by_contender
+                    .get(c)
+                    .and_then(|m| m.get(fig))
+                    .map(|v| median(v))
+            };
+            let cell = |v: Option<f64>| v.map_or("—".to_string(), fmt_num);
+            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+                _ => "—".into(),
+            };
+            let (t, d, n) = (get("tabmux"), get("direct"), get("nginx"));
+            let _ = writeln!(
+                out,
+                "| {fig} | {} | {} | {} | {} | {} |",
+                cell(t),
+                cell(d),
+                cell(n),
+                ratio(t, d),
+                ratio(t, n)
+            );
+        }
+        let _ = writeln!(out);
+    }
+    out
+}
+
+fn fmt_num(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}

@@ -1,0 +1,303 @@
+//! Starting the processes under test, pinned to cores, and reading their CPU
+//! time and memory from /proc.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Which way tabs reach the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contender {
+    Tabmux,
+    Direct,
+    Nginx,
+}
+
+impl Contender {
+    pub fn name(self) -> &'static str {
+        match self {
+            Contender::Tabmux => "tabmux",
+            Contender::Direct => "direct",
+            Contender::Nginx => "nginx",
+        }
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Runs `program args…` pinned to `core` (when taskset exists).
+pub fn spawn_pinned(core: usize, program: &Path, args: &[String]) -> std::io::Result<Child> {
+    let mut cmd = if which("taskset") {
+        let mut c = Command::new("taskset");
+        c.arg("-c").arg(core.to_string()).arg(program);
+        c
+    } else {
+        Command::new(program)
+    };
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+}
+
+pub fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+/// Pins the calling process to `core`.
+pub fn pin_self(core: usize) {
+    if which("taskset") {
+        let _ = Command::new("taskset")
+            .args(["-cp", &core.to_string(), &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_listening(addr: SocketAddr) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A process under test, killed when dropped.
+pub struct Running {
+    pub child: Child,
+    /// Where tabs connect.
+    pub addr: SocketAddr,
+    _dir: Option<TempDir>,
+}
+
+impl Running {
+    /// Wraps a started process once it accepts connections on `addr`.
+    pub fn new(mut child: Child, addr: SocketAddr) -> std::io::Result<Running> {
+        if !wait_listening(addr) {
+            let _ = child.kill();
+            return Err(std::io::Error::other(format!("nothing listens on {addr}")));
+        }
+        Ok(Running {
+            child,
+            addr,
+            _dir: None,
+        })
+    }
+
+    /// The pids whose CPU and memory count: the process and its children
+    /// (nginx's workers).
+    pub fn pids(&self) -> Vec<u32> {
+        let root = self.child.id();
+        // taskset execs the program, so the child's pid is the program's.
+        let mut pids = vec![root];
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for e in entries.flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
+                if parent_of(pid) == Some(root) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // SIGTERM first (nginx stops its workers), then make sure.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: fields start after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// CPU time (user + system) of the pids, in microseconds.
+pub fn cpu_us(pids: &[u32]) -> u64 {
+    let tick_us = 1_000_000 / 100; // CLK_TCK is 100 on Linux.
+    pids.iter()
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // After the name: state(0) ppid(1) … utime(11) stime(12).
+            let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some(ticks * tick_us)
+        })
+        .sum()
+}
+
+/// Resident memory of the pids, in KiB.
+pub fn rss_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Starts tabmux in front of `backend`, pinned to `core`.
+pub fn start_tabmux(
+    core: usize,
+    backend: SocketAddr,
+    tabs_per_session: usize,
+) -> std::io::Result<Running> {
+    let dir = TempDir::new("tabmux")?;
+    let port = free_port();
+    let config = format!(
+        r#"[server]
+listen = "127.0.0.1:{port}"
+[admin]
+listen = "127.0.0.1:0"
+[log]
+level = "warn"
+[[route]]
+path = "/ws"
+upstream = "ws://{backend}/ws"
+session_cookie = "sid"
+allowed_origins = ["http://bench.local"]
+max_tabs_per_session = {tabs_per_session}
+"#
+    );
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config)?;
+    let exe = sibling("tabmux")?;
+    let child = spawn_pinned(core, &exe, &["--config".into(), path.display().to_string()])?;
+    finish_start(child, port, Some(dir))
+}
+
+/// Starts nginx (one worker unless `workers` says more) in front of
+/// `backend`, pinned to `core`.
+pub fn start_nginx(core: usize, backend: SocketAddr, workers: usize) -> std::io::Result<Running> {
+    let dir = TempDir::new("nginx")?;
+    let port = free_port();
+    let d = dir.path().display();
+    let config = format!(
+        r#"worker_processes {workers};
+worker_rlimit_nofile 20000;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 20000; multi_accept on; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+  upstream backend {{ server {backend}; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection $connection_upgrade;
+      proxy_read_timeout 1h;
+      proxy_buffering off;
+      tcp_nodelay on;
+    }}
+  }}
+}}
+"#
+    );
+    let path = dir.path().join("nginx.conf");
+    std::fs::write(&path, config)?;
+    let nginx = nginx_path().ok_or_else(|| std::io::Error::other("nginx is not installed"))?;
+    let args = [
+        "-p".into(),
+        d.to_string(),
+        "-c".into(),
+        path.display().to_string(),
+    ];
+    let child = spawn_pinned(core, &nginx, &args)?;
+    finish_start(child, port, Some(dir))
+}
+
+fn finish_start(child: Child, port: u16, dir: Option<TempDir>) -> std::io::Result<Running> {
+    let mut running = Running::new(child, SocketAddr::from(([127, 0, 0, 1], port)))?;
+    running._dir = dir;
+    Ok(running)
+}
+
+/// nginx's binary, if installed.
+pub fn nginx_path() -> Option<PathBuf> {
+    ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+/// A binary built beside this one (the same target directory).
+pub fn sibling(name: &str) -> std::io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(std::io::Error::other(format!(
+            "{} not found: build it with `cargo build --release`",
+            path.display()
+        )))
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> std::io::Result<TempDir> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "tabmux-bench-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p)?;
+        Ok(TempDir(p))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
