@@ -22,6 +22,7 @@
 //! - [`tab`]: one task per tab socket, browser ⇄ session.
 //! - [`session`]: the registry of sessions and the per-session actor.
 //! - [`upstream`]: dialling the backend.
+//! - [`queue`]: the bounded, idle-cheap queue from a session to a tab.
 //! - [`reconnect`]: the redial backoff (full jitter) and reconnect buffer.
 //! - [`envelope`]: the `json/1` envelope codec, pure functions over bytes.
 //! - [`metrics`], [`admin`], [`status`]: Prometheus metrics, the admin
@@ -36,6 +37,7 @@ pub mod demo;
 pub mod envelope;
 pub mod listener;
 pub mod metrics;
+pub mod queue;
 pub mod reconnect;
 pub mod server;
 pub mod session;

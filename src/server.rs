@@ -91,7 +91,7 @@ impl Proxy {
                     index,
                     route: route.clone(),
                     registry: registry.clone(),
-                    metrics: metrics.route(&route.path),
+                    metrics: Arc::new(metrics.route(&route.path)),
                     shutdown: stopped.clone(),
                 },
             })

@@ -31,6 +31,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::config::{Envelope, Route};
 use crate::envelope::{self, BackendFrame, Body, FrameError, TabId, Target};
 use crate::metrics::RouteMetrics;
+use crate::queue::{queue, QueueReceiver, QueueSender, TrySendError};
 use crate::reconnect::{self, Backoff};
 use crate::upstream::{self, DialError, DialParams, UpstreamSocket};
 
@@ -248,7 +249,7 @@ pub struct Joined {
     pub protocol: Option<HeaderValue>,
     /// Messages for this tab. The session holds the sender and drops it
     /// when the tab is removed or the session ends.
-    pub out: mpsc::Receiver<Message>,
+    pub out: QueueReceiver,
     /// Fires when the session must close this tab at once, ahead of
     /// whatever is queued (a slow consumer whose queue is full).
     pub kill: oneshot::Receiver<CloseFrame>,
@@ -277,6 +278,21 @@ impl TabLink {
             payload,
         };
         self.tx.send(cmd).await.is_ok()
+    }
+
+    /// Sends without waiting. `Err(Some(msg))`: the session's queue is full
+    /// (try [`TabLink::send`]); `Err(None)`: the session is gone.
+    pub fn try_send(&self, msg: Message, payload: usize) -> Result<(), Option<Message>> {
+        let cmd = Command::FromTab {
+            tab: self.tab,
+            msg,
+            payload,
+        };
+        match self.tx.try_send(cmd) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(Command::FromTab { msg, .. })) => Err(Some(msg)),
+            Err(_) => Err(None),
+        }
     }
 
     /// The close code the `close` event will carry.
@@ -320,7 +336,8 @@ pub struct SessionContext {
     pub index: usize,
     pub route: Arc<Route>,
     pub registry: Arc<Registry>,
-    pub metrics: RouteMetrics,
+    /// Shared by the route's sessions and tabs.
+    pub metrics: Arc<RouteMetrics>,
     /// Its sender is dropped when the proxy shuts down.
     pub shutdown: watch::Receiver<()>,
 }
@@ -421,7 +438,7 @@ async fn run(
 struct TabSlot {
     /// This tab's message queue (capacity `tab_queue`). Dropping it ends the
     /// tab's task once the queue is drained.
-    out: mpsc::Sender<Message>,
+    out: QueueSender,
     /// Closes the tab ahead of its queue.
     kill: Option<oneshot::Sender<CloseFrame>>,
     /// Its query and headers, for the `open` event sent again after a redial.
@@ -838,7 +855,7 @@ impl<'c> Session<'c> {
         let tab = TabId(self.next_tab);
         self.next_tab += 1;
         // Room for the greeting replay on top of the tab's own queue.
-        let (out_tx, out_rx) = mpsc::channel(self.route().tab_queue + self.replay.len());
+        let (out_tx, out_rx) = queue(self.route().tab_queue + self.replay.len());
         for msg in &self.replay {
             let _ = out_tx.try_send(msg.clone());
         }
@@ -903,9 +920,7 @@ impl<'c> Session<'c> {
             code: CloseCode::from(code),
             reason: reason.into(),
         };
-        if let Err(mpsc::error::TrySendError::Full(_)) =
-            slot.out.try_send(Message::Close(Some(frame.clone())))
-        {
+        if let Err(TrySendError::Full(_)) = slot.out.try_send(Message::Close(Some(frame.clone()))) {
             if let Some(kill) = slot.kill.take() {
                 let _ = kill.send(frame);
             }
@@ -922,14 +937,14 @@ impl<'c> Session<'c> {
         };
         match slot.out.try_send(msg) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(TrySendError::Full(_)) => {
                 self.ctx.metrics.tab_closed("slow_consumer");
                 info!(tab = %tab, "slow consumer: tab queue full");
                 self.close_tab(tab, 1008, "slow consumer");
                 false
             }
             // The tab task ended; its Leave is on the way.
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(TrySendError::Closed(_)) => false,
         }
     }
 

@@ -6,6 +6,8 @@
 //! session queues for it, in bursts (`feed` then one `flush`). It ends when
 //! either side closes, and its [`TabLink`] reports the close code as it drops.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +15,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -25,6 +27,7 @@ use tracing::debug;
 use crate::config::{Envelope, Route};
 use crate::envelope;
 use crate::metrics::RouteMetrics;
+use crate::queue::QueueReceiver;
 use crate::session::{Joined, TabLink};
 
 /// A tab's WebSocket, over the connection hyper upgraded.
@@ -52,7 +55,7 @@ pub fn ws_config(route: &Route) -> WebSocketConfig {
 pub const TAB_READ_BUFFER: usize = 1024;
 
 /// Runs a tab until it closes.
-pub async fn run(ws: TabSocket, joined: Joined, route: Arc<Route>, metrics: RouteMetrics) {
+pub async fn run(ws: TabSocket, joined: Joined, route: Arc<Route>, metrics: Arc<RouteMetrics>) {
     let Joined {
         tab,
         out,
@@ -85,10 +88,10 @@ struct TabTask {
     ws: TabSocket,
     tab: envelope::TabId,
     /// What the session queued for this tab.
-    out: mpsc::Receiver<Message>,
+    out: QueueReceiver,
     kill: Option<oneshot::Receiver<CloseFrame>>,
     route: Arc<Route>,
-    metrics: RouteMetrics,
+    metrics: Arc<RouteMetrics>,
     /// Pings the tab and checks it is alive, every `ping_interval`.
     keepalive: Interval,
     /// Whether the tab sent anything since the last tick, and when it last
@@ -127,7 +130,8 @@ impl TabTask {
                 }
                 Step::Out(Some(msg)) => self.write(msg).await,
                 Step::In(msg) => self.read(msg, link).await,
-                Step::Tick => self.tick().await,
+                // Boxed for the same reason as `close`: it runs rarely.
+                Step::Tick => Box::pin(self.tick()).await,
             };
             if let Some(code) = done {
                 return code;
@@ -141,7 +145,14 @@ impl TabTask {
         match msg {
             Some(Ok(msg)) => match from_tab(&self.route, self.tab, msg) {
                 Inbound::Forward(m, payload) => {
-                    if link.send(m, payload).await {
+                    // Usually the session's queue has room; only when it is
+                    // full does the tab wait (and its socket read with it).
+                    let sent = match link.try_send(m, payload) {
+                        Ok(()) => true,
+                        Err(Some(m)) => Box::pin(link.send(m, payload)).await,
+                        Err(None) => false,
+                    };
+                    if sent {
                         None
                     } else {
                         Some(self.close(close_frame(1001, "going away")).await)
@@ -204,7 +215,14 @@ impl TabTask {
 
     /// Starts a close handshake from tabmux's side and waits (briefly) for
     /// the tab's reply. Returns the code, for the `close` event.
-    async fn close(&mut self, frame: CloseFrame) -> u16 {
+    ///
+    /// Boxed: it runs once per tab, and its timer and handshake state would
+    /// otherwise be part of every idle tab's task.
+    fn close(&mut self, frame: CloseFrame) -> Pin<Box<dyn Future<Output = u16> + Send + '_>> {
+        Box::pin(self.close_now(frame))
+    }
+
+    async fn close_now(&mut self, frame: CloseFrame) -> u16 {
         let code = u16::from(frame.code);
         let ws = &mut self.ws;
         let _ = tokio::time::timeout(CLOSE_GRACE, async {
@@ -280,18 +298,18 @@ fn read_error(e: &WsError) -> (u16, &'static str, &'static str) {
 async fn write_burst(
     ws: &mut TabSocket,
     first: Message,
-    out: &mut mpsc::Receiver<Message>,
+    out: &mut QueueReceiver,
 ) -> Result<Option<CloseFrame>, WsError> {
     ws.feed(first).await?;
     let mut closing = None;
     for _ in 1..BURST {
         match out.try_recv() {
-            Ok(Message::Close(frame)) => {
+            Some(Message::Close(frame)) => {
                 closing = Some(frame.unwrap_or_else(|| close_frame(1000, "")));
                 break;
             }
-            Ok(msg) => ws.feed(msg).await?,
-            Err(_) => break,
+            Some(msg) => ws.feed(msg).await?,
+            None => break,
         }
     }
     ws.flush().await?;
