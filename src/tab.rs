@@ -52,7 +52,7 @@ pub fn ws_config(route: &Route) -> WebSocketConfig {
 }
 
 /// Bytes tungstenite reads from a tab's socket at a time.
-pub const TAB_READ_BUFFER: usize = 1024;
+pub const TAB_READ_BUFFER: usize = 512;
 
 /// Runs a tab until it closes.
 pub async fn run(ws: TabSocket, joined: Joined, route: Arc<Route>, metrics: Arc<RouteMetrics>) {

@@ -296,7 +296,11 @@ async fn scenario_once(scenario: &str, c: Contender, quick: bool) -> anyhow::Res
     let mut f = Figures::new();
     match scenario {
         "memory" => {
-            // RSS growth per tab at each size, each on fresh processes.
+            // RSS growth per tab at each size, each on fresh processes; then
+            // the least-squares slope through the sizes, which leaves out
+            // the fixed costs of the first tabs.
+            let mut proxy_pts: Vec<(f64, f64)> = Vec::new();
+            let mut backend_pts: Vec<(f64, f64)> = Vec::new();
             for &n in sizes.memory {
                 let setup = Setup::start(c, n, 10)?;
                 let proxy_pids = setup.proxy_pids();
@@ -312,17 +316,18 @@ async fn scenario_once(scenario: &str, c: Contender, quick: bool) -> anyhow::Res
                     procs::rss_kib(&setup.backend_pids),
                 );
                 drop(tabs);
+                let (dp, db) = (p1 as f64 - p0 as f64, b1 as f64 - b0 as f64);
                 if setup.proxy.is_some() {
-                    f.insert(
-                        format!("proxy_kib_per_tab@{n}"),
-                        (p1 as f64 - p0 as f64) / n as f64,
-                    );
+                    f.insert(format!("proxy_kib_per_tab@{n}"), dp / n as f64);
+                    proxy_pts.push((n as f64, dp));
                 }
-                f.insert(
-                    format!("backend_kib_per_tab@{n}"),
-                    (b1 as f64 - b0 as f64) / n as f64,
-                );
+                f.insert(format!("backend_kib_per_tab@{n}"), db / n as f64);
+                backend_pts.push((n as f64, db));
             }
+            if proxy_pts.len() > 1 {
+                f.insert("proxy_kib_per_tab_slope".into(), slope(&proxy_pts));
+            }
+            f.insert("backend_kib_per_tab_slope".into(), slope(&backend_pts));
         }
         "latency" => {
             let setup = Setup::start(c, 1, 1)?;
@@ -405,6 +410,22 @@ async fn scenario_once(scenario: &str, c: Contender, quick: bool) -> anyhow::Res
         other => anyhow::bail!("unknown scenario {other}"),
     }
     Ok(f)
+}
+
+/// Least-squares slope of y over x.
+fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    let (sx, sy) = points
+        .iter()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+    let (mx, my) = (sx / n, sy / n);
+    let cov: f64 = points.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+    let var: f64 = points.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
+    if var == 0.0 {
+        f64::NAN
+    } else {
+        cov / var
+    }
 }
 
 fn percentile<T: Copy + Default>(sorted: &[T], q: f64) -> T {

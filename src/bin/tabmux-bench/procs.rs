@@ -220,7 +220,7 @@ http {{
   map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
   upstream backend {{ server {backend}; }}
   server {{
-    listen 127.0.0.1:{port} backlog=4096;
+    listen 127.0.0.1:{port} backlog=4096 reuseport;
     location / {{
       proxy_pass http://backend;
       proxy_http_version 1.1;
