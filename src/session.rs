@@ -247,12 +247,10 @@ pub struct Joined {
     pub tab: TabId,
     /// The subprotocol the upstream chose; every tab is answered with it.
     pub protocol: Option<HeaderValue>,
-    /// Messages for this tab. The session holds the sender and drops it
-    /// when the tab is removed or the session ends.
+    /// Messages for this tab, and the order to close it at once (a slow
+    /// consumer). The session holds the sender and drops it when the tab is
+    /// removed or the session ends.
     pub out: QueueReceiver,
-    /// Fires when the session must close this tab at once, ahead of
-    /// whatever is queued (a slow consumer whose queue is full).
-    pub kill: oneshot::Receiver<CloseFrame>,
     /// Sends this tab's messages to the session, and its `Leave` when dropped.
     pub link: TabLink,
 }
@@ -439,8 +437,6 @@ struct TabSlot {
     /// This tab's message queue (capacity `tab_queue`). Dropping it ends the
     /// tab's task once the queue is drained.
     out: QueueSender,
-    /// Closes the tab ahead of its queue.
-    kill: Option<oneshot::Sender<CloseFrame>>,
     /// Its query and headers, for the `open` event sent again after a redial.
     info: JoinInfo,
 }
@@ -859,12 +855,10 @@ impl<'c> Session<'c> {
         for msg in &self.replay {
             let _ = out_tx.try_send(msg.clone());
         }
-        let (kill_tx, kill_rx) = oneshot::channel();
         let joined = Joined {
             tab,
             protocol: self.protocol.clone(),
             out: out_rx,
-            kill: kill_rx,
             link: TabLink {
                 tab,
                 tx: self.commands.clone(),
@@ -882,14 +876,7 @@ impl<'c> Session<'c> {
         if self.upstream.is_some() && self.route().envelope == Envelope::Json {
             self.to_upstream.push(Message::Text(open_event(tab, &info)));
         }
-        self.tabs.insert(
-            tab,
-            TabSlot {
-                out: out_tx,
-                kill: Some(kill_tx),
-                info,
-            },
-        );
+        self.tabs.insert(tab, TabSlot { out: out_tx, info });
         self.ctx.metrics.tab_joined();
         self.linger = None;
         debug!(tab = %tab, tabs = self.tabs.len(), "tab joined");
@@ -912,7 +899,7 @@ impl<'c> Session<'c> {
     /// close frame behind what it was already sent (or, if its queue is
     /// full, closes it at once), and reports the `close` event.
     fn close_tab(&mut self, tab: TabId, code: u16, reason: &str) {
-        let Some(mut slot) = self.tabs.remove(&tab) else {
+        let Some(slot) = self.tabs.remove(&tab) else {
             return;
         };
         self.ctx.metrics.tab_left();
@@ -921,9 +908,7 @@ impl<'c> Session<'c> {
             reason: reason.into(),
         };
         if let Err(TrySendError::Full(_)) = slot.out.try_send(Message::Close(Some(frame.clone()))) {
-            if let Some(kill) = slot.kill.take() {
-                let _ = kill.send(frame);
-            }
+            slot.out.kill(frame);
         }
         debug!(tab = %tab, code, reason, "tabmux closed the tab");
         self.left(tab, code);

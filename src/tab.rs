@@ -6,16 +6,16 @@
 //! session queues for it, in bursts (`feed` then one `flush`). It ends when
 //! either side closes, and its [`TabLink`] reports the close code as it drops.
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::sync::oneshot;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -27,7 +27,7 @@ use tracing::debug;
 use crate::config::{Envelope, Route};
 use crate::envelope;
 use crate::metrics::RouteMetrics;
-use crate::queue::QueueReceiver;
+use crate::queue::{Next, QueueReceiver};
 use crate::session::{Joined, TabLink};
 
 /// A tab's WebSocket, over the connection hyper upgraded.
@@ -57,11 +57,7 @@ pub const TAB_READ_BUFFER: usize = 512;
 /// Runs a tab until it closes.
 pub async fn run(ws: TabSocket, joined: Joined, route: Arc<Route>, metrics: Arc<RouteMetrics>) {
     let Joined {
-        tab,
-        out,
-        kill,
-        mut link,
-        ..
+        tab, out, mut link, ..
     } = joined;
     let period = route.ping_interval;
     let mut keepalive = tokio::time::interval_at(Instant::now() + period, period);
@@ -70,7 +66,6 @@ pub async fn run(ws: TabSocket, joined: Joined, route: Arc<Route>, metrics: Arc<
         ws,
         tab,
         out,
-        kill: Some(kill),
         route,
         metrics,
         keepalive,
@@ -87,9 +82,8 @@ pub async fn run(ws: TabSocket, joined: Joined, route: Arc<Route>, metrics: Arc<
 struct TabTask {
     ws: TabSocket,
     tab: envelope::TabId,
-    /// What the session queued for this tab.
+    /// What the session queued for this tab (and its kill order).
     out: QueueReceiver,
-    kill: Option<oneshot::Receiver<CloseFrame>>,
     route: Arc<Route>,
     metrics: Arc<RouteMetrics>,
     /// Pings the tab and checks it is alive, every `ping_interval`.
@@ -102,8 +96,7 @@ struct TabTask {
 
 /// One turn of the tab loop.
 enum Step {
-    Kill(CloseFrame),
-    Out(Option<Message>),
+    Out(Next),
     In(Option<Result<Message, WsError>>),
     Tick,
 }
@@ -114,21 +107,20 @@ impl TabTask {
         loop {
             let step = tokio::select! {
                 biased;
-                // A full queue: close now, ahead of the queued messages.
-                frame = killed(&mut self.kill) => Step::Kill(frame),
-                msg = self.out.recv() => Step::Out(msg),
+                next = self.out.recv() => Step::Out(next),
                 msg = self.ws.next() => Step::In(msg),
                 _ = self.keepalive.tick() => Step::Tick,
             };
             let done = match step {
-                Step::Kill(frame) => Some(self.close(frame).await),
+                // A full queue: close now, ahead of the queued messages.
+                Step::Out(Next::Kill(frame)) => Some(self.close(frame).await),
                 // The session ended without a word: it is going away.
-                Step::Out(None) => Some(self.close(close_frame(1001, "going away")).await),
-                Step::Out(Some(Message::Close(frame))) => {
+                Step::Out(Next::Closed) => Some(self.close(close_frame(1001, "going away")).await),
+                Step::Out(Next::Message(Message::Close(frame))) => {
                     let frame = frame.unwrap_or_else(|| close_frame(1000, ""));
                     Some(self.close(frame).await)
                 }
-                Step::Out(Some(msg)) => self.write(msg).await,
+                Step::Out(Next::Message(msg)) => self.write(msg).await,
                 Step::In(msg) => self.read(msg, link).await,
                 // Boxed for the same reason as `close`: it runs rarely.
                 Step::Tick => Box::pin(self.tick()).await,
@@ -196,14 +188,23 @@ impl TabTask {
         self.write(Message::Ping(Bytes::new())).await
     }
 
-    /// Writes `first` and whatever else is queued, racing the kill signal:
-    /// a tab that stops reading can block this write, and must still be
-    /// closable. Returns a close code when the tab is done.
+    /// Writes `first` and whatever else is queued. A tab that stops reading
+    /// can block this write and must still be closable, so a write that has
+    /// to wait races the kill order; one that completes at once (nearly
+    /// all) does not pay for that.
     async fn write(&mut self, first: Message) -> Option<u16> {
-        let written = tokio::select! {
-            biased;
-            frame = killed(&mut self.kill) => Err(frame),
-            r = write_burst(&mut self.ws, first, &mut self.out) => Ok(r),
+        let written = {
+            let out = &self.out;
+            let burst = write_burst(&mut self.ws, first, out);
+            tokio::pin!(burst);
+            match poll_fn(|cx| Poll::Ready(burst.as_mut().poll(cx))).await {
+                Poll::Ready(r) => Ok(r),
+                Poll::Pending => tokio::select! {
+                    biased;
+                    frame = out.killed() => Err(frame),
+                    r = &mut burst => Ok(r),
+                },
+            }
         };
         match written {
             Ok(Ok(None)) => None,
@@ -233,20 +234,6 @@ impl TabTask {
         .await;
         code
     }
-}
-
-/// Resolves when the session closes this tab ahead of its queue. A dropped
-/// sender (the session removed the tab the ordinary way, or ended) means it
-/// never will, so the receiver is retired rather than polled again.
-async fn killed(kill: &mut Option<oneshot::Receiver<CloseFrame>>) -> CloseFrame {
-    if let Some(rx) = kill.as_mut() {
-        if let Ok(frame) = rx.await {
-            *kill = None;
-            return frame;
-        }
-        *kill = None;
-    }
-    std::future::pending().await
 }
 
 /// What to do with one message read from a tab.
@@ -298,7 +285,7 @@ fn read_error(e: &WsError) -> (u16, &'static str, &'static str) {
 async fn write_burst(
     ws: &mut TabSocket,
     first: Message,
-    out: &mut QueueReceiver,
+    out: &QueueReceiver,
 ) -> Result<Option<CloseFrame>, WsError> {
     ws.feed(first).await?;
     let mut closing = None;
