@@ -81,12 +81,9 @@ fn demo(listen: std::net::SocketAddr) -> ExitCode {
         Err(code) => return code,
     };
     rt.block_on(async {
-        let mut signals = match Signals::install() {
+        let mut signals = match signals() {
             Ok(s) => s,
-            Err(e) => {
-                eprintln!("tabmux: cannot install signal handlers: {e}");
-                return ExitCode::from(1);
-            }
+            Err(code) => return code,
         };
         let next = |n: u16| {
             std::net::SocketAddr::new(listen.ip(), listen.port().checked_add(n).unwrap_or(0))
@@ -155,12 +152,9 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let mut signals = match Signals::install() {
+        let mut signals = match signals() {
             Ok(s) => s,
-            Err(e) => {
-                eprintln!("tabmux: cannot install signal handlers: {e}");
-                return ExitCode::from(1);
-            }
+            Err(code) => return code,
         };
         let proxy = match Proxy::bind(config).await {
             Ok(p) => p,
@@ -181,6 +175,14 @@ fn run(path: &std::path::Path) -> ExitCode {
             })
             .await;
         ExitCode::SUCCESS
+    })
+}
+
+/// Installs the signal handlers, or says why it could not.
+fn signals() -> Result<Signals, ExitCode> {
+    Signals::install().map_err(|e| {
+        eprintln!("tabmux: cannot install signal handlers: {e}");
+        ExitCode::from(1)
     })
 }
 

@@ -10,13 +10,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]
 async fn upstream_handshake_forwards_the_first_tabs_headers() {
-    let mock = Mock::start_with(
-        Behavior {
-            pick_first_protocol: true,
-            ..Default::default()
-        },
-        None,
-    )
+    let mock = Mock::behaving(Behavior {
+        pick_first_protocol: true,
+        ..Default::default()
+    })
     .await;
     let proxy = proxy_for(&mock, "").await;
     let tab = TabSpec::new("abc")
@@ -86,13 +83,10 @@ async fn upstream_refusals_pass_through_or_become_502() {
     for (upstream_status, tab_status) in
         [(401, 401), (403, 403), (404, 404), (500, 502), (400, 502)]
     {
-        let mock = Mock::start_with(
-            Behavior {
-                refuse: Some(upstream_status),
-                ..Default::default()
-            },
-            None,
-        )
+        let mock = Mock::behaving(Behavior {
+            refuse: Some(upstream_status),
+            ..Default::default()
+        })
         .await;
         let proxy = proxy_for(&mock, "").await;
         let (status, _) = TabSpec::new("s").refused(&proxy).await;
@@ -121,13 +115,10 @@ async fn unreachable_upstream_is_502_and_dial_timeout_is_504() {
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert!(body.contains("unreachable"), "{body}");
 
-    let hang = Mock::start_with(
-        Behavior {
-            hang: true,
-            ..Default::default()
-        },
-        None,
-    )
+    let hang = Mock::behaving(Behavior {
+        hang: true,
+        ..Default::default()
+    })
     .await;
     let proxy = proxy_for(&hang, "dial_timeout = \"200ms\"").await;
     let (status, _) = TabSpec::new("s").refused(&proxy).await;
@@ -181,13 +172,10 @@ async fn sessions_are_isolated() {
 
 #[tokio::test]
 async fn session_key_includes_subprotocols_and_forwarded_query() {
-    let mock = Mock::start_with(
-        Behavior {
-            pick_first_protocol: true,
-            ..Default::default()
-        },
-        None,
-    )
+    let mock = Mock::behaving(Behavior {
+        pick_first_protocol: true,
+        ..Default::default()
+    })
     .await;
     let proxy = proxy_for(&mock, "").await;
     let _a = TabSpec::new("same").connect(&proxy).await;
@@ -389,16 +377,13 @@ async fn several_routes_are_separate() {
 
 #[tokio::test]
 async fn envelope_none_passes_frames_through_and_replays_the_greeting() {
-    let mock = Mock::start_with(
-        Behavior {
-            greeting: vec![
-                Message::text("hello-1"),
-                Message::binary(b"hello-2".to_vec()),
-            ],
-            ..Default::default()
-        },
-        None,
-    )
+    let mock = Mock::behaving(Behavior {
+        greeting: vec![
+            Message::text("hello-1"),
+            Message::binary(b"hello-2".to_vec()),
+        ],
+        ..Default::default()
+    })
     .await;
     let proxy = proxy_for(&mock, "envelope = \"none\"\nreplay_first = 2").await;
     let mut first = TabSpec::new("s").connect(&proxy).await;

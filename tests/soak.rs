@@ -83,13 +83,10 @@ async fn churn_leaves_no_tab_session_task_or_memory_behind() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(120);
-    let mock = Mock::start_with(
-        Behavior {
-            echo: true,
-            ..Default::default()
-        },
-        None,
-    )
+    let mock = Mock::behaving(Behavior {
+        echo: true,
+        ..Default::default()
+    })
     .await;
     let toml = base_config("")
         + &route(

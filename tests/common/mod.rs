@@ -523,6 +523,11 @@ impl Mock {
         Mock::start_with(Behavior::default(), None).await
     }
 
+    /// A plain (no TLS) mock with this behaviour.
+    pub async fn behaving(behavior: Behavior) -> Mock {
+        Mock::start_with(behavior, None).await
+    }
+
     pub async fn start_with(behavior: Behavior, tls: Option<Arc<rustls::ServerConfig>>) -> Mock {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mock = Mock {
