@@ -319,18 +319,17 @@ pub fn check_handshake(
     Ok(key.as_bytes().to_vec())
 }
 
-/// The value of the session cookie, if the request has a non-empty one.
-pub fn find_cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+/// The value of the session cookie, if the request has a non-empty one
+/// (the first, when several Cookie headers or pairs carry it).
+pub fn find_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| std::str::from_utf8(v.as_bytes()).ok())
-        .flat_map(|s| s.split(';'))
-        .filter_map(|pair| {
-            let (n, v) = pair.split_once('=')?;
-            (n.trim() == name).then(|| v.trim().trim_matches('"'))
-        })
-        .find(|v| !v.is_empty())
+        .flat_map(cookie::Cookie::split_parse)
+        .filter_map(Result::ok)
+        .find(|c| c.name() == name && !c.value_trimmed().is_empty())
+        .map(|c| c.value_trimmed().to_string())
 }
 
 /// The requested subprotocols, in the tab's order, as one `a, b` list.
@@ -392,9 +391,9 @@ mod tests {
     #[test]
     fn cookie_is_found_among_others_and_must_be_non_empty() {
         let h = headers(&[("cookie", "a=1; sessionid=abc; b=2")]);
-        assert_eq!(find_cookie(&h, "sessionid"), Some("abc"));
+        assert_eq!(find_cookie(&h, "sessionid").as_deref(), Some("abc"));
         let h = headers(&[("cookie", "a=1"), ("cookie", "sessionid=\"q\"")]);
-        assert_eq!(find_cookie(&h, "sessionid"), Some("q"));
+        assert_eq!(find_cookie(&h, "sessionid").as_deref(), Some("q"));
         let h = headers(&[("cookie", "sessionid=; other=x")]);
         assert_eq!(find_cookie(&h, "sessionid"), None);
         let h = headers(&[("cookie", "xsessionid=1")]);
