@@ -645,6 +645,18 @@ impl Checker<'_> {
                 );
             }
         }
+        if let (Some(ping), Some(idle)) = (ping_interval, idle_timeout) {
+            if idle <= ping {
+                let span = t
+                    .get("idle_timeout")
+                    .or(t.get("ping_interval"))
+                    .and_then(Item::span);
+                self.at(
+                    span,
+                    format!("{what}: idle_timeout ({idle:?}) must be longer than ping_interval ({ping:?}), or healthy peers are closed before they are pinged"),
+                );
+            }
+        }
         if let (Some(r), Some(span)) = (&reconnect, t.get("reconnect").and_then(Item::span)) {
             if r.initial > r.max {
                 self.at(
@@ -1188,6 +1200,16 @@ max_message_size = "1 lightyear"
         assert!(
             all.contains("replay_first` applies to envelope = \"none\" only"),
             "{all}"
+        );
+    }
+
+    #[test]
+    fn idle_timeout_must_outlast_the_ping_interval() {
+        let text = format!("{MINIMAL}ping_interval = \"30s\"\nidle_timeout = \"30s\"\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("idle_timeout (30s) must be longer than ping_interval"),
+            "{err}"
         );
     }
 

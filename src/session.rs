@@ -973,13 +973,15 @@ impl<'c> Session<'c> {
             Message::Binary(b) => b.len(),
             _ => 0,
         };
-        if self.replay.len() < self.route().replay_first {
-            self.replay.push(msg.clone());
-        }
         let all = self.member_ids();
         if len > self.route().max_message_size {
             self.too_big(&all);
             return;
+        }
+        // Kept only once it is known to be deliverable: a later tab must
+        // not be sent what no tab may receive.
+        if self.replay.len() < self.route().replay_first {
+            self.replay.push(msg.clone());
         }
         self.fan_out(all, msg, len, true);
     }
