@@ -41,13 +41,30 @@ enum Command {
     },
 }
 
+/// Writes a line to standard output, ignoring a closed pipe
+/// (`tabmux check | head -1` must not panic).
+macro_rules! outln {
+    () => {
+        out("\n")
+    };
+    ($($arg:tt)*) => {
+        out(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// Writes to standard output, ignoring errors (a closed pipe included).
+fn out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Check) => check(&cli.config),
         Some(Command::GenCert { dir }) => match tabmux::tls::write_dev_cert(&dir) {
             Ok((cert, key)) => {
-                println!(
+                outln!(
                     "wrote {} and {} (self-signed, for development only)",
                     cert.display(),
                     key.display()
@@ -90,17 +107,18 @@ fn demo(listen: std::net::SocketAddr) -> ExitCode {
         };
         match tabmux::demo::start(listen, next(1), next(2)).await {
             Ok(d) => {
-                println!();
-                println!(
+                outln!();
+                outln!(
                     "  tabmux demo: open http://{}/ in several tabs of one browser",
                     d.page
                 );
-                println!(
+                outln!(
                     "  tabs connect through ws://{}/ws; status and metrics: http://{}/",
-                    d.proxy, d.admin
+                    d.proxy,
+                    d.admin
                 );
-                println!("  Ctrl-C to stop");
-                println!();
+                outln!("  Ctrl-C to stop");
+                outln!();
                 signals.next().await;
                 ExitCode::SUCCESS
             }
@@ -127,8 +145,8 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 fn check(path: &std::path::Path) -> ExitCode {
     match load(path) {
         Ok(config) => {
-            println!("{}: ok ({} route(s))", path.display(), config.routes.len());
-            print!("{}", config.summary());
+            outln!("{}: ok ({} route(s))", path.display(), config.routes.len());
+            out(&config.summary());
             ExitCode::SUCCESS
         }
         Err(code) => code,

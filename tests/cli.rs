@@ -158,3 +158,24 @@ fn gen_cert_writes_a_loadable_pair() {
     tabmux::tls::server_config(&dir.join("dev.crt"), &dir.join("dev.key")).unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    // `tabmux check | head -1`: the reader goes away early.
+    let path = scratch("pipe.toml", GOOD);
+    let mut child = tabmux()
+        .args(["check", "--config"])
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
