@@ -82,17 +82,7 @@ async fn run(ops: Vec<Op>) {
                     .await;
                 conn_of.insert(s, conn);
                 let nth = *opens.entry(s).and_modify(|k| *k += 1).or_insert(0);
-                let open = mock
-                    .wait("the open event", |c| {
-                        let opens: Vec<_> = c[conn]
-                            .frames
-                            .iter()
-                            .map(to_json)
-                            .filter(|v| v["event"] == "open")
-                            .collect();
-                        opens.get(nth).cloned()
-                    })
-                    .await;
+                let open = mock.nth_open(conn, nth).await;
                 live.push(ModelTab {
                     session: s,
                     id: open["tab"].as_str().unwrap().to_string(),

@@ -743,6 +743,19 @@ impl Mock {
         .await
     }
 
+    /// Waits for the `nth` open event (from 0) on connection `conn`.
+    pub async fn nth_open(&self, conn: usize, nth: usize) -> serde_json::Value {
+        self.wait(&format!("open event #{nth} on upstream #{conn}"), |c| {
+            c.get(conn)?
+                .frames
+                .iter()
+                .map(to_json)
+                .filter(|v| v["event"] == "open")
+                .nth(nth)
+        })
+        .await
+    }
+
     /// A frame on `conn` matching `pred`, if one has arrived (no waiting).
     pub fn try_find(
         &self,
@@ -851,17 +864,6 @@ pub async fn join(
     nth_open: usize,
 ) -> (Tab, String) {
     let tab = spec.connect(proxy).await;
-    let open = mock
-        .wait("an open event", |c| {
-            let opens: Vec<_> = c
-                .get(conn)?
-                .frames
-                .iter()
-                .map(to_json)
-                .filter(|v| v["event"] == "open")
-                .collect();
-            opens.get(nth_open).cloned()
-        })
-        .await;
+    let open = mock.nth_open(conn, nth_open).await;
     (tab, open["tab"].as_str().unwrap().to_string())
 }
