@@ -426,3 +426,22 @@ async fn admin_health_and_readiness() {
     assert!(scrape.contains("tabmux_tabs_open"), "{scrape}");
     assert_eq!(admin_get(proxy.admin, "/nope").await.0, 404);
 }
+
+#[tokio::test]
+async fn a_forwarded_query_is_appended_to_the_upstreams_own_with_an_ampersand() {
+    let mock = Mock::start().await;
+    let toml = base_config("")
+        + &format!(
+            "[[route]]\npath = \"/ws\"\nupstream = \"ws://{}/backend?key=abc\"\nallowed_origins = [\"http://app.test\"]\n",
+            mock.addr
+        );
+    let proxy = start_proxy(&toml).await;
+    let _tab = TabSpec::new("s").path("/ws?room=5").connect(&proxy).await;
+    mock.conn(0).await;
+    assert_eq!(mock.path(0), "/backend?key=abc&room=5");
+    // Without a tab query, the upstream's own stays as it is.
+    let _other = TabSpec::new("t").connect(&proxy).await;
+    mock.conn(1).await;
+    let paths = [mock.path(0), mock.path(1)];
+    assert!(paths.contains(&"/backend?key=abc".to_string()), "{paths:?}");
+}
