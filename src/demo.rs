@@ -203,7 +203,7 @@ fn random_id() -> String {
     let mut bytes = [0u8; 16];
     // A failing system RNG leaves zeros: harmless for a demo cookie.
     let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::session::hex(&bytes)
 }
 
 const PAGE: &str = r#"<!doctype html>

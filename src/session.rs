@@ -44,8 +44,19 @@ pub struct SessionKey([u8; 32]);
 impl SessionKey {
     /// The session's public name: the first 8 bytes of the hash, in hex.
     pub fn name(&self) -> String {
-        self.0[..8].iter().map(|b| format!("{b:02x}")).collect()
+        hex(&self.0[..8])
     }
+}
+
+/// Lower-case hex of `bytes`, in one allocation.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
 }
 
 impl std::fmt::Debug for SessionKey {
@@ -1100,5 +1111,30 @@ fn normal_close() -> CloseFrame {
     CloseFrame {
         code: CloseCode::Normal,
         reason: "".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_is_lower_case_two_digits_a_byte() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        assert_eq!(hex(&[]), "");
+    }
+
+    #[test]
+    fn session_names_are_16_hex_digits_and_keyed() {
+        let a = SessionHasher::new();
+        let name = a.shared(0, b"cookie", b"", b"").name();
+        assert_eq!(name.len(), 16);
+        assert!(name.bytes().all(|c| c.is_ascii_hexdigit()));
+        // Same identity, same key: same name; another process key: another.
+        assert_eq!(name, a.shared(0, b"cookie", b"", b"").name());
+        assert_ne!(
+            name,
+            SessionHasher::new().shared(0, b"cookie", b"", b"").name()
+        );
     }
 }
