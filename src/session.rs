@@ -984,7 +984,9 @@ impl<'c> Session<'c> {
             Message::Binary(b) => b.len(),
             _ => 0,
         };
-        let all = self.member_ids();
+        // Every member, in no particular order: delivery order across tabs
+        // does not matter, so this per-frame path does not sort.
+        let all = self.targets(&Target::All);
         if len > self.route().max_message_size {
             self.too_big(&all);
             return;
