@@ -20,14 +20,7 @@ use crate::status;
 
 /// Serves admin requests until `stop`'s sender is dropped.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<()>) {
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => continue,
-            },
-            _ = stop.changed() => break,
-        };
+    while let Some((stream, _)) = crate::listener::accept(&listener, &mut stop).await {
         let shared = shared.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| answer(req, shared.clone()));

@@ -7,8 +7,10 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::net::SocketAddr;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
@@ -22,19 +24,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
         .tls
         .clone()
         .map(tokio_rustls::TlsAcceptor::from);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Typically EMFILE: back off briefly instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => break,
-        };
+    while let Some((stream, peer)) = accept(&listener, &mut stop).await {
         let shared = shared.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
@@ -54,8 +44,29 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
     }
 }
 
+/// The next connection, or None once `stop`'s sender is dropped. A failed
+/// accept (typically EMFILE at the open-file limit) is logged and retried
+/// after a short pause instead of spinning.
+pub async fn accept(
+    listener: &TcpListener,
+    stop: &mut watch::Receiver<()>,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => return Some(conn),
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.changed() => return None,
+        }
+    }
+}
+
 /// Serves HTTP/1.1 on one connection; upgraded requests become tabs.
-async fn serve_http<I>(io: I, shared: Arc<Shared>, peer: std::net::SocketAddr)
+async fn serve_http<I>(io: I, shared: Arc<Shared>, peer: SocketAddr)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
