@@ -341,34 +341,29 @@ impl Checker<'_> {
             );
             return None;
         };
-        for (key, _) in table.iter() {
+        self.unknown_keys(table, &format!("in {what}"), allowed);
+        Some(table)
+    }
+
+    /// Reports every key of `t` that is not in `allowed`, with its place
+    /// and the keys allowed there. `place` reads "in [server]" and the like.
+    fn unknown_keys(&mut self, t: &dyn TableLike, place: &str, allowed: &[&str]) {
+        for (key, _) in t.iter() {
             if !allowed.contains(&key) {
-                let span = table.key(key).and_then(|k| k.span());
+                let span = t.key(key).and_then(|k| k.span());
                 self.at(
                     span,
                     format!(
-                        "unknown key `{key}` in {what}; allowed keys: {}",
+                        "unknown key `{key}` {place}; allowed keys: {}",
                         allowed.join(", ")
                     ),
                 );
             }
         }
-        Some(table)
     }
 
     fn config(&mut self, root: &dyn TableLike) -> Option<Config> {
-        for (key, _) in root.iter() {
-            if !TOP_KEYS.contains(&key) {
-                let span = root.key(key).and_then(|k| k.span());
-                self.at(
-                    span,
-                    format!(
-                        "unknown key `{key}` at the top level; allowed keys: {}",
-                        TOP_KEYS.join(", ")
-                    ),
-                );
-            }
-        }
+        self.unknown_keys(root, "at the top level", TOP_KEYS);
         let server = self.server(root.get("server"));
         let admin = self.admin(root.get("admin"));
         let log = self.log(root.get("log"));
@@ -528,18 +523,7 @@ impl Checker<'_> {
 
     fn route(&mut self, table: &toml_edit::Table, what: &str) -> Option<Route> {
         let t: &dyn TableLike = table;
-        for (key, _) in t.iter() {
-            if !ROUTE_KEYS.contains(&key) {
-                let span = t.key(key).and_then(|k| k.span());
-                self.at(
-                    span,
-                    format!(
-                        "unknown key `{key}` in {what}; allowed keys: {}",
-                        ROUTE_KEYS.join(", ")
-                    ),
-                );
-            }
-        }
+        self.unknown_keys(t, &format!("in {what}"), ROUTE_KEYS);
         let path = self.required(t, "path", what, |c, item| {
             let s = c.string(item)?;
             if !s.starts_with('/') || s.contains(['?', '#', ' ']) {
