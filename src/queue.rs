@@ -12,13 +12,15 @@
 //! through the same lock and waker it already uses for messages, so an idle
 //! tab polls nothing extra.
 //!
+//! The session's keepalive tick reaches the tab the same way (a flag, no
+//! message and no timer per tab).
+//!
 //! Its lock is a std `Mutex`, held only to push, pop or swap a waker, never
 //! across an `.await`.
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -32,6 +34,8 @@ struct State {
     closed: bool,
     /// Close the tab now, ahead of the queued messages.
     kill: Option<CloseFrame>,
+    /// The session's keepalive ticked: ping the tab (or close it if idle).
+    tick: bool,
     /// The receiver, waiting for a message.
     waker: Option<Waker>,
 }
@@ -55,6 +59,7 @@ pub fn queue(capacity: usize) -> (QueueSender, QueueReceiver) {
             items: VecDeque::new(),
             closed: false,
             kill: None,
+            tick: false,
             waker: None,
         }),
     });
@@ -106,9 +111,19 @@ impl QueueSender {
 impl QueueSender {
     /// Closes the tab with `frame` ahead of whatever is queued.
     pub fn kill(&self, frame: CloseFrame) {
+        self.signal(|st| st.kill = Some(frame));
+    }
+
+    /// The keepalive ticked (ahead of queued messages; ticks that the tab
+    /// has not seen yet count once).
+    pub fn tick(&self) {
+        self.signal(|st| st.tick = true);
+    }
+
+    fn signal(&self, set: impl FnOnce(&mut State)) {
         let waker = {
             let mut st = self.shared.lock();
-            st.kill = Some(frame);
+            set(&mut st);
             st.waker.take()
         };
         if let Some(w) = waker {
@@ -137,6 +152,8 @@ pub enum Next {
     Message(Message),
     /// Close now with this frame (queued messages are dropped).
     Kill(CloseFrame),
+    /// The keepalive ticked.
+    Tick,
     /// The session is gone and the queue is drained.
     Closed,
 }
@@ -148,47 +165,37 @@ pub struct QueueReceiver {
 }
 
 impl QueueReceiver {
-    /// The kill, else the next message, else the end.
-    pub async fn recv(&self) -> Next {
-        poll_fn(|cx| {
-            let mut st = self.shared.lock();
-            if let Some(frame) = st.kill.take() {
-                return Poll::Ready(Next::Kill(frame));
-            }
-            if let Some(msg) = pop(&mut st) {
-                return Poll::Ready(Next::Message(msg));
-            }
-            if st.closed {
-                return Poll::Ready(Next::Closed);
-            }
-            park(&mut st, cx.waker());
-            Poll::Pending
-        })
-        .await
-    }
-
-    /// Resolves when the session kills the tab.
-    pub async fn killed(&self) -> CloseFrame {
-        poll_fn(|cx| {
-            let mut st = self.shared.lock();
-            match st.kill.take() {
-                Some(frame) => Poll::Ready(frame),
-                None => {
-                    park(&mut st, cx.waker());
-                    Poll::Pending
-                }
-            }
-        })
-        .await
-    }
-
-    /// The next message if one is waiting (and no kill is).
-    pub fn try_recv(&self) -> Option<Message> {
+    /// The kill, else a tick, else the next message, else the end; or
+    /// Pending, with the task's waker registered.
+    pub fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Next> {
         let mut st = self.shared.lock();
-        if st.kill.is_some() {
-            return None;
+        if let Some(frame) = st.kill.take() {
+            return Poll::Ready(Next::Kill(frame));
         }
-        pop(&mut st)
+        if std::mem::take(&mut st.tick) {
+            return Poll::Ready(Next::Tick);
+        }
+        if let Some(msg) = pop(&mut st) {
+            return Poll::Ready(Next::Message(msg));
+        }
+        if st.closed {
+            return Poll::Ready(Next::Closed);
+        }
+        park(&mut st, cx.waker());
+        Poll::Pending
+    }
+
+    /// Ready when the session kills the tab (for a tab whose writes are
+    /// blocked, which takes nothing else from the queue).
+    pub fn poll_kill(&self, cx: &mut Context<'_>) -> Poll<CloseFrame> {
+        let mut st = self.shared.lock();
+        match st.kill.take() {
+            Some(frame) => Poll::Ready(frame),
+            None => {
+                park(&mut st, cx.waker());
+                Poll::Pending
+            }
+        }
     }
 }
 
@@ -221,12 +228,26 @@ fn pop(st: &mut State) -> Option<Message> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::poll_fn;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
     fn frame(code: u16) -> CloseFrame {
         CloseFrame {
             code: CloseCode::from(code),
             reason: "".into(),
+        }
+    }
+
+    async fn next(rx: &QueueReceiver) -> Next {
+        poll_fn(|cx| rx.poll_next(cx)).await
+    }
+
+    /// The next item if one is ready now.
+    fn now(rx: &QueueReceiver) -> Option<Next> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match rx.poll_next(&mut cx) {
+            Poll::Ready(n) => Some(n),
+            Poll::Pending => None,
         }
     }
 
@@ -239,32 +260,46 @@ mod tests {
             tx.try_send(Message::text("c")),
             Err(TrySendError::Full(Message::text("c")))
         );
-        assert_eq!(rx.recv().await, Next::Message(Message::text("a")));
-        assert_eq!(rx.try_recv(), Some(Message::text("b")));
-        assert_eq!(rx.try_recv(), None);
+        assert_eq!(next(&rx).await, Next::Message(Message::text("a")));
+        assert_eq!(now(&rx), Some(Next::Message(Message::text("b"))));
+        assert_eq!(now(&rx), None);
         drop(tx);
-        assert_eq!(rx.recv().await, Next::Closed);
+        assert_eq!(next(&rx).await, Next::Closed);
     }
 
     #[tokio::test]
-    async fn a_kill_overtakes_queued_messages_and_wakes_a_waiting_writer() {
+    async fn a_kill_overtakes_queued_messages_and_wakes_a_blocked_writer() {
         let (tx, rx) = queue(2);
         tx.try_send(Message::text("a")).unwrap();
         tx.kill(frame(1008));
-        assert_eq!(rx.try_recv(), None);
-        assert_eq!(rx.recv().await, Next::Kill(frame(1008)));
+        assert_eq!(next(&rx).await, Next::Kill(frame(1008)));
         let rx = Arc::new(rx);
         let waiting = rx.clone();
-        let waiter = tokio::spawn(async move { waiting.killed().await });
+        let waiter = tokio::spawn(async move { poll_fn(|cx| waiting.poll_kill(cx)).await });
         tokio::task::yield_now().await;
         tx.kill(frame(1008));
         assert_eq!(waiter.await.unwrap(), frame(1008));
     }
 
     #[tokio::test]
+    async fn ticks_come_before_messages_and_count_once() {
+        let (tx, rx) = queue(4);
+        tx.try_send(Message::text("a")).unwrap();
+        tx.tick();
+        tx.tick();
+        assert_eq!(now(&rx), Some(Next::Tick));
+        assert_eq!(now(&rx), Some(Next::Message(Message::text("a"))));
+        assert_eq!(now(&rx), None);
+        let waiter = tokio::spawn(async move { next(&rx).await });
+        tokio::task::yield_now().await;
+        tx.tick();
+        assert_eq!(waiter.await.unwrap(), Next::Tick);
+    }
+
+    #[tokio::test]
     async fn a_waiting_receiver_is_woken() {
         let (tx, rx) = queue(4);
-        let waiter = tokio::spawn(async move { rx.recv().await });
+        let waiter = tokio::spawn(async move { next(&rx).await });
         tokio::task::yield_now().await;
         tx.try_send(Message::text("x")).unwrap();
         assert_eq!(waiter.await.unwrap(), Next::Message(Message::text("x")));
@@ -276,7 +311,7 @@ mod tests {
         for i in 0..50 {
             tx.try_send(Message::text(i.to_string())).unwrap();
         }
-        while rx.try_recv().is_some() {}
+        while now(&rx).is_some_and(|n| matches!(n, Next::Message(_))) {}
         assert_eq!(tx.shared.lock().items.capacity(), 0);
         drop(rx);
         assert!(matches!(

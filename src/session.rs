@@ -278,19 +278,25 @@ pub struct TabLink {
 
 impl TabLink {
     /// Sends a tab message (`payload` bytes as the tab sent it) to the
-    /// session, waiting while its queue is full. Returns false if the session
-    /// is gone.
-    pub async fn send(&self, msg: Message, payload: usize) -> bool {
+    /// session, waiting while its queue is full: a future that owns what it
+    /// needs, for a tab that found the queue full. Resolves to false if the
+    /// session is gone.
+    pub fn send_later(
+        &self,
+        msg: Message,
+        payload: usize,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send>> {
+        let tx = self.tx.clone();
         let cmd = Command::FromTab {
             tab: self.tab,
             msg,
             payload,
         };
-        self.tx.send(cmd).await.is_ok()
+        Box::pin(async move { tx.send(cmd).await.is_ok() })
     }
 
     /// Sends without waiting. `Err(Some(msg))`: the session's queue is full
-    /// (try [`TabLink::send`]); `Err(None)`: the session is gone.
+    /// (try [`TabLink::send_later`]); `Err(None)`: the session is gone.
     pub fn try_send(&self, msg: Message, payload: usize) -> Result<(), Option<Message>> {
         let cmd = Command::FromTab {
             tab: self.tab,
@@ -773,8 +779,13 @@ impl<'c> Session<'c> {
         }
     }
 
-    /// Keepalive: a silent upstream is lost; otherwise ping it.
+    /// Keepalive: every tab is told to ping its browser (or to close if it
+    /// went silent); a silent upstream is lost, otherwise pinged. One timer
+    /// per session, none per tab.
     fn tick(&mut self) -> Result<(), End> {
+        for slot in self.tabs.values() {
+            slot.out.tick();
+        }
         if self.upstream.is_none() {
             return Ok(());
         }

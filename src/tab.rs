@@ -3,25 +3,45 @@
 //! The task reads the tab's messages, wraps them in the envelope (here, not in
 //! the session task, so that the JSON validation and encoding of many tabs run
 //! in parallel) and passes them to the session in order. It writes what the
-//! session queues for it, in bursts (`feed` then one `flush`). It ends when
-//! either side closes, and its [`TabLink`] reports the close code as it drops.
+//! session queues for it, in bursts (one `flush`, so one `write`, per burst).
+//! It ends when either side closes, and its [`TabLink`] reports the close code
+//! as it drops.
+//!
+//! Why a hand-written poll loop over tungstenite's [`WebSocketContext`]
+//! instead of tokio-tungstenite's stream and `select!`: this loop runs once
+//! per message delivered to every tab, so its cost is multiplied by the fan-out,
+//! and an idle tab's task is multiplied by every open tab. Profiling showed
+//! three costs that this shape removes:
+//! - after every delivery `select!` polled the tab's socket for reading
+//!   through four I/O layers (tokio-tungstenite's waker proxies, hyper's
+//!   upgraded connection, its rewind buffer, tokio), and tungstenite zeroed
+//!   its read buffer each time. Here the socket is read only when tokio's
+//!   readiness (an atomic load) says it may have data.
+//! - each tab had its own keepalive timer; the session's timer now ticks its
+//!   tabs through their queues.
+//! - the `select!` state machine, with the write and read paths inline, made
+//!   every idle tab's task about 1.6 KiB; this one is the struct below.
 
 use std::future::{poll_fn, Future};
+use std::io::{self, Read, Write};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{
+    CloseFrame, Role, WebSocketConfig, WebSocketContext,
+};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
 
 use crate::config::{Envelope, Route};
@@ -29,9 +49,6 @@ use crate::envelope;
 use crate::metrics::RouteMetrics;
 use crate::queue::{Next, QueueReceiver};
 use crate::session::{Joined, TabLink};
-
-/// A tab's WebSocket, over the connection hyper upgraded.
-pub type TabSocket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// How long tabmux waits for a tab to complete a close handshake, or for a
 /// close frame to be written to a tab that is not reading.
@@ -54,128 +71,290 @@ pub fn ws_config(route: &Route) -> WebSocketConfig {
 /// Bytes tungstenite reads from a tab's socket at a time.
 pub const TAB_READ_BUFFER: usize = 512;
 
-/// Runs a tab until it closes.
-pub async fn run(ws: TabSocket, joined: Joined, route: Arc<Route>, metrics: Arc<RouteMetrics>) {
+/// A tab's connection once upgraded: plain TCP, TLS, or (should hyper ever
+/// hand over another type) hyper's upgraded connection itself.
+pub trait TabIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Pending (with the waker registered) while a read certainly finds
+    /// nothing; Ready when it may find data or an error.
+    fn poll_read_hint(&self, cx: &mut Context<'_>) -> Poll<()>;
+}
+
+impl TabIo for TcpStream {
+    fn poll_read_hint(&self, cx: &mut Context<'_>) -> Poll<()> {
+        // tokio's cached readiness: no system call.
+        self.poll_read_ready(cx).map(|_| ())
+    }
+}
+
+impl TabIo for TlsStream<TcpStream> {
+    fn poll_read_hint(&self, _: &mut Context<'_>) -> Poll<()> {
+        // rustls may hold decrypted bytes the socket no longer shows.
+        Poll::Ready(())
+    }
+}
+
+impl TabIo for TokioIo<Upgraded> {
+    fn poll_read_hint(&self, _: &mut Context<'_>) -> Poll<()> {
+        Poll::Ready(())
+    }
+}
+
+/// Runs a tab until it closes. `read` holds bytes the client sent after its
+/// handshake that hyper had already read.
+pub async fn run<S: TabIo>(
+    io: S,
+    read: Bytes,
+    joined: Joined,
+    route: Arc<Route>,
+    metrics: Arc<RouteMetrics>,
+) {
     let Joined {
         tab, out, mut link, ..
     } = joined;
-    let period = route.ping_interval;
-    let mut keepalive = tokio::time::interval_at(Instant::now() + period, period);
-    keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let config = Some(ws_config(&route));
+    let ws = if read.is_empty() {
+        WebSocketContext::new(Role::Server, config)
+    } else {
+        WebSocketContext::from_partially_read(read.to_vec(), Role::Server, config)
+    };
     let mut task = TabTask {
+        io,
         ws,
         tab,
         out,
         route,
         metrics,
-        keepalive,
         seen: false,
         last_seen: Instant::now(),
+        read_buffered: !read.is_empty(),
+        write_blocked: false,
+        sending: None,
     };
-    let code = task.serve(&link).await;
+    let end = poll_fn(|cx| task.poll_serve(cx, &link)).await;
+    // Boxed: it runs once per tab, and its timer and handshake state would
+    // otherwise be part of every idle tab's task.
+    let code = Box::pin(task.end(end)).await;
     debug!(code, "tab closed");
     // The link reports the leave with this code as it drops, here.
     link.set_close_code(code);
 }
 
 /// The state of one tab task.
-struct TabTask {
-    ws: TabSocket,
+struct TabTask<S> {
+    io: S,
+    ws: WebSocketContext,
     tab: envelope::TabId,
-    /// What the session queued for this tab (and its kill order).
+    /// What the session queued for this tab (its kill order, its keepalive
+    /// ticks).
     out: QueueReceiver,
     route: Arc<Route>,
     metrics: Arc<RouteMetrics>,
-    /// Pings the tab and checks it is alive, every `ping_interval`.
-    keepalive: Interval,
     /// Whether the tab sent anything since the last tick, and when it last
     /// did as of a tick.
     seen: bool,
     last_seen: Instant,
+    /// tungstenite may hold bytes already read from the socket: read before
+    /// asking the socket's readiness.
+    read_buffered: bool,
+    /// A write could not complete: flush before taking more from the queue.
+    write_blocked: bool,
+    /// A tab message waiting for room in the session's queue; the tab is not
+    /// read meanwhile.
+    sending: Option<Pin<Box<dyn Future<Output = bool> + Send>>>,
 }
 
-/// One turn of the tab loop.
-enum Step {
-    Out(Next),
-    In(Option<Result<Message, WsError>>),
-    Tick,
+/// How a tab's loop ended.
+enum End {
+    /// Close the tab from tabmux's side with this frame.
+    Close(CloseFrame),
+    /// The tab started the close handshake with this code; finish it.
+    Finish(u16),
+    /// The connection is unusable; the `close` event carries this code.
+    Gone(u16),
 }
 
-impl TabTask {
-    /// Serves the tab; returns the close code its `close` event carries.
-    async fn serve(&mut self, link: &TabLink) -> u16 {
-        loop {
-            let step = tokio::select! {
-                biased;
-                next = self.out.recv() => Step::Out(next),
-                msg = self.ws.next() => Step::In(msg),
-                _ = self.keepalive.tick() => Step::Tick,
-            };
-            let done = match step {
-                // A full queue: close now, ahead of the queued messages.
-                Step::Out(Next::Kill(frame)) => Some(self.close(frame).await),
-                // The session ended without a word: it is going away.
-                Step::Out(Next::Closed) => Some(self.close(close_frame(1001, "going away")).await),
-                Step::Out(Next::Message(Message::Close(frame))) => {
-                    let frame = frame.unwrap_or_else(|| close_frame(1000, ""));
-                    Some(self.close(frame).await)
-                }
-                Step::Out(Next::Message(msg)) => self.write(msg).await,
-                Step::In(msg) => self.read(msg, link).await,
-                // Boxed for the same reason as `close`: it runs rarely.
-                Step::Tick => Box::pin(self.tick()).await,
-            };
-            if let Some(code) = done {
-                return code;
-            }
+/// tungstenite's blocking-style `Read`/`Write` over a tokio stream for the
+/// duration of one poll: `Pending` becomes `WouldBlock` (the waker is then
+/// registered by the stream).
+struct Io<'a, 'b, S> {
+    stream: &'a mut S,
+    cx: &'a mut Context<'b>,
+}
+
+impl<S: AsyncRead + Unpin> Read for Io<'_, '_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut buf = ReadBuf::new(buf);
+        match Pin::new(&mut *self.stream).poll_read(self.cx, &mut buf) {
+            Poll::Ready(Ok(())) => Ok(buf.filled().len()),
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Write for Io<'_, '_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match Pin::new(&mut *self.stream).poll_write(self.cx, buf) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
         }
     }
 
-    /// Handles what the tab sent. Returns a close code when the tab is done.
-    async fn read(&mut self, msg: Option<Result<Message, WsError>>, link: &TabLink) -> Option<u16> {
-        self.seen = true;
-        match msg {
-            Some(Ok(msg)) => match from_tab(&self.route, self.tab, msg) {
-                Inbound::Forward(m, payload) => {
-                    // Usually the session's queue has room; only when it is
-                    // full does the tab wait (and its socket read with it).
-                    let sent = match link.try_send(m, payload) {
-                        Ok(()) => true,
-                        Err(Some(m)) => Box::pin(link.send(m, payload)).await,
-                        Err(None) => false,
-                    };
-                    if sent {
-                        None
-                    } else {
-                        Some(self.close(close_frame(1001, "going away")).await)
+    fn flush(&mut self) -> io::Result<()> {
+        match Pin::new(&mut *self.stream).poll_flush(self.cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+fn would_block(e: &WsError) -> bool {
+    matches!(e, WsError::Io(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+impl<S: TabIo> TabTask<S> {
+    fn io<'a, 'b>(stream: &'a mut S, cx: &'a mut Context<'b>) -> Io<'a, 'b, S> {
+        Io { stream, cx }
+    }
+
+    /// Serves the tab until one side ends it.
+    fn poll_serve(&mut self, cx: &mut Context<'_>, link: &TabLink) -> Poll<End> {
+        if let Poll::Ready(end) = self.poll_out(cx) {
+            return Poll::Ready(end);
+        }
+        self.poll_in(cx, link)
+    }
+
+    /// The session's side: the kill, the keepalive, then queued messages,
+    /// written in bursts. Pending once the queue is empty or the tab's
+    /// socket is full.
+    fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<End> {
+        loop {
+            if self.write_blocked {
+                match self.poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.write_blocked = false,
+                    Poll::Ready(Err(_)) => return Poll::Ready(End::Gone(1006)),
+                    // A tab that stopped reading must still be closable, and
+                    // takes nothing else from its queue meanwhile (so that
+                    // the queue fills and the session sees a slow consumer).
+                    Poll::Pending => return self.out.poll_kill(cx).map(End::Close),
+                }
+            }
+            let mut written = 0;
+            while written < BURST {
+                let msg = match self.out.poll_next(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Next::Kill(frame)) => return Poll::Ready(End::Close(frame)),
+                    // The session ended without a word: it is going away.
+                    Poll::Ready(Next::Closed) => {
+                        return Poll::Ready(End::Close(close_frame(1001, "going away")))
+                    }
+                    Poll::Ready(Next::Message(Message::Close(frame))) => {
+                        // Written after the messages before it (the close
+                        // flushes them).
+                        let frame = frame.unwrap_or_else(|| close_frame(1000, ""));
+                        return Poll::Ready(End::Close(frame));
+                    }
+                    Poll::Ready(Next::Tick) => match self.tick() {
+                        Some(end) => return Poll::Ready(end),
+                        None => Message::Ping(Bytes::new()),
+                    },
+                    Poll::Ready(Next::Message(msg)) => msg,
+                };
+                // A message that finds the socket full stays in tungstenite's
+                // buffer and goes out with the next flush.
+                match self.ws.write(&mut Self::io(&mut self.io, cx), msg) {
+                    Ok(()) => written += 1,
+                    Err(e) if would_block(&e) => {
+                        written += 1;
+                        break;
+                    }
+                    Err(_) => return Poll::Ready(End::Gone(1006)),
+                }
+            }
+            if written == 0 {
+                return Poll::Pending;
+            }
+            // Flushed at the top of the loop (and again if blocked).
+            self.write_blocked = true;
+        }
+    }
+
+    /// Writes what tungstenite holds.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        match self.ws.flush(&mut Self::io(&mut self.io, cx)) {
+            Err(e) if would_block(&e) => Poll::Pending,
+            r => Poll::Ready(r),
+        }
+    }
+
+    /// The next message from the tab, or Pending.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Message, WsError>> {
+        match self.ws.read(&mut Self::io(&mut self.io, cx)) {
+            Err(e) if would_block(&e) => Poll::Pending,
+            r => Poll::Ready(r),
+        }
+    }
+
+    /// The tab's side: reads its messages and passes them to the session.
+    /// Pending once nothing more can be read now.
+    fn poll_in(&mut self, cx: &mut Context<'_>, link: &TabLink) -> Poll<End> {
+        loop {
+            if let Some(sending) = self.sending.as_mut() {
+                match sending.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(true) => self.sending = None,
+                    Poll::Ready(false) => {
+                        return Poll::Ready(End::Close(close_frame(1001, "going away")))
                     }
                 }
-                Inbound::Ignore => None,
-                Inbound::Closed(code) => {
-                    // tungstenite queued the reply; finish the handshake.
-                    finish(&mut self.ws).await;
-                    Some(code)
+            }
+            if !self.read_buffered && self.io.poll_read_hint(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let msg = match self.poll_read(cx) {
+                Poll::Pending => {
+                    self.read_buffered = false;
+                    return Poll::Pending;
                 }
+                Poll::Ready(Ok(msg)) => msg,
+                Poll::Ready(Err(e)) => return Poll::Ready(self.read_failed(&e)),
+            };
+            // tungstenite may have read more than this message.
+            self.read_buffered = true;
+            self.seen = true;
+            match from_tab(&self.route, self.tab, msg) {
+                Inbound::Forward(m, payload) => match link.try_send(m, payload) {
+                    Ok(()) => {}
+                    // Usually the session's queue has room; only when it is
+                    // full does the tab wait (and its socket read with it).
+                    Err(Some(m)) => self.sending = Some(link.send_later(m, payload)),
+                    Err(None) => return Poll::Ready(End::Close(close_frame(1001, "going away"))),
+                },
+                Inbound::Ignore => {}
+                // tungstenite queued the reply; `end` sends it.
+                Inbound::Closed(code) => return Poll::Ready(End::Finish(code)),
                 Inbound::Refuse(code, reason) => {
                     self.metrics.tab_closed("invalid_json");
-                    Some(self.close(close_frame(code, reason)).await)
+                    return Poll::Ready(End::Close(close_frame(code, reason)));
                 }
-            },
-            Some(Err(e)) => {
-                let (code, reason, label) = read_error(&e);
-                debug!(error = %e, code, "tab read failed");
-                if code == 1006 {
-                    return Some(1006);
-                }
-                self.metrics.tab_closed(label);
-                Some(self.close(close_frame(code, reason)).await)
             }
-            None => Some(1006),
         }
     }
 
-    /// Keepalive: a silent tab is closed; otherwise ping it.
-    async fn tick(&mut self) -> Option<u16> {
+    /// How a failed read ends the tab.
+    fn read_failed(&self, e: &WsError) -> End {
+        let (code, reason, label) = read_error(e);
+        debug!(error = %e, code, "tab read failed");
+        if code == 1006 {
+            return End::Gone(1006);
+        }
+        self.metrics.tab_closed(label);
+        End::Close(close_frame(code, reason))
+    }
+
+    /// Keepalive: a silent tab is closed; otherwise it is pinged.
+    fn tick(&mut self) -> Option<End> {
         let now = Instant::now();
         if self.seen {
             self.seen = false;
@@ -183,54 +362,46 @@ impl TabTask {
         }
         if now.duration_since(self.last_seen) >= self.route.idle_timeout {
             self.metrics.tab_closed("idle");
-            return Some(self.close(close_frame(1001, "idle timeout")).await);
+            return Some(End::Close(close_frame(1001, "idle timeout")));
         }
-        self.write(Message::Ping(Bytes::new())).await
+        None
     }
 
-    /// Writes `first` and whatever else is queued. A tab that stops reading
-    /// can block this write and must still be closable, so a write that has
-    /// to wait races the kill order; one that completes at once (nearly
-    /// all) does not pay for that.
-    async fn write(&mut self, first: Message) -> Option<u16> {
-        let written = {
-            let out = &self.out;
-            let burst = write_burst(&mut self.ws, first, out);
-            tokio::pin!(burst);
-            match poll_fn(|cx| Poll::Ready(burst.as_mut().poll(cx))).await {
-                Poll::Ready(r) => Ok(r),
-                Poll::Pending => tokio::select! {
-                    biased;
-                    frame = out.killed() => Err(frame),
-                    r = &mut burst => Ok(r),
-                },
-            }
+    /// Ends the tab: completes or starts the close handshake (waiting
+    /// briefly for the tab), and returns the code for the `close` event.
+    async fn end(&mut self, end: End) -> u16 {
+        let (code, frame) = match end {
+            End::Gone(code) => return code,
+            End::Finish(code) => (code, None),
+            End::Close(frame) => (u16::from(frame.code), Some(frame)),
         };
-        match written {
-            Ok(Ok(None)) => None,
-            Ok(Ok(Some(frame))) => Some(self.close(frame).await),
-            Ok(Err(_)) => Some(1006),
-            Err(frame) => Some(self.close(frame).await),
-        }
-    }
-
-    /// Starts a close handshake from tabmux's side and waits (briefly) for
-    /// the tab's reply. Returns the code, for the `close` event.
-    ///
-    /// Boxed: it runs once per tab, and its timer and handshake state would
-    /// otherwise be part of every idle tab's task.
-    fn close(&mut self, frame: CloseFrame) -> Pin<Box<dyn Future<Output = u16> + Send + '_>> {
-        Box::pin(self.close_now(frame))
-    }
-
-    async fn close_now(&mut self, frame: CloseFrame) -> u16 {
-        let code = u16::from(frame.code);
-        let ws = &mut self.ws;
-        let _ = tokio::time::timeout(CLOSE_GRACE, async {
-            if ws.close(Some(frame)).await.is_ok() {
-                while let Some(Ok(_)) = ws.next().await {}
-            }
-        })
+        let mut frame = frame;
+        let _ = tokio::time::timeout(
+            CLOSE_GRACE,
+            poll_fn(|cx| {
+                if let Some(frame) = frame.take() {
+                    // Queues the close frame after anything unwritten.
+                    let r = self.ws.close(&mut Self::io(&mut self.io, cx), Some(frame));
+                    if matches!(&r, Err(e) if !would_block(e)) {
+                        return Poll::Ready(());
+                    }
+                }
+                match self.poll_flush(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Ready(Ok(())) => {}
+                }
+                // Until the tab's reply (or the end of the connection); a
+                // reply tungstenite owes the tab is written as it reads.
+                loop {
+                    match self.poll_read(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(_)) => {}
+                        Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    }
+                }
+            }),
+        )
         .await;
         code
     }
@@ -280,40 +451,9 @@ fn read_error(e: &WsError) -> (u16, &'static str, &'static str) {
     }
 }
 
-/// Writes `first` and whatever else is queued (up to a burst), then flushes.
-/// Returns the close frame if the session queued one after the messages.
-async fn write_burst(
-    ws: &mut TabSocket,
-    first: Message,
-    out: &QueueReceiver,
-) -> Result<Option<CloseFrame>, WsError> {
-    ws.feed(first).await?;
-    let mut closing = None;
-    for _ in 1..BURST {
-        match out.try_recv() {
-            Some(Message::Close(frame)) => {
-                closing = Some(frame.unwrap_or_else(|| close_frame(1000, "")));
-                break;
-            }
-            Some(msg) => ws.feed(msg).await?,
-            None => break,
-        }
-    }
-    ws.flush().await?;
-    Ok(closing)
-}
-
 fn close_frame(code: u16, reason: &str) -> CloseFrame {
     CloseFrame {
         code: CloseCode::from(code),
         reason: reason.into(),
     }
-}
-
-/// Completes a close handshake the tab started (sends the queued reply).
-async fn finish(ws: &mut TabSocket) {
-    let _ = tokio::time::timeout(CLOSE_GRACE, async {
-        while let Some(Ok(_)) = ws.next().await {}
-    })
-    .await;
 }

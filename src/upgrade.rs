@@ -19,10 +19,10 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio_rustls::server::TlsStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, field, info, Instrument};
 
 use crate::config::MissingCookie;
@@ -244,15 +244,20 @@ async fn admit(
             // Held for the tab's whole life; dropped however the task ends.
             let _permit = permit;
             match on_upgrade.await {
-                Ok(upgraded) => {
-                    let ws = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        Role::Server,
-                        Some(tab::ws_config(&route)),
-                    )
-                    .await;
-                    tab::run(ws, joined, route, metrics).await;
-                }
+                // The tab gets its connection back from hyper, without the
+                // layers of an upgraded connection (see `tab`).
+                Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
+                    Ok(p) => tab::run(p.io.into_inner(), p.read_buf, joined, route, metrics).await,
+                    Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+                        Ok(p) => {
+                            tab::run(p.io.into_inner(), p.read_buf, joined, route, metrics).await
+                        }
+                        Err(upgraded) => {
+                            let io = TokioIo::new(upgraded);
+                            tab::run(io, Bytes::new(), joined, route, metrics).await
+                        }
+                    },
+                },
                 // The client went away before the switch; dropping `joined`
                 // reports the tab's leave (1006).
                 Err(e) => debug!(error = %e, "upgrade did not complete"),

@@ -353,7 +353,9 @@ async fn scenario_once(scenario: &str, c: Contender, quick: bool) -> anyhow::Res
             let frames = 2 * echoes;
             f.insert("echoes_per_s".into(), echoes as f64 / sizes.cpu_secs as f64);
             if setup.proxy.is_some() {
-                f.insert("cpu_us_per_frame".into(), cpu as f64 / frames.max(1) as f64);
+                let per = |us: u64| us as f64 / frames.max(1) as f64;
+                f.insert("cpu_us_per_frame".into(), per(cpu.total()));
+                f.insert("cpu_us_per_frame_system".into(), per(cpu.system));
             }
         }
         "fanout" => {
@@ -387,10 +389,9 @@ async fn scenario_once(scenario: &str, c: Contender, quick: bool) -> anyhow::Res
             f.insert("p50_ms".into(), percentile(&lat, 0.5) as f64 / 1000.0);
             f.insert("p99_ms".into(), percentile(&lat, 0.99) as f64 / 1000.0);
             if setup.proxy.is_some() {
-                f.insert(
-                    "cpu_us_per_delivery".into(),
-                    cpu as f64 / deliveries.max(1.0),
-                );
+                let per = |us: u64| us as f64 / deliveries.max(1.0);
+                f.insert("cpu_us_per_delivery".into(), per(cpu.total()));
+                f.insert("cpu_us_per_delivery_system".into(), per(cpu.system));
             }
         }
         "storm" => {

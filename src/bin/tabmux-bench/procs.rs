@@ -142,8 +142,31 @@ fn parent_of(pid: u32) -> Option<u32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// CPU time (user + system) of the pids, in microseconds.
-pub fn cpu_us(pids: &[u32]) -> u64 {
+/// CPU time of some processes, in microseconds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu {
+    pub user: u64,
+    pub system: u64,
+}
+
+impl Cpu {
+    pub fn total(self) -> u64 {
+        self.user + self.system
+    }
+}
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+    fn sub(self, earlier: Cpu) -> Cpu {
+        Cpu {
+            user: self.user.saturating_sub(earlier.user),
+            system: self.system.saturating_sub(earlier.system),
+        }
+    }
+}
+
+/// CPU time (user and system) of the pids, in microseconds.
+pub fn cpu_us(pids: &[u32]) -> Cpu {
     let tick_us = 1_000_000 / 100; // CLK_TCK is 100 on Linux.
     pids.iter()
         .filter_map(|pid| {
@@ -151,10 +174,15 @@ pub fn cpu_us(pids: &[u32]) -> u64 {
             let rest = stat.rsplit_once(')')?.1;
             let f: Vec<&str> = rest.split_whitespace().collect();
             // After the name: state(0) ppid(1) … utime(11) stime(12).
-            let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-            Some(ticks * tick_us)
+            Some(Cpu {
+                user: f.get(11)?.parse::<u64>().ok()? * tick_us,
+                system: f.get(12)?.parse::<u64>().ok()? * tick_us,
+            })
         })
-        .sum()
+        .fold(Cpu::default(), |a, b| Cpu {
+            user: a.user + b.user,
+            system: a.system + b.system,
+        })
 }
 
 /// Resident memory of the pids, in KiB.
