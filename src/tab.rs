@@ -42,13 +42,14 @@ use tokio_tungstenite::tungstenite::protocol::{
     CloseFrame, Role, WebSocketConfig, WebSocketContext,
 };
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tracing::debug;
+use tracing::{debug, Instrument};
 
 use crate::config::{Envelope, Route};
 use crate::envelope;
 use crate::metrics::RouteMetrics;
 use crate::queue::{Next, QueueReceiver};
 use crate::session::{Joined, TabLink};
+use crate::upgrade::TabPermit;
 
 /// How long tabmux waits for a tab to complete a close handshake, or for a
 /// close frame to be written to a tab that is not reading.
@@ -99,44 +100,87 @@ impl TabIo for TokioIo<Upgraded> {
     }
 }
 
-/// Runs a tab until it closes. `read` holds bytes the client sent after its
-/// handshake that hyper had already read.
-pub async fn run<S: TabIo>(
-    io: S,
-    read: Bytes,
+/// Starts a tab's task on the connection hyper upgraded. The task runs
+/// until the tab closes, holding `permit` (its slot under `server.max_tabs`).
+///
+/// The tab takes its connection back from hyper, without the layers of an
+/// upgraded connection. Its task is built here, outside any `async` block:
+/// locals moved into an async state machine keep their space in it, and an
+/// idle tab's task is what every open tab costs.
+pub fn spawn(
+    upgraded: Upgraded,
     joined: Joined,
     route: Arc<Route>,
     metrics: Arc<RouteMetrics>,
+    permit: TabPermit,
 ) {
-    let Joined {
-        tab, out, mut link, ..
-    } = joined;
-    let config = Some(ws_config(&route));
-    let ws = if read.is_empty() {
-        WebSocketContext::new(Role::Server, config)
-    } else {
-        WebSocketContext::from_partially_read(read.to_vec(), Role::Server, config)
-    };
-    let mut task = TabTask {
-        io,
-        ws,
-        tab,
-        out,
-        route,
-        metrics,
-        seen: false,
-        last_seen: Instant::now(),
-        read_buffered: !read.is_empty(),
-        write_blocked: false,
-        sending: None,
-    };
-    let end = poll_fn(|cx| task.poll_serve(cx, &link)).await;
-    // Boxed: it runs once per tab, and its timer and handshake state would
-    // otherwise be part of every idle tab's task.
-    let code = Box::pin(task.end(end)).await;
-    debug!(code, "tab closed");
-    // The link reports the leave with this code as it drops, here.
-    link.set_close_code(code);
+    let span = tracing::Span::current();
+    let Joined { tab, out, link, .. } = joined;
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(p) => {
+            let task = TabTask::new(p.io.into_inner(), p.read_buf, tab, out, route, metrics);
+            tokio::spawn(run(task, link, permit).instrument(span));
+        }
+        Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+            Ok(p) => {
+                let task = TabTask::new(p.io.into_inner(), p.read_buf, tab, out, route, metrics);
+                tokio::spawn(run(task, link, permit).instrument(span));
+            }
+            Err(upgraded) => {
+                let io = TokioIo::new(upgraded);
+                let task = TabTask::new(io, Bytes::new(), tab, out, route, metrics);
+                tokio::spawn(run(task, link, permit).instrument(span));
+            }
+        },
+    }
+}
+
+/// A tab's task: serves the tab, then ends it (a close handshake, boxed:
+/// it runs once per tab, and its timer and handshake state would otherwise
+/// be part of every idle tab's task). Dropping it drops the link (which
+/// reports the leave with the close code) and then the tab's slot.
+///
+/// Written out rather than as an `async fn`, whose state machine kept a
+/// second copy of the task state it was given.
+struct TabFuture<S> {
+    task: Option<TabTask<S>>,
+    ending: Option<Pin<Box<dyn Future<Output = u16> + Send>>>,
+    link: TabLink,
+    _permit: TabPermit,
+}
+
+fn run<S: TabIo>(task: TabTask<S>, link: TabLink, permit: TabPermit) -> TabFuture<S> {
+    TabFuture {
+        task: Some(task),
+        ending: None,
+        link,
+        _permit: permit,
+    }
+}
+
+impl<S: TabIo> Future for TabFuture<S> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if let Some(task) = this.task.as_mut() {
+            let Poll::Ready(end) = task.poll_serve(cx, &this.link) else {
+                return Poll::Pending;
+            };
+            if let Some(task) = this.task.take() {
+                this.ending = Some(Box::pin(task.end(end)));
+            }
+        }
+        if let Some(ending) = this.ending.as_mut() {
+            let Poll::Ready(code) = ending.as_mut().poll(cx) else {
+                return Poll::Pending;
+            };
+            this.ending = None;
+            debug!(code, "tab closed");
+            this.link.set_close_code(code);
+        }
+        Poll::Ready(())
+    }
 }
 
 /// The state of one tab task.
@@ -213,6 +257,40 @@ fn would_block(e: &WsError) -> bool {
 }
 
 impl<S: TabIo> TabTask<S> {
+    /// `read` holds bytes the client sent after its handshake that hyper had
+    /// already read.
+    fn new(
+        io: S,
+        read: Bytes,
+        tab: envelope::TabId,
+        out: QueueReceiver,
+        route: Arc<Route>,
+        metrics: Arc<RouteMetrics>,
+    ) -> Self {
+        let config = Some(ws_config(&route));
+        let read_buffered = !read.is_empty();
+        let ws = if read_buffered {
+            WebSocketContext::from_partially_read(read.to_vec(), Role::Server, config)
+        } else {
+            WebSocketContext::new(Role::Server, config)
+        };
+        // (Even empty, `read` may hold hyper's whole read buffer: it is
+        // dropped here.)
+        TabTask {
+            io,
+            ws,
+            tab,
+            out,
+            route,
+            metrics,
+            seen: false,
+            last_seen: Instant::now(),
+            read_buffered,
+            write_blocked: false,
+            sending: None,
+        }
+    }
+
     fn io<'a, 'b>(stream: &'a mut S, cx: &'a mut Context<'b>) -> Io<'a, 'b, S> {
         Io { stream, cx }
     }
@@ -369,7 +447,7 @@ impl<S: TabIo> TabTask<S> {
 
     /// Ends the tab: completes or starts the close handshake (waiting
     /// briefly for the tab), and returns the code for the `close` event.
-    async fn end(&mut self, end: End) -> u16 {
+    async fn end(mut self, end: End) -> u16 {
         let (code, frame) = match end {
             End::Gone(code) => return code,
             End::Finish(code) => (code, None),
@@ -455,5 +533,17 @@ fn close_frame(code: u16, reason: &str) -> CloseFrame {
     CloseFrame {
         code: CloseCode::from(code),
         reason: reason.into(),
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every open tab's task is this future (plus tokio's header and the
+    /// tracing span), so it is a headline memory figure: keep it in check.
+    #[test]
+    fn a_plain_tab_task_stays_small() {
+        let size = std::mem::size_of::<TabFuture<TcpStream>>();
+        assert!(size <= 512, "a plain tab's task is {size} bytes");
     }
 }

@@ -18,10 +18,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
-use tokio_rustls::server::TlsStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::{debug, field, info, Instrument};
 
@@ -241,25 +238,11 @@ async fn admit(
     let metrics = metrics.clone();
     tokio::spawn(
         async move {
-            // Held for the tab's whole life; dropped however the task ends.
-            let _permit = permit;
             match on_upgrade.await {
-                // The tab gets its connection back from hyper, without the
-                // layers of an upgraded connection (see `tab`).
-                Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
-                    Ok(p) => tab::run(p.io.into_inner(), p.read_buf, joined, route, metrics).await,
-                    Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
-                        Ok(p) => {
-                            tab::run(p.io.into_inner(), p.read_buf, joined, route, metrics).await
-                        }
-                        Err(upgraded) => {
-                            let io = TokioIo::new(upgraded);
-                            tab::run(io, Bytes::new(), joined, route, metrics).await
-                        }
-                    },
-                },
+                // The tab's own task, sized for it alone, takes over.
+                Ok(upgraded) => tab::spawn(upgraded, joined, route, metrics, permit),
                 // The client went away before the switch; dropping `joined`
-                // reports the tab's leave (1006).
+                // reports the tab's leave (1006) and `permit` frees its slot.
                 Err(e) => debug!(error = %e, "upgrade did not complete"),
             }
         }
