@@ -180,8 +180,8 @@ async fn admit(
 
     let dial = DialParams {
         cookie: joined_header(headers, header::COOKIE, "; "),
-        user_agent: headers.get(header::USER_AGENT).cloned(),
-        origin: headers.get(header::ORIGIN).cloned(),
+        user_agent: headers.get(header::USER_AGENT).and_then(copied),
+        origin: headers.get(header::ORIGIN).and_then(copied),
         forwarded_for: forwarded_for(headers, peer),
         forwarded_proto: if shared.server.tls.is_some() {
             "https"
@@ -347,6 +347,13 @@ fn joined_header(headers: &HeaderMap, name: header::HeaderName, sep: &str) -> Op
     HeaderValue::from_bytes(&out).ok()
 }
 
+/// A header value in an allocation of its own. A value hyper parsed is a
+/// slice of the connection's whole read buffer (8 KiB or more): a session
+/// that kept one for its redials would keep that buffer alive.
+fn copied(v: &HeaderValue) -> Option<HeaderValue> {
+    HeaderValue::from_bytes(v.as_bytes()).ok()
+}
+
 /// The tab's own `X-Forwarded-For`, if any, with its peer address appended.
 fn forwarded_for(headers: &HeaderMap, peer: SocketAddr) -> Option<HeaderValue> {
     let ip = peer.ip().to_string();
@@ -374,6 +381,16 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn kept_header_values_do_not_share_the_request_buffer() {
+        // hyper's parsed values are slices of its read buffer.
+        let buffer = Bytes::from_static(b"Mozilla/5.0 and the rest of the request");
+        let parsed = HeaderValue::from_maybe_shared(buffer.slice(0..11)).unwrap();
+        let kept = copied(&parsed).unwrap();
+        assert_eq!(kept, parsed);
+        assert_ne!(kept.as_bytes().as_ptr(), parsed.as_bytes().as_ptr());
     }
 
     #[test]
