@@ -11,7 +11,7 @@
 //! arrive at once: the first tab inserts the session (which starts dialling),
 //! the others find it and queue their join behind the dial.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -513,7 +513,8 @@ struct Session<'c> {
     /// Completes (with an error, its sender being dropped) when the proxy
     /// shuts down.
     shutdown: watch::Receiver<()>,
-    tabs: HashMap<TabId, TabSlot>,
+    /// Keyed by ids tabmux assigns, so a fast non-keyed hash is safe here.
+    tabs: FxHashMap<TabId, TabSlot>,
     /// The next tab id; ids are never reused on one upstream connection.
     next_tab: u64,
     /// `envelope = "none"`: the first `replay_first` upstream frames.
@@ -557,7 +558,7 @@ impl<'c> Session<'c> {
             dial,
             commands,
             shutdown: ctx.shutdown.clone(),
-            tabs: HashMap::new(),
+            tabs: FxHashMap::default(),
             next_tab: 1,
             replay: Vec::new(),
             to_upstream: Vec::new(),
@@ -936,34 +937,41 @@ impl<'c> Session<'c> {
         self.left(tab, code);
     }
 
-    /// Queues `msg` for `tab`; returns whether it was queued. A full queue
-    /// makes the tab a slow consumer.
-    fn deliver(&mut self, tab: TabId, msg: Message) -> bool {
-        let Some(slot) = self.tabs.get(&tab) else {
-            return false;
-        };
-        match slot.out.try_send(msg) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                self.ctx.metrics.tab_closed("slow_consumer");
-                info!(tab = %tab, "slow consumer: tab queue full");
-                self.close_tab(tab, 1008, "slow consumer");
-                false
-            }
-            // The tab task ended; its Leave is on the way.
-            Err(TrySendError::Closed(_)) => false,
-        }
-    }
-
-    /// Delivers one upstream message to `tabs`, sharing its buffer, and
-    /// counts the deliveries (and the savings they make).
-    fn fan_out(&mut self, tabs: Vec<TabId>, msg: Message, len: usize, broadcast: bool) {
+    /// Delivers one upstream message to `tabs` (None: every member),
+    /// sharing its buffer, and counts the deliveries (and the savings they
+    /// make). A tab whose queue is full is a slow consumer and is closed.
+    ///
+    /// A broadcast walks the tab table itself: no list of ids, no lookups.
+    fn fan_out(&mut self, tabs: Option<Vec<TabId>>, msg: Message, len: usize) {
         let mut delivered = 0;
-        for tab in tabs {
-            // Cloning the message clones a reference count, never the payload.
-            delivered += usize::from(self.deliver(tab, msg.clone()));
+        let mut slow = Vec::new();
+        // Cloning the message clones a reference count, never the payload.
+        let mut offer = |tab: TabId, slot: &TabSlot| match slot.out.try_send(msg.clone()) {
+            Ok(()) => delivered += 1,
+            Err(TrySendError::Full(_)) => slow.push(tab),
+            // The tab task ended; its Leave is on the way.
+            Err(TrySendError::Closed(_)) => {}
+        };
+        match &tabs {
+            None => {
+                for (&tab, slot) in &self.tabs {
+                    offer(tab, slot);
+                }
+            }
+            Some(ids) => {
+                for &tab in ids {
+                    if let Some(slot) = self.tabs.get(&tab) {
+                        offer(tab, slot);
+                    }
+                }
+            }
         }
-        self.ctx.metrics.delivered(delivered, len, broadcast);
+        for tab in slow {
+            self.ctx.metrics.tab_closed("slow_consumer");
+            info!(tab = %tab, "slow consumer: tab queue full");
+            self.close_tab(tab, 1008, "slow consumer");
+        }
+        self.ctx.metrics.delivered(delivered, len, tabs.is_none());
     }
 
     fn upstream_frame(&mut self, msg: Message) {
@@ -995,10 +1003,8 @@ impl<'c> Session<'c> {
             Message::Binary(b) => b.len(),
             _ => 0,
         };
-        // Every member, in no particular order: delivery order across tabs
-        // does not matter, so this per-frame path does not sort.
-        let all = self.targets(&Target::All);
         if len > self.route().max_message_size {
+            let all = self.targets(&Target::All);
             self.too_big(&all);
             return;
         }
@@ -1007,15 +1013,15 @@ impl<'c> Session<'c> {
         if self.replay.len() < self.route().replay_first {
             self.replay.push(msg.clone());
         }
-        self.fan_out(all, msg, len, true);
+        self.fan_out(None, msg, len);
     }
 
     fn backend_frame(&mut self, frame: BackendFrame) {
         match frame {
             BackendFrame::Deliver { to, body } => {
-                let ids = self.targets(&to);
                 let len = body.len();
                 if len > self.route().max_message_size {
+                    let ids = self.targets(&to);
                     self.too_big(&ids);
                     return;
                 }
@@ -1024,7 +1030,11 @@ impl<'c> Session<'c> {
                     Body::Text(t) => Message::Text(t),
                     Body::Binary(b) => Message::Binary(b),
                 };
-                self.fan_out(ids, msg, len, to == Target::All);
+                let ids = match to {
+                    Target::All => None,
+                    tabs => Some(self.targets(&tabs)),
+                };
+                self.fan_out(ids, msg, len);
             }
             BackendFrame::Close { to, code, reason } => {
                 for tab in self.targets(&to) {
