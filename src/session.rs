@@ -12,10 +12,11 @@
 //! the others find it and queue their join behind the dial.
 
 use rustc_hash::FxHashMap;
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -578,10 +579,16 @@ impl<'c> Session<'c> {
 
     /// Serves until the session ends, then closes what is left.
     async fn serve(&mut self, rx: &mut mpsc::Receiver<Command>) {
+        // The proxy's shutdown, one future for the session's whole life: a
+        // new one each turn would add and remove a waiter on a notifier all
+        // sessions share, twice per message.
+        let mut shutdown = self.shutdown.clone();
+        let stopping = shutdown.changed();
+        tokio::pin!(stopping);
         let end = loop {
             let event = tokio::select! {
                 biased;
-                _ = self.shutdown.changed() => Event::Shutdown,
+                _ = &mut stopping => Event::Shutdown,
                 cmd = rx.recv() => Event::Command(cmd),
                 frame = next_frame(&mut self.upstream) => Event::Upstream(frame),
                 result = redial(&mut self.outage, self.ctx) => Event::Redialed(Box::new(result)),
@@ -819,7 +826,14 @@ impl<'c> Session<'c> {
             }
             up.flush().await
         };
-        match tokio::time::timeout(self.ctx.route.idle_timeout, write).await {
+        tokio::pin!(write);
+        // Nearly every write completes at once; only one that has to wait
+        // pays for a timer.
+        let written = match poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+            Poll::Ready(r) => Ok(r),
+            Poll::Pending => tokio::time::timeout(self.ctx.route.idle_timeout, write).await,
+        };
+        match written {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("the upstream stopped reading (write timed out)".into()),

@@ -54,6 +54,19 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         secs: u64,
     },
+    /// Offer echo load (the cpu scenario's) to a proxy you started: for
+    /// profiling.
+    Rate {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        tabs: usize,
+        /// Messages per second, over all tabs.
+        #[arg(long, default_value_t = 20_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+    },
     /// (internal) the benchmark backend.
     Backend {
         #[arg(long)]
@@ -113,6 +126,20 @@ fn main() -> anyhow::Result<()> {
             .block_on(backend::run(listen, control, envelope, rate))
             .context("backend"),
         Command::Run(args) => run(args),
+        Command::Rate {
+            target,
+            tabs,
+            rate,
+            secs,
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let echoes =
+                    load::offered_rate(target, tabs, rate, Duration::from_secs(secs)).await?;
+                eprintln!("{echoes} echoes in {secs} s");
+                Ok(())
+            }),
         Command::Hold {
             target,
             tabs,
