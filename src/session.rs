@@ -532,6 +532,8 @@ struct Session<'c> {
     /// last did as of a tick.
     upstream_seen: bool,
     upstream_last_seen: Instant,
+    /// tungstenite may hold upstream bytes it has read (see [`next_frame`]).
+    upstream_buffered: bool,
     /// Published for the status page after every turn of the loop.
     stats: Arc<SessionStats>,
     /// The most tabs this session had at once.
@@ -568,6 +570,7 @@ impl<'c> Session<'c> {
             keepalive,
             upstream_seen: false,
             upstream_last_seen: Instant::now(),
+            upstream_buffered: true,
             stats,
             peak: 0,
         }
@@ -590,7 +593,7 @@ impl<'c> Session<'c> {
                 biased;
                 _ = &mut stopping => Event::Shutdown,
                 cmd = rx.recv() => Event::Command(cmd),
-                frame = next_frame(&mut self.upstream) => Event::Upstream(frame),
+                frame = next_frame(&mut self.upstream, &mut self.upstream_buffered) => Event::Upstream(frame),
                 result = redial(&mut self.outage, self.ctx) => Event::Redialed(Box::new(result)),
                 _ = self.keepalive.tick() => Event::Tick,
                 () = expire(&mut self.linger) => Event::Linger,
@@ -761,6 +764,8 @@ impl<'c> Session<'c> {
             );
         }
         self.upstream = Some(socket);
+        // Bytes that followed the handshake may already be buffered.
+        self.upstream_buffered = true;
         self.upstream_seen = false;
         self.upstream_last_seen = Instant::now();
         // A new connection greets anew; later tabs get this greeting.
@@ -1108,9 +1113,27 @@ fn open_event(tab: TabId, info: &JoinInfo) -> tokio_tungstenite::tungstenite::Ut
 }
 
 /// The next upstream frame, or never while the upstream is down.
-async fn next_frame(upstream: &mut Option<UpstreamSocket>) -> Option<Result<Message, WsError>> {
+/// The next upstream frame. The socket is read only when tokio says it may
+/// have data, or when tungstenite may still hold frames it read
+/// (`buffered`): most of the upstream's wake-ups are for the session's
+/// commands, and a read that finds nothing costs a pass through the
+/// WebSocket layers.
+async fn next_frame(
+    upstream: &mut Option<UpstreamSocket>,
+    buffered: &mut bool,
+) -> Option<Result<Message, WsError>> {
     match upstream {
-        Some(up) => up.next().await,
+        Some(up) => {
+            poll_fn(|cx| {
+                if !*buffered && up.get_ref().poll_read_hint(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let next = up.poll_next_unpin(cx);
+                *buffered = next.is_ready();
+                next
+            })
+            .await
+        }
         None => std::future::pending().await,
     }
 }

@@ -205,6 +205,19 @@ pub enum UpstreamIo {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
+impl UpstreamIo {
+    /// Pending (with the waker registered) while a read certainly finds
+    /// nothing: tokio's cached readiness for plain TCP, no system call and
+    /// no pass through the WebSocket layers. TLS may hold decrypted bytes
+    /// the socket no longer shows, so it is always worth a read.
+    pub fn poll_read_hint(&self, cx: &mut Context<'_>) -> Poll<()> {
+        match self {
+            UpstreamIo::Plain(s) => s.poll_read_ready(cx).map(|_| ()),
+            UpstreamIo::Tls(_) => Poll::Ready(()),
+        }
+    }
+}
+
 impl AsyncRead for UpstreamIo {
     fn poll_read(
         self: Pin<&mut Self>,
