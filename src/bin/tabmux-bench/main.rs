@@ -16,6 +16,7 @@
 #![allow(clippy::result_large_err)]
 
 mod backend;
+mod floor;
 mod load;
 mod procs;
 
@@ -65,6 +66,17 @@ enum Command {
         #[arg(long, default_value_t = 20_000)]
         rate: u64,
         #[arg(long, default_value_t = 10)]
+        secs: u64,
+    },
+    /// (internal) the fan-out floor's writer (see `floor.rs`).
+    FloorWriter {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        sockets: usize,
+        #[arg(long)]
+        rate: u32,
+        #[arg(long)]
         secs: u64,
     },
     /// (internal) the benchmark backend.
@@ -126,6 +138,12 @@ fn main() -> anyhow::Result<()> {
             .block_on(backend::run(listen, control, envelope, rate))
             .context("backend"),
         Command::Run(args) => run(args),
+        Command::FloorWriter {
+            connect,
+            sockets,
+            rate,
+            secs,
+        } => floor::writer(connect, sockets, rate, secs),
         Command::Rate {
             target,
             tabs,
@@ -419,6 +437,14 @@ async fn scenario_once(scenario: &str, c: Contender, quick: bool) -> anyhow::Res
                 let per = |us: u64| us as f64 / deliveries.max(1.0);
                 f.insert("cpu_us_per_delivery".into(), per(cpu.total()));
                 f.insert("cpu_us_per_delivery_system".into(), per(cpu.system));
+            }
+            drop(setup);
+            if c == Contender::Direct {
+                // No proxy at all: the kernel's cost of one delivery, for
+                // the same number of sockets and rate (see floor.rs).
+                let (user, system) = floor::measure(tabs, 10, sizes.fan_secs).await?;
+                f.insert("floor_cpu_us_per_write".into(), user + system);
+                f.insert("floor_cpu_us_per_write_system".into(), system);
             }
         }
         "storm" => {

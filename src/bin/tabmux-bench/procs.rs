@@ -34,6 +34,14 @@ pub fn free_port() -> u16 {
 
 /// Runs `program args…` pinned to `core` (when taskset exists).
 pub fn spawn_pinned(core: usize, program: &Path, args: &[String]) -> std::io::Result<Child> {
+    command_pinned(core, program, args)
+        .stdout(Stdio::null())
+        .spawn()
+}
+
+/// The command for `program args…` pinned to `core` (when taskset exists),
+/// with no input and its errors discarded.
+pub fn command_pinned(core: usize, program: &Path, args: &[String]) -> Command {
     let mut cmd = if which("taskset") {
         let mut c = Command::new("taskset");
         c.arg("-c").arg(core.to_string()).arg(program);
@@ -41,11 +49,8 @@ pub fn spawn_pinned(core: usize, program: &Path, args: &[String]) -> std::io::Re
     } else {
         Command::new(program)
     };
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+    cmd.args(args).stdin(Stdio::null()).stderr(Stdio::null());
+    cmd
 }
 
 pub fn which(program: &str) -> bool {
