@@ -307,9 +307,16 @@ impl<S: TabIo> TabTask<S> {
     /// written in bursts. Pending once the queue is empty or the tab's
     /// socket is full.
     fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<End> {
+        // Whether the queue was found empty (with the waker registered)
+        // since the last flush began: then a completed flush is the end.
+        let mut drained = false;
         loop {
             if self.write_blocked {
                 match self.poll_flush(cx) {
+                    Poll::Ready(Ok(())) if drained => {
+                        self.write_blocked = false;
+                        return Poll::Pending;
+                    }
                     Poll::Ready(Ok(())) => self.write_blocked = false,
                     Poll::Ready(Err(_)) => return Poll::Ready(End::Gone(1006)),
                     // A tab that stopped reading must still be closable, and
@@ -321,7 +328,10 @@ impl<S: TabIo> TabTask<S> {
             let mut written = 0;
             while written < BURST {
                 let msg = match self.out.poll_next(cx) {
-                    Poll::Pending => break,
+                    Poll::Pending => {
+                        drained = true;
+                        break;
+                    }
                     Poll::Ready(Next::Kill(frame)) => return Poll::Ready(End::Close(frame)),
                     // The session ended without a word: it is going away.
                     Poll::Ready(Next::Closed) => {
