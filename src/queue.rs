@@ -4,8 +4,9 @@
 //! Why not tokio's bounded mpsc: it allocates a block of 32 message slots up
 //! front (about 2 KiB with tungstenite's 56-byte `Message`), which profiling
 //! showed to be one of the largest costs of an idle tab. This queue is one
-//! small allocation; its buffer exists only while messages are waiting, and
-//! is given back once a burst has drained.
+//! small allocation holding the next message inline; a buffer exists only
+//! while more than one message waits, and is given back once a burst has
+//! drained.
 //!
 //! The session can also *kill* the tab through it: a close frame that
 //! overtakes everything queued (a slow consumer). The tab task sees it
@@ -29,7 +30,12 @@ use tokio_tungstenite::tungstenite::Message;
 const KEEP_CAPACITY: usize = 8;
 
 struct State {
-    items: VecDeque<Message>,
+    /// The oldest waiting message. Kept out of `more` so that the usual
+    /// case, one message at a time, touches no second allocation (and an
+    /// idle tab keeps no buffer at all).
+    first: Option<Message>,
+    /// The messages after `first`, in order.
+    more: VecDeque<Message>,
     /// One side is gone.
     closed: bool,
     /// Close the tab now, ahead of the queued messages.
@@ -56,7 +62,8 @@ impl Shared {
 pub fn queue(capacity: usize) -> (QueueSender, QueueReceiver) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
-            items: VecDeque::new(),
+            first: None,
+            more: VecDeque::new(),
             closed: false,
             kill: None,
             tick: false,
@@ -95,10 +102,10 @@ impl QueueSender {
             if st.closed {
                 return Err(TrySendError::Closed(msg));
             }
-            if st.items.len() >= self.capacity {
+            if st.len() >= self.capacity {
                 return Err(TrySendError::Full(msg));
             }
-            st.items.push_back(msg);
+            st.push(msg);
             st.waker.take()
         };
         if let Some(w) = waker {
@@ -212,17 +219,33 @@ impl Drop for QueueReceiver {
     fn drop(&mut self) {
         let mut st = self.shared.lock();
         st.closed = true;
-        st.items = VecDeque::new();
+        st.first = None;
+        st.more = VecDeque::new();
     }
 }
 
 fn pop(st: &mut State) -> Option<Message> {
-    let msg = st.items.pop_front();
-    if st.items.is_empty() && st.items.capacity() > KEEP_CAPACITY {
+    let msg = st.first.take()?;
+    st.first = st.more.pop_front();
+    if st.more.is_empty() && st.more.capacity() > KEEP_CAPACITY {
         // A burst has drained: give its buffer back.
-        st.items = VecDeque::new();
+        st.more = VecDeque::new();
     }
-    msg
+    Some(msg)
+}
+
+impl State {
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
+    fn push(&mut self, msg: Message) {
+        if self.first.is_none() {
+            self.first = Some(msg);
+        } else {
+            self.more.push_back(msg);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -296,6 +319,23 @@ mod tests {
         assert_eq!(waiter.await.unwrap(), Next::Tick);
     }
 
+    #[test]
+    fn order_is_kept_across_the_inline_slot_and_one_message_needs_no_buffer() {
+        let (tx, rx) = queue(8);
+        tx.try_send(Message::text("a")).unwrap();
+        assert_eq!(tx.shared.lock().more.capacity(), 0);
+        tx.try_send(Message::text("b")).unwrap();
+        assert_eq!(now(&rx), Some(Next::Message(Message::text("a"))));
+        tx.try_send(Message::text("c")).unwrap();
+        tx.try_send(Message::text("d")).unwrap();
+        for want in ["b", "c", "d"] {
+            assert_eq!(now(&rx), Some(Next::Message(Message::text(want))));
+        }
+        assert_eq!(now(&rx), None);
+        tx.try_send(Message::text("e")).unwrap();
+        assert_eq!(now(&rx), Some(Next::Message(Message::text("e"))));
+    }
+
     #[tokio::test]
     async fn a_waiting_receiver_is_woken() {
         let (tx, rx) = queue(4);
@@ -312,7 +352,7 @@ mod tests {
             tx.try_send(Message::text(i.to_string())).unwrap();
         }
         while now(&rx).is_some_and(|n| matches!(n, Next::Message(_))) {}
-        assert_eq!(tx.shared.lock().items.capacity(), 0);
+        assert_eq!(tx.shared.lock().more.capacity(), 0);
         drop(rx);
         assert!(matches!(
             tx.try_send(Message::text("y")),
