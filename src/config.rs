@@ -51,6 +51,9 @@ pub struct Server {
     /// The largest request head (request line and headers) accepted; a
     /// larger one is refused with 431 (added key).
     pub max_header_size: usize,
+    /// Runtime worker threads (added key); None: one per core the process
+    /// may run on. One means a single-threaded runtime.
+    pub worker_threads: Option<usize>,
 }
 
 /// `[admin]`: health, readiness, metrics and status.
@@ -214,6 +217,9 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// More runtime threads than this is a typo, not a machine.
+const MAX_WORKER_THREADS: u64 = 1024;
+
 /// hyper's smallest request buffer.
 const MIN_HEADER_SIZE: usize = 8 * 1024;
 
@@ -225,6 +231,7 @@ const SERVER_KEYS: &[&str] = &[
     "shutdown_timeout",
     "handshake_timeout",
     "max_header_size",
+    "worker_threads",
 ];
 const TLS_KEYS: &[&str] = &["cert", "key"];
 const ADMIN_KEYS: &[&str] = &["listen"];
@@ -414,6 +421,17 @@ impl Checker<'_> {
             }
             Some(n)
         });
+        let worker_threads = self.optional(t, "worker_threads", None, |c, item| {
+            let n = c.positive(item)?;
+            if n > MAX_WORKER_THREADS {
+                c.at(
+                    item.span(),
+                    format!("worker_threads must be at most {MAX_WORKER_THREADS}"),
+                );
+                return None;
+            }
+            Some(Some(n as usize))
+        });
         Some(Server {
             listen: listen?,
             tls: tls?,
@@ -421,6 +439,7 @@ impl Checker<'_> {
             shutdown_timeout: shutdown_timeout?,
             handshake_timeout: handshake_timeout?,
             max_header_size: max_header_size?,
+            worker_threads: worker_threads?,
         })
     }
 
@@ -1195,6 +1214,17 @@ max_message_size = "1 lightyear"
             err.contains("idle_timeout (30s) must be longer than ping_interval"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn worker_threads_is_optional_and_bounded() {
+        assert_eq!(parse(MINIMAL).unwrap().server.worker_threads, None);
+        let with = |n: &str| MINIMAL.replace("[admin]", &format!("worker_threads = {n}\n[admin]"));
+        assert_eq!(parse(&with("1")).unwrap().server.worker_threads, Some(1));
+        for bad in ["0", "5000", "\"two\""] {
+            let err = parse(&with(bad)).unwrap_err().to_string();
+            assert!(err.contains("proxy.toml:4:"), "{bad}: {err}");
+        }
     }
 
     #[test]

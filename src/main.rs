@@ -81,19 +81,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            eprintln!("tabmux: cannot start the runtime: {e}");
-            ExitCode::from(1)
-        })
-}
-
 fn demo(listen: std::net::SocketAddr) -> ExitCode {
     init_logging(LogFormat::Pretty, "info");
-    let rt = match runtime() {
+    let rt = match runtime(None) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
@@ -159,15 +149,9 @@ fn run(path: &std::path::Path) -> ExitCode {
         Err(code) => return code,
     };
     init_logging(config.log.format, &config.log.level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(config.server.worker_threads) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tabmux: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async {
         let mut signals = match signals() {
@@ -193,6 +177,29 @@ fn run(path: &std::path::Path) -> ExitCode {
             })
             .await;
         ExitCode::SUCCESS
+    })
+}
+
+/// The runtime tabmux serves on: `threads` workers (by default one per
+/// core this process may run on). With one, a single-threaded runtime: the
+/// same work without the cross-thread scheduling a pool of one would still
+/// pay for on every wake-up.
+fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let built = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
+    built.map_err(|e| {
+        eprintln!("tabmux: cannot start the runtime: {e}");
+        ExitCode::from(1)
     })
 }
 

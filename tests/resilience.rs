@@ -254,8 +254,19 @@ async fn a_silent_tab_is_closed_by_idle_timeout_and_a_live_one_is_not() {
 
 #[tokio::test]
 async fn sigterm_drains_tabs_with_1001_and_upstreams_with_1000_then_exits_0() {
+    sigterm_drain("shutdown_timeout = \"10s\"").await;
+}
+
+/// `worker_threads = 1` runs tabmux on a single-threaded runtime: the same
+/// tabs, events and drain.
+#[tokio::test]
+async fn the_single_threaded_runtime_serves_and_drains_the_same() {
+    sigterm_drain("shutdown_timeout = \"10s\"\nworker_threads = 1").await;
+}
+
+async fn sigterm_drain(server: &str) {
     let mock = Mock::start().await;
-    let toml = base_config("shutdown_timeout = \"10s\"") + &route("/ws", mock.addr, "");
+    let toml = base_config(server) + &route("/ws", mock.addr, "");
     let (mut child, proxy) = spawn_tabmux(&toml);
     let (a, a_id) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
     let (b, b_id) = join(&proxy, &mock, 0, &TabSpec::new("s"), 1).await;
