@@ -192,17 +192,19 @@ impl QueueReceiver {
         Poll::Pending
     }
 
-    /// Ready when the session kills the tab (for a tab whose writes are
-    /// blocked, which takes nothing else from the queue).
-    pub fn poll_kill(&self, cx: &mut Context<'_>) -> Poll<CloseFrame> {
+    /// Ready when the session kills the tab (`Some`) or is gone (`None`),
+    /// for a tab whose writes are blocked, which takes nothing else from the
+    /// queue.
+    pub fn poll_kill(&self, cx: &mut Context<'_>) -> Poll<Option<CloseFrame>> {
         let mut st = self.shared.lock();
-        match st.kill.take() {
-            Some(frame) => Poll::Ready(frame),
-            None => {
-                park(&mut st, cx.waker());
-                Poll::Pending
-            }
+        if let Some(frame) = st.kill.take() {
+            return Poll::Ready(Some(frame));
         }
+        if st.closed {
+            return Poll::Ready(None);
+        }
+        park(&mut st, cx.waker());
+        Poll::Pending
     }
 }
 
@@ -301,7 +303,13 @@ mod tests {
         let waiter = tokio::spawn(async move { poll_fn(|cx| waiting.poll_kill(cx)).await });
         tokio::task::yield_now().await;
         tx.kill(frame(1008));
-        assert_eq!(waiter.await.unwrap(), frame(1008));
+        assert_eq!(waiter.await.unwrap(), Some(frame(1008)));
+        // A session that goes away also ends the wait.
+        let waiting = rx.clone();
+        let waiter = tokio::spawn(async move { poll_fn(|cx| waiting.poll_kill(cx)).await });
+        tokio::task::yield_now().await;
+        drop(tx);
+        assert_eq!(waiter.await.unwrap(), None);
     }
 
     #[tokio::test]

@@ -322,7 +322,11 @@ impl<S: TabIo> TabTask<S> {
                     // A tab that stopped reading must still be closable, and
                     // takes nothing else from its queue meanwhile (so that
                     // the queue fills and the session sees a slow consumer).
-                    Poll::Pending => return self.out.poll_kill(cx).map(End::Close),
+                    Poll::Pending => {
+                        return self.out.poll_kill(cx).map(|kill| {
+                            End::Close(kill.unwrap_or_else(|| close_frame(1001, "going away")))
+                        })
+                    }
                 }
             }
             let mut written = 0;
