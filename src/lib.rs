@@ -18,8 +18,10 @@
 //!
 //! - [`config`]: `proxy.toml` → validated types (file → parsed → validated).
 //! - [`listener`]: accept loop, TLS termination, hyper HTTP/1.1.
-//! - [`upgrade`]: admission checks and the 101 answer; spawns the tab task.
-//! - [`tab`]: one task per tab socket, browser ⇄ session.
+//! - [`upgrade`]: admission checks and the 101 answer; hands the upgraded
+//!   connection to [`tab`].
+//! - [`tab`]: one task per tab socket, browser ⇄ session: a hand-written
+//!   poll loop, since every open tab costs one and every delivery wakes one.
 //! - [`session`]: the registry of sessions and the per-session actor.
 //! - [`upstream`]: dialling the backend.
 //! - [`queue`]: the bounded, idle-cheap queue from a session to a tab.
