@@ -4,7 +4,7 @@
 //!
 //! 1. **Parse.** `toml_edit` parses the text and keeps the byte span of every
 //!    key and value, so that every later problem can name its line and column.
-//! 2. **Validate.** A [`Checker`] walks the document table by table. Unknown
+//! 2. **Validate.** A `Checker` walks the document table by table. Unknown
 //!    keys, wrong types and bad values are all collected (never only the first),
 //!    each as a [`Problem`] carrying `file:line:column` and, for unknown keys,
 //!    the keys allowed at that place.

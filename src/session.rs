@@ -2,7 +2,7 @@
 //!
 //! Each session is one task (an actor) that owns the upstream socket and the
 //! table of its tabs. Tabs talk to it over one bounded channel of
-//! [`Command`]s; it talks to each tab over that tab's own bounded queue, with
+//! `Command`s; it talks to each tab over that tab's own bounded queue, with
 //! `try_send` only, so a tab that stops reading can never delay the upstream
 //! reader or another tab. No lock is needed for routing: one task owns it.
 //!
