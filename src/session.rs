@@ -11,7 +11,6 @@
 //! arrive at once: the first tab inserts the session (which starts dialling),
 //! the others find it and queue their join behind the dial.
 
-use rustc_hash::FxHashMap;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -22,6 +21,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, StatusCode};
+use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -1112,9 +1112,8 @@ fn open_event(tab: TabId, info: &JoinInfo) -> tokio_tungstenite::tungstenite::Ut
     envelope::open_event(tab, &info.query, &headers)
 }
 
-/// The next upstream frame, or never while the upstream is down.
-/// The next upstream frame. The socket is read only when tokio says it may
-/// have data, or when tungstenite may still hold frames it read
+/// The next upstream frame, or never while the upstream is down. The socket
+/// is read only when tokio says it may have data, or when tungstenite may still hold frames it read
 /// (`buffered`): most of the upstream's wake-ups are for the session's
 /// commands, and a read that finds nothing costs a pass through the
 /// WebSocket layers.
