@@ -19,7 +19,6 @@ use std::task::Poll;
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, StatusCode};
 use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -532,7 +531,8 @@ struct Session<'c> {
     /// last did as of a tick.
     upstream_seen: bool,
     upstream_last_seen: Instant,
-    /// tungstenite may hold upstream bytes it has read (see [`next_frame`]).
+    /// tungstenite may hold upstream bytes it has read (see
+    /// [`UpstreamSocket::poll_next`]).
     upstream_buffered: bool,
     /// Published for the status page after every turn of the loop.
     stats: Arc<SessionStats>,
@@ -690,8 +690,7 @@ impl<'c> Session<'c> {
             let _ = self.flush_upstream().await;
             if let Some(mut up) = self.upstream.take() {
                 let _ =
-                    tokio::time::timeout(self.route().dial_timeout, up.close(Some(normal_close())))
-                        .await;
+                    tokio::time::timeout(self.route().dial_timeout, up.close(normal_close())).await;
                 self.ctx.metrics.upstream_down();
             }
         }
@@ -825,12 +824,7 @@ impl<'c> Session<'c> {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.to_upstream);
-        let write = async {
-            for msg in pending {
-                up.feed(msg).await?;
-            }
-            up.flush().await
-        };
+        let write = up.send_all(pending);
         tokio::pin!(write);
         // Nearly every write completes at once; only one that has to wait
         // pays for a timer.
@@ -1112,27 +1106,15 @@ fn open_event(tab: TabId, info: &JoinInfo) -> tokio_tungstenite::tungstenite::Ut
     envelope::open_event(tab, &info.query, &headers)
 }
 
-/// The next upstream frame, or never while the upstream is down. The socket
-/// is read only when tokio says it may have data, or when tungstenite may still hold frames it read
-/// (`buffered`): most of the upstream's wake-ups are for the session's
-/// commands, and a read that finds nothing costs a pass through the
-/// WebSocket layers.
+/// The next upstream frame, or never while the upstream is down. Reads only
+/// when there may be something to read (see [`UpstreamSocket::poll_next`]):
+/// most of the session's wake-ups are for its commands.
 async fn next_frame(
     upstream: &mut Option<UpstreamSocket>,
     buffered: &mut bool,
 ) -> Option<Result<Message, WsError>> {
     match upstream {
-        Some(up) => {
-            poll_fn(|cx| {
-                if !*buffered && up.get_ref().poll_read_hint(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                let next = up.poll_next_unpin(cx);
-                *buffered = next.is_ready();
-                next
-            })
-            .await
-        }
+        Some(up) => poll_fn(|cx| up.poll_next(cx, buffered)).await,
         None => std::future::pending().await,
     }
 }

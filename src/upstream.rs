@@ -5,25 +5,173 @@
 //! [`DialError`] that knows which HTTP status the waiting tab gets. The whole
 //! dial runs under the route's `dial_timeout`.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+
+use futures_util::{SinkExt, StreamExt};
 
 use http::header::{self, HeaderValue};
 use http::{Request, StatusCode};
 use rustls_pki_types::ServerName;
+use tokio::io::Interest;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use tokio_tungstenite::tungstenite::handshake::client::generate_key;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::tungstenite::handshake::client::{generate_key, Response};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, HandshakeError, Message, WebSocket};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::config::Route;
 
 /// The session's upstream socket.
-pub type UpstreamSocket = WebSocketStream<UpstreamIo>;
+///
+/// Over plain TCP it is tungstenite's protocol state driven directly with
+/// non-blocking reads and writes, readiness awaited only when one would
+/// block: every message between the session and the backend passes here,
+/// and tokio-tungstenite's stream costs a pass through its waker proxies and
+/// a zeroed 4 KiB read buffer on every poll. Over TLS it is tokio-tungstenite's
+/// stream (rustls has no non-blocking read of its own).
+pub enum UpstreamSocket {
+    Plain(Box<WebSocket<NonBlocking>>),
+    Tls(Box<WebSocketStream<UpstreamIo>>),
+}
+
+/// A TCP stream as `Read + Write` that never waits: `WouldBlock` instead,
+/// and which way it would have waited.
+pub struct NonBlocking {
+    tcp: TcpStream,
+    blocked: Interest,
+}
+
+impl Read for NonBlocking {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let r = self.tcp.try_read(buf);
+        if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+            self.blocked = Interest::READABLE;
+        }
+        r
+    }
+}
+
+impl Write for NonBlocking {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let r = self.tcp.try_write(buf);
+        if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+            self.blocked = Interest::WRITABLE;
+        }
+        r
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn would_block(e: &WsError) -> bool {
+    matches!(e, WsError::Io(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+impl UpstreamSocket {
+    /// The next frame; None once the connection is closed. The socket is
+    /// read only when tokio's readiness says it may have data, or when
+    /// tungstenite may still hold frames it read (`buffered`).
+    pub fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        buffered: &mut bool,
+    ) -> Poll<Option<Result<Message, WsError>>> {
+        match self {
+            UpstreamSocket::Plain(ws) => loop {
+                if !*buffered {
+                    match ws.get_ref().tcp.poll_read_ready(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(WsError::Io(e)))),
+                        Poll::Ready(Ok(())) => {}
+                    }
+                }
+                match ws.read() {
+                    Ok(msg) => {
+                        *buffered = true;
+                        return Poll::Ready(Some(Ok(msg)));
+                    }
+                    // Readiness is cleared now: the next turn registers the
+                    // waker (or finds data that arrived meanwhile).
+                    Err(e) if would_block(&e) => *buffered = false,
+                    Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
+                        return Poll::Ready(None)
+                    }
+                    Err(e) => return Poll::Ready(Some(Err(e))),
+                }
+            },
+            UpstreamSocket::Tls(ws) => {
+                if !*buffered && ws.get_ref().poll_read_hint(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let next = ws.poll_next_unpin(cx);
+                *buffered = next.is_ready();
+                next
+            }
+        }
+    }
+
+    /// Writes `messages`, then flushes.
+    pub async fn send_all(&mut self, messages: Vec<Message>) -> Result<(), WsError> {
+        match self {
+            UpstreamSocket::Plain(ws) => {
+                for msg in messages {
+                    let mut msg = msg;
+                    loop {
+                        match ws.write(msg) {
+                            // A frame that finds the socket full is kept in
+                            // tungstenite's buffer for the flush.
+                            Ok(()) => break,
+                            Err(e) if would_block(&e) => break,
+                            Err(WsError::WriteBufferFull(back)) => {
+                                flush_plain(ws).await?;
+                                msg = *back;
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                flush_plain(ws).await
+            }
+            UpstreamSocket::Tls(ws) => {
+                for msg in messages {
+                    ws.feed(msg).await?;
+                }
+                ws.flush().await
+            }
+        }
+    }
+
+    /// Sends a close frame and flushes it.
+    pub async fn close(&mut self, frame: CloseFrame) -> Result<(), WsError> {
+        match self {
+            UpstreamSocket::Plain(ws) => {
+                match ws.close(Some(frame)) {
+                    Ok(()) => {}
+                    Err(e) if would_block(&e) => {}
+                    Err(e) => return Err(e),
+                }
+                flush_plain(ws).await
+            }
+            UpstreamSocket::Tls(ws) => ws.close(Some(frame)).await,
+        }
+    }
+}
+
+/// Flushes tungstenite's buffer, waiting for the socket whenever it is full.
+async fn flush_plain(ws: &mut WebSocket<NonBlocking>) -> Result<(), WsError> {
+    loop {
+        match ws.flush() {
+            Err(e) if would_block(&e) => ws.get_ref().tcp.writable().await?,
+            r => return r,
+        }
+    }
+}
 
 /// What the tab that opens a session contributes to the upstream handshake.
 #[derive(Debug, Clone, Default)]
@@ -127,8 +275,9 @@ async fn dial_inner(
         .map_err(|e| DialError::Unreachable(format!("{}:{}: {e}", up.host, up.port)))?;
     // Envelope frames are small and latency-sensitive.
     let _ = tcp.set_nodelay(true);
+    let request = build_request(route, params)?;
     let io = match &route.upstream_tls {
-        None => UpstreamIo::Plain(tcp),
+        None => return handshake_plain(route, request, tcp).await,
         Some(tls) => {
             let name = ServerName::try_from(up.host.clone())
                 .map_err(|e| DialError::Handshake(format!("bad TLS server name: {e}")))?;
@@ -139,18 +288,66 @@ async fn dial_inner(
             UpstreamIo::Tls(Box::new(stream))
         }
     };
-    let request = build_request(route, params)?;
     match tokio_tungstenite::client_async_with_config(request, io, Some(ws_config(route))).await {
-        Ok((socket, response)) => {
-            let protocol = response
-                .headers()
-                .get(header::SEC_WEBSOCKET_PROTOCOL)
-                .cloned();
-            Ok((socket, protocol))
+        Ok((socket, response)) => Ok((
+            UpstreamSocket::Tls(Box::new(socket)),
+            chosen_protocol(&response),
+        )),
+        Err(e) => Err(handshake_error(e)),
+    }
+}
+
+/// The WebSocket handshake over plain TCP, tungstenite's own, resumed each
+/// time the socket is ready the way it would have blocked. Bytes the backend
+/// sent right after its answer (a greeting) stay in tungstenite's buffer.
+async fn handshake_plain(
+    route: &Route,
+    request: Request<()>,
+    tcp: TcpStream,
+) -> Result<(UpstreamSocket, Option<HeaderValue>), DialError> {
+    let stream = NonBlocking {
+        tcp,
+        blocked: Interest::WRITABLE,
+    };
+    let mut result = tokio_tungstenite::tungstenite::client::client_with_config(
+        request,
+        stream,
+        Some(ws_config(route)),
+    );
+    loop {
+        match result {
+            Ok((ws, response)) => {
+                return Ok((
+                    UpstreamSocket::Plain(Box::new(ws)),
+                    chosen_protocol(&response),
+                ))
+            }
+            Err(HandshakeError::Interrupted(mid)) => {
+                let stream = mid.get_ref().get_ref();
+                stream
+                    .tcp
+                    .ready(stream.blocked)
+                    .await
+                    .map_err(|e| DialError::Unreachable(e.to_string()))?;
+                result = mid.handshake();
+            }
+            Err(HandshakeError::Failure(e)) => return Err(handshake_error(e)),
         }
-        Err(WsError::Http(response)) => Err(DialError::Refused(response.status())),
-        Err(WsError::Io(e)) => Err(DialError::Unreachable(e.to_string())),
-        Err(e) => Err(DialError::Handshake(e.to_string())),
+    }
+}
+
+fn chosen_protocol(response: &Response) -> Option<HeaderValue> {
+    response
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .cloned()
+}
+
+fn handshake_error(e: WsError) -> DialError {
+    match e {
+        WsError::Http(response) => DialError::Refused(response.status()),
+        WsError::Io(e) => DialError::Unreachable(e.to_string()),
+        e => DialError::Handshake(e.to_string()),
     }
 }
 
