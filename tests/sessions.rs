@@ -445,3 +445,60 @@ async fn a_forwarded_query_is_appended_to_the_upstreams_own_with_an_ampersand() 
     let paths = [mock.path(0), mock.path(1)];
     assert!(paths.contains(&"/backend?key=abc".to_string()), "{paths:?}");
 }
+
+/// A backend whose greeting arrives in the same write as its `101` answer:
+/// the bytes after the handshake must reach the session, not be lost with
+/// the handshake's buffer.
+#[tokio::test]
+async fn a_greeting_in_the_same_packet_as_the_101_is_kept() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let backend = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let key = head
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("Sec-WebSocket-Key: ")
+                    .or(l.strip_prefix("sec-websocket-key: "))
+            })
+            .expect("a Sec-WebSocket-Key header")
+            .trim()
+            .to_string();
+        let greeting = b"hello";
+        let mut out = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            derive_accept_key(key.as_bytes())
+        )
+        .into_bytes();
+        // One unmasked text frame, in the same write.
+        out.extend_from_slice(&[0x81, greeting.len() as u8]);
+        out.extend_from_slice(greeting);
+        s.write_all(&out).await.unwrap();
+        // Hold the connection open until the test is done.
+        let mut rest = [0u8; 1024];
+        while let Ok(n) = s.read(&mut rest).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let toml = base_config("") + &route("/ws", addr, "envelope = \"none\"\nreplay_first = 1");
+    let proxy = start_proxy(&toml).await;
+    let mut first = TabSpec::new("s").connect(&proxy).await;
+    assert_eq!(first.recv().await, Message::text("hello"));
+    // And it is the greeting later tabs are given.
+    let mut later = TabSpec::new("s").connect(&proxy).await;
+    assert_eq!(later.recv().await, Message::text("hello"));
+    drop((first, later, proxy));
+    backend.abort();
+}
