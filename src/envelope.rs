@@ -250,6 +250,43 @@ const MAX_REASON: usize = 123;
 /// Decodes one upstream text frame. `frame` must be the frame's UTF-8 bytes;
 /// payloads returned share its buffer where possible.
 pub fn decode(frame: &Bytes, payload: Payload) -> Result<BackendFrame, FrameError> {
+    if let Some(decoded) = decode_common(frame, payload) {
+        return decoded;
+    }
+    decode_any(frame, payload)
+}
+
+/// The frame backends send most, `{"tab":"t<digits>","data":<value>}`
+/// written exactly so (no spaces outside the value), decoded by position:
+/// only the value is parsed (to validate it). Whatever does not match, or
+/// does not validate, is left to [`decode_any`], so both give the same
+/// result for every frame (a property test checks it). Routing every
+/// upstream frame through serde's field matching cost about as much as
+/// everything else tabmux does with it.
+fn decode_common(frame: &Bytes, payload: Payload) -> Option<Result<BackendFrame, FrameError>> {
+    const HEAD: &[u8] = b"{\"tab\":\"t";
+    const MIDDLE: &[u8] = b"\",\"data\":";
+    let rest = frame.strip_prefix(HEAD)?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let data = rest[digits..].strip_prefix(MIDDLE)?.strip_suffix(b"}")?;
+    let (first, last) = (data.first()?, data.last()?);
+    if first.is_ascii_whitespace() || last.is_ascii_whitespace() {
+        return None;
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(data).ok()?;
+    // Both are ASCII or validated JSON inside a text frame: valid UTF-8.
+    let raw_tab = std::str::from_utf8(&frame[HEAD.len() - 2..HEAD.len() + digits + 1]).ok()?;
+    let data = std::str::from_utf8(data).ok()?;
+    Some(parse_target(raw_tab).and_then(|to| {
+        Ok(BackendFrame::Deliver {
+            to,
+            body: Body::Text(text_body(frame, data, payload)?),
+        })
+    }))
+}
+
+/// Any upstream frame, through serde.
+fn decode_any(frame: &Bytes, payload: Payload) -> Result<BackendFrame, FrameError> {
     let first = frame.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
         // serde would accept a JSON array as a struct, so check first.
@@ -600,6 +637,20 @@ mod tests {
             })
         }
 
+        #[test]
+        fn the_common_frame_takes_the_positional_path() {
+            let frame = Bytes::from_static(br#"{"tab":"t3","data":{"n":1,"s":"x"}}"#);
+            assert!(decode_common(&frame, Payload::Json).is_some());
+            for other in [
+                &br#"{"tab":"t3","data":{"n":1} }"#[..],
+                br#"{"data":1,"tab":"t3"}"#,
+                br#"{"tab":["t3"],"data":1}"#,
+                br#"{"tab":"t3","data":{"n":1}}}"#,
+            ] {
+                assert!(decode_common(&Bytes::from_static(other), Payload::Json).is_none());
+            }
+        }
+
         proptest! {
             /// What a tab sends reaches the backend exactly, and what the
             /// backend sends back in the same shape reaches the tab exactly.
@@ -627,6 +678,31 @@ mod tests {
                 let up = data_binary(TabId(1), &b);
                 let down = decode(&Bytes::from(up), Payload::Json).unwrap();
                 prop_assert_eq!(down, BackendFrame::Deliver { to: tabs(&[1]), body: Body::Binary(Bytes::from(b)) });
+            }
+
+            /// The positional decoder of the common frame agrees with
+            /// serde's on every frame it takes, and on near misses.
+            #[test]
+            fn the_common_frame_decodes_as_serde_would(
+                v in json_value(),
+                pretty in any::<bool>(),
+                tab in prop_oneof![
+                    (0u64..100_000).prop_map(|n| format!("t{n}")),
+                    Just("t".to_string()),
+                    Just("t01".to_string()),
+                    Just("t99999999999999999999999".to_string()),
+                ],
+                around in prop_oneof![Just(""), Just(" "), Just("}"), Just(",\"data\":1"), Just(",\"event\":\"close\"")],
+                payload in prop_oneof![Just(Payload::Json), Just(Payload::Text)],
+            ) {
+                let data = if pretty { serde_json::to_string_pretty(&v) } else { serde_json::to_string(&v) }.unwrap();
+                for frame in [
+                    format!("{{\"tab\":\"{tab}\",\"data\":{data}{around}}}"),
+                    format!("{{\"tab\":\"{tab}\",\"data\":{around}{data}}}"),
+                ] {
+                    let frame = Bytes::from(frame);
+                    prop_assert_eq!(decode(&frame, payload), decode_any(&frame, payload), "{:?}", frame);
+                }
             }
 
             /// The decoder never panics, whatever the backend sends.

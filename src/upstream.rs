@@ -47,11 +47,31 @@ pub struct NonBlocking {
 
 impl Read for NonBlocking {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let r = self.tcp.try_read(buf);
-        if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-            self.blocked = Interest::READABLE;
+        // A read that fills less than `buf` has drained the socket: forget
+        // its readiness now (as tokio's own `poll_read` does), or the next
+        // read would be a system call that finds nothing. Forgetting it
+        // inside the same `try_io` as the read cannot lose a newer event.
+        let tcp = &self.tcp;
+        let len = buf.len();
+        let mut got = None;
+        let r = tcp.try_io(Interest::READABLE, || {
+            let n = tcp.try_read(buf)?;
+            got = Some(n);
+            if n > 0 && n < len {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(n)
+            }
+        });
+        match (r, got) {
+            (Ok(n), _) | (Err(_), Some(n)) => Ok(n),
+            (Err(e), None) => {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    self.blocked = Interest::READABLE;
+                }
+                Err(e)
+            }
         }
-        r
     }
 }
 
