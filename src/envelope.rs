@@ -96,7 +96,11 @@ pub struct NotJson;
 /// embedded as a JSON string.
 pub fn data_text(tab: TabId, text: &str, payload: Payload) -> Result<Utf8Bytes, NotJson> {
     let mut out = String::with_capacity(text.len() + 32);
-    let _ = write!(out, "{{\"tab\":\"{tab}\",\"data\":");
+    // Pushed piece by piece: this runs for every tab message, and the
+    // formatting machinery cost as much as the rest of the wrapping.
+    out.push_str("{\"tab\":\"t");
+    out.push_str(itoa::Buffer::new().format(tab.0));
+    out.push_str("\",\"data\":");
     match payload {
         Payload::Json => {
             if serde_json::from_str::<serde::de::IgnoredAny>(text).is_err() {
@@ -277,7 +281,24 @@ fn decode_common(frame: &Bytes, payload: Payload) -> Option<Result<BackendFrame,
     // Both are ASCII or validated JSON inside a text frame: valid UTF-8.
     let raw_tab = std::str::from_utf8(&frame[HEAD.len() - 2..HEAD.len() + digits + 1]).ok()?;
     let data = std::str::from_utf8(data).ok()?;
-    Some(parse_target(raw_tab).and_then(|to| {
+    // The id as `parse_target` would read a single name, without its
+    // general path (a JSON string parse and a list to sort).
+    let name = &raw_tab[1..raw_tab.len() - 1];
+    let to = if !is_valid_tab_id(name) {
+        Err(FrameError::BadTab)
+    } else {
+        Ok(match TabId::parse(name) {
+            Some(id) => Target::Tabs {
+                ids: vec![id],
+                foreign: 0,
+            },
+            None => Target::Tabs {
+                ids: Vec::new(),
+                foreign: 1,
+            },
+        })
+    };
+    Some(to.and_then(|to| {
         Ok(BackendFrame::Deliver {
             to,
             body: Body::Text(text_body(frame, data, payload)?),
