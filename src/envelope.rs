@@ -281,23 +281,9 @@ fn decode_common(frame: &Bytes, payload: Payload) -> Option<Result<BackendFrame,
     // Both are ASCII or validated JSON inside a text frame: valid UTF-8.
     let raw_tab = std::str::from_utf8(&frame[HEAD.len() - 2..HEAD.len() + digits + 1]).ok()?;
     let data = std::str::from_utf8(data).ok()?;
-    // The id as `parse_target` would read a single name, without its
-    // general path (a JSON string parse and a list to sort).
-    let name = &raw_tab[1..raw_tab.len() - 1];
-    let to = if !is_valid_tab_id(name) {
-        Err(FrameError::BadTab)
-    } else {
-        Ok(match TabId::parse(name) {
-            Some(id) => Target::Tabs {
-                ids: vec![id],
-                foreign: 0,
-            },
-            None => Target::Tabs {
-                ids: Vec::new(),
-                foreign: 1,
-            },
-        })
-    };
+    // The quotes hold "t" and digits: the name itself, no JSON string to
+    // parse.
+    let to = target_of(std::iter::once(&raw_tab[1..raw_tab.len() - 1]));
     Some(to.and_then(|to| {
         Ok(BackendFrame::Deliver {
             to,
@@ -373,9 +359,15 @@ fn parse_target(raw: &str) -> Result<Target, FrameError> {
     } else {
         vec![serde_json::from_str(raw).map_err(|_| FrameError::BadTab)?]
     };
+    target_of(names.iter().map(|n| n.as_ref()))
+}
+
+/// The tabs a list of names addresses: ids tabmux could have assigned, once
+/// each; well-formed names it could not have are counted as foreign.
+fn target_of<'a>(names: impl ExactSizeIterator<Item = &'a str>) -> Result<Target, FrameError> {
     let mut ids = Vec::with_capacity(names.len());
     let mut foreign = 0;
-    for name in &names {
+    for name in names {
         if !is_valid_tab_id(name) {
             return Err(FrameError::BadTab);
         }

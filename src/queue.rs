@@ -141,14 +141,7 @@ impl QueueSender {
 
 impl Drop for QueueSender {
     fn drop(&mut self) {
-        let waker = {
-            let mut st = self.shared.lock();
-            st.closed = true;
-            st.waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
+        self.signal(|st| st.closed = true);
     }
 }
 

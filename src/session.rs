@@ -458,6 +458,38 @@ struct TabSlot {
     info: JoinInfo,
 }
 
+/// Whether a peer (a tab, or the upstream) has been heard from, checked at
+/// the session's keepalive ticks: both idle timeouts use it.
+pub(crate) struct Liveness {
+    /// Whether the peer sent anything since the last tick.
+    seen: bool,
+    /// When it last did, as of a tick.
+    last_seen: Instant,
+}
+
+impl Liveness {
+    pub(crate) fn new() -> Liveness {
+        Liveness {
+            seen: false,
+            last_seen: Instant::now(),
+        }
+    }
+
+    /// The peer sent something.
+    pub(crate) fn heard(&mut self) {
+        self.seen = true;
+    }
+
+    /// At a tick: whether the peer has been silent for `idle` or longer.
+    pub(crate) fn silent_for(&mut self, idle: std::time::Duration) -> bool {
+        let now = Instant::now();
+        if std::mem::take(&mut self.seen) {
+            self.last_seen = now;
+        }
+        now.duration_since(self.last_seen) >= idle
+    }
+}
+
 /// Why a session stopped serving.
 enum End {
     /// The linger time after the last tab passed.
@@ -529,8 +561,7 @@ struct Session<'c> {
     keepalive: Interval,
     /// Whether the upstream sent anything since the last tick, and when it
     /// last did as of a tick.
-    upstream_seen: bool,
-    upstream_last_seen: Instant,
+    upstream_alive: Liveness,
     /// tungstenite may hold upstream bytes it has read (see
     /// [`UpstreamSocket::poll_next`]).
     upstream_buffered: bool,
@@ -568,8 +599,7 @@ impl<'c> Session<'c> {
             linger: None,
             outage: None,
             keepalive,
-            upstream_seen: false,
-            upstream_last_seen: Instant::now(),
+            upstream_alive: Liveness::new(),
             upstream_buffered: true,
             stats,
             peak: 0,
@@ -605,7 +635,7 @@ impl<'c> Session<'c> {
                 Event::Command(None) => Err(End::Linger),
                 Event::Command(Some(cmd)) => self.commands_batch(cmd, rx),
                 Event::Upstream(Some(Ok(msg))) => {
-                    self.upstream_seen = true;
+                    self.upstream_alive.heard();
                     self.upstream_frame(msg);
                     Ok(())
                 }
@@ -765,8 +795,7 @@ impl<'c> Session<'c> {
         self.upstream = Some(socket);
         // Bytes that followed the handshake may already be buffered.
         self.upstream_buffered = true;
-        self.upstream_seen = false;
-        self.upstream_last_seen = Instant::now();
+        self.upstream_alive = Liveness::new();
         // A new connection greets anew; later tabs get this greeting.
         self.replay.clear();
         if self.route().envelope == Envelope::Json {
@@ -801,12 +830,7 @@ impl<'c> Session<'c> {
         if self.upstream.is_none() {
             return Ok(());
         }
-        let now = Instant::now();
-        if self.upstream_seen {
-            self.upstream_seen = false;
-            self.upstream_last_seen = now;
-        }
-        if now.duration_since(self.upstream_last_seen) >= self.route().idle_timeout {
+        if self.upstream_alive.silent_for(self.route().idle_timeout) {
             return self.lose("idle timeout: the upstream sent nothing, not even a pong");
         }
         self.to_upstream.push(Message::Ping(Bytes::new()));

@@ -34,7 +34,6 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -48,8 +47,9 @@ use crate::config::{Envelope, Route};
 use crate::envelope;
 use crate::metrics::RouteMetrics;
 use crate::queue::{Next, QueueReceiver};
-use crate::session::{Joined, TabLink};
+use crate::session::{Joined, Liveness, TabLink};
 use crate::upgrade::TabPermit;
+use crate::upstream::would_block;
 
 /// How long tabmux waits for a tab to complete a close handshake, or for a
 /// close frame to be written to a tab that is not reading.
@@ -193,10 +193,8 @@ struct TabTask<S> {
     out: QueueReceiver,
     route: Arc<Route>,
     metrics: Arc<RouteMetrics>,
-    /// Whether the tab sent anything since the last tick, and when it last
-    /// did as of a tick.
-    seen: bool,
-    last_seen: Instant,
+    /// Whether the tab has been heard from lately (its idle timeout).
+    alive: Liveness,
     /// tungstenite may hold bytes already read from the socket: read before
     /// asking the socket's readiness.
     read_buffered: bool,
@@ -252,10 +250,6 @@ impl<S: AsyncWrite + Unpin> Write for Io<'_, '_, S> {
     }
 }
 
-fn would_block(e: &WsError) -> bool {
-    matches!(e, WsError::Io(e) if e.kind() == io::ErrorKind::WouldBlock)
-}
-
 impl<S: TabIo> TabTask<S> {
     /// `read` holds bytes the client sent after its handshake that hyper had
     /// already read.
@@ -283,8 +277,7 @@ impl<S: TabIo> TabTask<S> {
             out,
             route,
             metrics,
-            seen: false,
-            last_seen: Instant::now(),
+            alive: Liveness::new(),
             read_buffered,
             write_blocked: false,
             sending: None,
@@ -414,7 +407,7 @@ impl<S: TabIo> TabTask<S> {
             };
             // tungstenite may have read more than this message.
             self.read_buffered = true;
-            self.seen = true;
+            self.alive.heard();
             match from_tab(&self.route, self.tab, msg) {
                 Inbound::Forward(m, payload) => match link.try_send(m, payload) {
                     Ok(()) => {}
@@ -447,12 +440,7 @@ impl<S: TabIo> TabTask<S> {
 
     /// Keepalive: a silent tab is closed; otherwise it is pinged.
     fn tick(&mut self) -> Option<End> {
-        let now = Instant::now();
-        if self.seen {
-            self.seen = false;
-            self.last_seen = now;
-        }
-        if now.duration_since(self.last_seen) >= self.route.idle_timeout {
+        if self.alive.silent_for(self.route.idle_timeout) {
             self.metrics.tab_closed("idle");
             return Some(End::Close(close_frame(1001, "idle timeout")));
         }

@@ -89,7 +89,9 @@ impl Write for NonBlocking {
     }
 }
 
-fn would_block(e: &WsError) -> bool {
+/// Whether a WebSocket error is only "the socket is not ready" (the tab and
+/// upstream loops drive tungstenite over non-waiting I/O).
+pub fn would_block(e: &WsError) -> bool {
     matches!(e, WsError::Io(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
@@ -125,14 +127,9 @@ impl UpstreamSocket {
                     Err(e) => return Poll::Ready(Some(Err(e))),
                 }
             },
-            UpstreamSocket::Tls(ws) => {
-                if !*buffered && ws.get_ref().poll_read_hint(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                let next = ws.poll_next_unpin(cx);
-                *buffered = next.is_ready();
-                next
-            }
+            // rustls may hold decrypted bytes the socket no longer shows:
+            // always worth a read.
+            UpstreamSocket::Tls(ws) => ws.poll_next_unpin(cx),
         }
     }
 
@@ -420,19 +417,6 @@ fn build_request(route: &Route, params: &DialParams) -> Result<Request<()>, Dial
 pub enum UpstreamIo {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl UpstreamIo {
-    /// Pending (with the waker registered) while a read certainly finds
-    /// nothing: tokio's cached readiness for plain TCP, no system call and
-    /// no pass through the WebSocket layers. TLS may hold decrypted bytes
-    /// the socket no longer shows, so it is always worth a read.
-    pub fn poll_read_hint(&self, cx: &mut Context<'_>) -> Poll<()> {
-        match self {
-            UpstreamIo::Plain(s) => s.poll_read_ready(cx).map(|_| ()),
-            UpstreamIo::Tls(_) => Poll::Ready(()),
-        }
-    }
 }
 
 impl AsyncRead for UpstreamIo {
