@@ -376,10 +376,21 @@ async fn scenario_once(scenario: &str, c: Contender, quick: bool) -> anyhow::Res
         }
         "latency" => {
             let setup = Setup::start(c, 1, 1)?;
-            let mut rtts = load::latency(setup.target, 1000, sizes.latency_samples).await?;
+            let pids = setup.proxy_pids();
+            let cpu0 = procs::cpu_us(&pids);
+            let warmup = 1000;
+            let mut rtts = load::latency(setup.target, warmup, sizes.latency_samples).await?;
+            // The proxy's CPU per round trip when every message finds it
+            // idle: the cold path, unlike the `cpu` scenario's steady load.
+            let cpu = procs::cpu_us(&pids) - cpu0;
             rtts.sort_unstable();
             for (name, q) in [("p50_us", 0.50), ("p99_us", 0.99), ("p999_us", 0.999)] {
                 f.insert(name.into(), percentile(&rtts, q) as f64 / 1000.0);
+            }
+            if setup.proxy.is_some() {
+                let trips = (warmup + sizes.latency_samples) as f64;
+                f.insert("cpu_us_per_round_trip".into(), cpu.total() as f64 / trips);
+                f.insert("cpu_us_per_round_trip_user".into(), cpu.user as f64 / trips);
             }
         }
         "cpu" => {
