@@ -614,19 +614,26 @@ impl<'c> Session<'c> {
     async fn serve(&mut self, rx: &mut mpsc::Receiver<Command>) {
         // The proxy's shutdown, one future for the session's whole life: a
         // new one each turn would add and remove a waiter on a notifier all
-        // sessions share, twice per message.
+        // sessions share, twice per message. It is polled last, only when
+        // everything else waits, to register for the wake-up (each poll
+        // takes the notifier's lock); each turn starts with an atomic load
+        // instead, so a steady stream of commands cannot hide a shutdown.
         let mut shutdown = self.shutdown.clone();
         let stopping = shutdown.changed();
         tokio::pin!(stopping);
         let end = loop {
-            let event = tokio::select! {
-                biased;
-                _ = &mut stopping => Event::Shutdown,
-                cmd = rx.recv() => Event::Command(cmd),
-                frame = next_frame(&mut self.upstream, &mut self.upstream_buffered) => Event::Upstream(frame),
-                result = redial(&mut self.outage, self.ctx) => Event::Redialed(Box::new(result)),
-                _ = self.keepalive.tick() => Event::Tick,
-                () = expire(&mut self.linger) => Event::Linger,
+            let event = if !matches!(self.shutdown.has_changed(), Ok(false)) {
+                Event::Shutdown
+            } else {
+                tokio::select! {
+                    biased;
+                    cmd = rx.recv() => Event::Command(cmd),
+                    frame = next_frame(&mut self.upstream, &mut self.upstream_buffered) => Event::Upstream(frame),
+                    result = redial(&mut self.outage, self.ctx) => Event::Redialed(Box::new(result)),
+                    _ = self.keepalive.tick() => Event::Tick,
+                    () = expire(&mut self.linger) => Event::Linger,
+                    _ = &mut stopping => Event::Shutdown,
+                }
             };
             let outcome = match event {
                 Event::Shutdown => Err(End::Shutdown),

@@ -296,3 +296,34 @@ async fn sigterm_drain(server: &str) {
         .unwrap();
     assert_eq!(code, Some(0));
 }
+
+/// A session forwarding a stream of tab messages when the shutdown comes
+/// drains like an idle one. (The session also checks for the shutdown at
+/// the top of every turn, for a stream that never pauses; a test cannot
+/// make one that reliably, so this covers the drain, not the starvation.)
+#[tokio::test]
+async fn sigterm_drains_a_session_that_is_busy_forwarding() {
+    let mock = Mock::start().await;
+    let toml = base_config("shutdown_timeout = \"10s\"\nworker_threads = 1")
+        + &route("/ws", mock.addr, "");
+    let (mut child, proxy) = spawn_tabmux(&toml);
+    let (a, _) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
+    let mut a = a.live();
+    for i in 0..20_000 {
+        a.send_text(&format!("{{\"n\":{i}}}"));
+    }
+    // The stream is flowing: the open event, then data.
+    mock.json(0, 50).await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(a.closed().await, 1001);
+    let frame = mock.closed(0).await.expect("a close frame upstream");
+    assert_eq!(u16::from(frame.code), 1000);
+    let code = tokio::task::spawn_blocking(move || child.wait().unwrap().code())
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+}
