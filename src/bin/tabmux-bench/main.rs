@@ -305,7 +305,10 @@ struct Sizes {
     latency_samples: usize,
     cpu_rate: u64,
     cpu_secs: u64,
-    fan_sessions: usize,
+    /// The first is the scenario as specified; the others, smaller, show
+    /// the costs when neither core is saturated (figures suffixed
+    /// `@N_sessions`).
+    fan_sessions: &'static [usize],
     fan_tabs: usize,
     fan_secs: u64,
     storm_tabs: usize,
@@ -317,7 +320,7 @@ const FULL: Sizes = Sizes {
     latency_samples: 20_000,
     cpu_rate: 20_000,
     cpu_secs: 5,
-    fan_sessions: 100,
+    fan_sessions: &[100, 20],
     fan_tabs: 100,
     fan_secs: 5,
     storm_tabs: 5000,
@@ -329,7 +332,7 @@ const QUICK: Sizes = Sizes {
     latency_samples: 2_000,
     cpu_rate: 5_000,
     cpu_secs: 1,
-    fan_sessions: 10,
+    fan_sessions: &[10, 4],
     fan_tabs: 20,
     fan_secs: 1,
     storm_tabs: 500,
@@ -415,47 +418,13 @@ async fn scenario_once(scenario: &str, c: Contender, quick: bool) -> anyhow::Res
             }
         }
         "fanout" => {
-            let tabs = sizes.fan_sessions * sizes.fan_tabs;
-            let setup = Setup::start(c, tabs, sizes.fan_tabs)?;
-            let pids = setup.proxy_pids();
-            let fan =
-                load::FanOut::connect(setup.target, sizes.fan_sessions, sizes.fan_tabs).await?;
-            let sent0 = setup.backend_stat("sent").await?;
-            let cpu0 = procs::cpu_us(&pids);
-            backend::command(setup.control, "start").await?;
-            tokio::time::sleep(Duration::from_secs(sizes.fan_secs)).await;
-            backend::command(setup.control, "stop").await?;
-            // Let deliveries in flight land (bounded).
-            let mut last = u64::MAX;
-            for _ in 0..100 {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                let now = fan.deliveries.load(std::sync::atomic::Ordering::Relaxed);
-                if now == last {
-                    break;
-                }
-                last = now;
-            }
-            let cpu = procs::cpu_us(&pids) - cpu0;
-            let sent = setup.backend_stat("sent").await? - sent0;
-            let mut lat = fan.finish().await;
-            lat.sort_unstable();
-            let deliveries = lat.len() as f64;
-            f.insert("deliveries".into(), deliveries);
-            f.insert("upstream_messages".into(), sent);
-            f.insert("p50_ms".into(), percentile(&lat, 0.5) as f64 / 1000.0);
-            f.insert("p99_ms".into(), percentile(&lat, 0.99) as f64 / 1000.0);
-            if setup.proxy.is_some() {
-                let per = |us: u64| us as f64 / deliveries.max(1.0);
-                f.insert("cpu_us_per_delivery".into(), per(cpu.total()));
-                f.insert("cpu_us_per_delivery_system".into(), per(cpu.system));
-            }
-            drop(setup);
-            if c == Contender::Direct {
-                // No proxy at all: the kernel's cost of one delivery, for
-                // the same number of sockets and rate (see floor.rs).
-                let (user, system) = floor::measure(tabs, 10, sizes.fan_secs).await?;
-                f.insert("floor_cpu_us_per_write".into(), user + system);
-                f.insert("floor_cpu_us_per_write_system".into(), system);
+            for (i, &sessions) in sizes.fan_sessions.iter().enumerate() {
+                let suffix = if i == 0 {
+                    String::new()
+                } else {
+                    format!("@{sessions}_sessions")
+                };
+                fan_out(c, sizes, sessions, &suffix, &mut f).await?;
             }
         }
         "storm" => {
@@ -475,6 +444,68 @@ async fn scenario_once(scenario: &str, c: Contender, quick: bool) -> anyhow::Res
         other => anyhow::bail!("unknown scenario {other}"),
     }
     Ok(f)
+}
+
+/// Scenario 4 at one size: `sessions` sessions of `sizes.fan_tabs` tabs,
+/// each broadcast to 10 times a second; figures named with `suffix`.
+async fn fan_out(
+    c: Contender,
+    sizes: &Sizes,
+    sessions: usize,
+    suffix: &str,
+    f: &mut Figures,
+) -> anyhow::Result<()> {
+    let tabs = sessions * sizes.fan_tabs;
+    let setup = Setup::start(c, tabs, sizes.fan_tabs)?;
+    let pids = setup.proxy_pids();
+    let fan = load::FanOut::connect(setup.target, sessions, sizes.fan_tabs).await?;
+    let sent0 = setup.backend_stat("sent").await?;
+    let cpu0 = procs::cpu_us(&pids);
+    backend::command(setup.control, "start").await?;
+    tokio::time::sleep(Duration::from_secs(sizes.fan_secs)).await;
+    backend::command(setup.control, "stop").await?;
+    // Let deliveries in flight land (bounded).
+    let mut last = u64::MAX;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = fan.deliveries.load(std::sync::atomic::Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let cpu = procs::cpu_us(&pids) - cpu0;
+    let sent = setup.backend_stat("sent").await? - sent0;
+    let mut lat = fan.finish().await;
+    lat.sort_unstable();
+    let deliveries = lat.len() as f64;
+    f.insert(format!("deliveries{suffix}"), deliveries);
+    f.insert(format!("upstream_messages{suffix}"), sent);
+    f.insert(
+        format!("p50_ms{suffix}"),
+        percentile(&lat, 0.5) as f64 / 1000.0,
+    );
+    f.insert(
+        format!("p99_ms{suffix}"),
+        percentile(&lat, 0.99) as f64 / 1000.0,
+    );
+    if setup.proxy.is_some() {
+        let per = |us: u64| us as f64 / deliveries.max(1.0);
+        f.insert(format!("cpu_us_per_delivery{suffix}"), per(cpu.total()));
+        f.insert(
+            format!("cpu_us_per_delivery_system{suffix}"),
+            per(cpu.system),
+        );
+    }
+    drop(setup);
+    if c == Contender::Direct {
+        // No proxy at all: the kernel's cost of one delivery, for
+        // the same number of sockets and rate (see floor.rs).
+        let (user, system) = floor::measure(tabs, 10, sizes.fan_secs).await?;
+        f.insert(format!("floor_cpu_us_per_write{suffix}"), user + system);
+        f.insert(format!("floor_cpu_us_per_write_system{suffix}"), system);
+    }
+    Ok(())
 }
 
 /// Least-squares slope of y over x.
