@@ -49,7 +49,7 @@ use crate::metrics::RouteMetrics;
 use crate::queue::{Next, QueueReceiver};
 use crate::session::{Joined, Liveness, TabLink};
 use crate::upgrade::TabPermit;
-use crate::upstream::would_block;
+use crate::upstream::{would_block, Unread};
 
 /// How long tabmux waits for a tab to complete a close handshake, or for a
 /// close frame to be written to a tab that is not reading.
@@ -198,6 +198,10 @@ struct TabTask<S> {
     /// tungstenite may hold bytes already read from the socket: read before
     /// asking the socket's readiness.
     read_buffered: bool,
+    /// Bytes handed to tungstenite that its messages so far may not account
+    /// for: when none are left, a read could only come back empty (and
+    /// tungstenite zeroes its read buffer before every read).
+    unread: Unread,
     /// A write could not complete: flush before taking more from the queue.
     write_blocked: bool,
     /// A tab message waiting for room in the session's queue; the tab is not
@@ -221,13 +225,18 @@ enum End {
 struct Io<'a, 'b, S> {
     stream: &'a mut S,
     cx: &'a mut Context<'b>,
+    /// Bytes read through this adapter.
+    fed: usize,
 }
 
 impl<S: AsyncRead + Unpin> Read for Io<'_, '_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let mut buf = ReadBuf::new(buf);
         match Pin::new(&mut *self.stream).poll_read(self.cx, &mut buf) {
-            Poll::Ready(Ok(())) => Ok(buf.filled().len()),
+            Poll::Ready(Ok(())) => {
+                self.fed += buf.filled().len();
+                Ok(buf.filled().len())
+            }
             Poll::Ready(Err(e)) => Err(e),
             Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
         }
@@ -263,6 +272,7 @@ impl<S: TabIo> TabTask<S> {
     ) -> Self {
         let config = Some(ws_config(&route));
         let read_buffered = !read.is_empty();
+        let unread = Unread::new(read.len());
         let ws = if read_buffered {
             WebSocketContext::from_partially_read(read.to_vec(), Role::Server, config)
         } else {
@@ -279,13 +289,14 @@ impl<S: TabIo> TabTask<S> {
             metrics,
             alive: Liveness::new(),
             read_buffered,
+            unread,
             write_blocked: false,
             sending: None,
         }
     }
 
     fn io<'a, 'b>(stream: &'a mut S, cx: &'a mut Context<'b>) -> Io<'a, 'b, S> {
-        Io { stream, cx }
+        Io { stream, cx, fed: 0 }
     }
 
     /// Serves the tab until one side ends it.
@@ -375,8 +386,16 @@ impl<S: TabIo> TabTask<S> {
 
     /// The next message from the tab, or Pending.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Message, WsError>> {
-        match self.ws.read(&mut Self::io(&mut self.io, cx)) {
+        let mut io = Self::io(&mut self.io, cx);
+        let read = self.ws.read(&mut io);
+        self.unread.fed(io.fed);
+        match read {
             Err(e) if would_block(&e) => Poll::Pending,
+            Ok(msg) => {
+                // A browser's frames are masked.
+                self.read_buffered = self.unread.read_again(&msg, true);
+                Poll::Ready(Ok(msg))
+            }
             r => Poll::Ready(r),
         }
     }
@@ -405,8 +424,6 @@ impl<S: TabIo> TabTask<S> {
                 Poll::Ready(Ok(msg)) => msg,
                 Poll::Ready(Err(e)) => return Poll::Ready(self.read_failed(&e)),
             };
-            // tungstenite may have read more than this message.
-            self.read_buffered = true;
             self.alive.heard();
             match from_tab(&self.route, self.tab, msg) {
                 Inbound::Forward(m, payload) => match link.try_send(m, payload) {

@@ -43,6 +43,11 @@ pub enum UpstreamSocket {
 pub struct NonBlocking {
     tcp: TcpStream,
     blocked: Interest,
+    /// During the handshake, the bytes read (to find where the response
+    /// ends and frames begin); None after it.
+    handshake: Option<Vec<u8>>,
+    /// Bytes read that tungstenite's messages may not account for.
+    unread: Unread,
 }
 
 impl Read for NonBlocking {
@@ -64,7 +69,13 @@ impl Read for NonBlocking {
             }
         });
         match (r, got) {
-            (Ok(n), _) | (Err(_), Some(n)) => Ok(n),
+            (Ok(n), _) | (Err(_), Some(n)) => {
+                self.unread.fed(n);
+                if let Some(seen) = self.handshake.as_mut() {
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                Ok(n)
+            }
             (Err(e), None) => {
                 if e.kind() == io::ErrorKind::WouldBlock {
                     self.blocked = Interest::READABLE;
@@ -95,6 +106,66 @@ pub fn would_block(e: &WsError) -> bool {
     matches!(e, WsError::Io(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
+/// Bytes handed to tungstenite that the messages it returned may not account
+/// for, counted so that it never says "none" while any are left: each
+/// message is taken to have cost the fewest bytes any framing of it could
+/// (one frame, the shortest length field; a fragmented or unusually framed
+/// message costs more, which only leaves a count that stays above zero, and
+/// a read that finds nothing, as before). At zero, tungstenite's buffer is
+/// empty and a read could only come back empty, so it is not tried:
+/// tungstenite zeroes its read buffer before every read.
+#[derive(Debug, Clone, Copy)]
+pub struct Unread(u64);
+
+impl Unread {
+    /// `buffered` bytes are already in tungstenite's buffer.
+    pub fn new(buffered: usize) -> Self {
+        Unread(buffered as u64)
+    }
+
+    /// Nothing is known: reads are always tried.
+    fn unknown() -> Self {
+        Unread(u64::MAX / 2)
+    }
+
+    /// tungstenite read `n` more bytes.
+    pub fn fed(&mut self, n: usize) {
+        self.0 += n as u64;
+    }
+
+    /// tungstenite returned a message of `payload` bytes (`masked`: it came
+    /// from a client, whose frames carry a 4-byte mask key).
+    pub fn took(&mut self, payload: usize, masked: bool) {
+        self.0 = self.0.saturating_sub(min_cost(payload, masked));
+    }
+
+    /// Whether tungstenite may still hold bytes.
+    pub fn maybe_buffered(&self) -> bool {
+        self.0 > 0
+    }
+
+    /// tungstenite returned `msg`: whether to read again without waiting
+    /// for the socket (it may hold more, or owe an answer: tungstenite
+    /// queues the reply to a ping or a close and sends it on its next read).
+    pub fn read_again(&mut self, msg: &Message, masked: bool) -> bool {
+        self.took(msg.len(), masked);
+        self.maybe_buffered() || matches!(msg, Message::Ping(_) | Message::Close(_))
+    }
+}
+
+/// The fewest bytes on the wire a message of `payload` bytes can take: the
+/// shortest header for it in one frame; split into fragments, every fragment
+/// has a header (and a mask key, from a client), and for 65,536 bytes or
+/// more at least one fragment of 126 bytes or more (4) and another (2).
+fn min_cost(payload: usize, masked: bool) -> u64 {
+    let header = match payload {
+        0..=125 => 2,
+        126..=65_535 => 4,
+        _ => 6,
+    } + if masked { 4 } else { 0 };
+    payload as u64 + header
+}
+
 impl UpstreamSocket {
     /// The next frame; None once the connection is closed. The socket is
     /// read only when tokio's readiness says it may have data, or when
@@ -115,7 +186,7 @@ impl UpstreamSocket {
                 }
                 match ws.read() {
                     Ok(msg) => {
-                        *buffered = true;
+                        *buffered = ws.get_mut().unread.read_again(&msg, false);
                         return Poll::Ready(Some(Ok(msg)));
                     }
                     // Readiness is cleared now: the next turn registers the
@@ -325,6 +396,8 @@ async fn handshake_plain(
     let stream = NonBlocking {
         tcp,
         blocked: Interest::WRITABLE,
+        handshake: Some(Vec::new()),
+        unread: Unread::unknown(),
     };
     let mut result = tokio_tungstenite::tungstenite::client::client_with_config(
         request,
@@ -333,11 +406,14 @@ async fn handshake_plain(
     );
     loop {
         match result {
-            Ok((ws, response)) => {
+            Ok((mut ws, response)) => {
+                let stream = ws.get_mut();
+                let seen = stream.handshake.take().unwrap_or_default();
+                stream.unread = after_response(&seen);
                 return Ok((
                     UpstreamSocket::Plain(Box::new(ws)),
                     chosen_protocol(&response),
-                ))
+                ));
             }
             Err(HandshakeError::Interrupted(mid)) => {
                 let stream = mid.get_ref().get_ref();
@@ -350,6 +426,17 @@ async fn handshake_plain(
             }
             Err(HandshakeError::Failure(e)) => return Err(handshake_error(e)),
         }
+    }
+}
+
+/// The bytes read during the handshake that follow the 101 response, which
+/// tungstenite keeps as the start of the frames: the response's end found
+/// by the parser tungstenite itself uses, with its header limit.
+fn after_response(seen: &[u8]) -> Unread {
+    let mut headers = [httparse::EMPTY_HEADER; 124];
+    match httparse::Response::new(&mut headers).parse(seen) {
+        Ok(httparse::Status::Complete(len)) => Unread::new(seen.len() - len),
+        _ => Unread::unknown(),
     }
 }
 
@@ -456,5 +543,100 @@ impl AsyncWrite for UpstreamIo {
             UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes on the wire of a message sent as fragments of these sizes,
+    /// each with the shortest length field.
+    fn wire(fragments: &[usize], masked: bool) -> u64 {
+        fragments
+            .iter()
+            .map(|&p| {
+                let length = match p {
+                    0..=125 => 0,
+                    126..=65_535 => 2,
+                    _ => 8,
+                };
+                (2 + length + if masked { 4 } else { 0 } + p) as u64
+            })
+            .sum()
+    }
+
+    const SIZES: [usize; 12] = [
+        0, 1, 124, 125, 126, 127, 250, 251, 65_535, 65_536, 65_537, 200_000,
+    ];
+
+    #[test]
+    fn a_single_frame_below_64_kib_is_counted_exactly() {
+        for masked in [false, true] {
+            for n in SIZES.into_iter().filter(|&n| n < 65_536) {
+                assert_eq!(min_cost(n, masked), wire(&[n], masked), "{n}");
+            }
+        }
+    }
+
+    #[test]
+    fn no_framing_costs_less_than_counted() {
+        for masked in [false, true] {
+            for n in SIZES {
+                assert!(min_cost(n, masked) <= wire(&[n], masked), "{n}");
+                // Two and three fragments, split at every interesting point
+                // (including empty fragments).
+                for a in SIZES.into_iter().chain([n / 2, n.saturating_sub(125)]) {
+                    let a = a.min(n);
+                    assert!(
+                        min_cost(n, masked) <= wire(&[a, n - a], masked),
+                        "{n} = {a} + …"
+                    );
+                    for b in SIZES.into_iter().map(|b| b.min(n - a)) {
+                        let parts = [a, b, n - a - b];
+                        assert!(min_cost(n, masked) <= wire(&parts, masked), "{parts:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unread_reaches_zero_only_when_everything_was_taken() {
+        let mut unread = Unread::new(wire(&[10], true) as usize);
+        unread.fed(wire(&[300], true) as usize);
+        unread.took(10, true);
+        assert!(
+            unread.maybe_buffered(),
+            "the second message is still buffered"
+        );
+        unread.took(300, true);
+        assert!(!unread.maybe_buffered());
+        // A fragmented message leaves the count above zero: reads go on
+        // being tried, as before.
+        unread.fed(wire(&[3, 4], true) as usize);
+        unread.took(7, true);
+        assert!(unread.maybe_buffered());
+    }
+
+    #[test]
+    fn the_bytes_after_the_101_are_what_is_buffered() {
+        let head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n";
+        let mut seen = head.to_vec();
+        assert!(!after_response(&seen).maybe_buffered());
+        seen.extend_from_slice(&[0x81, 2, b'h', b'i']);
+        let mut unread = after_response(&seen);
+        unread.took(2, false);
+        assert!(!unread.maybe_buffered(), "the one frame after the 101");
+        // Lines ended by a bare LF, as the parser allows.
+        let mut unread = after_response(b"HTTP/1.1 101 OK\nUpgrade: websocket\n\n\x81\x02hi");
+        assert!(unread.maybe_buffered());
+        unread.took(2, false);
+        assert!(!unread.maybe_buffered());
+        // An incomplete response (which tungstenite would not have
+        // accepted): nothing is known, reads are always tried.
+        let mut unread = after_response(b"HTTP/1.1 101 OK\r\n");
+        unread.took(1_000_000, false);
+        assert!(unread.maybe_buffered());
     }
 }

@@ -61,12 +61,18 @@ fn frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
 
 /// Reads server frames until a close frame; returns its code.
 async fn read_close(s: &mut TcpStream) -> u16 {
-    guard("a close frame", async {
+    let payload = read_until(s, 0x8, "a close frame").await;
+    u16::from_be_bytes([payload[0], payload[1]])
+}
+
+/// Reads server frames until one with `opcode`; returns its payload.
+async fn read_until(s: &mut TcpStream, opcode: u8, what: &str) -> Vec<u8> {
+    guard(what, async {
         loop {
             let mut h = [0u8; 2];
             s.read_exact(&mut h)
                 .await
-                .expect("connection ended without a close frame");
+                .expect("connection ended before the frame");
             let mut len = u64::from(h[1] & 0x7f);
             if len == 126 {
                 len = u64::from(s.read_u16().await.unwrap());
@@ -75,12 +81,25 @@ async fn read_close(s: &mut TcpStream) -> u16 {
             }
             let mut payload = vec![0u8; len as usize];
             s.read_exact(&mut payload).await.unwrap();
-            if h[0] & 0x0f == 0x8 {
-                return u16::from_be_bytes([payload[0], payload[1]]);
+            if h[0] & 0x0f == opcode {
+                return payload;
             }
         }
     })
     .await
+}
+
+/// A tab's ping is answered at once, though nothing else moves (tungstenite
+/// queues the pong; tabmux has it sent).
+#[tokio::test]
+async fn a_tabs_ping_is_answered_at_once() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "").await;
+    let mut s = raw_tab(proxy.addr, "s").await;
+    s.write_all(&frame(true, 0x9, b"hello?", true))
+        .await
+        .unwrap();
+    assert_eq!(read_until(&mut s, 0xA, "a pong").await, b"hello?");
 }
 
 /// A tab of another session that must keep working throughout.
@@ -139,6 +158,41 @@ async fn fragmented_messages_are_reassembled() {
         frames[1],
         json!({"tab": "t1", "data": {"parts": [1, 2, 3]}})
     );
+}
+
+/// Messages that reach tabmux in one TCP segment all come out, whatever
+/// their sizes and framing: tabmux skips reads it can prove would find
+/// nothing, and must never take a buffered message for nothing.
+#[tokio::test]
+async fn messages_packed_into_one_write_all_arrive() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "").await;
+    let mut s = raw_tab(proxy.addr, "s").await;
+    let medium = format!("\"{}\"", "m".repeat(198));
+    let mut bytes = frame(true, 0x1, b"{\"n\":1}", true);
+    bytes.extend(frame(true, 0x1, medium.as_bytes(), true));
+    bytes.extend(frame(true, 0x1, b"{\"n\":3}", true));
+    bytes.extend(frame(false, 0x1, b"{\"n\":", true));
+    bytes.extend(frame(true, 0x0, b"4}", true));
+    bytes.extend(frame(true, 0x1, b"{\"n\":5}", true));
+    s.write_all(&bytes).await.unwrap();
+    let frames = mock.json(0, 6).await;
+    let data: Vec<_> = frames[1..].iter().map(|f| f["data"].clone()).collect();
+    assert_eq!(
+        data,
+        vec![
+            json!({"n": 1}),
+            json!("m".repeat(198)),
+            json!({"n": 3}),
+            json!({"n": 4}),
+            json!({"n": 5})
+        ]
+    );
+    // And the tab still reads what comes later.
+    s.write_all(&frame(true, 0x1, b"{\"n\":6}", true))
+        .await
+        .unwrap();
+    assert_eq!(mock.json(0, 7).await[6]["data"], json!({"n": 6}));
 }
 
 #[tokio::test]

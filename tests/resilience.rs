@@ -7,6 +7,7 @@ use std::process::Command;
 
 use common::*;
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
 
 /// Fast redials, so outages in tests are short; attempts as given.
 fn fast_redial(attempts: u32) -> String {
@@ -326,4 +327,21 @@ async fn sigterm_drains_a_session_that_is_busy_forwarding() {
         .await
         .unwrap();
     assert_eq!(code, Some(0));
+}
+
+/// A backend's ping is answered at once, even when nothing else moves on
+/// the connection (tungstenite queues the pong; tabmux has it sent).
+#[tokio::test]
+async fn a_backend_ping_is_answered_at_once() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "").await;
+    let (_tab, _) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
+    mock.send(0, Message::Ping(b"are you there".to_vec().into()));
+    let pongs = mock
+        .wait("a pong", |c| {
+            let pongs = &c.first()?.pongs;
+            (!pongs.is_empty()).then(|| pongs.clone())
+        })
+        .await;
+    assert_eq!(pongs, vec![b"are you there".to_vec()]);
 }

@@ -448,7 +448,8 @@ async fn a_forwarded_query_is_appended_to_the_upstreams_own_with_an_ampersand() 
 
 /// A backend whose greeting arrives in the same write as its `101` answer:
 /// the bytes after the handshake must reach the session, not be lost with
-/// the handshake's buffer.
+/// the handshake's buffer, nor left in it (tabmux counts them to know when
+/// a read could find nothing).
 #[tokio::test]
 async fn a_greeting_in_the_same_packet_as_the_101_is_kept() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -480,9 +481,11 @@ async fn a_greeting_in_the_same_packet_as_the_101_is_kept() {
             derive_accept_key(key.as_bytes())
         )
         .into_bytes();
-        // One unmasked text frame, in the same write.
+        // Two unmasked text frames, in the same write.
         out.extend_from_slice(&[0x81, greeting.len() as u8]);
         out.extend_from_slice(greeting);
+        out.extend_from_slice(&[0x81, 5]);
+        out.extend_from_slice(b"world");
         s.write_all(&out).await.unwrap();
         // Hold the connection open until the test is done.
         let mut rest = [0u8; 1024];
@@ -496,6 +499,7 @@ async fn a_greeting_in_the_same_packet_as_the_101_is_kept() {
     let proxy = start_proxy(&toml).await;
     let mut first = TabSpec::new("s").connect(&proxy).await;
     assert_eq!(first.recv().await, Message::text("hello"));
+    assert_eq!(first.recv().await, Message::text("world"));
     // And it is the greeting later tabs are given.
     let mut later = TabSpec::new("s").connect(&proxy).await;
     assert_eq!(later.recv().await, Message::text("hello"));

@@ -491,6 +491,8 @@ pub struct Conn {
     pub closed: Option<Option<CloseFrame>>,
     /// Pings the proxy sent on this connection.
     pub pings: usize,
+    /// The payloads of the pongs the proxy sent (answers to the mock's pings).
+    pub pongs: Vec<Vec<u8>>,
     tx: mpsc::UnboundedSender<MockCmd>,
 }
 
@@ -619,6 +621,7 @@ impl Mock {
                 frames: Vec::new(),
                 closed: None,
                 pings: 0,
+                pongs: Vec::new(),
                 tx,
             });
             st.conns.len() - 1
@@ -656,6 +659,10 @@ impl Mock {
                     }
                     Some(Ok(Message::Ping(_))) => {
                         self.state.lock().unwrap().conns[index].pings += 1;
+                        self.changed.notify_waiters();
+                    }
+                    Some(Ok(Message::Pong(p))) => {
+                        self.state.lock().unwrap().conns[index].pongs.push(p.to_vec());
                         self.changed.notify_waiters();
                     }
                     Some(Ok(_)) => {}
