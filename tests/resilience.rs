@@ -268,15 +268,11 @@ async fn the_single_threaded_runtime_serves_and_drains_the_same() {
 async fn sigterm_drain(server: &str) {
     let mock = Mock::start().await;
     let toml = base_config(server) + &route("/ws", mock.addr, "");
-    let (mut child, proxy) = spawn_tabmux(&toml);
+    let (child, proxy) = spawn_tabmux(&toml);
     let (a, a_id) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
     let (b, b_id) = join(&proxy, &mock, 0, &TabSpec::new("s"), 1).await;
     let (mut a, mut b) = (a.live(), b.live());
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigterm(&child);
     assert_eq!(a.closed().await, 1001);
     assert_eq!(b.closed().await, 1001);
     let frame = mock.closed(0).await.expect("a close frame upstream");
@@ -292,10 +288,7 @@ async fn sigterm_drain(server: &str) {
     closed.sort_unstable();
     assert_eq!(closed, vec![a_id.as_str(), b_id.as_str()]);
     assert!(closes.iter().all(|v| v["code"] == 1001), "{closes:?}");
-    let code = tokio::task::spawn_blocking(move || child.wait().unwrap().code())
-        .await
-        .unwrap();
-    assert_eq!(code, Some(0));
+    exits_0(child).await;
 }
 
 /// A session forwarding a stream of tab messages when the shutdown comes
@@ -307,7 +300,7 @@ async fn sigterm_drains_a_session_that_is_busy_forwarding() {
     let mock = Mock::start().await;
     let toml = base_config("shutdown_timeout = \"10s\"\nworker_threads = 1")
         + &route("/ws", mock.addr, "");
-    let (mut child, proxy) = spawn_tabmux(&toml);
+    let (child, proxy) = spawn_tabmux(&toml);
     let (a, _) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
     let mut a = a.live();
     for i in 0..20_000 {
@@ -315,18 +308,11 @@ async fn sigterm_drains_a_session_that_is_busy_forwarding() {
     }
     // The stream is flowing: the open event, then data.
     mock.json(0, 50).await;
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigterm(&child);
     assert_eq!(a.closed().await, 1001);
     let frame = mock.closed(0).await.expect("a close frame upstream");
     assert_eq!(u16::from(frame.code), 1000);
-    let code = tokio::task::spawn_blocking(move || child.wait().unwrap().code())
-        .await
-        .unwrap();
-    assert_eq!(code, Some(0));
+    exits_0(child).await;
 }
 
 /// A backend's ping is answered at once, even when nothing else moves on
@@ -344,4 +330,21 @@ async fn a_backend_ping_is_answered_at_once() {
         })
         .await;
     assert_eq!(pongs, vec![b"are you there".to_vec()]);
+}
+
+/// Sends the proxy process SIGTERM.
+fn sigterm(child: &std::process::Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits for the proxy process to end; it must exit with status 0.
+async fn exits_0(mut child: std::process::Child) {
+    let code = tokio::task::spawn_blocking(move || child.wait().unwrap().code())
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
 }
