@@ -38,6 +38,9 @@ pub enum UpstreamSocket {
     Tls(Box<WebSocketStream<UpstreamIo>>),
 }
 
+/// The most of a handshake answer kept to find where its frames begin.
+const HANDSHAKE_COPY: usize = 16 * 1024;
+
 /// A TCP stream as `Read + Write` that never waits: `WouldBlock` instead,
 /// and which way it would have waited.
 pub struct NonBlocking {
@@ -72,7 +75,12 @@ impl Read for NonBlocking {
             (Ok(n), _) | (Err(_), Some(n)) => {
                 self.unread.fed(n);
                 if let Some(seen) = self.handshake.as_mut() {
-                    seen.extend_from_slice(&buf[..n]);
+                    if seen.len() + n <= HANDSHAKE_COPY {
+                        seen.extend_from_slice(&buf[..n]);
+                    } else {
+                        // An outsized answer: the count stays unknown.
+                        self.handshake = None;
+                    }
                 }
                 Ok(n)
             }
