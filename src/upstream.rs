@@ -121,30 +121,42 @@ pub fn would_block(e: &WsError) -> bool {
 /// message costs more, which only leaves a count that stays above zero, and
 /// a read that finds nothing, as before). At zero, tungstenite's buffer is
 /// empty and a read could only come back empty, so it is not tried:
-/// tungstenite zeroes its read buffer before every read.
+/// tungstenite zeroes its read buffer before every read. Four bytes, since
+/// every open tab has one: a count that would pass `u32::MAX` becomes
+/// "unknown" for good.
 #[derive(Debug, Clone, Copy)]
-pub struct Unread(u64);
+pub struct Unread(u32);
 
 impl Unread {
+    const UNKNOWN: u32 = u32::MAX;
+
     /// `buffered` bytes are already in tungstenite's buffer.
     pub fn new(buffered: usize) -> Self {
-        Unread(buffered as u64)
+        let mut unread = Unread(0);
+        unread.fed(buffered);
+        unread
     }
 
     /// Nothing is known: reads are always tried.
     fn unknown() -> Self {
-        Unread(u64::MAX / 2)
+        Unread(Self::UNKNOWN)
     }
 
     /// tungstenite read `n` more bytes.
     pub fn fed(&mut self, n: usize) {
-        self.0 += n as u64;
+        self.0 = u32::try_from(n)
+            .ok()
+            .and_then(|n| self.0.checked_add(n))
+            .unwrap_or(Self::UNKNOWN);
     }
 
     /// tungstenite returned a message of `payload` bytes (`masked`: it came
     /// from a client, whose frames carry a 4-byte mask key).
     pub fn took(&mut self, payload: usize, masked: bool) {
-        self.0 = self.0.saturating_sub(min_cost(payload, masked));
+        if self.0 != Self::UNKNOWN {
+            let cost = u32::try_from(min_cost(payload, masked)).unwrap_or(u32::MAX);
+            self.0 = self.0.saturating_sub(cost);
+        }
     }
 
     /// Whether tungstenite may still hold bytes.
@@ -641,6 +653,11 @@ mod tests {
         assert!(unread.maybe_buffered());
         unread.took(2, false);
         assert!(!unread.maybe_buffered());
+        // A count that would overflow becomes unknown, for good.
+        let mut unread = Unread::new(u32::MAX as usize - 1);
+        unread.fed(10);
+        unread.took(1_000_000, false);
+        assert!(unread.maybe_buffered());
         // An incomplete response (which tungstenite would not have
         // accepted): nothing is known, reads are always tried.
         let mut unread = after_response(b"HTTP/1.1 101 OK\r\n");
