@@ -6,7 +6,6 @@
 //! dial runs under the route's `dial_timeout`.
 
 use std::io::{self, Read, Write};
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures_util::{SinkExt, StreamExt};
@@ -15,7 +14,6 @@ use http::header::{self, HeaderValue};
 use http::{Request, StatusCode};
 use rustls_pki_types::ServerName;
 use tokio::io::Interest;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::handshake::client::{generate_key, Response};
@@ -35,7 +33,7 @@ use crate::config::Route;
 /// stream (rustls has no non-blocking read of its own).
 pub enum UpstreamSocket {
     Plain(Box<WebSocket<NonBlocking>>),
-    Tls(Box<WebSocketStream<UpstreamIo>>),
+    Tls(Box<WebSocketStream<TlsStream<TcpStream>>>),
 }
 
 /// The most of a handshake answer kept to find where its frames begin.
@@ -384,19 +382,17 @@ async fn dial_inner(
     // Envelope frames are small and latency-sensitive.
     let _ = tcp.set_nodelay(true);
     let request = build_request(route, params)?;
-    let io = match &route.upstream_tls {
-        None => return handshake_plain(route, request, tcp).await,
-        Some(tls) => {
-            let name = ServerName::try_from(up.host.clone())
-                .map_err(|e| DialError::Handshake(format!("bad TLS server name: {e}")))?;
-            let stream = tokio_rustls::TlsConnector::from(tls.clone())
-                .connect(name, tcp)
-                .await
-                .map_err(|e| DialError::Handshake(format!("TLS: {e}")))?;
-            UpstreamIo::Tls(Box::new(stream))
-        }
+    let Some(tls) = &route.upstream_tls else {
+        return handshake_plain(route, request, tcp).await;
     };
-    match tokio_tungstenite::client_async_with_config(request, io, Some(ws_config(route))).await {
+    let name = ServerName::try_from(up.host.clone())
+        .map_err(|e| DialError::Handshake(format!("bad TLS server name: {e}")))?;
+    let stream = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| DialError::Handshake(format!("TLS: {e}")))?;
+    match tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config(route))).await
+    {
         Ok((socket, response)) => Ok((
             UpstreamSocket::Tls(Box::new(socket)),
             chosen_protocol(&response),
@@ -518,52 +514,6 @@ fn build_request(route: &Route, params: &DialParams) -> Result<Request<()>, Dial
     }
     b.body(())
         .map_err(|e| DialError::Handshake(format!("cannot build the request: {e}")))
-}
-
-/// A plain or TLS upstream stream.
-pub enum UpstreamIo {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for UpstreamIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpstreamIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamIo::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
 }
 
 #[cfg(test)]

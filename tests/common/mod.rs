@@ -9,13 +9,15 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode};
-use tabmux::upstream::UpstreamIo;
 use tabmux::{Config, Proxy};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -187,9 +189,55 @@ pub fn metric(scrape: &str, name_and_labels: &str) -> Option<f64> {
 
 // ------------------------------------------------------------------ tabs
 
+/// A tab's connection to the proxy: plain or TLS.
+pub enum ClientIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientIo::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 /// A browser tab, as a WebSocket client.
 pub struct Tab {
-    pub ws: WebSocketStream<UpstreamIo>,
+    pub ws: WebSocketStream<ClientIo>,
     pub protocol: Option<String>,
 }
 
@@ -283,13 +331,13 @@ impl TabSpec {
         }
         let tcp = TcpStream::connect(proxy.addr).await?;
         let io = match &self.tls {
-            None => UpstreamIo::Plain(tcp),
+            None => ClientIo::Plain(tcp),
             Some(config) => {
                 let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
                 let tls = tokio_rustls::TlsConnector::from(config.clone())
                     .connect(name, tcp)
                     .await?;
-                UpstreamIo::Tls(Box::new(tls))
+                ClientIo::Tls(Box::new(tls))
             }
         };
         let (ws, resp) = guard("a tab handshake", tokio_tungstenite::client_async(req, io)).await?;
