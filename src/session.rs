@@ -559,8 +559,7 @@ struct Session<'c> {
     outage: Option<Outage>,
     /// Pings the upstream and checks it is alive, every `ping_interval`.
     keepalive: Interval,
-    /// Whether the upstream sent anything since the last tick, and when it
-    /// last did as of a tick.
+    /// Whether the upstream has been heard from lately (its idle timeout).
     upstream_alive: Liveness,
     /// tungstenite may hold upstream bytes it has read (see
     /// [`UpstreamSocket::poll_next`]).

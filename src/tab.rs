@@ -327,9 +327,10 @@ impl<S: TabIo> TabTask<S> {
                     // takes nothing else from its queue meanwhile (so that
                     // the queue fills and the session sees a slow consumer).
                     Poll::Pending => {
-                        return self.out.poll_kill(cx).map(|kill| {
-                            End::Close(kill.unwrap_or_else(|| close_frame(1001, "going away")))
-                        })
+                        return self
+                            .out
+                            .poll_kill(cx)
+                            .map(|kill| kill.map_or_else(going_away, End::Close))
                     }
                 }
             }
@@ -342,9 +343,7 @@ impl<S: TabIo> TabTask<S> {
                     }
                     Poll::Ready(Next::Kill(frame)) => return Poll::Ready(End::Close(frame)),
                     // The session ended without a word: it is going away.
-                    Poll::Ready(Next::Closed) => {
-                        return Poll::Ready(End::Close(close_frame(1001, "going away")))
-                    }
+                    Poll::Ready(Next::Closed) => return Poll::Ready(going_away()),
                     Poll::Ready(Next::Message(Message::Close(frame))) => {
                         // Written after the messages before it (the close
                         // flushes them).
@@ -408,9 +407,7 @@ impl<S: TabIo> TabTask<S> {
                 match sending.as_mut().poll(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(true) => self.sending = None,
-                    Poll::Ready(false) => {
-                        return Poll::Ready(End::Close(close_frame(1001, "going away")))
-                    }
+                    Poll::Ready(false) => return Poll::Ready(going_away()),
                 }
             }
             if !self.read_buffered && self.io.poll_read_hint(cx).is_pending() {
@@ -431,7 +428,7 @@ impl<S: TabIo> TabTask<S> {
                     // Usually the session's queue has room; only when it is
                     // full does the tab wait (and its socket read with it).
                     Err(Some(m)) => self.sending = Some(link.send_later(m, payload)),
-                    Err(None) => return Poll::Ready(End::Close(close_frame(1001, "going away"))),
+                    Err(None) => return Poll::Ready(going_away()),
                 },
                 Inbound::Ignore => {}
                 // tungstenite queued the reply; `end` sends it.
@@ -546,6 +543,11 @@ fn read_error(e: &WsError) -> (u16, &'static str, &'static str) {
         WsError::Protocol(_) => (1002, "protocol error", "protocol_error"),
         _ => (1006, "", ""),
     }
+}
+
+/// How a tab ends when its session is gone (the proxy is going away).
+fn going_away() -> End {
+    End::Close(close_frame(1001, "going away"))
 }
 
 fn close_frame(code: u16, reason: &str) -> CloseFrame {
