@@ -279,11 +279,11 @@ fn decode_common(frame: &Bytes, payload: Payload) -> Option<Result<BackendFrame,
     }
     serde_json::from_slice::<serde::de::IgnoredAny>(data).ok()?;
     // Both are ASCII or validated JSON inside a text frame: valid UTF-8.
-    let raw_tab = std::str::from_utf8(&frame[HEAD.len() - 2..HEAD.len() + digits + 1]).ok()?;
+    // The name is the "t" and the digits between the quotes: no JSON string
+    // to parse.
+    let name = std::str::from_utf8(&frame[HEAD.len() - 1..HEAD.len() + digits]).ok()?;
     let data = std::str::from_utf8(data).ok()?;
-    // The quotes hold "t" and digits: the name itself, no JSON string to
-    // parse.
-    let to = target_of(std::iter::once(&raw_tab[1..raw_tab.len() - 1]));
+    let to = target_of(std::iter::once(name));
     Some(to.and_then(|to| {
         Ok(BackendFrame::Deliver {
             to,
