@@ -1,10 +1,12 @@
 //! Sessions: the tabs that share one upstream, and the task that owns it.
 //!
-//! Each session is one task (an actor) that owns the upstream socket and the
-//! table of its tabs. Tabs talk to it over one bounded channel of
-//! `Command`s; it talks to each tab over that tab's own bounded queue, with
-//! `try_send` only, so a tab that stops reading can never delay the upstream
+//! Each session is one task (an actor) that owns the upstream socket, the
+//! table of its tabs and the tabs' connections themselves: it reads each tab
+//! when the tab's socket wakes it, and writes to each tab without waiting (a
+//! tab whose socket is full gets its messages queued in its outbox, bounded
+//! by `tab_queue`), so a tab that stops reading can never delay the upstream
 //! reader or another tab. No lock is needed for routing: one task owns it.
+//! Joining tabs reach it over a bounded channel of `Command`s.
 //!
 //! The [`Registry`] maps session keys to running sessions. Its only job is
 //! to make sure that a key has at most one session, however many tabs of it
@@ -14,8 +16,8 @@
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::task::Poll;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -31,8 +33,9 @@ use tracing::{debug, info, warn, Instrument};
 use crate::config::{Envelope, Route};
 use crate::envelope::{self, BackendFrame, Body, FrameError, TabId, Target};
 use crate::metrics::RouteMetrics;
-use crate::queue::{queue, QueueReceiver, QueueSender, TrySendError};
+use crate::queue::Outbox;
 use crate::reconnect::{self, Backoff};
+use crate::tab::{self, Tab};
 use crate::upstream::{self, DialError, DialParams, UpstreamSocket};
 
 /// A session key: a keyed hash (HMAC-SHA256) of route, session cookie,
@@ -203,22 +206,17 @@ impl Registry {
     }
 }
 
-/// Messages from tabs (and the join path) to a session task.
+/// Messages from the join path to a session task.
 enum Command {
     /// A tab wants in. Answered once the upstream is up (or failed).
     Join {
         info: JoinInfo,
         reply: oneshot::Sender<Result<Joined, Refusal>>,
     },
-    /// A tab sent a message: already wrapped in the envelope for `json`
-    /// routes, exactly as sent for `none` routes. `payload` is the size of
-    /// what the tab sent (what `reconnect_buffer` counts).
-    FromTab {
-        tab: TabId,
-        msg: Message,
-        payload: usize,
-    },
-    /// A tab's connection ended with this close code.
+    /// A member's connection, once its handshake is answered: the session
+    /// serves it from now on.
+    Attach(Box<Tab>),
+    /// A member's handshake was not completed (its connection never came).
     Leave { tab: TabId, code: u16 },
 }
 
@@ -253,81 +251,64 @@ impl Refusal {
     }
 }
 
-/// A tab's membership in a session, handed to the tab's task.
+/// A tab's membership in a session, handed to the tab's handshake.
 pub struct Joined {
     pub tab: TabId,
     /// The subprotocol the upstream chose; every tab is answered with it.
     pub protocol: Option<HeaderValue>,
-    /// Messages for this tab, and the order to close it at once (a slow
-    /// consumer). The session holds the sender and drops it when the tab is
-    /// removed or the session ends.
-    pub out: QueueReceiver,
-    /// Sends this tab's messages to the session, and its `Leave` when dropped.
+    /// Hands the tab's connection to the session; reports the tab's leave
+    /// if dropped instead.
     pub link: TabLink,
 }
 
-/// A tab's sending side to its session. Dropping it tells the session the
-/// tab has left, with the close code last set by [`TabLink::set_close_code`]
-/// (1006, "vanished", until then). Leaving on drop means a tab task that
-/// ends in any way, even by panic, still produces its `close` event.
+/// The way from a joined tab's handshake to its session. Dropping it
+/// (the handshake did not complete) tells the session the tab has left, with
+/// code 1006: every `open` event gets its `close` event.
 pub struct TabLink {
     tab: TabId,
-    tx: mpsc::Sender<Command>,
-    code: u16,
+    /// None once the connection has been handed over.
+    tx: Option<mpsc::Sender<Command>>,
 }
 
 impl TabLink {
-    /// Sends a tab message (`payload` bytes as the tab sent it) to the
-    /// session, waiting while its queue is full: a future that owns what it
-    /// needs, for a tab that found the queue full. Resolves to false if the
-    /// session is gone.
-    pub fn send_later(
-        &self,
-        msg: Message,
-        payload: usize,
-    ) -> Pin<Box<dyn Future<Output = bool> + Send>> {
-        let tx = self.tx.clone();
-        let cmd = Command::FromTab {
-            tab: self.tab,
-            msg,
-            payload,
-        };
-        Box::pin(async move { tx.send(cmd).await.is_ok() })
-    }
-
-    /// Sends without waiting. `Err(Some(msg))`: the session's queue is full
-    /// (try [`TabLink::send_later`]); `Err(None)`: the session is gone.
-    pub fn try_send(&self, msg: Message, payload: usize) -> Result<(), Option<Message>> {
-        let cmd = Command::FromTab {
-            tab: self.tab,
-            msg,
-            payload,
-        };
-        match self.tx.try_send(cmd) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(Command::FromTab { msg, .. })) => Err(Some(msg)),
-            Err(_) => Err(None),
+    /// Hands the tab's connection to its session. If the session is gone
+    /// (the proxy is shutting down), the tab is closed as going away.
+    pub fn attach(mut self, conn: Box<Tab>) {
+        let Some(tx) = self.tx.take() else { return };
+        match tx.try_send(Command::Attach(conn)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(cmd)) => going_away(cmd),
+            // The session is busy: hand it over once there is room.
+            Err(mpsc::error::TrySendError::Full(cmd)) => {
+                tokio::spawn(async move {
+                    if let Err(mpsc::error::SendError(cmd)) = tx.send(cmd).await {
+                        going_away(cmd);
+                    }
+                });
+            }
         }
     }
+}
 
-    /// The close code the `close` event will carry.
-    pub fn set_close_code(&mut self, code: u16) {
-        self.code = code;
+/// Closes the connection of an `Attach` the session did not take.
+fn going_away(cmd: Command) {
+    if let Command::Attach(conn) = cmd {
+        conn.finish(tab::going_away(), Outbox::default());
     }
 }
 
 impl Drop for TabLink {
     fn drop(&mut self) {
+        let Some(tx) = self.tx.take() else { return };
         let cmd = Command::Leave {
             tab: self.tab,
-            code: self.code,
+            code: 1006,
         };
-        match self.tx.try_send(cmd) {
+        match tx.try_send(cmd) {
             Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
             Err(mpsc::error::TrySendError::Full(cmd)) => {
                 // The session is busy: deliver the leave later rather than lose it.
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    let tx = self.tx.clone();
                     rt.spawn(async move {
                         let _ = tx.send(cmd).await;
                     });
@@ -337,10 +318,82 @@ impl Drop for TabLink {
     }
 }
 
+/// The tabs whose sockets woke their session: each tab's waker adds the
+/// tab's id here and wakes the session's task, which then serves only
+/// those tabs. A std `Mutex`, held only to push or swap, never across an
+/// `.await`.
+#[derive(Default)]
+struct Ready {
+    state: Mutex<ReadyState>,
+}
+
+#[derive(Default)]
+struct ReadyState {
+    tabs: Vec<TabId>,
+    /// The session's task, waiting for a tab.
+    session: Option<Waker>,
+}
+
+impl Ready {
+    fn lock(&self) -> MutexGuard<'_, ReadyState> {
+        // Every change under this lock is a single push or swap: a panic
+        // cannot leave it inconsistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves the woken tabs into `into` (empty), or registers the session's
+    /// waker while there are none. Counts against the task's budget, like
+    /// tokio's own resources, so a session kept busy by its tabs still
+    /// yields to other tasks.
+    fn poll_take(&self, cx: &mut Context<'_>, into: &mut Vec<TabId>) -> Poll<()> {
+        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+        let mut st = self.lock();
+        if st.tabs.is_empty() {
+            if !matches!(&st.session, Some(w) if w.will_wake(cx.waker())) {
+                st.session = Some(cx.waker().clone());
+            }
+            return Poll::Pending;
+        }
+        std::mem::swap(&mut st.tabs, into);
+        coop.made_progress();
+        Poll::Ready(())
+    }
+}
+
+/// One tab's waker, registered with its socket.
+struct TabWake {
+    tab: TabId,
+    /// Already listed in `ready` (cleared as the session serves the tab).
+    queued: AtomicBool,
+    ready: Arc<Ready>,
+}
+
+impl Wake for TabWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let session = {
+            let mut st = self.ready.lock();
+            st.tabs.push(self.tab);
+            st.session.take()
+        };
+        if let Some(w) = session {
+            w.wake();
+        }
+    }
+}
+
 /// Capacity of a session's command channel, shared by all of its tabs.
 const COMMAND_QUEUE: usize = 256;
-/// Commands handled before the upstream writes are flushed.
+/// Commands, or upstream frames, handled before the writes are flushed.
 const BATCH: usize = 64;
+/// Messages read from one tab before the session turns to the others.
+const TAB_BURST: usize = 16;
 /// How many times a join retries when it races with a session ending.
 const JOIN_TRIES: usize = 3;
 
@@ -441,8 +494,12 @@ async fn run(
     ctx.registry.remove(&key, id);
     rx.close();
     while let Some(cmd) = rx.recv().await {
-        if let Command::Join { reply, .. } = cmd {
-            let _ = reply.send(Err(late.clone()));
+        match cmd {
+            Command::Join { reply, .. } => {
+                let _ = reply.send(Err(late.clone()));
+            }
+            cmd @ Command::Attach(_) => going_away(cmd),
+            Command::Leave { .. } => {}
         }
     }
     ctx.metrics.sessions_active.dec();
@@ -451,9 +508,17 @@ async fn run(
 
 /// One member tab, as its session sees it.
 struct TabSlot {
-    /// This tab's message queue (capacity `tab_queue`). Dropping it ends the
-    /// tab's task once the queue is drained.
-    out: QueueSender,
+    /// Its connection; None until its handshake is answered.
+    conn: Option<Box<Tab>>,
+    /// What could not be written to it yet (at most `tab_queue` messages,
+    /// plus the greeting replay).
+    outbox: Outbox,
+    /// Its waker: registered with its socket, it lists the tab in the
+    /// session's `ready` set.
+    waker: Waker,
+    wake: Arc<TabWake>,
+    /// Written to since the last flush (and listed in `Session::dirty`).
+    dirty: bool,
     /// Its query and headers, for the `open` event sent again after a redial.
     info: JoinInfo,
 }
@@ -526,6 +591,8 @@ enum Event {
     Upstream(Option<Result<Message, WsError>>),
     /// Boxed: a socket is large, and redials are rare.
     Redialed(Box<DialResult>),
+    /// Tabs woke the session (listed in `Session::woken`).
+    Tabs,
     Tick,
     Linger,
 }
@@ -547,6 +614,17 @@ struct Session<'c> {
     shutdown: watch::Receiver<()>,
     /// Keyed by ids tabmux assigns, so a fast non-keyed hash is safe here.
     tabs: FxHashMap<TabId, TabSlot>,
+    /// Tabs whose sockets woke the session, filled by their wakers.
+    ready: Arc<Ready>,
+    /// The tabs being served this turn (taken from `ready`).
+    woken: Vec<TabId>,
+    /// Tabs written to this turn, to flush at its end.
+    dirty: Vec<TabId>,
+    /// Messages read from one tab, before they are passed on.
+    inbound: Vec<(Message, usize)>,
+    /// Tabs that tabmux closed before their connection was handed over:
+    /// what they were sent, and their close frame, for when it arrives.
+    closed_early: FxHashMap<TabId, (Outbox, CloseFrame)>,
     /// The next tab id; ids are never reused on one upstream connection.
     next_tab: u64,
     /// `envelope = "none"`: the first `replay_first` upstream frames.
@@ -592,6 +670,11 @@ impl<'c> Session<'c> {
             commands,
             shutdown: ctx.shutdown.clone(),
             tabs: FxHashMap::default(),
+            ready: Arc::default(),
+            woken: Vec::new(),
+            dirty: Vec::new(),
+            inbound: Vec::new(),
+            closed_early: FxHashMap::default(),
             next_tab: 1,
             replay: Vec::new(),
             to_upstream: Vec::new(),
@@ -628,6 +711,7 @@ impl<'c> Session<'c> {
                     biased;
                     cmd = rx.recv() => Event::Command(cmd),
                     frame = next_frame(&mut self.upstream, &mut self.upstream_buffered) => Event::Upstream(frame),
+                    () = poll_fn(|cx| self.ready.poll_take(cx, &mut self.woken)) => Event::Tabs,
                     result = redial(&mut self.outage, self.ctx) => Event::Redialed(Box::new(result)),
                     _ = self.keepalive.tick() => Event::Tick,
                     () = expire(&mut self.linger) => Event::Linger,
@@ -643,7 +727,13 @@ impl<'c> Session<'c> {
                 Event::Upstream(Some(Ok(msg))) => {
                     self.upstream_alive.heard();
                     self.upstream_frame(msg);
-                    Ok(())
+                    match self.more_upstream_frames().await {
+                        // The upstream comes first in the loop: tabs that
+                        // are waiting are served in the same turn, so that a
+                        // busy backend cannot starve them.
+                        Ok(()) => self.serve_ready_tabs().await,
+                        lost => lost,
+                    }
                 }
                 Event::Upstream(Some(Err(e))) => self.lose(&e.to_string()),
                 Event::Upstream(None) => self.lose("the backend closed the connection"),
@@ -654,9 +744,11 @@ impl<'c> Session<'c> {
                     }
                     Err(e) => self.redial_failed(&e),
                 },
+                Event::Tabs => self.serve_tabs(),
                 Event::Tick => self.tick(),
                 Event::Linger => Err(End::Linger),
             };
+            let outcome = outcome.and_then(|()| self.flush_tabs());
             self.publish();
             if let Err(end) = outcome {
                 break end;
@@ -826,12 +918,29 @@ impl<'c> Session<'c> {
         }
     }
 
-    /// Keepalive: every tab is told to ping its browser (or to close if it
-    /// went silent); a silent upstream is lost, otherwise pinged. One timer
-    /// per session, none per tab.
+    /// Keepalive: every tab is pinged (or closed if it went silent); a
+    /// silent upstream is lost, otherwise pinged. One timer per session,
+    /// none per tab.
     fn tick(&mut self) -> Result<(), End> {
-        for slot in self.tabs.values() {
-            slot.out.tick();
+        let idle = self.route().idle_timeout;
+        let mut silent = Vec::new();
+        for (&tab, slot) in &mut self.tabs {
+            let Some(conn) = slot.conn.as_mut() else {
+                continue;
+            };
+            let mut cx = Context::from_waker(&slot.waker);
+            match conn.tick(&mut cx, idle, &slot.outbox) {
+                tab::Tick::Pinged if !slot.dirty => {
+                    slot.dirty = true;
+                    self.dirty.push(tab);
+                }
+                tab::Tick::Pinged | tab::Tick::Busy => {}
+                tab::Tick::Silent => silent.push(tab),
+            }
+        }
+        for tab in silent {
+            self.ctx.metrics.tab_closed("idle");
+            self.close_tab(tab, 1001, "idle timeout");
         }
         if self.upstream.is_none() {
             return Ok(());
@@ -840,6 +949,30 @@ impl<'c> Session<'c> {
             return self.lose("idle timeout: the upstream sent nothing, not even a pong");
         }
         self.to_upstream.push(Message::Ping(Bytes::new()));
+        Ok(())
+    }
+
+    /// Handles the upstream frames tungstenite already holds, up to a
+    /// batch, so that a burst from the backend reaches each tab as one write.
+    async fn more_upstream_frames(&mut self) -> Result<(), End> {
+        for _ in 1..BATCH {
+            if !self.upstream_buffered {
+                break;
+            }
+            let Some(up) = self.upstream.as_mut() else {
+                break;
+            };
+            let buffered = &mut self.upstream_buffered;
+            match poll_fn(|cx| Poll::Ready(up.poll_next(cx, buffered))).await {
+                Poll::Pending => break,
+                Poll::Ready(Some(Ok(msg))) => {
+                    self.upstream_alive.heard();
+                    self.upstream_frame(msg);
+                }
+                Poll::Ready(Some(Err(e))) => return self.lose(&e.to_string()),
+                Poll::Ready(None) => return self.lose("the backend closed the connection"),
+            }
+        }
         Ok(())
     }
 
@@ -872,41 +1005,172 @@ impl<'c> Session<'c> {
     fn command(&mut self, cmd: Command) -> Result<(), End> {
         match cmd {
             Command::Join { info, reply } => self.join(info, reply),
-            Command::FromTab { tab, msg, payload } => {
-                // A tab that tabmux already closed may still have had
-                // messages in flight; it has left as far as the backend knows.
-                if !self.tabs.contains_key(&tab) {
-                    return Ok(());
-                }
-                match self.outage.as_mut() {
-                    None => {
-                        self.ctx.metrics.to_upstream(payload);
-                        self.to_upstream.push(msg);
-                    }
-                    Some(outage) => {
-                        if outage.buffer.push(tab, msg, payload).is_err() {
-                            warn!(
-                                limit = self.ctx.route.reconnect_buffer,
-                                "reconnect buffer full"
-                            );
-                            return Err(End::BufferFull);
-                        }
-                    }
-                }
-            }
+            Command::Attach(conn) => self.attach(conn),
             Command::Leave { tab, code } => {
-                if self.tabs.remove(&tab).is_some() {
-                    debug!(tab = %tab, code, "tab left");
-                    self.ctx.metrics.tab_left();
-                    self.left(tab, code);
-                    if self.tabs.is_empty() && self.outage.is_some() {
-                        debug!("the last tab left during an outage; ending the session");
-                        return Err(End::LostIdle);
-                    }
+                self.closed_early.remove(&tab);
+                if self.tabs.get(&tab).is_some_and(|slot| slot.conn.is_none()) {
+                    self.tabs.remove(&tab);
+                    return self.removed(tab, code);
                 }
             }
         }
         Ok(())
+    }
+
+    /// A tab sent a message: already wrapped in the envelope for `json`
+    /// routes, exactly as sent for `none` routes. `payload` is the size of
+    /// what the tab sent (what `reconnect_buffer` counts).
+    fn tab_message(&mut self, tab: TabId, msg: Message, payload: usize) -> Result<(), End> {
+        match self.outage.as_mut() {
+            None => {
+                self.ctx.metrics.to_upstream(payload);
+                self.to_upstream.push(msg);
+            }
+            Some(outage) => {
+                if outage.buffer.push(tab, msg, payload).is_err() {
+                    warn!(
+                        limit = self.ctx.route.reconnect_buffer,
+                        "reconnect buffer full"
+                    );
+                    return Err(End::BufferFull);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A member's connection arrives: the session serves it from now on,
+    /// starting with what was queued for it and whatever it already sent.
+    fn attach(&mut self, conn: Box<Tab>) {
+        let id = conn.id();
+        if let Some(slot) = self.tabs.get_mut(&id) {
+            slot.conn = Some(conn);
+            slot.waker.wake_by_ref();
+        } else if let Some((outbox, frame)) = self.closed_early.remove(&id) {
+            conn.finish(tab::End::Close(frame), outbox);
+        } else {
+            conn.finish(tab::going_away(), Outbox::default());
+        }
+    }
+
+    /// Serves the tabs whose sockets woke the session, if any did.
+    async fn serve_ready_tabs(&mut self) -> Result<(), End> {
+        let woken = poll_fn(|cx| Poll::Ready(self.ready.poll_take(cx, &mut self.woken))).await;
+        match woken {
+            Poll::Ready(()) => self.serve_tabs(),
+            Poll::Pending => Ok(()),
+        }
+    }
+
+    /// Serves the tabs whose sockets woke the session (listed in `woken`).
+    fn serve_tabs(&mut self) -> Result<(), End> {
+        let mut woken = std::mem::take(&mut self.woken);
+        let served = woken.iter().try_for_each(|&tab| self.serve_tab(tab));
+        woken.clear();
+        self.woken = woken;
+        served
+    }
+
+    /// Writes what waits for one tab, then passes on what it sent (a burst
+    /// at most; the tab is served again next turn if it has more).
+    fn serve_tab(&mut self, id: TabId) -> Result<(), End> {
+        let ctx = self.ctx;
+        let Some(slot) = self.tabs.get_mut(&id) else {
+            return Ok(());
+        };
+        slot.wake.queued.store(false, Ordering::Release);
+        let Some(conn) = slot.conn.as_mut() else {
+            return Ok(());
+        };
+        let mut cx = Context::from_waker(&slot.waker);
+        let mut ended = match conn.poll_write(&mut cx, &mut slot.outbox) {
+            Poll::Ready(Err(end)) => Some(end),
+            _ => None,
+        };
+        if ended.is_none() {
+            for n in 0..=TAB_BURST {
+                if n == TAB_BURST {
+                    // Fair to the other tabs: come back next turn.
+                    slot.waker.wake_by_ref();
+                    break;
+                }
+                match conn.poll_message(&mut cx, &ctx.route, &ctx.metrics) {
+                    Poll::Pending => break,
+                    Poll::Ready(Ok(msg)) => self.inbound.push(msg),
+                    Poll::Ready(Err(end)) => {
+                        ended = Some(end);
+                        break;
+                    }
+                }
+            }
+        }
+        // In order, and before the close event of a tab that ended.
+        let mut inbound = std::mem::take(&mut self.inbound);
+        let passed = inbound
+            .drain(..)
+            .try_for_each(|(msg, payload)| self.tab_message(id, msg, payload));
+        self.inbound = inbound;
+        passed?;
+        match ended {
+            Some(end) => self.tab_ended(id, end),
+            None => Ok(()),
+        }
+    }
+
+    /// Flushes the tabs written to this turn.
+    fn flush_tabs(&mut self) -> Result<(), End> {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        let mut flushed = Ok(());
+        for &id in &dirty {
+            let Some(slot) = self.tabs.get_mut(&id) else {
+                continue;
+            };
+            slot.dirty = false;
+            let Some(conn) = slot.conn.as_mut() else {
+                continue;
+            };
+            let mut cx = Context::from_waker(&slot.waker);
+            // Pending: the socket is full, and wakes the tab when it drains.
+            if let Poll::Ready(Err(end)) = conn.poll_write(&mut cx, &mut slot.outbox) {
+                flushed = self.tab_ended(id, end);
+                if flushed.is_err() {
+                    break;
+                }
+            }
+        }
+        dirty.clear();
+        self.dirty = dirty;
+        flushed
+    }
+
+    /// A tab's connection ended from its side (or failed): it leaves, and
+    /// its closing handshake goes on without the session.
+    fn tab_ended(&mut self, tab: TabId, end: tab::End) -> Result<(), End> {
+        let Some(slot) = self.tabs.remove(&tab) else {
+            return Ok(());
+        };
+        let code = end.code();
+        if let Some(conn) = slot.conn {
+            conn.finish(end, Outbox::default());
+        }
+        self.removed(tab, code)
+    }
+
+    /// A tab that was a member is gone (with `code`).
+    fn removed(&mut self, tab: TabId, code: u16) -> Result<(), End> {
+        debug!(tab = %tab, code, "tab left");
+        self.ctx.metrics.tab_left();
+        self.left(tab, code);
+        if self.tabs.is_empty() && self.outage.is_some() {
+            debug!("the last tab left during an outage; ending the session");
+            return Err(End::LostIdle);
+        }
+        Ok(())
+    }
+
+    /// The most messages a tab's outbox may hold.
+    fn outbox_limit(&self) -> usize {
+        self.route().tab_queue + self.replay.len()
     }
 
     fn join(&mut self, info: JoinInfo, reply: oneshot::Sender<Result<Joined, Refusal>>) {
@@ -916,19 +1180,12 @@ impl<'c> Session<'c> {
         }
         let tab = TabId(self.next_tab);
         self.next_tab += 1;
-        // Room for the greeting replay on top of the tab's own queue.
-        let (out_tx, out_rx) = queue(self.route().tab_queue + self.replay.len());
-        for msg in &self.replay {
-            let _ = out_tx.try_send(msg.clone());
-        }
         let joined = Joined {
             tab,
             protocol: self.protocol.clone(),
-            out: out_rx,
             link: TabLink {
                 tab,
-                tx: self.commands.clone(),
-                code: 1006,
+                tx: Some(self.commands.clone()),
             },
         };
         if reply.send(Ok(joined)).is_err() {
@@ -937,12 +1194,32 @@ impl<'c> Session<'c> {
             // Leave for a tab that is not in the table, which is ignored.
             return;
         }
+        // The greeting replay, ahead of everything else.
+        let mut outbox = Outbox::default();
+        for msg in &self.replay {
+            outbox.push(msg.clone());
+        }
+        let wake = Arc::new(TabWake {
+            tab,
+            queued: AtomicBool::new(false),
+            ready: self.ready.clone(),
+        });
         // During an outage the open event goes out with the others once the
         // upstream is back.
         if self.upstream.is_some() && self.route().envelope == Envelope::Json {
             self.to_upstream.push(Message::Text(open_event(tab, &info)));
         }
-        self.tabs.insert(tab, TabSlot { out: out_tx, info });
+        self.tabs.insert(
+            tab,
+            TabSlot {
+                conn: None,
+                outbox,
+                waker: Waker::from(wake.clone()),
+                wake,
+                dirty: false,
+                info,
+            },
+        );
         self.ctx.metrics.tab_joined();
         self.linger = None;
         debug!(tab = %tab, tabs = self.tabs.len(), "tab joined");
@@ -961,11 +1238,12 @@ impl<'c> Session<'c> {
         }
     }
 
-    /// Closes a tab from tabmux's side with `code`: removes it, queues the
-    /// close frame behind what it was already sent (or, if its queue is
-    /// full, closes it at once), and reports the `close` event.
+    /// Closes a tab from tabmux's side with `code`: removes it, sends the
+    /// close frame behind what it was already sent (or, if its outbox is
+    /// full, at once), and reports the `close` event.
     fn close_tab(&mut self, tab: TabId, code: u16, reason: &str) {
-        let Some(slot) = self.tabs.remove(&tab) else {
+        let limit = self.outbox_limit();
+        let Some(mut slot) = self.tabs.remove(&tab) else {
             return;
         };
         self.ctx.metrics.tab_left();
@@ -973,8 +1251,14 @@ impl<'c> Session<'c> {
             code: CloseCode::from(code),
             reason: reason.into(),
         };
-        if let Err(TrySendError::Full(_)) = slot.out.try_send(Message::Close(Some(frame.clone()))) {
-            slot.out.kill(frame);
+        if slot.outbox.len() >= limit {
+            slot.outbox.clear();
+        }
+        match slot.conn {
+            Some(conn) => conn.finish(tab::End::Close(frame), slot.outbox),
+            None => {
+                self.closed_early.insert(tab, (slot.outbox, frame));
+            }
         }
         debug!(tab = %tab, code, reason, "tabmux closed the tab");
         self.left(tab, code);
@@ -986,24 +1270,37 @@ impl<'c> Session<'c> {
     ///
     /// A broadcast walks the tab table itself: no list of ids, no lookups.
     fn fan_out(&mut self, tabs: Option<Vec<TabId>>, msg: Message, len: usize) {
+        let limit = self.outbox_limit();
         let mut delivered = 0;
         let mut slow = Vec::new();
+        let dirty = &mut self.dirty;
         // Cloning the message clones a reference count, never the payload.
-        let mut offer = |tab: TabId, slot: &TabSlot| match slot.out.try_send(msg.clone()) {
-            Ok(()) => delivered += 1,
-            Err(TrySendError::Full(_)) => slow.push(tab),
-            // The tab task ended; its Leave is on the way.
-            Err(TrySendError::Closed(_)) => {}
+        let mut offer = |tab: TabId, slot: &mut TabSlot| {
+            if slot.outbox.len() >= limit {
+                slow.push(tab);
+                return;
+            }
+            delivered += 1;
+            let Some(conn) = slot.conn.as_mut() else {
+                slot.outbox.push(msg.clone());
+                return;
+            };
+            let mut cx = Context::from_waker(&slot.waker);
+            conn.send(&mut cx, msg.clone(), &mut slot.outbox);
+            if !slot.dirty {
+                slot.dirty = true;
+                dirty.push(tab);
+            }
         };
         match &tabs {
             None => {
-                for (&tab, slot) in &self.tabs {
+                for (&tab, slot) in &mut self.tabs {
                     offer(tab, slot);
                 }
             }
             Some(ids) => {
                 for &tab in ids {
-                    if let Some(slot) = self.tabs.get(&tab) {
+                    if let Some(slot) = self.tabs.get_mut(&tab) {
                         offer(tab, slot);
                     }
                 }

@@ -1,31 +1,29 @@
-//! One task per tab socket: browser ⇄ session.
+//! A tab's connection: browser ⇄ session.
 //!
-//! The task reads the tab's messages, wraps them in the envelope (here, not in
-//! the session task, so that the JSON validation and encoding of many tabs run
-//! in parallel) and passes them to the session in order. It writes what the
-//! session queues for it, in bursts (one `flush`, so one `write`, per burst).
-//! It ends when either side closes, and its [`TabLink`] reports the close code
-//! as it drops.
+//! A tab has no task of its own. Its session's task serves it: it reads the
+//! tab's messages when the tab's socket has some (the socket wakes the
+//! session through a waker of the tab's own, so the session polls only the
+//! tabs that woke it), wraps them in the envelope, and writes what the
+//! backend sends it straight into its WebSocket buffer, flushed once per
+//! turn of the session. Only the closing handshake, which may wait on a
+//! slow tab, runs in a task of its own.
 //!
-//! Why a hand-written poll loop over tungstenite's [`WebSocketContext`]
-//! instead of tokio-tungstenite's stream and `select!`: this loop runs once
-//! per message delivered to every tab, so its cost is multiplied by the fan-out,
-//! and an idle tab's task is multiplied by every open tab. Profiling showed
-//! three costs that this shape removes:
-//! - after every delivery `select!` polled the tab's socket for reading
-//!   through four I/O layers (tokio-tungstenite's waker proxies, hyper's
-//!   upgraded connection, its rewind buffer, tokio), and tungstenite zeroed
-//!   its read buffer each time. Here the socket is read only when tokio's
-//!   readiness (an atomic load) says it may have data.
-//! - each tab had its own keepalive timer; the session's timer now ticks its
-//!   tabs through their queues.
-//! - the `select!` state machine, with the write and read paths inline, made
-//!   every idle tab's task about 1.6 KiB; this one is the struct below.
+//! Why not a task per tab, as before: a message then crossed two tasks in
+//! each direction (tab task, channel, session task and back, each a wake-up
+//! and a poll), and that hand-off was about a fifth of the instructions of
+//! a round trip and most of its cold code. A session's tabs now share one
+//! core, which is the one their upstream is served on anyway.
+//!
+//! Why a hand-written reader over tungstenite's [`WebSocketContext`] rather
+//! than tokio-tungstenite's stream: after every delivery the stream polled
+//! the tab's socket for reading through four I/O layers (tokio-tungstenite's
+//! waker proxies, hyper's upgraded connection, its rewind buffer, tokio), and
+//! tungstenite zeroed its read buffer each time. Here the socket is read
+//! only when tokio's readiness (an atomic load) says it may have data.
 
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::io::{self, Read, Write};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -44,17 +42,17 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, Instrument};
 
 use crate::config::{Envelope, Route};
-use crate::envelope;
+use crate::envelope::{self, TabId};
 use crate::metrics::RouteMetrics;
-use crate::queue::{Next, QueueReceiver};
-use crate::session::{Joined, Liveness, TabLink};
+use crate::queue::Outbox;
+use crate::session::{Joined, Liveness};
 use crate::upgrade::TabPermit;
 use crate::upstream::{would_block, Unread};
 
 /// How long tabmux waits for a tab to complete a close handshake, or for a
 /// close frame to be written to a tab that is not reading.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-/// Messages written to a tab before one flush.
+/// Messages moved from the outbox into the WebSocket buffer before a flush.
 const BURST: usize = 64;
 
 /// The WebSocket settings of a tab connection, sized for very many mostly idle
@@ -74,125 +72,95 @@ pub const TAB_READ_BUFFER: usize = 512;
 
 /// A tab's connection once upgraded: plain TCP, TLS, or (should hyper ever
 /// hand over another type) hyper's upgraded connection itself.
-pub trait TabIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+pub enum TabSocket {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    Upgraded(Box<TokioIo<Upgraded>>),
+}
+
+impl TabSocket {
     /// Pending (with the waker registered) while a read certainly finds
     /// nothing; Ready when it may find data or an error.
-    fn poll_read_hint(&self, cx: &mut Context<'_>) -> Poll<()>;
-}
-
-impl TabIo for TcpStream {
     fn poll_read_hint(&self, cx: &mut Context<'_>) -> Poll<()> {
-        // tokio's cached readiness: no system call.
-        self.poll_read_ready(cx).map(|_| ())
+        match self {
+            // tokio's cached readiness: no system call.
+            TabSocket::Tcp(s) => s.poll_read_ready(cx).map(|_| ()),
+            // rustls may hold decrypted bytes the socket no longer shows.
+            TabSocket::Tls(_) | TabSocket::Upgraded(_) => Poll::Ready(()),
+        }
     }
 }
 
-impl TabIo for TlsStream<TcpStream> {
-    fn poll_read_hint(&self, _: &mut Context<'_>) -> Poll<()> {
-        // rustls may hold decrypted bytes the socket no longer shows.
-        Poll::Ready(())
+impl AsyncRead for TabSocket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            TabSocket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            TabSocket::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            TabSocket::Upgraded(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
     }
 }
 
-impl TabIo for TokioIo<Upgraded> {
-    fn poll_read_hint(&self, _: &mut Context<'_>) -> Poll<()> {
-        Poll::Ready(())
+impl AsyncWrite for TabSocket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            TabSocket::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            TabSocket::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            TabSocket::Upgraded(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            TabSocket::Tcp(s) => Pin::new(s).poll_flush(cx),
+            TabSocket::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            TabSocket::Upgraded(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            TabSocket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            TabSocket::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            TabSocket::Upgraded(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 
-/// Starts a tab's task on the connection hyper upgraded. The task runs
-/// until the tab closes, holding `permit` (its slot under `server.max_tabs`).
+/// Hands the connection hyper upgraded to the tab's session, which serves
+/// it from now on. The tab holds `permit` (its slot under
+/// `server.max_tabs`) until its connection is closed.
 ///
 /// The tab takes its connection back from hyper, without the layers of an
-/// upgraded connection. Its task is built here, outside any `async` block:
-/// locals moved into an async state machine keep their space in it, and an
-/// idle tab's task is what every open tab costs.
-pub fn spawn(
-    upgraded: Upgraded,
-    joined: Joined,
-    route: Arc<Route>,
-    metrics: Arc<RouteMetrics>,
-    permit: TabPermit,
-) {
-    let span = tracing::Span::current();
-    let Joined { tab, out, link, .. } = joined;
-    match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(p) => {
-            let task = TabTask::new(p.io.into_inner(), p.read_buf, tab, out, route, metrics);
-            tokio::spawn(run(task, link, permit).instrument(span));
-        }
+/// upgraded connection.
+pub fn attach(upgraded: Upgraded, joined: Joined, route: &Route, permit: TabPermit) {
+    let Joined { tab, link, .. } = joined;
+    let (io, read) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(p) => (TabSocket::Tcp(p.io.into_inner()), p.read_buf),
         Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
-            Ok(p) => {
-                let task = TabTask::new(p.io.into_inner(), p.read_buf, tab, out, route, metrics);
-                tokio::spawn(run(task, link, permit).instrument(span));
-            }
-            Err(upgraded) => {
-                let io = TokioIo::new(upgraded);
-                let task = TabTask::new(io, Bytes::new(), tab, out, route, metrics);
-                tokio::spawn(run(task, link, permit).instrument(span));
-            }
+            Ok(p) => (TabSocket::Tls(Box::new(p.io.into_inner())), p.read_buf),
+            Err(upgraded) => (
+                TabSocket::Upgraded(Box::new(TokioIo::new(upgraded))),
+                Bytes::new(),
+            ),
         },
-    }
+    };
+    link.attach(Box::new(Tab::new(io, read, tab, route, permit)));
 }
 
-/// A tab's task: serves the tab, then ends it (a close handshake, boxed:
-/// it runs once per tab, and its timer and handshake state would otherwise
-/// be part of every idle tab's task). Dropping it drops the link (which
-/// reports the leave with the close code) and then the tab's slot.
-///
-/// Written out rather than as an `async fn`, whose state machine kept a
-/// second copy of the task state it was given.
-struct TabFuture<S> {
-    task: Option<TabTask<S>>,
-    ending: Option<Pin<Box<dyn Future<Output = u16> + Send>>>,
-    link: TabLink,
-    _permit: TabPermit,
-}
-
-fn run<S: TabIo>(task: TabTask<S>, link: TabLink, permit: TabPermit) -> TabFuture<S> {
-    TabFuture {
-        task: Some(task),
-        ending: None,
-        link,
-        _permit: permit,
-    }
-}
-
-impl<S: TabIo> Future for TabFuture<S> {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        if let Some(task) = this.task.as_mut() {
-            let Poll::Ready(end) = task.poll_serve(cx, &this.link) else {
-                return Poll::Pending;
-            };
-            if let Some(task) = this.task.take() {
-                this.ending = Some(Box::pin(task.end(end)));
-            }
-        }
-        if let Some(ending) = this.ending.as_mut() {
-            let Poll::Ready(code) = ending.as_mut().poll(cx) else {
-                return Poll::Pending;
-            };
-            this.ending = None;
-            debug!(code, "tab closed");
-            this.link.set_close_code(code);
-        }
-        Poll::Ready(())
-    }
-}
-
-/// The state of one tab task.
-struct TabTask<S> {
-    io: S,
+/// A tab's connection, as its session serves it.
+pub struct Tab {
+    io: TabSocket,
     ws: WebSocketContext,
-    tab: envelope::TabId,
-    /// What the session queued for this tab (its kill order, its keepalive
-    /// ticks).
-    out: QueueReceiver,
-    route: Arc<Route>,
-    metrics: Arc<RouteMetrics>,
+    id: TabId,
     /// Whether the tab has been heard from lately (its idle timeout).
     alive: Liveness,
     /// tungstenite may hold bytes already read from the socket: read before
@@ -202,15 +170,18 @@ struct TabTask<S> {
     /// for: when none are left, a read could only come back empty (and
     /// tungstenite zeroes its read buffer before every read).
     unread: Unread,
-    /// A write could not complete: flush before taking more from the queue.
-    write_blocked: bool,
-    /// A tab message waiting for room in the session's queue; the tab is not
-    /// read meanwhile.
-    sending: Option<Pin<Box<dyn Future<Output = bool> + Send>>>,
+    /// tungstenite holds bytes not yet written: flush them.
+    unflushed: bool,
+    /// The last flush found the socket full: new messages wait in the
+    /// outbox (where `tab_queue` counts them) until it drains.
+    blocked: bool,
+    /// A write failed: the connection is gone.
+    broken: bool,
+    _permit: TabPermit,
 }
 
-/// How a tab's loop ended.
-enum End {
+/// How a tab's connection ends.
+pub enum End {
     /// Close the tab from tabmux's side with this frame.
     Close(CloseFrame),
     /// The tab started the close handshake with this code; finish it.
@@ -219,17 +190,37 @@ enum End {
     Gone(u16),
 }
 
+/// What a keepalive tick did to a tab.
+pub enum Tick {
+    /// A ping is buffered: flush the tab.
+    Pinged,
+    /// Messages are waiting to be written: no ping needed.
+    Busy,
+    /// The tab has been silent for its idle timeout: close it.
+    Silent,
+}
+
+impl End {
+    /// The code the backend's `close` event carries.
+    pub fn code(&self) -> u16 {
+        match self {
+            End::Close(frame) => u16::from(frame.code),
+            End::Finish(code) | End::Gone(code) => *code,
+        }
+    }
+}
+
 /// tungstenite's blocking-style `Read`/`Write` over a tokio stream for the
 /// duration of one poll: `Pending` becomes `WouldBlock` (the waker is then
 /// registered by the stream).
-struct Io<'a, 'b, S> {
-    stream: &'a mut S,
+struct Io<'a, 'b> {
+    stream: &'a mut TabSocket,
     cx: &'a mut Context<'b>,
     /// Bytes read through this adapter.
     fed: usize,
 }
 
-impl<S: AsyncRead + Unpin> Read for Io<'_, '_, S> {
+impl Read for Io<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let mut buf = ReadBuf::new(buf);
         match Pin::new(&mut *self.stream).poll_read(self.cx, &mut buf) {
@@ -243,7 +234,7 @@ impl<S: AsyncRead + Unpin> Read for Io<'_, '_, S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> Write for Io<'_, '_, S> {
+impl Write for Io<'_, '_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match Pin::new(&mut *self.stream).poll_write(self.cx, buf) {
             Poll::Ready(r) => r,
@@ -259,18 +250,11 @@ impl<S: AsyncWrite + Unpin> Write for Io<'_, '_, S> {
     }
 }
 
-impl<S: TabIo> TabTask<S> {
+impl Tab {
     /// `read` holds bytes the client sent after its handshake that hyper had
     /// already read.
-    fn new(
-        io: S,
-        read: Bytes,
-        tab: envelope::TabId,
-        out: QueueReceiver,
-        route: Arc<Route>,
-        metrics: Arc<RouteMetrics>,
-    ) -> Self {
-        let config = Some(ws_config(&route));
+    fn new(io: TabSocket, read: Bytes, id: TabId, route: &Route, permit: TabPermit) -> Self {
+        let config = Some(ws_config(route));
         let read_buffered = !read.is_empty();
         let unread = Unread::new(read.len());
         let ws = if read_buffered {
@@ -280,110 +264,132 @@ impl<S: TabIo> TabTask<S> {
         };
         // (Even empty, `read` may hold hyper's whole read buffer: it is
         // dropped here.)
-        TabTask {
+        Tab {
             io,
             ws,
-            tab,
-            out,
-            route,
-            metrics,
+            id,
             alive: Liveness::new(),
-            read_buffered,
+            // The session's first look at the tab reads whatever is there.
+            read_buffered: true,
             unread,
-            write_blocked: false,
-            sending: None,
+            unflushed: false,
+            blocked: false,
+            broken: false,
+            _permit: permit,
         }
     }
 
-    fn io<'a, 'b>(stream: &'a mut S, cx: &'a mut Context<'b>) -> Io<'a, 'b, S> {
+    pub fn id(&self) -> TabId {
+        self.id
+    }
+
+    fn io<'a, 'b>(stream: &'a mut TabSocket, cx: &'a mut Context<'b>) -> Io<'a, 'b> {
         Io { stream, cx, fed: 0 }
     }
 
-    /// Serves the tab until one side ends it.
-    fn poll_serve(&mut self, cx: &mut Context<'_>, link: &TabLink) -> Poll<End> {
-        if let Poll::Ready(end) = self.poll_out(cx) {
-            return Poll::Ready(end);
+    /// Sends `msg` to the tab: into tungstenite's buffer (flushed by
+    /// [`Tab::poll_write`]) if the socket has room, else into `outbox`.
+    pub fn send(&mut self, cx: &mut Context<'_>, msg: Message, outbox: &mut Outbox) {
+        if self.blocked || self.broken || !outbox.is_empty() {
+            outbox.push(msg);
+            return;
         }
-        self.poll_in(cx, link)
+        self.unflushed = true;
+        match self.ws.write(&mut Self::io(&mut self.io, cx), msg) {
+            Ok(()) => {}
+            // The frame is in tungstenite's buffer; the socket is full.
+            Err(e) if would_block(&e) => self.blocked = true,
+            Err(WsError::WriteBufferFull(back)) => {
+                self.blocked = true;
+                outbox.push(*back);
+            }
+            // Reported by the next flush.
+            Err(_) => self.broken = true,
+        }
     }
 
-    /// The session's side: the kill, the keepalive, then queued messages,
-    /// written in bursts. Pending once the queue is empty or the tab's
-    /// socket is full.
-    fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<End> {
-        // Whether the queue was found empty (with the waker registered)
-        // since the last flush began: then a completed flush is the end.
-        let mut drained = false;
+    /// Writes what tungstenite holds and what waits in `outbox`, in bursts
+    /// (one flush, so one `write`, per burst). Ready once everything is
+    /// written; Pending while the socket is full (the tab's waker is then
+    /// registered for room).
+    pub fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        outbox: &mut Outbox,
+    ) -> Poll<Result<(), End>> {
+        if self.broken {
+            return Poll::Ready(Err(End::Gone(1006)));
+        }
         loop {
-            if self.write_blocked {
-                match self.poll_flush(cx) {
-                    Poll::Ready(Ok(())) if drained => {
-                        self.write_blocked = false;
+            if self.unflushed {
+                match self.ws.flush(&mut Self::io(&mut self.io, cx)) {
+                    Ok(()) => {
+                        self.unflushed = false;
+                        self.blocked = false;
+                    }
+                    Err(e) if would_block(&e) => {
+                        self.blocked = true;
                         return Poll::Pending;
                     }
-                    Poll::Ready(Ok(())) => self.write_blocked = false,
-                    Poll::Ready(Err(_)) => return Poll::Ready(End::Gone(1006)),
-                    // A tab that stopped reading must still be closable, and
-                    // takes nothing else from its queue meanwhile (so that
-                    // the queue fills and the session sees a slow consumer).
-                    Poll::Pending => {
-                        return self
-                            .out
-                            .poll_kill(cx)
-                            .map(|kill| kill.map_or_else(going_away, End::Close))
-                    }
+                    Err(_) => return Poll::Ready(Err(End::Gone(1006))),
                 }
             }
-            let mut written = 0;
-            while written < BURST {
-                let msg = match self.out.poll_next(cx) {
-                    Poll::Pending => {
-                        drained = true;
-                        break;
-                    }
-                    Poll::Ready(Next::Kill(frame)) => return Poll::Ready(End::Close(frame)),
-                    // The session ended without a word: it is going away.
-                    Poll::Ready(Next::Closed) => return Poll::Ready(going_away()),
-                    Poll::Ready(Next::Message(Message::Close(frame))) => {
-                        // Written after the messages before it (the close
-                        // flushes them).
-                        let frame = frame.unwrap_or_else(|| close_frame(1000, ""));
-                        return Poll::Ready(End::Close(frame));
-                    }
-                    Poll::Ready(Next::Tick) => match self.tick() {
-                        Some(end) => return Poll::Ready(end),
-                        None => Message::Ping(Bytes::new()),
-                    },
-                    Poll::Ready(Next::Message(msg)) => msg,
-                };
-                // A message that finds the socket full stays in tungstenite's
-                // buffer and goes out with the next flush.
+            if outbox.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            for _ in 0..BURST {
+                let Some(msg) = outbox.pop() else { break };
+                self.unflushed = true;
                 match self.ws.write(&mut Self::io(&mut self.io, cx), msg) {
-                    Ok(()) => written += 1,
-                    Err(e) if would_block(&e) => {
-                        written += 1;
+                    Ok(()) => {}
+                    // Buffered; the flush waits for room.
+                    Err(e) if would_block(&e) => break,
+                    Err(WsError::WriteBufferFull(back)) => {
+                        outbox.push_front(*back);
                         break;
                     }
-                    Err(_) => return Poll::Ready(End::Gone(1006)),
+                    Err(_) => return Poll::Ready(Err(End::Gone(1006))),
                 }
             }
-            if written == 0 {
+        }
+    }
+
+    /// The next message from the tab, wrapped for the backend, with the
+    /// size of what the tab sent; or how the tab ends; or Pending once
+    /// nothing more can be read now.
+    pub fn poll_message(
+        &mut self,
+        cx: &mut Context<'_>,
+        route: &Route,
+        metrics: &RouteMetrics,
+    ) -> Poll<Result<(Message, usize), End>> {
+        loop {
+            if !self.read_buffered && self.io.poll_read_hint(cx).is_pending() {
                 return Poll::Pending;
             }
-            // Flushed at the top of the loop (and again if blocked).
-            self.write_blocked = true;
+            let msg = match self.poll_read(cx) {
+                Poll::Pending => {
+                    self.read_buffered = false;
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(msg)) => msg,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(self.read_failed(&e, metrics))),
+            };
+            self.alive.heard();
+            match from_tab(route, self.id, msg) {
+                Inbound::Forward(m, payload) => return Poll::Ready(Ok((m, payload))),
+                Inbound::Ignore => {}
+                // tungstenite queued the reply; the ending sends it.
+                Inbound::Closed(code) => return Poll::Ready(Err(End::Finish(code))),
+                Inbound::Refuse(code, reason) => {
+                    metrics.tab_closed("invalid_json");
+                    return Poll::Ready(Err(End::Close(close_frame(code, reason))));
+                }
+            }
         }
     }
 
-    /// Writes what tungstenite holds.
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        match self.ws.flush(&mut Self::io(&mut self.io, cx)) {
-            Err(e) if would_block(&e) => Poll::Pending,
-            r => Poll::Ready(r),
-        }
-    }
-
-    /// The next message from the tab, or Pending.
+    /// The next message from the tab's socket, or Pending.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Message, WsError>> {
         let mut io = Self::io(&mut self.io, cx);
         let read = self.ws.read(&mut io);
@@ -399,105 +405,88 @@ impl<S: TabIo> TabTask<S> {
         }
     }
 
-    /// The tab's side: reads its messages and passes them to the session.
-    /// Pending once nothing more can be read now.
-    fn poll_in(&mut self, cx: &mut Context<'_>, link: &TabLink) -> Poll<End> {
-        loop {
-            if let Some(sending) = self.sending.as_mut() {
-                match sending.as_mut().poll(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(true) => self.sending = None,
-                    Poll::Ready(false) => return Poll::Ready(going_away()),
-                }
-            }
-            if !self.read_buffered && self.io.poll_read_hint(cx).is_pending() {
-                return Poll::Pending;
-            }
-            let msg = match self.poll_read(cx) {
-                Poll::Pending => {
-                    self.read_buffered = false;
-                    return Poll::Pending;
-                }
-                Poll::Ready(Ok(msg)) => msg,
-                Poll::Ready(Err(e)) => return Poll::Ready(self.read_failed(&e)),
-            };
-            self.alive.heard();
-            match from_tab(&self.route, self.tab, msg) {
-                Inbound::Forward(m, payload) => match link.try_send(m, payload) {
-                    Ok(()) => {}
-                    // Usually the session's queue has room; only when it is
-                    // full does the tab wait (and its socket read with it).
-                    Err(Some(m)) => self.sending = Some(link.send_later(m, payload)),
-                    Err(None) => return Poll::Ready(going_away()),
-                },
-                Inbound::Ignore => {}
-                // tungstenite queued the reply; `end` sends it.
-                Inbound::Closed(code) => return Poll::Ready(End::Finish(code)),
-                Inbound::Refuse(code, reason) => {
-                    self.metrics.tab_closed("invalid_json");
-                    return Poll::Ready(End::Close(close_frame(code, reason)));
-                }
-            }
-        }
-    }
-
     /// How a failed read ends the tab.
-    fn read_failed(&self, e: &WsError) -> End {
+    fn read_failed(&self, e: &WsError, metrics: &RouteMetrics) -> End {
         let (code, reason, label) = read_error(e);
-        debug!(error = %e, code, "tab read failed");
+        debug!(tab = %self.id, error = %e, code, "tab read failed");
         if code == 1006 {
             return End::Gone(1006);
         }
-        self.metrics.tab_closed(label);
+        metrics.tab_closed(label);
         End::Close(close_frame(code, reason))
     }
 
-    /// Keepalive: a silent tab is closed; otherwise it is pinged.
-    fn tick(&mut self) -> Option<End> {
-        if self.alive.silent_for(self.route.idle_timeout) {
-            self.metrics.tab_closed("idle");
-            return Some(End::Close(close_frame(1001, "idle timeout")));
+    /// Keepalive: a tab silent for `idle` is to be closed; otherwise it is
+    /// pinged, unless messages are waiting for it anyway.
+    pub fn tick(&mut self, cx: &mut Context<'_>, idle: Duration, outbox: &Outbox) -> Tick {
+        if self.alive.silent_for(idle) {
+            return Tick::Silent;
         }
-        None
+        if self.blocked || self.broken || !outbox.is_empty() {
+            return Tick::Busy;
+        }
+        self.send(cx, Message::Ping(Bytes::new()), &mut Outbox::default());
+        Tick::Pinged
     }
 
-    /// Ends the tab: completes or starts the close handshake (waiting
-    /// briefly for the tab), and returns the code for the `close` event.
-    async fn end(mut self, end: End) -> u16 {
-        let (code, frame) = match end {
-            End::Gone(code) => return code,
-            End::Finish(code) => (code, None),
-            End::Close(frame) => (u16::from(frame.code), Some(frame)),
+    /// Ends the tab's connection: writes what `outbox` holds, then completes
+    /// or starts the close handshake, waiting briefly for the tab in a task
+    /// of its own. Dropping the tab closes the socket and frees its slot.
+    pub fn finish(self: Box<Self>, end: End, outbox: Outbox) {
+        if let End::Gone(code) = end {
+            debug!(tab = %self.id, code, "tab connection gone");
+            return;
+        }
+        tokio::spawn(self.close(end, outbox).in_current_span());
+    }
+
+    async fn close(mut self: Box<Self>, end: End, mut outbox: Outbox) {
+        let code = end.code();
+        let mut frame = match end {
+            End::Close(frame) => Some(frame),
+            End::Finish(_) | End::Gone(_) => None,
         };
-        let mut frame = frame;
         let _ = tokio::time::timeout(
             CLOSE_GRACE,
             poll_fn(|cx| {
+                // What the tab was sent before the close, in order.
+                match self.poll_write(cx, &mut outbox) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Ready(Ok(())) => {}
+                }
                 if let Some(frame) = frame.take() {
                     // Queues the close frame after anything unwritten.
                     let r = self.ws.close(&mut Self::io(&mut self.io, cx), Some(frame));
                     if matches!(&r, Err(e) if !would_block(e)) {
                         return Poll::Ready(());
                     }
+                    self.unflushed = true;
+                    return self.poll_close_reply(cx);
                 }
-                match self.poll_flush(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(_)) => return Poll::Ready(()),
-                    Poll::Ready(Ok(())) => {}
-                }
-                // Until the tab's reply (or the end of the connection); a
-                // reply tungstenite owes the tab is written as it reads.
-                loop {
-                    match self.poll_read(cx) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(Ok(_)) => {}
-                        Poll::Ready(Err(_)) => return Poll::Ready(()),
-                    }
-                }
+                self.poll_close_reply(cx)
             }),
         )
         .await;
-        code
+        debug!(tab = %self.id, code, "tab closed");
+    }
+
+    /// Flushes the close handshake, then reads until the tab's reply (or the
+    /// end of the connection); a reply tungstenite owes the tab is written
+    /// as it reads.
+    fn poll_close_reply(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.ws.flush(&mut Self::io(&mut self.io, cx)) {
+            Err(e) if would_block(&e) => return Poll::Pending,
+            Err(_) => return Poll::Ready(()),
+            Ok(()) => {}
+        }
+        loop {
+            match self.poll_read(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+            }
+        }
     }
 }
 
@@ -546,7 +535,7 @@ fn read_error(e: &WsError) -> (u16, &'static str, &'static str) {
 }
 
 /// How a tab ends when its session is gone (the proxy is going away).
-fn going_away() -> End {
+pub fn going_away() -> End {
     End::Close(close_frame(1001, "going away"))
 }
 
@@ -560,11 +549,11 @@ fn close_frame(code: u16, reason: &str) -> CloseFrame {
 mod tests {
     use super::*;
 
-    /// Every open tab's task is this future (plus tokio's header and the
-    /// tracing span), so it is a headline memory figure: keep it in check.
+    /// Every open tab's connection is this struct (boxed, plus its slot in
+    /// the session), so it is a headline memory figure: keep it in check.
     #[test]
-    fn a_plain_tab_task_stays_small() {
-        let size = std::mem::size_of::<TabFuture<TcpStream>>();
-        assert!(size <= 512, "a plain tab's task is {size} bytes");
+    fn a_tab_stays_small() {
+        let size = std::mem::size_of::<Tab>();
+        assert!(size <= 384, "a tab is {size} bytes");
     }
 }

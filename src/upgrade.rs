@@ -235,12 +235,11 @@ async fn admit(
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     let route = route.clone();
-    let metrics = metrics.clone();
     tokio::spawn(
         async move {
             match on_upgrade.await {
-                // The tab's own task, sized for it alone, takes over.
-                Ok(upgraded) => tab::spawn(upgraded, joined, route, metrics, permit),
+                // The session serves the tab from now on.
+                Ok(upgraded) => tab::attach(upgraded, joined, &route, permit),
                 // The client went away before the switch; dropping `joined`
                 // reports the tab's leave (1006) and `permit` frees its slot.
                 Err(e) => debug!(error = %e, "upgrade did not complete"),

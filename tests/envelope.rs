@@ -364,3 +364,45 @@ fn base64_of(b: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(b)
 }
+
+/// A backend that answers every `open` event at once with a `close` for
+/// that tab (say, an authorisation check). The close can reach tabmux
+/// before the tab's connection has been handed to its session, after the
+/// 101; the tab must still get the backend's code, and the backend one
+/// `close` event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tab_closed_by_the_backend_on_its_open_event_gets_the_code() {
+    use futures_util::{SinkExt, StreamExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        while let Some(Ok(Message::Text(t))) = ws.next().await {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            if v["event"] == "open" {
+                let close =
+                    json!({"tab": v["tab"], "event": "close", "code": 4003, "reason": "no"});
+                ws.send(Message::text(close.to_string())).await.unwrap();
+            }
+            let _ = events_tx.send(v);
+        }
+    });
+    let proxy = start_proxy(&(base_config("") + &route("/ws", addr, ""))).await;
+    // On two threads the close overtakes the hand-over now and then
+    // (a few times in 50 tabs, measured).
+    const TABS: usize = 50;
+    for n in 1..=TABS {
+        let mut tab = TabSpec::new("s1").connect(&proxy).await;
+        assert_eq!(tab.closed().await, (4003, "no".to_string()), "tab {n}");
+    }
+    // Each tab: its open event, then exactly one close event with the code.
+    for n in 1..=TABS {
+        let id = format!("t{n}");
+        let open = guard("open event", events.recv()).await.unwrap();
+        assert_eq!(open, json!({"tab": id, "event": "open", "query": ""}));
+        let close = guard("close event", events.recv()).await.unwrap();
+        assert_eq!(close, json!({"tab": id, "event": "close", "code": 4003}));
+    }
+}

@@ -300,3 +300,101 @@ async fn thousands_of_tabs_under_one_cookie_meet_the_session_limit() {
     assert_eq!(mock.attempts(), 2);
     still_works(&mut other, &mock, other_conn).await;
 }
+
+/// A backend that sends without pause must not starve its session's tabs:
+/// a tab's message still reaches it while it floods. The session reads its
+/// upstream before its tabs in each turn, and serves the tabs that are
+/// waiting in that same turn. (tokio's task budget also makes the session
+/// yield now and then; this test passed with either one alone.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_flooding_its_session_does_not_starve_the_tabs() {
+    use futures_util::StreamExt;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::WebSocketStream;
+
+    /// The most bytes the backend sends before the test gives up.
+    const LIMIT: u64 = 4 << 30;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heard = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let (h, n, got) = (heard.clone(), sent.clone(), heard.clone());
+    let listener = listener.into_std().unwrap();
+    // The backend runs on a thread of its own and writes ready-made frames,
+    // so that it sends faster than the proxy can read.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                tcp.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8(head).unwrap();
+            let key = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                .or_else(|| {
+                    head.lines()
+                        .find_map(|l| l.strip_prefix("sec-websocket-key: "))
+                })
+                .unwrap();
+            let answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Accept: {}\r\n\r\n",
+                derive_accept_key(key.trim().as_bytes())
+            );
+            tcp.write_all(answer.as_bytes()).await.unwrap();
+            let (read, mut write) = tcp.into_split();
+            let flood = tokio::spawn(async move {
+                // Addressed to a tab that does not exist: dropped by tabmux,
+                // after it has read and decoded each one.
+                let payload = br#"{"tab":"t99","data":{"n":1}}"#;
+                let mut frames = Vec::new();
+                while frames.len() < 64 * 1024 {
+                    frames.extend_from_slice(&[0x81, payload.len() as u8]);
+                    frames.extend_from_slice(payload);
+                }
+                while !h.load(Ordering::Relaxed) && n.load(Ordering::Relaxed) < LIMIT {
+                    if write.write_all(&frames).await.is_err() {
+                        break;
+                    }
+                    n.fetch_add(frames.len() as u64, Ordering::Relaxed);
+                }
+            });
+            let io = tokio::io::join(read, tokio::io::sink());
+            let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+            while let Some(Ok(msg)) = ws.next().await {
+                if msg.to_text().unwrap_or("").contains("\"data\":\"hello\"") {
+                    got.store(true, Ordering::Relaxed);
+                    break;
+                }
+            }
+            let _ = flood.await;
+        });
+    });
+    let toml = base_config("") + &route("/ws", addr, "payload = \"text\"");
+    let proxy = start_proxy(&toml).await;
+    let mut tab = TabSpec::new("s1").connect(&proxy).await;
+    // Let the flood start before the tab speaks.
+    while sent.load(Ordering::Relaxed) < 1 << 20 {
+        tokio::task::yield_now().await;
+    }
+    tab.send_text("hello").await;
+    while !heard.load(Ordering::Relaxed) {
+        assert!(
+            sent.load(Ordering::Relaxed) < LIMIT,
+            "the tab's message did not reach the backend within {LIMIT} flooded bytes"
+        );
+        tokio::task::yield_now().await;
+    }
+}
