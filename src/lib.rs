@@ -10,21 +10,22 @@
 //!
 //! ```text
 //!  browser tab ──► listener ──► upgrade ──► session ◄──► upstream ──► backend
-//!  (one task per    accept,      admission,  one task per    dial, handshake
-//!   tab: `tab`)     TLS, HTTP    101 answer  session: owns   headers, wss
-//!                                            the upstream and
-//!                                            its tab table
+//!  (a socket the    accept,      admission,  one task per    dial, handshake
+//!   session serves: TLS, HTTP    101 answer  session: owns   headers, wss
+//!   `tab`)                                   the upstream, its
+//!                                            tab table and sockets
 //! ```
 //!
 //! - [`config`]: `proxy.toml` → validated types (file → parsed → validated).
 //! - [`listener`]: accept loop, TLS termination, hyper HTTP/1.1.
 //! - [`upgrade`]: admission checks and the 101 answer; hands the upgraded
-//!   connection to [`tab`].
-//! - [`tab`]: one task per tab socket, browser ⇄ session: a hand-written
-//!   poll loop, since every open tab costs one and every delivery wakes one.
-//! - [`session`]: the registry of sessions and the per-session actor.
+//!   connection to its session through [`tab`].
+//! - [`tab`]: a tab's connection, browser ⇄ session, read and written by its
+//!   session's task: a hand-written reader and writer over tungstenite.
+//! - [`session`]: the registry of sessions and the per-session actor, which
+//!   serves its upstream and its tabs' sockets.
 //! - [`upstream`]: dialling the backend.
-//! - [`queue`]: the bounded, idle-cheap queue from a session to a tab.
+//! - [`queue`]: a tab's outbox, what waits while its socket is full.
 //! - [`reconnect`]: the redial backoff (full jitter) and reconnect buffer.
 //! - [`envelope`]: the `json/1` envelope codec, pure functions over bytes.
 //! - [`metrics`], [`admin`], [`status`]: Prometheus metrics, the admin

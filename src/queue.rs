@@ -6,10 +6,9 @@
 //! connection is handed over after the 101 answer. The outbox's length is
 //! what `tab_queue` bounds: a tab with more waiting is a slow consumer.
 //!
-//! Why not a `VecDeque` alone: it allocates room for four messages (about
-//! 220 bytes) on the first push and keeps it. The oldest message is held
-//! inline, so one message at a time needs no allocation, and a buffer grown
-//! by a burst is given back once the burst has drained.
+//! Since messages wait only in those cases, the outbox is a plain
+//! `VecDeque` (32 bytes, no buffer while empty); a buffer grown by a burst
+//! is given back once the burst has drained.
 
 use std::collections::VecDeque;
 
@@ -18,57 +17,45 @@ use tokio_tungstenite::tungstenite::Message;
 /// A buffer larger than this is freed once the outbox is empty again.
 const KEEP_CAPACITY: usize = 8;
 
-/// Messages waiting for a tab, oldest first.
+/// Messages waiting for a tab, oldest first. Empty, it holds no buffer.
 #[derive(Default)]
 pub struct Outbox {
-    /// The oldest waiting message, kept out of `more` so that the usual case
-    /// touches no second allocation (and an idle tab keeps no buffer at all).
-    first: Option<Message>,
-    /// The messages after `first`, in order.
-    more: VecDeque<Message>,
+    queue: VecDeque<Message>,
 }
 
 impl Outbox {
     /// Number of waiting messages.
     pub fn len(&self) -> usize {
-        usize::from(self.first.is_some()) + self.more.len()
+        self.queue.len()
     }
 
     /// Whether nothing waits.
     pub fn is_empty(&self) -> bool {
-        self.first.is_none()
+        self.queue.is_empty()
     }
 
     /// Adds `msg` after the others.
     pub fn push(&mut self, msg: Message) {
-        if self.first.is_none() {
-            self.first = Some(msg);
-        } else {
-            self.more.push_back(msg);
-        }
+        self.queue.push_back(msg);
     }
 
     /// Puts `msg` back in front (a write that could not take it).
     pub fn push_front(&mut self, msg: Message) {
-        if let Some(first) = self.first.replace(msg) {
-            self.more.push_front(first);
-        }
+        self.queue.push_front(msg);
     }
 
     /// The oldest message.
     pub fn pop(&mut self) -> Option<Message> {
-        let msg = self.first.take()?;
-        self.first = self.more.pop_front();
-        if self.first.is_none() && self.more.capacity() > KEEP_CAPACITY {
-            self.more = VecDeque::new();
+        let msg = self.queue.pop_front()?;
+        if self.queue.is_empty() && self.queue.capacity() > KEEP_CAPACITY {
+            self.queue = VecDeque::new();
         }
         Some(msg)
     }
 
     /// Drops everything waiting, and the buffer.
     pub fn clear(&mut self) {
-        self.first = None;
-        self.more = VecDeque::new();
+        self.queue = VecDeque::new();
     }
 }
 
@@ -81,11 +68,11 @@ mod tests {
     }
 
     #[test]
-    fn order_is_kept_across_the_inline_slot_and_one_message_needs_no_buffer() {
+    fn order_is_kept_and_an_empty_outbox_holds_no_buffer() {
         let mut out = Outbox::default();
         assert!(out.is_empty());
+        assert_eq!(out.queue.capacity(), 0);
         out.push(text("a"));
-        assert_eq!(out.more.capacity(), 0, "one message needs no buffer");
         out.push(text("b"));
         out.push(text("c"));
         assert_eq!(out.len(), 3);
@@ -104,11 +91,11 @@ mod tests {
         for i in 0..100 {
             out.push(text(&i.to_string()));
         }
-        assert!(out.more.capacity() > KEEP_CAPACITY);
+        assert!(out.queue.capacity() > KEEP_CAPACITY);
         for i in 0..100 {
             assert_eq!(out.pop(), Some(text(&i.to_string())));
         }
-        assert_eq!(out.more.capacity(), 0);
+        assert_eq!(out.queue.capacity(), 0);
         out.push(text("x"));
         out.clear();
         assert!(out.is_empty());

@@ -17,7 +17,9 @@ use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Waker};
+
+use futures_util::task::{waker_ref, ArcWake};
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -368,18 +370,14 @@ struct TabWake {
     ready: Arc<Ready>,
 }
 
-impl Wake for TabWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        if self.queued.swap(true, Ordering::AcqRel) {
+impl ArcWake for TabWake {
+    fn wake_by_ref(this: &Arc<Self>) {
+        if this.queued.swap(true, Ordering::AcqRel) {
             return;
         }
         let session = {
-            let mut st = self.ready.lock();
-            st.tabs.push(self.tab);
+            let mut st = this.ready.lock();
+            st.tabs.push(this.tab);
             st.session.take()
         };
         if let Some(w) = session {
@@ -506,16 +504,16 @@ async fn run(
     ctx.registry.ended.notify_waiters();
 }
 
-/// One member tab, as its session sees it.
+/// One member tab, as its session sees it (boxed in the tab table, so
+/// that the table's spare capacity costs a pointer per entry).
 struct TabSlot {
     /// Its connection; None until its handshake is answered.
-    conn: Option<Box<Tab>>,
+    conn: Option<Tab>,
     /// What could not be written to it yet (at most `tab_queue` messages,
     /// plus the greeting replay).
     outbox: Outbox,
     /// Its waker: registered with its socket, it lists the tab in the
     /// session's `ready` set.
-    waker: Waker,
     wake: Arc<TabWake>,
     /// Written to since the last flush (and listed in `Session::dirty`).
     dirty: bool,
@@ -613,7 +611,7 @@ struct Session<'c> {
     /// shuts down.
     shutdown: watch::Receiver<()>,
     /// Keyed by ids tabmux assigns, so a fast non-keyed hash is safe here.
-    tabs: FxHashMap<TabId, TabSlot>,
+    tabs: FxHashMap<TabId, Box<TabSlot>>,
     /// Tabs whose sockets woke the session, filled by their wakers.
     ready: Arc<Ready>,
     /// The tabs being served this turn (taken from `ready`).
@@ -928,7 +926,8 @@ impl<'c> Session<'c> {
             let Some(conn) = slot.conn.as_mut() else {
                 continue;
             };
-            let mut cx = Context::from_waker(&slot.waker);
+            let waker = waker_ref(&slot.wake);
+            let mut cx = Context::from_waker(&waker);
             match conn.tick(&mut cx, idle, &slot.outbox) {
                 tab::Tick::Pinged if !slot.dirty => {
                     slot.dirty = true;
@@ -1044,8 +1043,8 @@ impl<'c> Session<'c> {
     fn attach(&mut self, conn: Box<Tab>) {
         let id = conn.id();
         if let Some(slot) = self.tabs.get_mut(&id) {
-            slot.conn = Some(conn);
-            slot.waker.wake_by_ref();
+            slot.conn = Some(*conn);
+            ArcWake::wake_by_ref(&slot.wake);
         } else if let Some((outbox, frame)) = self.closed_early.remove(&id) {
             conn.finish(tab::End::Close(frame), outbox);
         } else {
@@ -1082,7 +1081,8 @@ impl<'c> Session<'c> {
         let Some(conn) = slot.conn.as_mut() else {
             return Ok(());
         };
-        let mut cx = Context::from_waker(&slot.waker);
+        let waker = waker_ref(&slot.wake);
+        let mut cx = Context::from_waker(&waker);
         let mut ended = match conn.poll_write(&mut cx, &mut slot.outbox) {
             Poll::Ready(Err(end)) => Some(end),
             _ => None,
@@ -1091,7 +1091,7 @@ impl<'c> Session<'c> {
             for n in 0..=TAB_BURST {
                 if n == TAB_BURST {
                     // Fair to the other tabs: come back next turn.
-                    slot.waker.wake_by_ref();
+                    ArcWake::wake_by_ref(&slot.wake);
                     break;
                 }
                 match conn.poll_message(&mut cx, &ctx.route, &ctx.metrics) {
@@ -1129,7 +1129,8 @@ impl<'c> Session<'c> {
             let Some(conn) = slot.conn.as_mut() else {
                 continue;
             };
-            let mut cx = Context::from_waker(&slot.waker);
+            let waker = waker_ref(&slot.wake);
+            let mut cx = Context::from_waker(&waker);
             // Pending: the socket is full, and wakes the tab when it drains.
             if let Poll::Ready(Err(end)) = conn.poll_write(&mut cx, &mut slot.outbox) {
                 flushed = self.tab_ended(id, end);
@@ -1211,14 +1212,13 @@ impl<'c> Session<'c> {
         }
         self.tabs.insert(
             tab,
-            TabSlot {
+            Box::new(TabSlot {
                 conn: None,
                 outbox,
-                waker: Waker::from(wake.clone()),
                 wake,
                 dirty: false,
                 info,
-            },
+            }),
         );
         self.ctx.metrics.tab_joined();
         self.linger = None;
@@ -1285,7 +1285,8 @@ impl<'c> Session<'c> {
                 slot.outbox.push(msg.clone());
                 return;
             };
-            let mut cx = Context::from_waker(&slot.waker);
+            let waker = waker_ref(&slot.wake);
+            let mut cx = Context::from_waker(&waker);
             conn.send(&mut cx, msg.clone(), &mut slot.outbox);
             if !slot.dirty {
                 slot.dirty = true;
@@ -1485,6 +1486,14 @@ fn normal_close() -> CloseFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every open tab costs one of these (boxed; the tab's connection is
+    /// inside it), so it is a headline memory figure: keep it in check.
+    #[test]
+    fn a_tab_slot_stays_small() {
+        let size = std::mem::size_of::<TabSlot>();
+        assert!(size <= 448, "a tab's slot is {size} bytes");
+    }
 
     #[test]
     fn hex_is_lower_case_two_digits_a_byte() {

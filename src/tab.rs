@@ -432,7 +432,7 @@ impl Tab {
     /// Ends the tab's connection: writes what `outbox` holds, then completes
     /// or starts the close handshake, waiting briefly for the tab in a task
     /// of its own. Dropping the tab closes the socket and frees its slot.
-    pub fn finish(self: Box<Self>, end: End, outbox: Outbox) {
+    pub fn finish(self, end: End, outbox: Outbox) {
         if let End::Gone(code) = end {
             debug!(tab = %self.id, code, "tab connection gone");
             return;
@@ -440,7 +440,7 @@ impl Tab {
         tokio::spawn(self.close(end, outbox).in_current_span());
     }
 
-    async fn close(mut self: Box<Self>, end: End, mut outbox: Outbox) {
+    async fn close(mut self, end: End, mut outbox: Outbox) {
         let code = end.code();
         let mut frame = match end {
             End::Close(frame) => Some(frame),
@@ -549,8 +549,8 @@ fn close_frame(code: u16, reason: &str) -> CloseFrame {
 mod tests {
     use super::*;
 
-    /// Every open tab's connection is this struct (boxed, plus its slot in
-    /// the session), so it is a headline memory figure: keep it in check.
+    /// Every open tab's connection is this struct (inside its slot in the
+    /// session), so it is a headline memory figure: keep it in check.
     #[test]
     fn a_tab_stays_small() {
         let size = std::mem::size_of::<Tab>();
