@@ -618,8 +618,6 @@ struct Session<'c> {
     woken: Vec<TabId>,
     /// Tabs written to this turn, to flush at its end.
     dirty: Vec<TabId>,
-    /// Messages read from one tab, before they are passed on.
-    inbound: Vec<(Message, usize)>,
     /// Tabs that tabmux closed before their connection was handed over:
     /// what they were sent, and their close frame, for when it arrives.
     closed_early: FxHashMap<TabId, (Outbox, CloseFrame)>,
@@ -671,7 +669,6 @@ impl<'c> Session<'c> {
             ready: Arc::default(),
             woken: Vec::new(),
             dirty: Vec::new(),
-            inbound: Vec::new(),
             closed_early: FxHashMap::default(),
             next_tab: 1,
             replay: Vec::new(),
@@ -1016,28 +1013,6 @@ impl<'c> Session<'c> {
         Ok(())
     }
 
-    /// A tab sent a message: already wrapped in the envelope for `json`
-    /// routes, exactly as sent for `none` routes. `payload` is the size of
-    /// what the tab sent (what `reconnect_buffer` counts).
-    fn tab_message(&mut self, tab: TabId, msg: Message, payload: usize) -> Result<(), End> {
-        match self.outage.as_mut() {
-            None => {
-                self.ctx.metrics.to_upstream(payload);
-                self.to_upstream.push(msg);
-            }
-            Some(outage) => {
-                if outage.buffer.push(tab, msg, payload).is_err() {
-                    warn!(
-                        limit = self.ctx.route.reconnect_buffer,
-                        "reconnect buffer full"
-                    );
-                    return Err(End::BufferFull);
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// A member's connection arrives: the session serves it from now on,
     /// starting with what was queued for it and whatever it already sent.
     fn attach(&mut self, conn: Box<Tab>) {
@@ -1096,7 +1071,16 @@ impl<'c> Session<'c> {
                 }
                 match conn.poll_message(&mut cx, &ctx.route, &ctx.metrics) {
                     Poll::Pending => break,
-                    Poll::Ready(Ok(msg)) => self.inbound.push(msg),
+                    Poll::Ready(Ok((msg, payload))) => {
+                        pass_on(
+                            ctx,
+                            &mut self.outage,
+                            &mut self.to_upstream,
+                            id,
+                            msg,
+                            payload,
+                        )?;
+                    }
                     Poll::Ready(Err(end)) => {
                         ended = Some(end);
                         break;
@@ -1104,13 +1088,7 @@ impl<'c> Session<'c> {
                 }
             }
         }
-        // In order, and before the close event of a tab that ended.
-        let mut inbound = std::mem::take(&mut self.inbound);
-        let passed = inbound
-            .drain(..)
-            .try_for_each(|(msg, payload)| self.tab_message(id, msg, payload));
-        self.inbound = inbound;
-        passed?;
+        // After its messages, the close event of a tab that ended.
         match ended {
             Some(end) => self.tab_ended(id, end),
             None => Ok(()),
@@ -1445,6 +1423,34 @@ async fn next_frame(
         Some(up) => poll_fn(|cx| up.poll_next(cx, buffered)).await,
         None => std::future::pending().await,
     }
+}
+
+/// A tab sent a message: already wrapped in the envelope for `json` routes,
+/// exactly as sent for `none` routes; `payload` is the size of what the tab
+/// sent (what `reconnect_buffer` counts). It goes to the upstream, or into
+/// the reconnect buffer during an outage. (A function of the session's
+/// fields, not a method: the session is serving the tab's slot meanwhile.)
+fn pass_on(
+    ctx: &SessionContext,
+    outage: &mut Option<Outage>,
+    to_upstream: &mut Vec<Message>,
+    tab: TabId,
+    msg: Message,
+    payload: usize,
+) -> Result<(), End> {
+    match outage {
+        None => {
+            ctx.metrics.to_upstream(payload);
+            to_upstream.push(msg);
+        }
+        Some(outage) => {
+            if outage.buffer.push(tab, msg, payload).is_err() {
+                warn!(limit = ctx.route.reconnect_buffer, "reconnect buffer full");
+                return Err(End::BufferFull);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Waits out the backoff, then dials; never completes outside an outage.
