@@ -273,7 +273,7 @@ impl UpstreamSocket {
 async fn flush_plain(ws: &mut WebSocket<NonBlocking>) -> Result<(), WsError> {
     loop {
         match ws.flush() {
-            Err(e) if would_block(&e) => ws.get_ref().tcp.writable().await?,
+            Err(e) if would_block(&e) => Box::pin(ws.get_ref().tcp.writable()).await?,
             r => return r,
         }
     }
