@@ -211,8 +211,9 @@ impl Registry {
 /// Messages from the join path to a session task.
 enum Command {
     /// A tab wants in. Answered once the upstream is up (or failed).
-    /// (Boxed, as is everything in a command, so that the channel's first
-    /// block of 32 commands, allocated with every session, stays small.)
+    /// (Its details are boxed, like the connection in `Attach`, so that the
+    /// channel's first block of 32 commands, allocated with every session,
+    /// stays small.)
     Join {
         info: Box<JoinInfo>,
         reply: oneshot::Sender<Result<Joined, Refusal>>,
