@@ -10,9 +10,10 @@
 //!
 //! Why not a task per tab, as before: a message then crossed two tasks in
 //! each direction (tab task, channel, session task and back, each a wake-up
-//! and a poll), and that hand-off was about a fifth of the instructions of
-//! a round trip and most of its cold code. A session's tabs now share one
-//! core, which is the one their upstream is served on anyway.
+//! and a poll); without that hand-off a round trip takes about 13 % fewer
+//! instructions and half the user CPU time on a cold path (BENCHMARKS.md,
+//! "Fourth pass"). A session's tabs now share one core, which is the one
+//! their upstream is served on anyway.
 //!
 //! Why a hand-written reader over tungstenite's [`WebSocketContext`] rather
 //! than tokio-tungstenite's stream: after every delivery the stream polled
@@ -461,8 +462,6 @@ impl Tab {
                     if matches!(&r, Err(e) if !would_block(e)) {
                         return Poll::Ready(());
                     }
-                    self.unflushed = true;
-                    return self.poll_close_reply(cx);
                 }
                 self.poll_close_reply(cx)
             }),
