@@ -44,6 +44,59 @@ async fn tabs_connect_over_wss_with_a_generated_certificate() {
         .is_err());
 }
 
+/// Over TLS, rustls may hold decrypted frames that the socket no longer
+/// shows as readable. Each tab sends its burst in one write (one TLS record)
+/// of frames of exactly 512 bytes, the size of a tab's read buffer, so that
+/// every read of the proxy ends on a frame boundary with the rest of the
+/// record still inside rustls: all of it must arrive, in order. Then a burst
+/// the other way, to both tabs of the session.
+#[tokio::test]
+async fn tls_tabs_send_and_receive_bursts_in_order() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    const BURST: usize = 10;
+    let (dir, cert, _key) = dev_cert();
+    let mock = Mock::start().await;
+    let toml = base_config("tls = { cert = \"dev.crt\", key = \"dev.key\" }")
+        + &route("/ws", mock.addr, "");
+    let proxy = start_proxy_in(&toml, dir.path()).await;
+    let spec = TabSpec::new("s").tls(trusting(&cert));
+    let mut a = spec.connect(&proxy).await;
+    let mut b = spec.connect(&proxy).await;
+    // 504 bytes of payload: with the 2-byte header, the 2-byte length and
+    // the 4-byte mask, a 512-byte frame.
+    let text = |key: &str, n: usize| {
+        let head = format!("{{\"{key}\":{n},\"pad\":\"");
+        format!("{head}{}\"}}", "x".repeat(504 - head.len() - 2))
+    };
+    assert_eq!(text("a", 0).len(), 504);
+    for (tab, key) in [(&mut a, "a"), (&mut b, "b")] {
+        for n in 0..BURST {
+            tab.ws.feed(Message::text(text(key, n))).await.unwrap();
+        }
+        tab.ws.flush().await.unwrap();
+    }
+    // Two open events, then each tab's messages in the order it sent them.
+    let frames = mock.json(0, 2 + 2 * BURST).await;
+    for (tab, key) in [("t1", "a"), ("t2", "b")] {
+        let sent: Vec<u64> = frames
+            .iter()
+            .filter(|f| f["tab"] == tab && f.get("data").is_some())
+            .map(|f| f["data"][key].as_u64().unwrap())
+            .collect();
+        assert_eq!(sent, (0..BURST as u64).collect::<Vec<_>>(), "{tab}");
+    }
+    for n in 0..BURST {
+        mock.send_json(0, json!({"data": n}));
+    }
+    for tab in [&mut a, &mut b] {
+        for n in 0..BURST {
+            assert_eq!(tab.recv_text().await, n.to_string());
+        }
+    }
+}
+
 #[tokio::test]
 async fn wss_upstream_is_verified_against_the_route_ca() {
     let (dir, cert, key) = dev_cert();
