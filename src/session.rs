@@ -526,6 +526,17 @@ struct TabSlot {
     info: JoinInfo,
 }
 
+impl TabSlot {
+    /// The tab was written to: list it (once) for the flush at the end of
+    /// the turn.
+    fn mark_dirty(&mut self, tab: TabId, dirty: &mut Vec<TabId>) {
+        if !self.dirty {
+            self.dirty = true;
+            dirty.push(tab);
+        }
+    }
+}
+
 /// Whether a peer (a tab, or the upstream) has been heard from, checked at
 /// the session's keepalive ticks: both idle timeouts use it.
 pub(crate) struct Liveness {
@@ -931,11 +942,8 @@ impl<'c> Session<'c> {
             let waker = waker_ref(&slot.wake);
             let mut cx = Context::from_waker(&waker);
             match conn.tick(&mut cx, idle, &slot.outbox) {
-                tab::Tick::Pinged if !slot.dirty => {
-                    slot.dirty = true;
-                    self.dirty.push(tab);
-                }
-                tab::Tick::Pinged | tab::Tick::Busy => {}
+                tab::Tick::Pinged => slot.mark_dirty(tab, &mut self.dirty),
+                tab::Tick::Busy => {}
                 tab::Tick::Silent => silent.push(tab),
             }
         }
@@ -1273,10 +1281,7 @@ impl<'c> Session<'c> {
             let waker = waker_ref(&slot.wake);
             let mut cx = Context::from_waker(&waker);
             conn.send(&mut cx, msg.clone(), &mut slot.outbox);
-            if !slot.dirty {
-                slot.dirty = true;
-                dirty.push(tab);
-            }
+            slot.mark_dirty(tab, dirty);
         };
         match &tabs {
             None => {

@@ -256,9 +256,8 @@ impl Tab {
     /// already read.
     fn new(io: TabSocket, read: Bytes, id: TabId, route: &Route, permit: TabPermit) -> Self {
         let config = Some(ws_config(route));
-        let read_buffered = !read.is_empty();
         let unread = Unread::new(read.len());
-        let ws = if read_buffered {
+        let ws = if !read.is_empty() {
             WebSocketContext::from_partially_read(read.to_vec(), Role::Server, config)
         } else {
             WebSocketContext::new(Role::Server, config)
@@ -295,18 +294,23 @@ impl Tab {
             outbox.push(msg);
             return;
         }
+        self.write_frame(cx, msg, outbox);
+    }
+
+    /// Hands `msg` to tungstenite (flushed by [`Tab::poll_write`]). False
+    /// when the socket is full: the frame is then kept, in tungstenite's
+    /// buffer or back in front of `outbox`. A failure marks the tab broken,
+    /// for the next [`Tab::poll_write`] to report.
+    fn write_frame(&mut self, cx: &mut Context<'_>, msg: Message, outbox: &mut Outbox) -> bool {
         self.unflushed = true;
         match self.ws.write(&mut Self::io(&mut self.io, cx), msg) {
-            Ok(()) => {}
-            // The frame is in tungstenite's buffer; the socket is full.
-            Err(e) if would_block(&e) => self.blocked = true,
-            Err(WsError::WriteBufferFull(back)) => {
-                self.blocked = true;
-                outbox.push(*back);
-            }
-            // Reported by the next flush.
+            Ok(()) => return true,
+            Err(e) if would_block(&e) => {}
+            Err(WsError::WriteBufferFull(back)) => outbox.push_front(*back),
             Err(_) => self.broken = true,
         }
+        self.blocked = true;
+        false
     }
 
     /// Writes what tungstenite holds and what waits in `outbox`, in bursts
@@ -340,17 +344,13 @@ impl Tab {
             }
             for _ in 0..BURST {
                 let Some(msg) = outbox.pop() else { break };
-                self.unflushed = true;
-                match self.ws.write(&mut Self::io(&mut self.io, cx), msg) {
-                    Ok(()) => {}
-                    // Buffered; the flush waits for room.
-                    Err(e) if would_block(&e) => break,
-                    Err(WsError::WriteBufferFull(back)) => {
-                        outbox.push_front(*back);
-                        break;
-                    }
-                    Err(_) => return Poll::Ready(Err(End::Gone(1006))),
+                if !self.write_frame(cx, msg, outbox) {
+                    // The flush above waits for room.
+                    break;
                 }
+            }
+            if self.broken {
+                return Poll::Ready(Err(End::Gone(1006)));
             }
         }
     }

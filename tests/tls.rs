@@ -20,8 +20,10 @@ fn trusting(cert: &std::path::Path) -> Arc<rustls::ClientConfig> {
     Arc::new(tabmux::tls::client_config(Some(cert)).unwrap())
 }
 
-#[tokio::test]
-async fn tabs_connect_over_wss_with_a_generated_certificate() {
+/// A proxy serving wss:// with a generated certificate in front of a mock,
+/// and a tab spec that trusts that certificate. The directory holds the
+/// certificate for as long as it is kept.
+async fn wss_proxy() -> (tempdir::Dir, Mock, TestProxy, TabSpec) {
     let (dir, cert, _key) = dev_cert();
     let mock = Mock::start().await;
     let toml = base_config("tls = { cert = \"dev.crt\", key = \"dev.key\" }")
@@ -29,6 +31,12 @@ async fn tabs_connect_over_wss_with_a_generated_certificate() {
     // Relative paths resolve against the config file's directory.
     let proxy = start_proxy_in(&toml, dir.path()).await;
     let spec = TabSpec::new("s").tls(trusting(&cert));
+    (dir, mock, proxy, spec)
+}
+
+#[tokio::test]
+async fn tabs_connect_over_wss_with_a_generated_certificate() {
+    let (_dir, mock, proxy, spec) = wss_proxy().await;
     let mut tab = spec.connect(&proxy).await;
     let frames = mock.json(0, 1).await;
     assert_eq!(frames[0]["event"], "open");
@@ -56,12 +64,7 @@ async fn tls_tabs_send_and_receive_bursts_in_order() {
     use tokio_tungstenite::tungstenite::Message;
 
     const BURST: usize = 10;
-    let (dir, cert, _key) = dev_cert();
-    let mock = Mock::start().await;
-    let toml = base_config("tls = { cert = \"dev.crt\", key = \"dev.key\" }")
-        + &route("/ws", mock.addr, "");
-    let proxy = start_proxy_in(&toml, dir.path()).await;
-    let spec = TabSpec::new("s").tls(trusting(&cert));
+    let (_dir, mock, proxy, spec) = wss_proxy().await;
     let mut a = spec.connect(&proxy).await;
     let mut b = spec.connect(&proxy).await;
     // 504 bytes of payload: with the 2-byte header, the 2-byte length and
