@@ -18,7 +18,8 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+/// The validated text of a frame: what [`decode`] takes and the encoders build.
+pub use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::config::Payload;
 
@@ -251,9 +252,9 @@ fn raw<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, 
 /// The longest close reason a close frame can carry (125 bytes minus the code).
 const MAX_REASON: usize = 123;
 
-/// Decodes one upstream text frame. `frame` must be the frame's UTF-8 bytes;
-/// payloads returned share its buffer where possible.
-pub fn decode(frame: &Bytes, payload: Payload) -> Result<BackendFrame, FrameError> {
+/// Decodes one upstream text frame. Payloads returned share its buffer
+/// where possible.
+pub fn decode(frame: &Utf8Bytes, payload: Payload) -> Result<BackendFrame, FrameError> {
     if let Some(decoded) = decode_common(frame, payload) {
         return decoded;
     }
@@ -266,43 +267,44 @@ pub fn decode(frame: &Bytes, payload: Payload) -> Result<BackendFrame, FrameErro
 /// does not validate, is left to [`decode_any`], so both give the same
 /// result for every frame (a property test checks it). Routing every
 /// upstream frame through serde's field matching cost about as much as
-/// everything else tabmux does with it.
-fn decode_common(frame: &Bytes, payload: Payload) -> Option<Result<BackendFrame, FrameError>> {
-    const HEAD: &[u8] = b"{\"tab\":\"t";
-    const MIDDLE: &[u8] = b"\",\"data\":";
-    let rest = frame.strip_prefix(HEAD)?;
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    let data = rest[digits..].strip_prefix(MIDDLE)?.strip_suffix(b"}")?;
-    let (first, last) = (data.first()?, data.last()?);
+/// everything else tabmux does with it. The frame is sliced as text (its
+/// UTF-8 was checked when it was read), at ASCII boundaries.
+fn decode_common(frame: &Utf8Bytes, payload: Payload) -> Option<Result<BackendFrame, FrameError>> {
+    const HEAD: &str = "{\"tab\":\"t";
+    const MIDDLE: &str = "\",\"data\":";
+    let text = frame.as_str();
+    let rest = text.strip_prefix(HEAD)?;
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let data = rest[digits..].strip_prefix(MIDDLE)?.strip_suffix('}')?;
+    let (first, last) = (data.bytes().next()?, data.bytes().next_back()?);
     if first.is_ascii_whitespace() || last.is_ascii_whitespace() {
         return None;
     }
-    serde_json::from_slice::<serde::de::IgnoredAny>(data).ok()?;
-    // Both are ASCII or validated JSON inside a text frame: valid UTF-8.
+    serde_json::from_str::<serde::de::IgnoredAny>(data).ok()?;
     // The name is the "t" and the digits between the quotes: no JSON string
     // to parse.
-    let name = std::str::from_utf8(&frame[HEAD.len() - 1..HEAD.len() + digits]).ok()?;
-    let data = std::str::from_utf8(data).ok()?;
+    let name = &text[HEAD.len() - 1..HEAD.len() + digits];
     let to = target_of(std::iter::once(name));
     Some(to.and_then(|to| {
         Ok(BackendFrame::Deliver {
             to,
-            body: Body::Text(text_body(frame, data, payload)?),
+            body: Body::Text(text_body(frame.as_ref(), data, payload)?),
         })
     }))
 }
 
 /// Any upstream frame, through serde.
-fn decode_any(frame: &Bytes, payload: Payload) -> Result<BackendFrame, FrameError> {
-    let first = frame.iter().find(|b| !b.is_ascii_whitespace());
-    if first != Some(&b'{') {
+fn decode_any(frame: &Utf8Bytes, payload: Payload) -> Result<BackendFrame, FrameError> {
+    let text = frame.as_str();
+    let first = text.bytes().find(|b| !b.is_ascii_whitespace());
+    if first != Some(b'{') {
         // serde would accept a JSON array as a struct, so check first.
-        return match serde_json::from_slice::<serde::de::IgnoredAny>(frame) {
+        return match serde_json::from_str::<serde::de::IgnoredAny>(text) {
             Ok(_) => Err(FrameError::NotObject),
             Err(_) => Err(FrameError::NotJson),
         };
     }
-    let wire: Wire<'_> = serde_json::from_slice(frame).map_err(|e| {
+    let wire: Wire<'_> = serde_json::from_str(text).map_err(|e| {
         if e.is_data() {
             FrameError::BadField
         } else {
@@ -316,7 +318,7 @@ fn decode_any(frame: &Bytes, payload: Payload) -> Result<BackendFrame, FrameErro
     match (wire.data, wire.data_b64, wire.event) {
         (Some(data), None, None) => Ok(BackendFrame::Deliver {
             to,
-            body: Body::Text(text_body(frame, data.get(), payload)?),
+            body: Body::Text(text_body(frame.as_ref(), data.get(), payload)?),
         }),
         (None, Some(b64), None) => {
             let bytes = base64::engine::general_purpose::STANDARD
@@ -416,7 +418,7 @@ mod tests {
     use super::*;
 
     fn dec(s: &str) -> Result<BackendFrame, FrameError> {
-        decode(&Bytes::copy_from_slice(s.as_bytes()), Payload::Json)
+        decode(&s.into(), Payload::Json)
     }
 
     fn text(s: &str) -> Body {
@@ -524,7 +526,7 @@ mod tests {
 
     #[test]
     fn payload_shares_the_frame_buffer() {
-        let frame = Bytes::from_static(br#"{"data":{"big":"payload"}}"#);
+        let frame = Utf8Bytes::from_static(r#"{"data":{"big":"payload"}}"#);
         let Ok(BackendFrame::Deliver {
             body: Body::Text(t),
             ..
@@ -532,14 +534,13 @@ mod tests {
         else {
             panic!("not a delivery")
         };
-        let inner = Bytes::from(t);
-        let start = inner.as_ptr() as usize - frame.as_ptr() as usize;
-        assert_eq!(&frame[start..start + inner.len()], br#"{"big":"payload"}"#);
+        let start = t.as_ptr() as usize - frame.as_ptr() as usize;
+        assert_eq!(&frame[start..start + t.len()], r#"{"big":"payload"}"#);
     }
 
     #[test]
     fn text_payload_delivers_strings_unquoted() {
-        let d = |s: &str| decode(&Bytes::copy_from_slice(s.as_bytes()), Payload::Text);
+        let d = |s: &str| decode(&s.into(), Payload::Text);
         assert_eq!(
             d(r#"{"data":"plain"}"#),
             Ok(BackendFrame::Deliver {
@@ -652,15 +653,15 @@ mod tests {
 
         #[test]
         fn the_common_frame_takes_the_positional_path() {
-            let frame = Bytes::from_static(br#"{"tab":"t3","data":{"n":1,"s":"x"}}"#);
+            let frame = Utf8Bytes::from_static(r#"{"tab":"t3","data":{"n":1,"s":"x"}}"#);
             assert!(decode_common(&frame, Payload::Json).is_some());
             for other in [
-                &br#"{"tab":"t3","data":{"n":1} }"#[..],
-                br#"{"data":1,"tab":"t3"}"#,
-                br#"{"tab":["t3"],"data":1}"#,
-                br#"{"tab":"t3","data":{"n":1}}}"#,
+                r#"{"tab":"t3","data":{"n":1} }"#,
+                r#"{"data":1,"tab":"t3"}"#,
+                r#"{"tab":["t3"],"data":1}"#,
+                r#"{"tab":"t3","data":{"n":1}}}"#,
             ] {
-                assert!(decode_common(&Bytes::from_static(other), Payload::Json).is_none());
+                assert!(decode_common(&Utf8Bytes::from_static(other), Payload::Json).is_none());
             }
         }
 
@@ -674,22 +675,21 @@ mod tests {
                 let parsed: serde_json::Value = serde_json::from_str(&up).unwrap();
                 prop_assert_eq!(&parsed["tab"], &serde_json::json!(format!("t{n}")));
                 prop_assert_eq!(&parsed["data"], &v);
-                let frame = Bytes::from(up);
-                let down = decode(&frame, Payload::Json).unwrap();
+                let down = decode(&up, Payload::Json).unwrap();
                 prop_assert_eq!(down, BackendFrame::Deliver { to: tabs(&[n]), body: text.as_str().into_body() });
             }
 
             #[test]
             fn text_payloads_survive_both_directions(s in ".{0,40}", n in 1u64..1000) {
                 let up = data_text(TabId(n), &s, Payload::Text).unwrap();
-                let down = decode(&Bytes::from(up), Payload::Text).unwrap();
+                let down = decode(&up, Payload::Text).unwrap();
                 prop_assert_eq!(down, BackendFrame::Deliver { to: tabs(&[n]), body: s.as_str().into_body() });
             }
 
             #[test]
             fn binary_payloads_survive_both_directions(b in proptest::collection::vec(any::<u8>(), 0..64)) {
                 let up = data_binary(TabId(1), &b);
-                let down = decode(&Bytes::from(up), Payload::Json).unwrap();
+                let down = decode(&up, Payload::Json).unwrap();
                 prop_assert_eq!(down, BackendFrame::Deliver { to: tabs(&[1]), body: Body::Binary(Bytes::from(b)) });
             }
 
@@ -713,7 +713,7 @@ mod tests {
                     format!("{{\"tab\":\"{tab}\",\"data\":{data}{around}}}"),
                     format!("{{\"tab\":\"{tab}\",\"data\":{around}{data}}}"),
                 ] {
-                    let frame = Bytes::from(frame);
+                    let frame = Utf8Bytes::from(frame);
                     prop_assert_eq!(decode(&frame, payload), decode_any(&frame, payload), "{:?}", frame);
                 }
             }
@@ -721,8 +721,8 @@ mod tests {
             /// The decoder never panics, whatever the backend sends.
             #[test]
             fn decode_never_panics(s in ".{0,200}") {
-                let _ = decode(&Bytes::from(s.clone()), Payload::Json);
-                let _ = decode(&Bytes::from(s), Payload::Text);
+                let _ = decode(&s.clone().into(), Payload::Json);
+                let _ = decode(&s.into(), Payload::Text);
             }
         }
 

@@ -995,17 +995,23 @@ impl<'c> Session<'c> {
         if self.to_upstream.is_empty() {
             return Ok(());
         }
-        let pending = std::mem::take(&mut self.to_upstream);
-        let write = up.send_all(pending);
-        tokio::pin!(write);
-        // Nearly every write completes at once; only one that has to wait
-        // pays for a timer.
-        let written = match poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
-            Poll::Ready(r) => Ok(r),
-            Poll::Pending => {
-                Box::pin(tokio::time::timeout(self.ctx.route.idle_timeout, write)).await
+        let written = {
+            let write = up.send_all(&mut self.to_upstream);
+            tokio::pin!(write);
+            // Nearly every write completes at once; only one that has to
+            // wait pays for a timer.
+            match poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+                Poll::Ready(r) => Ok(r),
+                Poll::Pending => {
+                    Box::pin(tokio::time::timeout(self.ctx.route.idle_timeout, write)).await
+                }
             }
         };
+        // The vector is kept from turn to turn (no allocation per write),
+        // unless a burst made it large.
+        if self.to_upstream.capacity() > BATCH {
+            self.to_upstream = Vec::new();
+        }
         match written {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
@@ -1315,13 +1321,10 @@ impl<'c> Session<'c> {
         match self.route().envelope {
             Envelope::None => self.upstream_raw_frame(msg),
             Envelope::Json => match msg {
-                Message::Text(text) => {
-                    let bytes = Bytes::from(text);
-                    match envelope::decode(&bytes, self.route().payload) {
-                        Ok(frame) => self.backend_frame(frame),
-                        Err(e) => self.malformed(e),
-                    }
-                }
+                Message::Text(text) => match envelope::decode(&text, self.route().payload) {
+                    Ok(frame) => self.backend_frame(frame),
+                    Err(e) => self.malformed(e),
+                },
                 _ => self.malformed(FrameError::Binary),
             },
         }
@@ -1335,7 +1338,7 @@ impl<'c> Session<'c> {
             _ => 0,
         };
         if len > self.route().max_message_size {
-            let all = self.targets(&Target::All);
+            let all = self.targets(Target::All);
             self.too_big(&all);
             return;
         }
@@ -1352,7 +1355,7 @@ impl<'c> Session<'c> {
             BackendFrame::Deliver { to, body } => {
                 let len = body.len();
                 if len > self.route().max_message_size {
-                    let ids = self.targets(&to);
+                    let ids = self.targets(to);
                     self.too_big(&ids);
                     return;
                 }
@@ -1363,12 +1366,12 @@ impl<'c> Session<'c> {
                 };
                 let ids = match to {
                     Target::All => None,
-                    tabs => Some(self.targets(&tabs)),
+                    tabs => Some(self.targets(tabs)),
                 };
                 self.fan_out(ids, msg, len);
             }
             BackendFrame::Close { to, code, reason } => {
-                for tab in self.targets(&to) {
+                for tab in self.targets(to) {
                     self.ctx.metrics.tab_closed("backend");
                     self.close_tab(tab, code, &reason);
                 }
@@ -1376,23 +1379,21 @@ impl<'c> Session<'c> {
         }
     }
 
-    /// The member tabs a frame is for. Ids of tabs that left (or never
-    /// existed) are counted as unroutable.
-    fn targets(&self, to: &Target) -> Vec<TabId> {
+    /// The member tabs a frame is for (the frame's own list, filtered in
+    /// place). Ids of tabs that left (or never existed) are counted as
+    /// unroutable.
+    fn targets(&self, to: Target) -> Vec<TabId> {
         match to {
             Target::All => self.tabs.keys().copied().collect(),
-            Target::Tabs { ids, foreign } => {
-                let present: Vec<TabId> = ids
-                    .iter()
-                    .copied()
-                    .filter(|id| self.tabs.contains_key(id))
-                    .collect();
-                let missing = (ids.len() - present.len() + foreign) as u64;
+            Target::Tabs { mut ids, foreign } => {
+                let named = ids.len();
+                ids.retain(|id| self.tabs.contains_key(id));
+                let missing = (named - ids.len() + foreign) as u64;
                 if missing > 0 {
                     self.ctx.metrics.dropped("unroutable", missing);
                     debug!(missing, "frame addressed to tabs that are not connected");
                 }
-                present
+                ids
             }
         }
     }

@@ -222,11 +222,12 @@ impl UpstreamSocket {
         }
     }
 
-    /// Writes `messages`, then flushes.
-    pub async fn send_all(&mut self, messages: Vec<Message>) -> Result<(), WsError> {
+    /// Writes `messages` (leaving the vector empty, its capacity kept for
+    /// the next turn), then flushes.
+    pub async fn send_all(&mut self, messages: &mut Vec<Message>) -> Result<(), WsError> {
         match self {
             UpstreamSocket::Plain(ws) => {
-                for msg in messages {
+                for msg in messages.drain(..) {
                     let mut msg = msg;
                     loop {
                         match ws.write(msg) {
@@ -245,7 +246,7 @@ impl UpstreamSocket {
                 flush_plain(ws).await
             }
             UpstreamSocket::Tls(ws) => {
-                for msg in messages {
+                for msg in messages.drain(..) {
                     ws.feed(msg).await?;
                 }
                 ws.flush().await
