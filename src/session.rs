@@ -995,23 +995,17 @@ impl<'c> Session<'c> {
         if self.to_upstream.is_empty() {
             return Ok(());
         }
-        let written = {
-            let write = up.send_all(&mut self.to_upstream);
-            tokio::pin!(write);
-            // Nearly every write completes at once; only one that has to
-            // wait pays for a timer.
-            match poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
-                Poll::Ready(r) => Ok(r),
-                Poll::Pending => {
-                    Box::pin(tokio::time::timeout(self.ctx.route.idle_timeout, write)).await
-                }
+        let pending = std::mem::take(&mut self.to_upstream);
+        let write = up.send_all(pending);
+        tokio::pin!(write);
+        // Nearly every write completes at once; only one that has to wait
+        // pays for a timer.
+        let written = match poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+            Poll::Ready(r) => Ok(r),
+            Poll::Pending => {
+                Box::pin(tokio::time::timeout(self.ctx.route.idle_timeout, write)).await
             }
         };
-        // The vector is kept from turn to turn (no allocation per write),
-        // unless a burst made it large.
-        if self.to_upstream.capacity() > BATCH {
-            self.to_upstream = Vec::new();
-        }
         match written {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),

@@ -222,12 +222,11 @@ impl UpstreamSocket {
         }
     }
 
-    /// Writes `messages` (leaving the vector empty, its capacity kept for
-    /// the next turn), then flushes.
-    pub async fn send_all(&mut self, messages: &mut Vec<Message>) -> Result<(), WsError> {
+    /// Writes `messages`, then flushes.
+    pub async fn send_all(&mut self, messages: Vec<Message>) -> Result<(), WsError> {
         match self {
             UpstreamSocket::Plain(ws) => {
-                for msg in messages.drain(..) {
+                for msg in messages {
                     let mut msg = msg;
                     loop {
                         match ws.write(msg) {
@@ -246,7 +245,7 @@ impl UpstreamSocket {
                 flush_plain(ws).await
             }
             UpstreamSocket::Tls(ws) => {
-                for msg in messages.drain(..) {
+                for msg in messages {
                     ws.feed(msg).await?;
                 }
                 ws.flush().await
