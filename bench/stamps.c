@@ -38,35 +38,25 @@ static inline void stamp(uint64_t event) {
         stamps[used++] = (event << 56) | (__rdtsc() & ((1ULL << 56) - 1));
 }
 
-int epoll_wait(int epfd, struct epoll_event *events, int max, int timeout) {
-    static int (*real)(int, struct epoll_event *, int, int);
-    if (!real)
-        real = dlsym(RTLD_NEXT, "epoll_wait");
-    stamp(WAIT_IN);
-    int r = real(epfd, events, max, timeout);
-    stamp(WAIT_OUT);
-    return r;
-}
+/* Defines `name` to call the real one between two stamps. */
+#define STAMPED(ret, name, in, out, params, args)       \
+    ret name params {                                   \
+        static ret(*real) params;                       \
+        if (!real)                                      \
+            real = dlsym(RTLD_NEXT, #name);             \
+        stamp(in);                                      \
+        ret r = real args;                              \
+        stamp(out);                                     \
+        return r;                                       \
+    }
 
-ssize_t recv(int fd, void *buf, size_t len, int flags) {
-    static ssize_t (*real)(int, void *, size_t, int);
-    if (!real)
-        real = dlsym(RTLD_NEXT, "recv");
-    stamp(RECV_IN);
-    ssize_t r = real(fd, buf, len, flags);
-    stamp(RECV_OUT);
-    return r;
-}
-
-ssize_t send(int fd, const void *buf, size_t len, int flags) {
-    static ssize_t (*real)(int, const void *, size_t, int);
-    if (!real)
-        real = dlsym(RTLD_NEXT, "send");
-    stamp(SEND_IN);
-    ssize_t r = real(fd, buf, len, flags);
-    stamp(SEND_OUT);
-    return r;
-}
+STAMPED(int, epoll_wait, WAIT_IN, WAIT_OUT,
+        (int epfd, struct epoll_event *events, int max, int timeout),
+        (epfd, events, max, timeout))
+STAMPED(ssize_t, recv, RECV_IN, RECV_OUT,
+        (int fd, void *buf, size_t len, int flags), (fd, buf, len, flags))
+STAMPED(ssize_t, send, SEND_IN, SEND_OUT,
+        (int fd, const void *buf, size_t len, int flags), (fd, buf, len, flags))
 
 __attribute__((destructor)) static void dump(void) {
     const char *dir = getenv("STAMPS_DIR");
