@@ -2,6 +2,7 @@
 //! scenario. Each returns raw observations; main.rs turns them into figures.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,13 +10,41 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{self, StreamExt};
 use futures_util::SinkExt;
 use http::HeaderValue;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-pub type Ws = WebSocketStream<TcpStream>;
+/// A tab's socket: TCP, or TLS over TCP when the proxy serves `wss://`.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+pub type Ws = WebSocketStream<Box<dyn Io>>;
+
+/// Where tabs connect, and whether over TLS.
+#[derive(Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    tls: Option<TlsConnector>,
+}
+
+impl Target {
+    pub fn plain(addr: SocketAddr) -> Target {
+        Target { addr, tls: None }
+    }
+
+    /// `wss://` to `addr`, trusting the certificate in `ca`.
+    pub fn tls(addr: SocketAddr, ca: &Path) -> anyhow::Result<Target> {
+        let config = tabmux::tls::client_config(Some(ca)).map_err(anyhow::Error::msg)?;
+        Ok(Target {
+            addr,
+            tls: Some(TlsConnector::from(Arc::new(config))),
+        })
+    }
+}
 
 /// Connections opened at once while connecting many tabs.
 const CONCURRENCY: usize = 256;
@@ -25,29 +54,38 @@ fn message(n: u64) -> String {
 }
 
 /// Opens one tab of `session` (cookie `sid` and query `session`).
-pub async fn connect(addr: SocketAddr, session: usize) -> anyhow::Result<Ws> {
-    let mut req = format!("ws://{addr}/ws?session={session}").into_client_request()?;
+pub async fn connect(target: &Target, session: usize) -> anyhow::Result<Ws> {
+    let addr = target.addr;
+    let scheme = if target.tls.is_some() { "wss" } else { "ws" };
+    let mut req = format!("{scheme}://{addr}/ws?session={session}").into_client_request()?;
     req.headers_mut()
         .insert("cookie", HeaderValue::from_str(&format!("sid=s{session}"))?);
     req.headers_mut()
         .insert("origin", HeaderValue::from_static("http://bench.local"));
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
+    let io: Box<dyn Io> = match &target.tls {
+        Some(tls) => {
+            let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+            Box::new(tls.connect(name, tcp).await?)
+        }
+        None => Box::new(tcp),
+    };
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
-    let (ws, _) = tokio_tungstenite::client_async_with_config(req, tcp, Some(config)).await?;
+    let (ws, _) = tokio_tungstenite::client_async_with_config(req, io, Some(config)).await?;
     Ok(ws)
 }
 
 /// Opens `tabs` tabs, `per_session` to a session, `CONCURRENCY` at a time.
 pub async fn connect_many(
-    addr: SocketAddr,
+    target: &Target,
     tabs: usize,
     per_session: usize,
 ) -> anyhow::Result<Vec<Ws>> {
     let results: Vec<anyhow::Result<Ws>> = stream::iter(0..tabs)
-        .map(|i| connect(addr, i / per_session))
+        .map(|i| connect(target, i / per_session))
         .buffer_unordered(CONCURRENCY)
         .collect()
         .await;
@@ -69,11 +107,11 @@ async fn next_data(ws: &mut Ws) -> anyhow::Result<Message> {
 /// Scenario 1: `tabs` idle tabs, each having sent and received one message
 /// (so every buffer is live). Returns the open sockets, to be measured.
 pub async fn idle_tabs(
-    addr: SocketAddr,
+    target: &Target,
     tabs: usize,
     per_session: usize,
 ) -> anyhow::Result<Vec<Ws>> {
-    let mut all = connect_many(addr, tabs, per_session).await?;
+    let mut all = connect_many(target, tabs, per_session).await?;
     let echoed: Vec<anyhow::Result<()>> = stream::iter(all.iter_mut().enumerate())
         .map(|(i, ws)| async move {
             ws.send(Message::text(message(i as u64))).await?;
@@ -88,8 +126,8 @@ pub async fn idle_tabs(
 }
 
 /// Scenario 2: one tab, closed loop; round-trip times in nanoseconds.
-pub async fn latency(addr: SocketAddr, warmup: usize, samples: usize) -> anyhow::Result<Vec<u64>> {
-    let mut ws = connect(addr, 0).await?;
+pub async fn latency(target: &Target, warmup: usize, samples: usize) -> anyhow::Result<Vec<u64>> {
+    let mut ws = connect(target, 0).await?;
     let mut rtts = Vec::with_capacity(samples);
     for i in 0..(warmup + samples) {
         let start = Instant::now();
@@ -105,12 +143,12 @@ pub async fn latency(addr: SocketAddr, warmup: usize, samples: usize) -> anyhow:
 /// Scenario 3: `tabs` tabs of one session send `rate` messages/s in total
 /// for `duration`, each echoed. Returns the echoes received.
 pub async fn offered_rate(
-    addr: SocketAddr,
+    target: &Target,
     tabs: usize,
     rate: u64,
     duration: Duration,
 ) -> anyhow::Result<u64> {
-    let sockets = connect_many(addr, tabs, tabs).await?;
+    let sockets = connect_many(target, tabs, tabs).await?;
     let received = Arc::new(AtomicU64::new(0));
     let mut sinks = Vec::new();
     let mut readers = Vec::new();
@@ -164,11 +202,11 @@ pub struct FanOut {
 
 impl FanOut {
     pub async fn connect(
-        addr: SocketAddr,
+        target: &Target,
         sessions: usize,
         per_session: usize,
     ) -> anyhow::Result<FanOut> {
-        let sockets = connect_many(addr, sessions * per_session, per_session).await?;
+        let sockets = connect_many(target, sessions * per_session, per_session).await?;
         let deliveries = Arc::new(AtomicU64::new(0));
         let (stop, stopped) = tokio::sync::watch::channel(());
         let latencies = sockets
@@ -227,14 +265,14 @@ fn stamp(text: &str) -> Option<u64> {
 /// Scenario 5: `tabs` tabs of `sessions` sessions connect as fast as they
 /// can. Returns the time it took and the open sockets.
 pub async fn join_storm(
-    addr: SocketAddr,
+    target: &Target,
     tabs: usize,
     sessions: usize,
 ) -> anyhow::Result<(Duration, Vec<Ws>)> {
     let start = Instant::now();
     // Interleave sessions, as tabs of many users arrive mixed together.
     let results: Vec<anyhow::Result<Ws>> = stream::iter(0..tabs)
-        .map(|i| connect(addr, i % sessions))
+        .map(|i| connect(target, i % sessions))
         .buffer_unordered(2 * CONCURRENCY)
         .collect()
         .await;

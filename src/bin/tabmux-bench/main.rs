@@ -22,10 +22,12 @@ mod procs;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use load::Target;
 use procs::{Contender, Running};
 
 #[derive(Parser)]
@@ -114,7 +116,34 @@ struct RunArgs {
     force: bool,
     /// Where to write the results as JSON.
     #[arg(long, default_value = "target/bench/latest.json")]
-    json: std::path::PathBuf,
+    json: PathBuf,
+    /// Contenders to run, in this order in every round: tabmux, direct,
+    /// nginx, other (`other` needs `--other`, and is added when it is given).
+    #[arg(long, value_delimiter = ',', default_value = "tabmux,direct,nginx")]
+    contenders: Vec<String>,
+    /// The tabmux binary to measure [default: the `tabmux` beside this
+    /// program].
+    #[arg(long)]
+    tabmux: Option<PathBuf>,
+    /// A second tabmux binary, measured in the same rounds as contender
+    /// `other`: for before/after comparisons (a PGO build against the plain
+    /// one, say).
+    #[arg(long)]
+    other: Option<PathBuf>,
+    /// Tabs reach the proxies over `wss://` (a fresh self-signed
+    /// certificate); direct tabs stay on `ws://`, as the backend has no TLS.
+    #[arg(long)]
+    tls: bool,
+}
+
+/// What every measurement of one run shares.
+struct Plan {
+    sizes: &'static Sizes,
+    tabmux: PathBuf,
+    other: Option<PathBuf>,
+    /// With `--tls`: the certificate (also the tabs' only trusted root).
+    tls: Option<procs::TlsFiles>,
+    _tls_dir: Option<procs::TempDir>,
 }
 
 /// Nanoseconds since the Unix epoch: a clock every process here shares.
@@ -153,8 +182,13 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(async {
-                let echoes =
-                    load::offered_rate(target, tabs, rate, Duration::from_secs(secs)).await?;
+                let echoes = load::offered_rate(
+                    &Target::plain(target),
+                    tabs,
+                    rate,
+                    Duration::from_secs(secs),
+                )
+                .await?;
                 eprintln!("{echoes} echoes in {secs} s");
                 Ok(())
             }),
@@ -167,7 +201,7 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(async {
-                let held = load::idle_tabs(target, tabs, per_session).await?;
+                let held = load::idle_tabs(&Target::plain(target), tabs, per_session).await?;
                 eprintln!("holding {} tabs for {secs} s", held.len());
                 tokio::time::sleep(Duration::from_secs(secs)).await;
                 Ok(())
@@ -195,15 +229,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         );
     }
+    let plan = Plan::new(&args)?;
+    let contenders = contenders(&args)?;
     procs::pin_self(0);
-    let mut contenders = vec![Contender::Tabmux, Contender::Direct];
-    if procs::nginx_path().is_some() {
-        contenders.push(Contender::Nginx);
-    } else {
-        eprintln!(
-            "nginx is not installed (apt-get install nginx-light): comparing with direct only"
-        );
-    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -218,7 +246,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     c.name()
                 );
                 let figures = rt
-                    .block_on(scenario_once(scenario, c, args.quick))
+                    .block_on(scenario_once(&plan, scenario, c))
                     .with_context(|| format!("{scenario} with {}", c.name()))?;
                 let slot = results
                     .entry(scenario.clone())
@@ -239,6 +267,64 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The contenders `args` asks for, in order, leaving out nginx (with a
+/// message) when it is not installed.
+fn contenders(args: &RunArgs) -> anyhow::Result<Vec<Contender>> {
+    let mut names = args.contenders.clone();
+    if args.other.is_some() && !names.iter().any(|n| n == "other") {
+        names.push("other".into());
+    }
+    let mut out = Vec::new();
+    for name in &names {
+        let c = Contender::ALL
+            .into_iter()
+            .find(|c| c.name() == name)
+            .with_context(|| {
+                format!("unknown contender {name:?} (tabmux, direct, nginx, other)")
+            })?;
+        if c == Contender::Other && args.other.is_none() {
+            anyhow::bail!("contender `other` needs --other PATH (a tabmux binary)");
+        }
+        if c == Contender::Nginx && procs::nginx_path().is_none() {
+            eprintln!("nginx is not installed (apt-get install nginx-light): leaving it out");
+            continue;
+        }
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    if out.is_empty() {
+        anyhow::bail!("no contender to run");
+    }
+    Ok(out)
+}
+
+impl Plan {
+    fn new(args: &RunArgs) -> anyhow::Result<Plan> {
+        let tabmux = match &args.tabmux {
+            Some(path) => path.clone(),
+            None => procs::sibling("tabmux")?,
+        };
+        for exe in std::iter::once(&tabmux).chain(&args.other) {
+            anyhow::ensure!(exe.is_file(), "no tabmux binary at {}", exe.display());
+        }
+        let (tls, tls_dir) = if args.tls {
+            let dir = procs::TempDir::new("tls")?;
+            let (cert, key) = tabmux::tls::write_dev_cert(dir.path())?;
+            (Some(procs::TlsFiles { cert, key }), Some(dir))
+        } else {
+            (None, None)
+        };
+        Ok(Plan {
+            sizes: if args.quick { &QUICK } else { &FULL },
+            tabmux,
+            other: args.other.clone(),
+            tls,
+            _tls_dir: tls_dir,
+        })
+    }
+}
+
 /// The backend and (unless direct) the proxy for one measurement.
 struct Setup {
     _backend: Running,
@@ -246,11 +332,11 @@ struct Setup {
     backend_pids: Vec<u32>,
     proxy: Option<Running>,
     /// Where tabs connect.
-    target: SocketAddr,
+    target: Target,
 }
 
 impl Setup {
-    fn start(c: Contender, tabs: usize, per_session: usize) -> anyhow::Result<Setup> {
+    fn start(plan: &Plan, c: Contender, tabs: usize, per_session: usize) -> anyhow::Result<Setup> {
         let listen = SocketAddr::from(([127, 0, 0, 1], procs::free_port()));
         let control = SocketAddr::from(([127, 0, 0, 1], procs::free_port()));
         let mut args = vec![
@@ -260,7 +346,7 @@ impl Setup {
             "--control".into(),
             control.to_string(),
         ];
-        if c == Contender::Tabmux {
+        if c.is_tabmux() {
             args.push("--envelope".into());
         }
         let exe = std::env::current_exe()?;
@@ -269,16 +355,33 @@ impl Setup {
         let backend_pids = backend.pids();
         // One nginx worker can hold about 9,000 proxied connections under
         // this machine's 20,000 open files per process; beyond, two.
+        let tls = plan.tls.as_ref();
+        let per_session = per_session.max(32);
         let proxy = match c {
-            Contender::Tabmux => Some(procs::start_tabmux(1, listen, per_session.max(32))?),
+            Contender::Tabmux => Some(procs::start_tabmux(
+                1,
+                &plan.tabmux,
+                listen,
+                per_session,
+                tls,
+            )?),
+            Contender::Other => {
+                let exe = plan.other.as_deref().context("no --other binary")?;
+                Some(procs::start_tabmux(1, exe, listen, per_session, tls)?)
+            }
             Contender::Nginx => Some(procs::start_nginx(
                 1,
                 listen,
                 if tabs > 9000 { 2 } else { 1 },
+                tls,
             )?),
             Contender::Direct => None,
         };
-        let target = proxy.as_ref().map_or(listen, |p| p.addr);
+        let target = match (&proxy, tls) {
+            (None, _) => Target::plain(listen),
+            (Some(p), None) => Target::plain(p.addr),
+            (Some(p), Some(t)) => Target::tls(p.addr, &t.cert)?,
+        };
         Ok(Setup {
             _backend: backend,
             control,
@@ -339,8 +442,8 @@ const QUICK: Sizes = Sizes {
     storm_sessions: 50,
 };
 
-async fn scenario_once(scenario: &str, c: Contender, quick: bool) -> anyhow::Result<Figures> {
-    let sizes = if quick { &QUICK } else { &FULL };
+async fn scenario_once(plan: &Plan, scenario: &str, c: Contender) -> anyhow::Result<Figures> {
+    let sizes = plan.sizes;
     let mut f = Figures::new();
     match scenario {
         "memory" => {
@@ -350,13 +453,13 @@ async fn scenario_once(scenario: &str, c: Contender, quick: bool) -> anyhow::Res
             let mut proxy_pts: Vec<(f64, f64)> = Vec::new();
             let mut backend_pts: Vec<(f64, f64)> = Vec::new();
             for &n in sizes.memory {
-                let setup = Setup::start(c, n, 10)?;
+                let setup = Setup::start(plan, c, n, 10)?;
                 let proxy_pids = setup.proxy_pids();
                 let (p0, b0) = (
                     procs::rss_kib(&proxy_pids),
                     procs::rss_kib(&setup.backend_pids),
                 );
-                let tabs = load::idle_tabs(setup.target, n, 10).await?;
+                let tabs = load::idle_tabs(&setup.target, n, 10).await?;
                 // Let the proxy finish its side of the last handshakes.
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 let (p1, b1) = (
@@ -378,11 +481,11 @@ async fn scenario_once(scenario: &str, c: Contender, quick: bool) -> anyhow::Res
             f.insert("backend_kib_per_tab_slope".into(), slope(&backend_pts));
         }
         "latency" => {
-            let setup = Setup::start(c, 1, 1)?;
+            let setup = Setup::start(plan, c, 1, 1)?;
             let pids = setup.proxy_pids();
             let cpu0 = procs::cpu_us(&pids);
             let warmup = 1000;
-            let mut rtts = load::latency(setup.target, warmup, sizes.latency_samples).await?;
+            let mut rtts = load::latency(&setup.target, warmup, sizes.latency_samples).await?;
             // The proxy's CPU per round trip when every message finds it
             // idle: the cold path, unlike the `cpu` scenario's steady load.
             let cpu = procs::cpu_us(&pids) - cpu0;
@@ -397,11 +500,11 @@ async fn scenario_once(scenario: &str, c: Contender, quick: bool) -> anyhow::Res
             }
         }
         "cpu" => {
-            let setup = Setup::start(c, 10, 10)?;
+            let setup = Setup::start(plan, c, 10, 10)?;
             let pids = setup.proxy_pids();
             let cpu0 = procs::cpu_us(&pids);
             let echoes = load::offered_rate(
-                setup.target,
+                &setup.target,
                 10,
                 sizes.cpu_rate,
                 Duration::from_secs(sizes.cpu_secs),
@@ -424,13 +527,18 @@ async fn scenario_once(scenario: &str, c: Contender, quick: bool) -> anyhow::Res
                 } else {
                     format!("@{sessions}_sessions")
                 };
-                fan_out(c, sizes, sessions, &suffix, &mut f).await?;
+                fan_out(plan, c, sessions, &suffix, &mut f).await?;
             }
         }
         "storm" => {
-            let setup = Setup::start(c, sizes.storm_tabs, sizes.storm_tabs / sizes.storm_sessions)?;
+            let setup = Setup::start(
+                plan,
+                c,
+                sizes.storm_tabs,
+                sizes.storm_tabs / sizes.storm_sessions,
+            )?;
             let (elapsed, tabs) =
-                load::join_storm(setup.target, sizes.storm_tabs, sizes.storm_sessions).await?;
+                load::join_storm(&setup.target, sizes.storm_tabs, sizes.storm_sessions).await?;
             f.insert(
                 "tabs_per_s".into(),
                 tabs.len() as f64 / elapsed.as_secs_f64(),
@@ -449,16 +557,17 @@ async fn scenario_once(scenario: &str, c: Contender, quick: bool) -> anyhow::Res
 /// Scenario 4 at one size: `sessions` sessions of `sizes.fan_tabs` tabs,
 /// each broadcast to 10 times a second; figures named with `suffix`.
 async fn fan_out(
+    plan: &Plan,
     c: Contender,
-    sizes: &Sizes,
     sessions: usize,
     suffix: &str,
     f: &mut Figures,
 ) -> anyhow::Result<()> {
+    let sizes = plan.sizes;
     let tabs = sessions * sizes.fan_tabs;
-    let setup = Setup::start(c, tabs, sizes.fan_tabs)?;
+    let setup = Setup::start(plan, c, tabs, sizes.fan_tabs)?;
     let pids = setup.proxy_pids();
-    let fan = load::FanOut::connect(setup.target, sessions, sizes.fan_tabs).await?;
+    let fan = load::FanOut::connect(&setup.target, sessions, sizes.fan_tabs).await?;
     let sent0 = setup.backend_stat("sent").await?;
     let cpu0 = procs::cpu_us(&pids);
     backend::command(setup.control, "start").await?;
@@ -545,23 +654,37 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// The markdown report: per scenario, a row per figure with each
-/// contender's median and tabmux's ratio to the others.
+/// contender's median and tabmux's ratio to the others (`other`'s columns
+/// only when it ran).
 fn report(results: &Results, args: &RunArgs, load: f64) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "tabmux-bench: {} round(s){}; load average at start {load:.2}; medians over rounds\n",
+        "tabmux-bench: {} round(s){}{}; load average at start {load:.2}; medians over rounds\n",
         args.rounds,
-        if args.quick { ", quick sizes" } else { "" }
+        if args.quick { ", quick sizes" } else { "" },
+        if args.tls {
+            ", proxies over wss:// (direct over ws://)"
+        } else {
+            ""
+        }
     );
+    let ran_other = results.values().any(|by| by.contains_key("other"));
+    let mut columns = vec!["tabmux", "direct", "nginx"];
+    if ran_other {
+        columns.push("other");
+    }
     for (scenario, by_contender) in results {
         let _ = writeln!(out, "### {scenario}\n");
-        let _ = writeln!(
-            out,
-            "| figure | tabmux | direct | nginx | tabmux / direct | tabmux / nginx |"
-        );
-        let _ = writeln!(out, "|---|---|---|---|---|---|");
+        let _ = write!(out, "| figure |");
+        for c in &columns {
+            let _ = write!(out, " {c} |");
+        }
+        for c in &columns[1..] {
+            let _ = write!(out, " tabmux / {c} |");
+        }
+        let _ = writeln!(out, "\n|---|{}", "---|".repeat(2 * columns.len() - 1));
         let mut figures: Vec<&String> = by_contender.values().flat_map(|m| m.keys()).collect();
         figures.sort();
         figures.dedup();
@@ -572,21 +695,19 @@ fn report(results: &Results, args: &RunArgs, load: f64) -> String {
                     .and_then(|m| m.get(fig))
                     .map(|v| median(v))
             };
-            let cell = |v: Option<f64>| v.map_or("—".to_string(), fmt_num);
-            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-                (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
-                _ => "—".into(),
-            };
-            let (t, d, n) = (get("tabmux"), get("direct"), get("nginx"));
-            let _ = writeln!(
-                out,
-                "| {fig} | {} | {} | {} | {} | {} |",
-                cell(t),
-                cell(d),
-                cell(n),
-                ratio(t, d),
-                ratio(t, n)
-            );
+            let values: Vec<Option<f64>> = columns.iter().map(|c| get(c)).collect();
+            let _ = write!(out, "| {fig} |");
+            for v in &values {
+                let _ = write!(out, " {} |", v.map_or("—".to_string(), fmt_num));
+            }
+            for other in &values[1..] {
+                let ratio = match (values[0], *other) {
+                    (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+                    _ => "—".into(),
+                };
+                let _ = write!(out, " {ratio} |");
+            }
+            let _ = writeln!(out);
         }
         let _ = writeln!(out);
     }

@@ -12,16 +12,38 @@ pub enum Contender {
     Tabmux,
     Direct,
     Nginx,
+    /// A second tabmux binary (`--other`), for before/after comparisons.
+    Other,
 }
 
 impl Contender {
+    pub const ALL: [Contender; 4] = [
+        Contender::Tabmux,
+        Contender::Direct,
+        Contender::Nginx,
+        Contender::Other,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Contender::Tabmux => "tabmux",
             Contender::Direct => "direct",
             Contender::Nginx => "nginx",
+            Contender::Other => "other",
         }
     }
+
+    /// Whether tabs reach the backend through tabmux (which speaks the
+    /// envelope to it).
+    pub fn is_tabmux(self) -> bool {
+        matches!(self, Contender::Tabmux | Contender::Other)
+    }
+}
+
+/// The certificate and key a proxy serves `wss://` with (`--tls`).
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A free loopback port.
@@ -203,18 +225,27 @@ pub fn rss_kib(pids: &[u32]) -> u64 {
         .sum()
 }
 
-/// Starts tabmux in front of `backend`, pinned to `core`.
+/// Starts the tabmux binary `exe` in front of `backend`, pinned to `core`.
 pub fn start_tabmux(
     core: usize,
+    exe: &Path,
     backend: SocketAddr,
     tabs_per_session: usize,
+    tls: Option<&TlsFiles>,
 ) -> std::io::Result<Running> {
     let dir = TempDir::new("tabmux")?;
     let port = free_port();
+    let tls = tls.map_or(String::new(), |t| {
+        format!(
+            "tls = {{ cert = {:?}, key = {:?} }}\n",
+            t.cert.display().to_string(),
+            t.key.display().to_string()
+        )
+    });
     let config = format!(
         r#"[server]
 listen = "127.0.0.1:{port}"
-[admin]
+{tls}[admin]
 listen = "127.0.0.1:0"
 [log]
 level = "warn"
@@ -228,17 +259,31 @@ max_tabs_per_session = {tabs_per_session}
     );
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, config)?;
-    let exe = sibling("tabmux")?;
-    let child = spawn_pinned(core, &exe, &["--config".into(), path.display().to_string()])?;
+    let child = spawn_pinned(core, exe, &["--config".into(), path.display().to_string()])?;
     finish_start(child, port, Some(dir))
 }
 
 /// Starts nginx (one worker unless `workers` says more) in front of
 /// `backend`, pinned to `core`.
-pub fn start_nginx(core: usize, backend: SocketAddr, workers: usize) -> std::io::Result<Running> {
+pub fn start_nginx(
+    core: usize,
+    backend: SocketAddr,
+    workers: usize,
+    tls: Option<&TlsFiles>,
+) -> std::io::Result<Running> {
     let dir = TempDir::new("nginx")?;
     let port = free_port();
     let d = dir.path().display();
+    let (ssl, certificate) = tls.map_or((String::new(), String::new()), |t| {
+        (
+            " ssl".into(),
+            format!(
+                "ssl_certificate {}; ssl_certificate_key {};",
+                t.cert.display(),
+                t.key.display()
+            ),
+        )
+    });
     let config = format!(
         r#"worker_processes {workers};
 worker_rlimit_nofile 20000;
@@ -253,7 +298,8 @@ http {{
   map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
   upstream backend {{ server {backend}; }}
   server {{
-    listen 127.0.0.1:{port} backlog=4096 reuseport;
+    listen 127.0.0.1:{port}{ssl} backlog=4096 reuseport;
+    {certificate}
     location / {{
       proxy_pass http://backend;
       proxy_http_version 1.1;
