@@ -537,12 +537,21 @@ async fn scenario_once(plan: &Plan, scenario: &str, c: Contender) -> anyhow::Res
                 sizes.storm_tabs,
                 sizes.storm_tabs / sizes.storm_sessions,
             )?;
+            let pids = setup.proxy_pids();
+            let cpu0 = procs::cpu_us(&pids);
             let (elapsed, tabs) =
                 load::join_storm(&setup.target, sizes.storm_tabs, sizes.storm_sessions).await?;
+            let cpu = procs::cpu_us(&pids) - cpu0;
             f.insert(
                 "tabs_per_s".into(),
                 tabs.len() as f64 / elapsed.as_secs_f64(),
             );
+            if setup.proxy.is_some() {
+                // The proxy's cost of admitting a tab: its handshake and
+                // (tabmux) its share of the session's upstream dial.
+                let per = cpu.total() as f64 / tabs.len().max(1) as f64;
+                f.insert("cpu_us_per_tab".into(), per);
+            }
             f.insert(
                 "upstream_dials".into(),
                 setup.backend_stat("accepted").await?,
@@ -721,5 +730,72 @@ fn fmt_num(v: f64) -> String {
         format!("{v:.2}")
     } else {
         format!("{v:.3}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let argv = ["tabmux-bench", "run"].iter().chain(args);
+        match Cli::try_parse_from(argv).expect("arguments parse").command {
+            Command::Run(args) => args,
+            _ => unreachable!("parsed `run`"),
+        }
+    }
+
+    #[test]
+    fn contenders_follow_the_list_and_other_needs_a_binary() {
+        let picked = contenders(&run_args(&["--contenders", "direct,tabmux,direct"])).unwrap();
+        assert_eq!(picked, [Contender::Direct, Contender::Tabmux]);
+
+        let with_other = contenders(&run_args(&["--contenders", "tabmux", "--other", "/x"]));
+        assert_eq!(with_other.unwrap(), [Contender::Tabmux, Contender::Other]);
+
+        let err = contenders(&run_args(&["--contenders", "tabmux,other"])).unwrap_err();
+        assert!(err.to_string().contains("--other"), "{err}");
+        let err = contenders(&run_args(&["--contenders", "haproxy"])).unwrap_err();
+        assert!(err.to_string().contains("unknown contender"), "{err}");
+    }
+
+    fn results(rows: &[(&str, f64)]) -> Results {
+        let mut by_contender = BTreeMap::new();
+        for (contender, value) in rows {
+            let figures = BTreeMap::from([("p50_us".to_string(), vec![*value])]);
+            by_contender.insert(contender.to_string(), figures);
+        }
+        BTreeMap::from([("latency".to_string(), by_contender)])
+    }
+
+    #[test]
+    fn the_report_gives_other_its_columns_only_when_it_ran() {
+        let args = run_args(&[]);
+        let three = report(
+            &results(&[("tabmux", 100.0), ("direct", 20.0), ("nginx", 125.0)]),
+            &args,
+            0.5,
+        );
+        assert!(three
+            .contains("| figure | tabmux | direct | nginx | tabmux / direct | tabmux / nginx |"));
+        assert!(
+            three.contains("| p50_us | 100 | 20.00 | 125 | 5.00 | 0.80 |"),
+            "{three}"
+        );
+        assert!(!three.contains("other"));
+
+        let four = report(
+            &results(&[("tabmux", 100.0), ("nginx", 125.0), ("other", 50.0)]),
+            &args,
+            0.5,
+        );
+        assert!(
+            four.contains("| tabmux / nginx | tabmux / other |"),
+            "{four}"
+        );
+        assert!(
+            four.contains("| p50_us | 100 | — | 125 | 50.00 | — | 0.80 | 2.00 |"),
+            "{four}"
+        );
     }
 }
