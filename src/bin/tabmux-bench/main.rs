@@ -662,9 +662,8 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// The markdown report: per scenario, a row per figure with each
-/// contender's median and tabmux's ratio to the others (`other`'s columns
-/// only when it ran).
+/// The markdown report: per scenario, a row per figure with the median of
+/// each contender that ran, and tabmux's ratio to the others.
 fn report(results: &Results, args: &RunArgs, load: f64) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -679,21 +678,31 @@ fn report(results: &Results, args: &RunArgs, load: f64) -> String {
             ""
         }
     );
-    let ran_other = results.values().any(|by| by.contains_key("other"));
-    let mut columns = vec!["tabmux", "direct", "nginx"];
-    if ran_other {
-        columns.push("other");
-    }
+    // The contenders that ran, in the usual order; tabmux's ratios to the
+    // others when it ran too.
+    let columns: Vec<&str> = Contender::ALL
+        .iter()
+        .map(|c| c.name())
+        .filter(|name| results.values().any(|by| by.contains_key(*name)))
+        .collect();
+    let ratio_to: &[&str] = match columns.split_first() {
+        Some((&"tabmux", rest)) => rest,
+        _ => &[],
+    };
     for (scenario, by_contender) in results {
         let _ = writeln!(out, "### {scenario}\n");
         let _ = write!(out, "| figure |");
         for c in &columns {
             let _ = write!(out, " {c} |");
         }
-        for c in &columns[1..] {
+        for c in ratio_to {
             let _ = write!(out, " tabmux / {c} |");
         }
-        let _ = writeln!(out, "\n|---|{}", "---|".repeat(2 * columns.len() - 1));
+        let _ = writeln!(
+            out,
+            "\n|---|{}",
+            "---|".repeat(columns.len() + ratio_to.len())
+        );
         let mut figures: Vec<&String> = by_contender.values().flat_map(|m| m.keys()).collect();
         figures.sort();
         figures.dedup();
@@ -709,7 +718,7 @@ fn report(results: &Results, args: &RunArgs, load: f64) -> String {
             for v in &values {
                 let _ = write!(out, " {} |", v.map_or("—".to_string(), fmt_num));
             }
-            for other in &values[1..] {
+            for other in &values[columns.len() - ratio_to.len()..] {
                 let ratio = match (values[0], *other) {
                     (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
                     _ => "—".into(),
@@ -769,7 +778,7 @@ mod tests {
     }
 
     #[test]
-    fn the_report_gives_other_its_columns_only_when_it_ran() {
+    fn the_report_has_columns_for_the_contenders_that_ran() {
         let args = run_args(&[]);
         let three = report(
             &results(&[("tabmux", 100.0), ("direct", 20.0), ("nginx", 125.0)]),
@@ -789,13 +798,17 @@ mod tests {
             &args,
             0.5,
         );
+        let header = "| figure | tabmux | nginx | other | tabmux / nginx | tabmux / other |";
+        assert!(four.contains(header), "{four}");
         assert!(
-            four.contains("| tabmux / nginx | tabmux / other |"),
+            four.contains("| p50_us | 100 | 125 | 50.00 | 0.80 | 2.00 |"),
             "{four}"
         );
+
+        let alone = report(&results(&[("nginx", 125.0)]), &args, 0.5);
         assert!(
-            four.contains("| p50_us | 100 | — | 125 | 50.00 | — | 0.80 | 2.00 |"),
-            "{four}"
+            alone.contains("| figure | nginx |\n|---|---|\n| p50_us | 125 |"),
+            "{alone}"
         );
     }
 }
