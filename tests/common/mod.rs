@@ -108,6 +108,14 @@ pub async fn proxy_for(upstream: &Mock, route_extra: &str) -> TestProxy {
     start_proxy(&toml).await
 }
 
+/// The binary the child-process tests run: `TABMUX_BIN` when set (so CI can
+/// soak the profile-guided build), else the one cargo built for the tests.
+pub fn tabmux_bin() -> std::path::PathBuf {
+    std::env::var_os("TABMUX_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_tabmux").into())
+}
+
 /// Runs the real binary with this configuration (which should listen on
 /// port 0); returns the child and where it listens, read from its log.
 pub fn spawn_tabmux(toml: &str) -> (std::process::Child, TestProxy) {
@@ -122,7 +130,7 @@ pub fn spawn_tabmux(toml: &str) -> (std::process::Child, TestProxy) {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("proxy.toml");
     std::fs::write(&path, toml).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tabmux"))
+    let mut child = std::process::Command::new(tabmux_bin())
         .arg("--config")
         .arg(&path)
         .env("RUST_LOG", "info")
