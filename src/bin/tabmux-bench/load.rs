@@ -36,14 +36,20 @@ impl Target {
         Target { addr, tls: None }
     }
 
-    /// `wss://` to `addr`, trusting the certificate in `ca`.
-    pub fn tls(addr: SocketAddr, ca: &Path) -> anyhow::Result<Target> {
-        let config = tabmux::tls::client_config(Some(ca)).map_err(anyhow::Error::msg)?;
-        Ok(Target {
+    /// `wss://` to `addr`, with a connector from [`tls_connector`].
+    pub fn tls(addr: SocketAddr, connector: &TlsConnector) -> Target {
+        Target {
             addr,
-            tls: Some(TlsConnector::from(Arc::new(config))),
-        })
+            tls: Some(connector.clone()),
+        }
     }
+}
+
+/// A TLS connector that trusts the certificate in `ca` (besides the
+/// system's roots, as tabmux's own upstream client does).
+pub fn tls_connector(ca: &Path) -> anyhow::Result<TlsConnector> {
+    let config = tabmux::tls::client_config(Some(ca)).map_err(anyhow::Error::msg)?;
+    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 /// Connections opened at once while connecting many tabs.

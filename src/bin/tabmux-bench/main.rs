@@ -141,8 +141,9 @@ struct Plan {
     sizes: &'static Sizes,
     tabmux: PathBuf,
     other: Option<PathBuf>,
-    /// With `--tls`: the certificate (also the tabs' only trusted root).
-    tls: Option<procs::TlsFiles>,
+    /// With `--tls`: the proxies' certificate and key, and the tabs'
+    /// connector that trusts it (built once per run).
+    tls: Option<(procs::TlsFiles, tokio_rustls::TlsConnector)>,
     _tls_dir: Option<procs::TempDir>,
 }
 
@@ -311,7 +312,8 @@ impl Plan {
         let (tls, tls_dir) = if args.tls {
             let dir = procs::TempDir::new("tls")?;
             let (cert, key) = tabmux::tls::write_dev_cert(dir.path())?;
-            (Some(procs::TlsFiles { cert, key }), Some(dir))
+            let connector = load::tls_connector(&cert)?;
+            (Some((procs::TlsFiles { cert, key }, connector)), Some(dir))
         } else {
             (None, None)
         };
@@ -355,7 +357,7 @@ impl Setup {
         let backend_pids = backend.pids();
         // One nginx worker can hold about 9,000 proxied connections under
         // this machine's 20,000 open files per process; beyond, two.
-        let tls = plan.tls.as_ref();
+        let tls = plan.tls.as_ref().map(|(files, _)| files);
         let per_session = per_session.max(32);
         let proxy = match c {
             Contender::Tabmux => Some(procs::start_tabmux(
@@ -377,10 +379,10 @@ impl Setup {
             )?),
             Contender::Direct => None,
         };
-        let target = match (&proxy, tls) {
+        let target = match (&proxy, &plan.tls) {
             (None, _) => Target::plain(listen),
             (Some(p), None) => Target::plain(p.addr),
-            (Some(p), Some(t)) => Target::tls(p.addr, &t.cert)?,
+            (Some(p), Some((_, connector))) => Target::tls(p.addr, connector),
         };
         Ok(Setup {
             _backend: backend,
