@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::status;
 
 /// Serves admin requests until `stop`'s sender is dropped.

@@ -35,20 +35,24 @@
 //! - [`demo`]: `tabmux demo`, a backend, the proxy and a page in one process.
 
 pub mod admin;
+pub mod cause;
 pub mod config;
 pub mod demo;
 pub mod envelope;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod queue;
 pub mod reconnect;
 pub mod server;
 pub mod session;
+pub mod shared;
 pub mod status;
 pub mod tab;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;
+pub mod wsio;
 
 pub use config::Config;
 pub use server::Proxy;

@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::upgrade;
 
 /// Accepts connections until `stop`'s sender is dropped.

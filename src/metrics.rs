@@ -184,7 +184,10 @@ impl Metrics {
         );
         registry.register(
             TAB_CLOSES,
-            "Tabs closed by tabmux, by reason (invalid_json, too_big, slow_consumer, backend, upstream_lost)",
+            format!(
+                "Tabs closed by tabmux, by reason ({})",
+                crate::cause::Cause::PROXY_LABELS.join(", ")
+            ),
             m.tab_closes.clone(),
         );
         m

@@ -13,45 +13,13 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::config::{Config, Origins, Route, Server};
+use crate::config::{Config, Origins};
+use crate::limits::TabLimiter;
 use crate::metrics::Metrics;
 use crate::session::{Registry, SessionContext, SessionHasher};
+use crate::shared::{RouteRuntime, Shared};
 use crate::status::{History, SAMPLE_EVERY};
-use crate::upgrade::TabLimiter;
 use crate::{admin, listener};
-
-/// One route with the runtime state its sessions share.
-pub struct RouteRuntime {
-    /// Position in the config; part of every session key of this route.
-    pub index: usize,
-    pub route: Arc<Route>,
-    pub ctx: SessionContext,
-}
-
-/// State shared by every connection task. Nothing in it is locked across an
-/// `.await`: the session registry is a sharded map whose entries are only
-/// touched to insert, look up or remove a handle.
-pub struct Shared {
-    pub server: Server,
-    pub routes: Vec<RouteRuntime>,
-    pub hasher: SessionHasher,
-    pub tabs: Arc<TabLimiter>,
-    pub registry: Arc<Registry>,
-    /// True once every listener accepts connections (`/readyz`).
-    pub ready: AtomicBool,
-    pub metrics_registry: prometheus_client::registry::Registry,
-    pub metrics: Metrics,
-    /// The status page's chart data.
-    pub history: History,
-    pub started: std::time::Instant,
-}
-
-impl Shared {
-    /// The route serving an exact request path.
-    pub fn route(&self, path: &str) -> Option<&RouteRuntime> {
-        self.routes.iter().find(|r| r.route.path == path)
-    }
-}
 
 /// A bound, not yet serving, proxy.
 pub struct Proxy {

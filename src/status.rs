@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// How often the history is sampled.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);

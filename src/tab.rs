@@ -23,7 +23,7 @@
 //! only when tokio's readiness (an atomic load) says it may have data.
 
 use std::future::poll_fn;
-use std::io::{self, Read, Write};
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -34,21 +34,16 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
-use tokio_tungstenite::tungstenite::error::ProtocolError;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{
-    CloseFrame, Role, WebSocketConfig, WebSocketContext,
-};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, Instrument};
 
-use crate::config::{Envelope, Route};
-use crate::envelope::{self, TabId};
-use crate::metrics::RouteMetrics;
+use crate::cause::Cause;
+use crate::config::Route;
+use crate::envelope::TabId;
+use crate::limits::TabPermit;
 use crate::queue::Outbox;
-use crate::session::{Joined, Liveness};
-use crate::upgrade::TabPermit;
-use crate::upstream::{would_block, Unread};
+use crate::wsio::{would_block, Liveness, PollIo, Unread};
 
 /// How long tabmux waits for a tab to complete a close handshake, or for a
 /// close frame to be written to a tab that is not reading.
@@ -136,27 +131,6 @@ impl AsyncWrite for TabSocket {
     }
 }
 
-/// Hands the connection hyper upgraded to the tab's session, which serves
-/// it from now on. The tab holds `permit` (its slot under
-/// `server.max_tabs`) until its connection is closed.
-///
-/// The tab takes its connection back from hyper, without the layers of an
-/// upgraded connection.
-pub fn attach(upgraded: Upgraded, joined: Joined, route: &Route, permit: TabPermit) {
-    let Joined { tab, link, .. } = joined;
-    let (io, read) = match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(p) => (TabSocket::Tcp(p.io.into_inner()), p.read_buf),
-        Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
-            Ok(p) => (TabSocket::Tls(Box::new(p.io.into_inner())), p.read_buf),
-            Err(upgraded) => (
-                TabSocket::Upgraded(Box::new(TokioIo::new(upgraded))),
-                Bytes::new(),
-            ),
-        },
-    };
-    link.attach(Box::new(Tab::new(io, read, tab, route, permit)));
-}
-
 /// A tab's connection, as its session serves it.
 pub struct Tab {
     io: TabSocket,
@@ -181,16 +155,6 @@ pub struct Tab {
     _permit: TabPermit,
 }
 
-/// How a tab's connection ends.
-pub enum End {
-    /// Close the tab from tabmux's side with this frame.
-    Close(CloseFrame),
-    /// The tab started the close handshake with this code; finish it.
-    Finish(u16),
-    /// The connection is unusable; the `close` event carries this code.
-    Gone(u16),
-}
-
 /// What a keepalive tick did to a tab.
 pub enum Tick {
     /// A ping is buffered: flush the tab.
@@ -201,57 +165,24 @@ pub enum Tick {
     Silent,
 }
 
-impl End {
-    /// The code the backend's `close` event carries.
-    pub fn code(&self) -> u16 {
-        match self {
-            End::Close(frame) => u16::from(frame.code),
-            End::Finish(code) | End::Gone(code) => *code,
-        }
-    }
-}
-
-/// tungstenite's blocking-style `Read`/`Write` over a tokio stream for the
-/// duration of one poll: `Pending` becomes `WouldBlock` (the waker is then
-/// registered by the stream).
-struct Io<'a, 'b> {
-    stream: &'a mut TabSocket,
-    cx: &'a mut Context<'b>,
-    /// Bytes read through this adapter.
-    fed: usize,
-}
-
-impl Read for Io<'_, '_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut buf = ReadBuf::new(buf);
-        match Pin::new(&mut *self.stream).poll_read(self.cx, &mut buf) {
-            Poll::Ready(Ok(())) => {
-                self.fed += buf.filled().len();
-                Ok(buf.filled().len())
-            }
-            Poll::Ready(Err(e)) => Err(e),
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-        }
-    }
-}
-
-impl Write for Io<'_, '_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match Pin::new(&mut *self.stream).poll_write(self.cx, buf) {
-            Poll::Ready(r) => r,
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match Pin::new(&mut *self.stream).poll_flush(self.cx) {
-            Poll::Ready(r) => r,
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-        }
-    }
-}
-
 impl Tab {
+    /// The tab's connection, taken back from hyper without the layers of an
+    /// upgraded connection. The tab holds `permit` (its slot under
+    /// `server.max_tabs`) until its connection is closed.
+    pub fn from_upgraded(upgraded: Upgraded, id: TabId, route: &Route, permit: TabPermit) -> Tab {
+        let (io, read) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(p) => (TabSocket::Tcp(p.io.into_inner()), p.read_buf),
+            Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+                Ok(p) => (TabSocket::Tls(Box::new(p.io.into_inner())), p.read_buf),
+                Err(upgraded) => (
+                    TabSocket::Upgraded(Box::new(TokioIo::new(upgraded))),
+                    Bytes::new(),
+                ),
+            },
+        };
+        Tab::new(io, read, id, route, permit)
+    }
+
     /// `read` holds bytes the client sent after its handshake that hyper had
     /// already read.
     fn new(io: TabSocket, read: Bytes, id: TabId, route: &Route, permit: TabPermit) -> Self {
@@ -283,8 +214,8 @@ impl Tab {
         self.id
     }
 
-    fn io<'a, 'b>(stream: &'a mut TabSocket, cx: &'a mut Context<'b>) -> Io<'a, 'b> {
-        Io { stream, cx, fed: 0 }
+    fn io<'a, 'b>(stream: &'a mut TabSocket, cx: &'a mut Context<'b>) -> PollIo<'a, 'b, TabSocket> {
+        PollIo::new(stream, cx)
     }
 
     /// Sends `msg` to the tab: into tungstenite's buffer (flushed by
@@ -321,9 +252,9 @@ impl Tab {
         &mut self,
         cx: &mut Context<'_>,
         outbox: &mut Outbox,
-    ) -> Poll<Result<(), End>> {
+    ) -> Poll<Result<(), Cause>> {
         if self.broken {
-            return Poll::Ready(Err(End::Gone(1006)));
+            return Poll::Ready(Err(Cause::TabVanished));
         }
         loop {
             if self.unflushed {
@@ -336,7 +267,7 @@ impl Tab {
                         self.blocked = true;
                         return Poll::Pending;
                     }
-                    Err(_) => return Poll::Ready(Err(End::Gone(1006))),
+                    Err(_) => return Poll::Ready(Err(Cause::TabVanished)),
                 }
             }
             if outbox.is_empty() {
@@ -350,20 +281,16 @@ impl Tab {
                 }
             }
             if self.broken {
-                return Poll::Ready(Err(End::Gone(1006)));
+                return Poll::Ready(Err(Cause::TabVanished));
             }
         }
     }
 
-    /// The next message from the tab, wrapped for the backend, with the
-    /// size of what the tab sent; or how the tab ends; or Pending once
-    /// nothing more can be read now.
-    pub fn poll_message(
-        &mut self,
-        cx: &mut Context<'_>,
-        route: &Route,
-        metrics: &RouteMetrics,
-    ) -> Poll<Result<(Message, usize), End>> {
+    /// The next data message (text or binary) from the tab; or why the
+    /// tab ends (it closed, broke the protocol, vanished); or Pending once
+    /// nothing more can be read now. Pings and pongs are answered here, and
+    /// count as signs of life.
+    pub fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Result<Message, Cause>> {
         loop {
             if !self.read_buffered && self.io.poll_read_hint(cx).is_pending() {
                 return Poll::Pending;
@@ -374,18 +301,20 @@ impl Tab {
                     return Poll::Pending;
                 }
                 Poll::Ready(Ok(msg)) => msg,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(self.read_failed(&e, metrics))),
+                Poll::Ready(Err(e)) => {
+                    debug!(tab = %self.id, error = %e, "tab read failed");
+                    return Poll::Ready(Err(Cause::of_read_error(&e)));
+                }
             };
             self.alive.heard();
-            match from_tab(route, self.id, msg) {
-                Inbound::Forward(m, payload) => return Poll::Ready(Ok((m, payload))),
-                Inbound::Ignore => {}
+            match msg {
+                Message::Text(_) | Message::Binary(_) => return Poll::Ready(Ok(msg)),
                 // tungstenite queued the reply; the ending sends it.
-                Inbound::Closed(code) => return Poll::Ready(Err(End::Finish(code))),
-                Inbound::Refuse(code, reason) => {
-                    metrics.tab_closed("invalid_json");
-                    return Poll::Ready(Err(End::Close(close_frame(code, reason))));
+                Message::Close(frame) => {
+                    let code = frame.map_or(1005, |f| u16::from(f.code));
+                    return Poll::Ready(Err(Cause::TabClosed(code)));
                 }
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
             }
         }
     }
@@ -406,17 +335,6 @@ impl Tab {
         }
     }
 
-    /// How a failed read ends the tab.
-    fn read_failed(&self, e: &WsError, metrics: &RouteMetrics) -> End {
-        let (code, reason, label) = read_error(e);
-        debug!(tab = %self.id, error = %e, code, "tab read failed");
-        if code == 1006 {
-            return End::Gone(1006);
-        }
-        metrics.tab_closed(label);
-        End::Close(close_frame(code, reason))
-    }
-
     /// Keepalive: a tab silent for `idle` is to be closed; otherwise it is
     /// pinged, unless messages are waiting for it anyway.
     pub fn tick(&mut self, cx: &mut Context<'_>, idle: Duration, outbox: &Outbox) -> Tick {
@@ -430,23 +348,22 @@ impl Tab {
         Tick::Pinged
     }
 
-    /// Ends the tab's connection: writes what `outbox` holds, then completes
-    /// or starts the close handshake, waiting briefly for the tab in a task
-    /// of its own. Dropping the tab closes the socket and frees its slot.
-    pub fn finish(self, end: End, outbox: Outbox) {
-        if let End::Gone(code) = end {
-            debug!(tab = %self.id, code, "tab connection gone");
+    /// Ends the tab's connection for `cause`: writes what `outbox` holds,
+    /// then starts the close handshake (tabmux's close) or completes it (the
+    /// tab's), waiting briefly for the tab in a task of its own. A vanished
+    /// connection is just dropped. Dropping the tab closes the socket and
+    /// frees its slot.
+    pub fn finish(self, cause: Cause, outbox: Outbox) {
+        if cause == Cause::TabVanished {
+            debug!(tab = %self.id, "tab connection gone");
             return;
         }
-        tokio::spawn(self.close(end, outbox).in_current_span());
+        tokio::spawn(self.close(cause, outbox).in_current_span());
     }
 
-    async fn close(mut self, end: End, mut outbox: Outbox) {
-        let code = end.code();
-        let mut frame = match end {
-            End::Close(frame) => Some(frame),
-            End::Finish(_) | End::Gone(_) => None,
-        };
+    async fn close(mut self, cause: Cause, mut outbox: Outbox) {
+        let code = cause.code();
+        let mut frame = cause.close_frame();
         let _ = tokio::time::timeout(
             CLOSE_GRACE,
             poll_fn(|cx| {
@@ -489,61 +406,6 @@ impl Tab {
     }
 }
 
-/// What to do with one message read from a tab.
-enum Inbound {
-    /// Pass on this message; the tab's payload was this many bytes.
-    Forward(Message, usize),
-    Ignore,
-    /// The tab sent a close frame with this code (1005 if it had none).
-    Closed(u16),
-    /// tabmux closes the tab with this code.
-    Refuse(u16, &'static str),
-}
-
-fn from_tab(route: &Route, tab: envelope::TabId, msg: Message) -> Inbound {
-    match (route.envelope, msg) {
-        (_, Message::Close(frame)) => Inbound::Closed(frame.map_or(1005, |f| u16::from(f.code))),
-        (_, Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => Inbound::Ignore,
-        (Envelope::None, msg) => {
-            let len = msg.len();
-            Inbound::Forward(msg, len)
-        }
-        (Envelope::Json, Message::Text(text)) => {
-            match envelope::data_text(tab, &text, route.payload) {
-                Ok(frame) => Inbound::Forward(Message::Text(frame), text.len()),
-                Err(envelope::NotJson) => Inbound::Refuse(1007, "message is not valid JSON"),
-            }
-        }
-        (Envelope::Json, Message::Binary(bytes)) => {
-            let frame = envelope::data_binary(tab, &bytes);
-            Inbound::Forward(Message::Text(frame), bytes.len())
-        }
-    }
-}
-
-/// The close code for a failed read, its reason, and its metric label.
-fn read_error(e: &WsError) -> (u16, &'static str, &'static str) {
-    match e {
-        WsError::Capacity(_) => (1009, "message too big", "too_big"),
-        WsError::Utf8(_) => (1007, "invalid UTF-8", "invalid_utf8"),
-        // The TCP connection ended without a close frame: the tab vanished.
-        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => (1006, "", ""),
-        WsError::Protocol(_) => (1002, "protocol error", "protocol_error"),
-        _ => (1006, "", ""),
-    }
-}
-
-/// How a tab ends when its session is gone (the proxy is going away).
-pub fn going_away() -> End {
-    End::Close(close_frame(1001, "going away"))
-}
-
-fn close_frame(code: u16, reason: &str) -> CloseFrame {
-    CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.into(),
-    }
-}
 #[cfg(test)]
 mod tests {
     use super::*;

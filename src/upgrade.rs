@@ -9,7 +9,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -18,68 +17,18 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::{debug, field, info, Instrument};
 
-use crate::config::MissingCookie;
-use crate::server::{RouteRuntime, Shared};
-use crate::session::{self, JoinInfo, Refusal};
-use crate::tab;
+use crate::config::{MissingCookie, Route};
+use crate::limits::TabPermit;
+use crate::session::{self, JoinInfo, Joined, Refusal, SessionKey};
+use crate::shared::{RouteRuntime, Shared};
+use crate::tab::Tab;
 use crate::upstream::DialParams;
 
 /// The HTTP response type of the tab listener.
 pub type HttpResponse = Response<Full<Bytes>>;
-
-/// Counts tabs in the whole process against `server.max_tabs`.
-pub struct TabLimiter {
-    open: AtomicUsize,
-    max: usize,
-    /// Notified each time a slot is given back (the shutdown drain waits on it).
-    pub released: Notify,
-}
-
-impl TabLimiter {
-    pub fn new(max: usize) -> Arc<TabLimiter> {
-        Arc::new(TabLimiter {
-            open: AtomicUsize::new(0),
-            max,
-            released: Notify::new(),
-        })
-    }
-
-    /// Tabs open (or being admitted) right now.
-    pub fn open(&self) -> usize {
-        self.open.load(Ordering::Relaxed)
-    }
-
-    /// Takes a slot, or returns None when the proxy is full.
-    fn try_acquire(self: &Arc<Self>) -> Option<TabPermit> {
-        let mut n = self.open.load(Ordering::Relaxed);
-        loop {
-            if n >= self.max {
-                return None;
-            }
-            match self
-                .open
-                .compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Relaxed)
-            {
-                Ok(_) => return Some(TabPermit(self.clone())),
-                Err(now) => n = now,
-            }
-        }
-    }
-}
-
-/// One slot of [`TabLimiter`], given back when dropped (however the tab ends).
-pub struct TabPermit(Arc<TabLimiter>);
-
-impl Drop for TabPermit {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-        self.0.released.notify_waiters();
-    }
-}
 
 /// Serves one request on the tab listener.
 pub async fn handle(
@@ -103,82 +52,200 @@ pub async fn handle(
     Ok(admit(req, &shared, rt, peer).instrument(span).await)
 }
 
+/// Why a tab's handshake was refused: each row gives the HTTP status, the
+/// metric label (`tabmux_admissions_refused_total{reason}`) and the short
+/// plain-text body.
+#[derive(Debug)]
+enum Refused {
+    /// Not a WebSocket upgrade at all.
+    NotWebSocket,
+    /// A malformed WebSocket handshake, and what is wrong with it.
+    Handshake(&'static str),
+    /// An `Origin` outside the route's allow list.
+    Origin,
+    /// No session cookie (the route's name for it).
+    Cookie(String),
+    /// The proxy is at `server.max_tabs`.
+    ProxyFull,
+    /// The session refused the tab, or its upstream could not be dialled.
+    Join(Refusal),
+}
+
+impl Refused {
+    /// The status, metric label and body of this refusal.
+    fn row(&self) -> (StatusCode, Option<&'static str>, String) {
+        match self {
+            Refused::NotWebSocket => (
+                StatusCode::UPGRADE_REQUIRED,
+                None,
+                "this path serves WebSocket connections only".into(),
+            ),
+            Refused::Handshake(why) => {
+                (StatusCode::BAD_REQUEST, Some("handshake"), why.to_string())
+            }
+            Refused::Origin => (
+                StatusCode::FORBIDDEN,
+                Some("origin"),
+                "origin not allowed".into(),
+            ),
+            Refused::Cookie(name) => (
+                StatusCode::UNAUTHORIZED,
+                Some("cookie"),
+                format!("missing session cookie `{name}`"),
+            ),
+            Refused::ProxyFull => (
+                StatusCode::TOO_MANY_REQUESTS,
+                Some("limit"),
+                "tabmux is at its tab limit".into(),
+            ),
+            Refused::Join(refusal) => {
+                let label = match refusal {
+                    Refusal::SessionFull => "limit",
+                    Refusal::Dial(_) | Refusal::Gone => "upstream",
+                };
+                (refusal.status(), Some(label), refusal.to_string())
+            }
+        }
+    }
+
+    /// The answer to the tab, counted and logged.
+    fn answer(self, rt: &RouteRuntime) -> HttpResponse {
+        let (status, label, body) = self.row();
+        if let Some(label) = label {
+            rt.ctx.metrics.refused(label);
+            info!(reason = %body, "refused");
+        }
+        let mut response = refuse(status, &body);
+        let headers = response.headers_mut();
+        match self {
+            Refused::NotWebSocket => {
+                headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            }
+            Refused::Handshake(_) => {
+                headers.insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// The admission checks, in the order the module doc lists them.
 async fn admit(
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     shared: &Shared,
     rt: &RouteRuntime,
     peer: SocketAddr,
 ) -> HttpResponse {
+    match admit_steps(req, shared, rt, peer).await {
+        Ok(switching) => switching,
+        Err(refused) => refused.answer(rt),
+    }
+}
+
+async fn admit_steps(
+    mut req: Request<Incoming>,
+    shared: &Shared,
+    rt: &RouteRuntime,
+    peer: SocketAddr,
+) -> Result<HttpResponse, Refused> {
     let route = &rt.route;
-    let metrics = &rt.ctx.metrics;
-    let headers = req.headers();
-    if !wants_websocket(headers) {
-        let mut r = refuse(
-            StatusCode::UPGRADE_REQUIRED,
-            "this path serves WebSocket connections only",
-        );
-        r.headers_mut()
-            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        return r;
-    }
-    let key = match check_handshake(req.method(), req.version(), headers) {
-        Ok(key) => key,
-        Err(why) => {
-            metrics.refused("handshake");
-            info!(reason = why, "refused: malformed handshake");
-            let mut r = refuse(StatusCode::BAD_REQUEST, why);
-            r.headers_mut().insert(
-                header::SEC_WEBSOCKET_VERSION,
-                HeaderValue::from_static("13"),
-            );
-            return r;
-        }
-    };
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        let allowed = origin
-            .to_str()
-            .is_ok_and(|o| route.allowed_origins.allows(o));
-        if !allowed {
-            metrics.refused("origin");
-            info!(origin = ?origin, "refused: origin not in allowed_origins");
-            return refuse(StatusCode::FORBIDDEN, "origin not allowed");
-        }
-    }
-    let protocols = requested_protocols(headers);
+    let key = websocket_key(&req)?;
+    check_origin(req.headers(), route)?;
+    let protocols = requested_protocols(req.headers());
     let query = req.uri().query().unwrap_or("").to_string();
-    let session_key = match find_cookie(headers, &route.session_cookie) {
+    let session_key = session_key(shared, rt, req.headers(), &protocols, &query)?;
+    let span = tracing::Span::current();
+    span.record("session", field::display(session_key.name()));
+    let permit = shared.tabs.try_acquire().ok_or(Refused::ProxyFull)?;
+    let dial = dial_params(shared, route, req.headers(), peer, &protocols, &query);
+    let info = join_info(route, req.headers(), query);
+    let joined = session::join(&rt.ctx, session_key, dial, info)
+        .await
+        .map_err(Refused::Join)?;
+    span.record("tab", field::display(joined.tab));
+    let response = switching_protocols(&key, &joined);
+    // The session serves the tab once hyper hands its connection over.
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let route = route.clone();
+    tokio::spawn(
+        async move {
+            match on_upgrade.await {
+                Ok(upgraded) => hand_over(upgraded, joined, &route, permit),
+                // The client went away before the switch; dropping `joined`
+                // reports the tab's leave (1006) and `permit` frees its slot.
+                Err(e) => debug!(error = %e, "upgrade did not complete"),
+            }
+        }
+        .instrument(span),
+    );
+    Ok(response)
+}
+
+/// An upgrade request with a well-formed handshake: its client key.
+fn websocket_key(req: &Request<Incoming>) -> Result<Vec<u8>, Refused> {
+    if !wants_websocket(req.headers()) {
+        return Err(Refused::NotWebSocket);
+    }
+    check_handshake(req.method(), req.version(), req.headers()).map_err(Refused::Handshake)
+}
+
+/// A browser's `Origin` must be in the route's allow list; a request
+/// without one (not a browser) is allowed.
+fn check_origin(headers: &HeaderMap, route: &Route) -> Result<(), Refused> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    if origin
+        .to_str()
+        .is_ok_and(|o| route.allowed_origins.allows(o))
+    {
+        return Ok(());
+    }
+    info!(origin = ?origin, "origin not in allowed_origins");
+    Err(Refused::Origin)
+}
+
+/// The session the tab belongs to: keyed by its cookie (with its
+/// subprotocols and, when forwarded, its query), or a session of its own
+/// (`missing_cookie = "direct"`).
+fn session_key(
+    shared: &Shared,
+    rt: &RouteRuntime,
+    headers: &HeaderMap,
+    protocols: &str,
+    query: &str,
+) -> Result<SessionKey, Refused> {
+    let route = &rt.route;
+    match find_cookie(headers, &route.session_cookie) {
         Some(value) => {
-            let keyed_query = if route.forward_query {
-                query.as_str()
-            } else {
-                ""
-            };
-            shared.hasher.shared(
+            let keyed_query = if route.forward_query { query } else { "" };
+            Ok(shared.hasher.shared(
                 rt.index,
                 value.as_bytes(),
                 protocols.as_bytes(),
                 keyed_query.as_bytes(),
-            )
+            ))
         }
-        None if route.missing_cookie == MissingCookie::Direct => shared.hasher.direct(),
-        None => {
-            metrics.refused("cookie");
-            info!("refused: no session cookie");
-            return refuse(
-                StatusCode::UNAUTHORIZED,
-                &format!("missing session cookie `{}`", route.session_cookie),
-            );
-        }
-    };
-    let span = tracing::Span::current();
-    span.record("session", field::display(session_key.name()));
-    let Some(permit) = shared.tabs.try_acquire() else {
-        metrics.refused("limit");
-        info!("refused: proxy at max_tabs");
-        return refuse(StatusCode::TOO_MANY_REQUESTS, "tabmux is at its tab limit");
-    };
+        None if route.missing_cookie == MissingCookie::Direct => Ok(shared.hasher.direct()),
+        None => Err(Refused::Cookie(route.session_cookie.clone())),
+    }
+}
 
-    let dial = DialParams {
+/// What the tab contributes to the upstream handshake, if it opens the
+/// session.
+fn dial_params(
+    shared: &Shared,
+    route: &Route,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    protocols: &str,
+    query: &str,
+) -> DialParams {
+    DialParams {
         cookie: joined_header(headers, header::COOKIE, "; "),
         user_agent: headers.get(header::USER_AGENT).and_then(copied),
         origin: headers.get(header::ORIGIN).and_then(copied),
@@ -189,11 +256,16 @@ async fn admit(
             "http"
         },
         protocols: (!protocols.is_empty())
-            .then(|| HeaderValue::from_str(&protocols).ok())
+            .then(|| HeaderValue::from_str(protocols).ok())
             .flatten(),
-        query: route.forward_query.then(|| query.clone()),
-    };
-    let info = JoinInfo {
+        query: route.forward_query.then(|| query.to_string()),
+    }
+}
+
+/// What the tab tells its session's envelope: its query, and the request
+/// headers the route copies into the `open` event.
+fn join_info(route: &Route, headers: &HeaderMap, query: String) -> JoinInfo {
+    JoinInfo {
         query,
         headers: route
             .open_event_headers
@@ -206,26 +278,16 @@ async fn admit(
                 ))
             })
             .collect(),
-    };
-    let joined = match session::join(&rt.ctx, session_key, dial, info).await {
-        Ok(joined) => joined,
-        Err(refusal) => {
-            let reason = match refusal {
-                Refusal::SessionFull => "limit",
-                Refusal::Dial(_) | Refusal::Gone => "upstream",
-            };
-            metrics.refused(reason);
-            info!(error = %refusal, "refused");
-            return refuse(refusal.status(), &refusal.to_string());
-        }
-    };
-    span.record("tab", field::display(joined.tab));
+    }
+}
 
+/// The `101` answer, with the subprotocol the upstream chose.
+fn switching_protocols(key: &[u8], joined: &Joined) -> HttpResponse {
     let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "Upgrade")
         .header(header::UPGRADE, "websocket")
-        .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(&key))
+        .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(key))
         .body(Full::default())
         .unwrap_or_default();
     if let Some(p) = &joined.protocol {
@@ -233,21 +295,14 @@ async fn admit(
             .headers_mut()
             .insert(header::SEC_WEBSOCKET_PROTOCOL, p.clone());
     }
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let route = route.clone();
-    tokio::spawn(
-        async move {
-            match on_upgrade.await {
-                // The session serves the tab from now on.
-                Ok(upgraded) => tab::attach(upgraded, joined, &route, permit),
-                // The client went away before the switch; dropping `joined`
-                // reports the tab's leave (1006) and `permit` frees its slot.
-                Err(e) => debug!(error = %e, "upgrade did not complete"),
-            }
-        }
-        .instrument(span),
-    );
     response
+}
+
+/// Hands the connection hyper upgraded to the tab's session, which serves
+/// it from now on.
+fn hand_over(upgraded: hyper::upgrade::Upgraded, joined: Joined, route: &Route, permit: TabPermit) {
+    let Joined { tab, link, .. } = joined;
+    link.attach(Box::new(Tab::from_upgraded(upgraded, tab, route, permit)));
 }
 
 /// A refusal with a short plain-text body saying why. The connection is

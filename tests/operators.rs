@@ -279,3 +279,24 @@ async fn the_status_page_is_served() {
     let s = status(&proxy).await;
     assert!(s["history"].as_array().unwrap().len() <= 120);
 }
+
+/// The help text of the tab-closes metric names every reason tabmux closes
+/// a tab with (the cause table's labels), not just some.
+#[tokio::test]
+async fn the_tab_closes_help_lists_every_reason() {
+    let mock = Mock::start().await;
+    let proxy = proxy_for(&mock, "").await;
+    // A family shows in the scrape once it has a series: close one tab.
+    let mut tab = TabSpec::new("s").connect(&proxy).await;
+    tab.send_text("{not json").await;
+    assert_eq!(tab.closed().await.0, 1007);
+    let (status, scrape) = admin_get(proxy.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    let help = scrape
+        .lines()
+        .find(|l| l.starts_with("# HELP tabmux_tab_closes "))
+        .unwrap_or_else(|| panic!("no help line in:\n{scrape}"));
+    for reason in tabmux::cause::Cause::PROXY_LABELS {
+        assert!(help.contains(reason), "{reason} missing from: {help}");
+    }
+}

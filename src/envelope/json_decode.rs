@@ -1,54 +1,20 @@
-//! The `json/1` envelope (shared/PROTOCOL.md): pure functions over bytes.
+//! The `json/1` envelope's decoder: one backend frame in, a
+//! [`BackendFrame`] or a [`FrameError`] saying why it was refused out. Pure
+//! functions over bytes, fuzzed (`fuzz/fuzz_targets/envelope.rs`).
 //!
-//! Nothing here knows about sockets or sessions. The encoders build the
-//! frames tabmux sends upstream; [`decode`] turns one upstream text frame into
-//! a [`BackendFrame`] or a [`FrameError`] saying why it was refused.
-//!
-//! Two properties matter for the proxy's cost and correctness:
-//! - A tab's JSON payload is embedded **byte for byte**: it is validated, never
-//!   re-serialised.
-//! - A payload the backend sends is returned as a slice of the frame's own
-//!   buffer ([`Bytes::slice_ref`]) whenever it can be, so decoding copies
-//!   nothing and the one buffer is shared by every tab it fans out to.
+//! A payload the backend sends is returned as a slice of the frame's own
+//! buffer ([`Bytes::slice_ref`]) whenever it can be, so decoding copies
+//! nothing and the one buffer is shared by every tab it fans out to.
 
 use std::borrow::Cow;
-use std::fmt::{self, Write as _};
 
 use base64::Engine as _;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-/// The validated text of a frame: what [`decode`] takes and the encoders build.
-pub use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use super::{TabId, Target, Utf8Bytes};
 use crate::config::Payload;
-
-/// A tab id. tabmux assigns them per upstream connection as `t1`, `t2`, …;
-/// the wire form is `t` followed by the number in decimal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TabId(pub u64);
-
-impl TabId {
-    /// Parses the wire form of an id tabmux could have assigned. Any other
-    /// string (even one that is a syntactically valid id) names no tab.
-    pub fn parse(s: &str) -> Option<TabId> {
-        let digits = s.strip_prefix('t')?;
-        // "t0" is never assigned and "t07" is not how "t7" is written.
-        if digits.is_empty()
-            || digits.starts_with('0')
-            || !digits.bytes().all(|b| b.is_ascii_digit())
-        {
-            return None;
-        }
-        digits.parse().ok().map(TabId)
-    }
-}
-
-impl fmt::Display for TabId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "t{}", self.0)
-    }
-}
 
 /// Whether `s` has the syntax PROTOCOL.md gives tab ids: 1 to 32 characters
 /// from `[A-Za-z0-9_-]`.
@@ -56,91 +22,6 @@ pub fn is_valid_tab_id(s: &str) -> bool {
     (1..=32).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
-// ---------------------------------------------------------------- encoders
-
-/// `{"tab":"t7","event":"open","query":"…"}`, with `"headers":{…}` when the
-/// route selects request headers for it.
-pub fn open_event(tab: TabId, query: &str, headers: &[(&str, &str)]) -> Utf8Bytes {
-    let mut out = String::with_capacity(48 + query.len());
-    let _ = write!(out, "{{\"tab\":\"{tab}\",\"event\":\"open\",\"query\":");
-    push_json_string(&mut out, query);
-    if !headers.is_empty() {
-        out.push_str(",\"headers\":{");
-        for (i, (name, value)) in headers.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            push_json_string(&mut out, name);
-            out.push(':');
-            push_json_string(&mut out, value);
-        }
-        out.push('}');
-    }
-    out.push('}');
-    out.into()
-}
-
-/// `{"tab":"t7","event":"close","code":1001}`.
-pub fn close_event(tab: TabId, code: u16) -> Utf8Bytes {
-    format!("{{\"tab\":\"{tab}\",\"event\":\"close\",\"code\":{code}}}").into()
-}
-
-/// The tab's text is not valid JSON (`payload = "json"`); the tab is closed
-/// with 1007.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NotJson;
-
-/// `{"tab":"t7","data":P}` for a tab's text message. With `payload = "json"`
-/// the text must be JSON and is embedded byte for byte; with `"text"` it is
-/// embedded as a JSON string.
-pub fn data_text(tab: TabId, text: &str, payload: Payload) -> Result<Utf8Bytes, NotJson> {
-    let mut out = String::with_capacity(text.len() + 32);
-    // Pushed piece by piece: this runs for every tab message, and the
-    // formatting machinery cost as much as the rest of the wrapping.
-    out.push_str("{\"tab\":\"t");
-    out.push_str(itoa::Buffer::new().format(tab.0));
-    out.push_str("\",\"data\":");
-    match payload {
-        Payload::Json => {
-            if serde_json::from_str::<serde::de::IgnoredAny>(text).is_err() {
-                return Err(NotJson);
-            }
-            out.push_str(text);
-        }
-        Payload::Text => push_json_string(&mut out, text),
-    }
-    out.push('}');
-    Ok(out.into())
-}
-
-/// `{"tab":"t7","data_b64":"…"}` for a tab's binary message.
-pub fn data_binary(tab: TabId, bytes: &[u8]) -> Utf8Bytes {
-    let mut out = String::with_capacity(bytes.len() * 4 / 3 + 40);
-    let _ = write!(out, "{{\"tab\":\"{tab}\",\"data_b64\":\"");
-    base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut out);
-    out.push_str("\"}");
-    out.into()
-}
-
-fn push_json_string(out: &mut String, s: &str) {
-    // Serialising a &str into JSON cannot fail.
-    let quoted = serde_json::to_string(s).unwrap_or_default();
-    out.push_str(&quoted);
-}
-
-// ---------------------------------------------------------------- decoder
-
-/// Whom an upstream frame is for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// No `tab` field: every tab of the session.
-    All,
-    /// The listed tabs, each once (duplicates removed). `foreign` counts ids
-    /// that are well-formed but could never have been assigned by tabmux:
-    /// they name no tab and are dropped like ids of tabs that left.
-    Tabs { ids: Vec<TabId>, foreign: usize },
 }
 
 /// A message to deliver to tabs. Cloning it clones a reference, not the bytes.
@@ -416,6 +297,7 @@ fn truncate_at_char(s: &mut String, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::json::{data_binary, data_text};
 
     fn dec(s: &str) -> Result<BackendFrame, FrameError> {
         decode(&s.into(), Payload::Json)
@@ -452,41 +334,6 @@ mod tests {
         assert!(!is_valid_tab_id(""));
         assert!(!is_valid_tab_id(&"a".repeat(33)));
         assert!(!is_valid_tab_id("t 7"));
-    }
-
-    #[test]
-    fn encoders_match_the_protocol_tables() {
-        assert_eq!(
-            open_event(TabId(7), "room=5", &[]).as_str(),
-            r#"{"tab":"t7","event":"open","query":"room=5"}"#
-        );
-        assert_eq!(
-            open_event(TabId(1), "a=\"b\"", &[("accept-language", "fr")]).as_str(),
-            r#"{"tab":"t1","event":"open","query":"a=\"b\"","headers":{"accept-language":"fr"}}"#
-        );
-        assert_eq!(
-            close_event(TabId(7), 1001).as_str(),
-            r#"{"tab":"t7","event":"close","code":1001}"#
-        );
-        assert_eq!(
-            data_binary(TabId(2), &[0, 255, 1]).as_str(),
-            r#"{"tab":"t2","data_b64":"AP8B"}"#
-        );
-    }
-
-    #[test]
-    fn tab_json_is_embedded_byte_for_byte() {
-        let p = r#" { "b" : 1.50, "a":"\u00e9" } "#;
-        let out = data_text(TabId(3), p, Payload::Json).unwrap();
-        assert_eq!(out.as_str(), format!(r#"{{"tab":"t3","data":{p}}}"#));
-        assert_eq!(data_text(TabId(3), "{oops", Payload::Json), Err(NotJson));
-        assert_eq!(data_text(TabId(3), "", Payload::Json), Err(NotJson));
-        assert_eq!(
-            data_text(TabId(3), "say \"hi\"", Payload::Text)
-                .unwrap()
-                .as_str(),
-            r#"{"tab":"t3","data":"say \"hi\""}"#
-        );
     }
 
     #[test]

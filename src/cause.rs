@@ -1,0 +1,243 @@
+//! Why a tab or an upstream connection ended: causes as data.
+//!
+//! Every way a tab can end is a [`Cause`], and [`Cause::row`] is the one
+//! table that gives each its close code, close reason, metric label and the
+//! side that ended it (pingora's errors carry their side the same way: "who
+//! closed, and why" is the first question of every incident). Tabs,
+//! sessions, metrics and log lines all read it from here; nothing decides on
+//! a string. A lost upstream is a [`Lost`], equally typed.
+
+use std::fmt;
+
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Error as WsError;
+
+/// Which side ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The browser tab (its close frame, or its connection vanishing).
+    Tab,
+    /// tabmux, by a rule of its own (a limit, a malformed message, shutdown).
+    Proxy,
+    /// The backend, through its session's upstream.
+    Backend,
+}
+
+/// Why a tab ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cause {
+    /// The tab sent a close frame with this code (1005 when it had none).
+    TabClosed(u16),
+    /// The tab's connection ended without a close frame, or failed.
+    TabVanished,
+    /// `payload = "json"` and the tab sent text that is not JSON.
+    InvalidJson,
+    /// The tab sent a text message that is not UTF-8.
+    InvalidUtf8,
+    /// A message to or from the tab is over the route's `max_message_size`.
+    TooBig,
+    /// The tab broke the WebSocket protocol.
+    ProtocolError,
+    /// More than `tab_queue` messages waited for the tab.
+    SlowConsumer,
+    /// The tab was silent (not even a pong) for `idle_timeout`.
+    Idle,
+    /// The proxy is shutting down.
+    Shutdown,
+    /// The upstream was lost and the route's reconnect budget is spent.
+    UpstreamUnavailable,
+    /// Tabs sent more than `reconnect_buffer` while the upstream was down.
+    ReconnectBufferFull,
+    /// The backend asked for the close, with this code and reason.
+    Backend { code: u16, reason: String },
+}
+
+/// One row of the table: how a [`Cause`] shows on the wire and in metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row<'a> {
+    /// The close code (the tab's own, for [`Side::Tab`]).
+    pub code: u16,
+    /// The close frame's reason ("" where none is sent).
+    pub reason: &'a str,
+    /// The `reason` label of `tabmux_tab_closes_total` (tabs closed by
+    /// tabmux; the tab's own closes are not counted there).
+    pub label: &'static str,
+    pub side: Side,
+}
+
+impl Cause {
+    /// The table.
+    pub fn row(&self) -> Row<'_> {
+        use Side::*;
+        let (code, reason, label, side) = match self {
+            Cause::TabClosed(code) => (*code, "", "tab_closed", Tab),
+            Cause::TabVanished => (1006, "", "tab_vanished", Tab),
+            Cause::InvalidJson => (1007, "message is not valid JSON", "invalid_json", Proxy),
+            Cause::InvalidUtf8 => (1007, "invalid UTF-8", "invalid_utf8", Proxy),
+            Cause::TooBig => (1009, "message too big", "too_big", Proxy),
+            Cause::ProtocolError => (1002, "protocol error", "protocol_error", Proxy),
+            Cause::SlowConsumer => (1008, "slow consumer", "slow_consumer", Proxy),
+            Cause::Idle => (1001, "idle timeout", "idle", Proxy),
+            Cause::Shutdown => (1001, "going away", "shutdown", Proxy),
+            Cause::UpstreamUnavailable => (1011, "upstream unavailable", "upstream_lost", Proxy),
+            Cause::ReconnectBufferFull => (1013, "reconnect buffer full", "buffer_full", Proxy),
+            Cause::Backend { code, reason } => (*code, reason.as_str(), "backend", Backend),
+        };
+        Row {
+            code,
+            reason,
+            label,
+            side,
+        }
+    }
+
+    /// The close code of the tab's connection (what the backend's `close`
+    /// event carries).
+    pub fn code(&self) -> u16 {
+        self.row().code
+    }
+
+    /// The close frame tabmux sends the tab; None when the tab ended the
+    /// connection itself.
+    pub fn close_frame(&self) -> Option<CloseFrame> {
+        let row = self.row();
+        (row.side != Side::Tab).then(|| CloseFrame {
+            code: CloseCode::from(row.code),
+            reason: row.reason.into(),
+        })
+    }
+
+    /// How a failed read from a tab ends it.
+    pub fn of_read_error(e: &WsError) -> Cause {
+        use tokio_tungstenite::tungstenite::error::ProtocolError as P;
+        match e {
+            WsError::Capacity(_) => Cause::TooBig,
+            WsError::Utf8(_) => Cause::InvalidUtf8,
+            // The TCP connection ended without a close frame: the tab vanished.
+            WsError::Protocol(P::ResetWithoutClosingHandshake) => Cause::TabVanished,
+            WsError::Protocol(_) => Cause::ProtocolError,
+            _ => Cause::TabVanished,
+        }
+    }
+
+    /// Every label [`Cause::row`] gives a tab that tabmux closed (the
+    /// metric's help text lists them).
+    pub const PROXY_LABELS: [&'static str; 10] = [
+        "invalid_json",
+        "invalid_utf8",
+        "too_big",
+        "protocol_error",
+        "slow_consumer",
+        "idle",
+        "shutdown",
+        "upstream_lost",
+        "buffer_full",
+        "backend",
+    ];
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let row = self.row();
+        match row.side {
+            Side::Tab => write!(f, "the tab ended its connection ({})", row.code),
+            _ => write!(f, "{} ({} {})", row.label, row.code, row.reason),
+        }
+    }
+}
+
+/// Why a session's upstream connection was lost.
+#[derive(Debug)]
+pub enum Lost {
+    /// The backend closed the connection (with this close code, if its
+    /// close frame had one).
+    Closed(Option<u16>),
+    /// Reading or writing failed.
+    Failed(WsError),
+    /// Nothing came from the backend, not even a pong, for `idle_timeout`.
+    Silent,
+    /// A write could not finish within `idle_timeout`: the backend stopped
+    /// reading.
+    Stalled,
+}
+
+impl fmt::Display for Lost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Lost::Closed(Some(code)) => write!(f, "the backend closed the connection ({code})"),
+            Lost::Closed(None) => write!(f, "the backend closed the connection"),
+            Lost::Failed(e) => write!(f, "{e}"),
+            Lost::Silent => write!(
+                f,
+                "idle timeout: the upstream sent nothing, not even a pong"
+            ),
+            Lost::Stalled => write!(f, "the upstream stopped reading (write timed out)"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_proxy_cause() -> Vec<Cause> {
+        vec![
+            Cause::InvalidJson,
+            Cause::InvalidUtf8,
+            Cause::TooBig,
+            Cause::ProtocolError,
+            Cause::SlowConsumer,
+            Cause::Idle,
+            Cause::Shutdown,
+            Cause::UpstreamUnavailable,
+            Cause::ReconnectBufferFull,
+            Cause::Backend {
+                code: 4001,
+                reason: "bye".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn the_table_matches_the_protocol() {
+        let rows: Vec<(u16, String, &str)> = every_proxy_cause()
+            .iter()
+            .map(|c| (c.code(), c.row().reason.to_string(), c.row().label))
+            .collect();
+        let want = [
+            (1007, "message is not valid JSON", "invalid_json"),
+            (1007, "invalid UTF-8", "invalid_utf8"),
+            (1009, "message too big", "too_big"),
+            (1002, "protocol error", "protocol_error"),
+            (1008, "slow consumer", "slow_consumer"),
+            (1001, "idle timeout", "idle"),
+            (1001, "going away", "shutdown"),
+            (1011, "upstream unavailable", "upstream_lost"),
+            (1013, "reconnect buffer full", "buffer_full"),
+            (4001, "bye", "backend"),
+        ];
+        for (got, want) in rows.iter().zip(want) {
+            assert_eq!((got.0, got.1.as_str(), got.2), want);
+        }
+    }
+
+    #[test]
+    fn every_label_tabmux_closes_with_is_listed() {
+        let labels: Vec<&str> = every_proxy_cause().iter().map(|c| c.row().label).collect();
+        assert_eq!(labels, Cause::PROXY_LABELS);
+    }
+
+    #[test]
+    fn only_tabmux_and_the_backend_send_close_frames() {
+        assert_eq!(Cause::TabClosed(1000).close_frame(), None);
+        assert_eq!(Cause::TabVanished.close_frame(), None);
+        assert_eq!(Cause::TabClosed(4000).code(), 4000);
+        assert_eq!(Cause::TabVanished.code(), 1006);
+        for cause in every_proxy_cause() {
+            let frame = cause.close_frame().expect("a close frame");
+            assert_eq!(u16::from(frame.code), cause.code());
+            assert_eq!(frame.reason.as_str(), cause.row().reason);
+        }
+    }
+}

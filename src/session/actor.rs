@@ -1,0 +1,726 @@
+//! The session task's loop: one task owns the upstream socket, the tab
+//! table and the tabs' sockets, and its envelope's state machine.
+//!
+//! Each turn waits for one event (a command from the join path, an upstream
+//! frame, tabs whose sockets woke it, a redial's result, the keepalive tick,
+//! the linger deadline, shutdown), hands frames to the envelope, carries out
+//! the envelope's effects, then flushes every tab written to and the
+//! upstream once. No lock is needed for routing: one task owns it all.
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Poll;
+
+use http::HeaderValue;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tracing::{debug, info, warn};
+
+use super::key::SessionKey;
+use super::registry::{Command, Joined, Refusal, SessionStats, TabLink};
+use super::tabs::{Apply, Tabs};
+use super::SessionContext;
+use crate::cause::{Cause, Lost, Side};
+use crate::envelope::{Forward, JoinInfo, Machine, TabId};
+use crate::queue::Outbox;
+use crate::reconnect::{self, Backoff};
+use crate::tab::Tab;
+use crate::upstream::{self, DialError, DialParams, UpstreamSocket};
+use crate::wsio::Liveness;
+
+/// Commands, or upstream frames, handled before the writes are flushed.
+const BATCH: usize = 64;
+/// Messages read from one tab before the session turns to the others.
+const TAB_BURST: usize = 16;
+
+/// Why a session stops serving.
+pub(super) enum SessionEnd {
+    /// The linger time after the last tab passed.
+    Linger,
+    /// The upstream was lost with no tab left to keep it for.
+    LostIdle,
+    /// Every tab is closed with this cause (shutdown, reconnect budget
+    /// spent, reconnect buffer full).
+    CloseTabs(Cause),
+}
+
+/// The upstream is down and being redialled.
+struct Outage {
+    backoff: Backoff,
+    /// The wait before the next redial.
+    wait: Pin<Box<Sleep>>,
+    /// The redial under way, once `wait` has passed.
+    dialing: Option<Pin<Box<dyn Future<Output = DialResult> + Send>>>,
+    /// What tabs sent meanwhile, in order.
+    buffer: reconnect::Buffer,
+    /// The first tab's handshake details, for the redials.
+    params: DialParams,
+}
+
+type DialResult = Result<(UpstreamSocket, Option<HeaderValue>), DialError>;
+
+/// One turn of the session loop.
+enum Event {
+    Shutdown,
+    Command(Option<Command>),
+    Upstream(Option<Result<Message, WsError>>),
+    /// Boxed: a socket is large, and redials are rare.
+    Redialed(Box<DialResult>),
+    /// Tabs woke the session (listed in `Tabs::woken`).
+    Tabs,
+    Tick,
+    Linger,
+}
+
+/// The state a session task owns.
+pub(super) struct Session<'c> {
+    ctx: &'c SessionContext,
+    key: SessionKey,
+    /// What the route's envelope makes of frames.
+    envelope: Machine,
+    tabs: Tabs,
+    /// The upstream, or None during an outage.
+    upstream: Option<UpstreamSocket>,
+    protocol: Option<HeaderValue>,
+    /// The first tab's handshake details, reused for every redial.
+    dial: DialParams,
+    /// A sender to this session's own command channel, cloned into each
+    /// tab's [`TabLink`].
+    commands: mpsc::Sender<Command>,
+    /// Completes (with an error, its sender being dropped) when the proxy
+    /// shuts down.
+    shutdown: watch::Receiver<()>,
+    /// Upstream frames decided on but not yet written (flushed per turn).
+    to_upstream: Vec<Message>,
+    /// Armed while the session has no tabs.
+    linger: Option<Pin<Box<Sleep>>>,
+    /// Set while the upstream is down (boxed: rare, and large).
+    outage: Option<Box<Outage>>,
+    /// Pings the upstream and checks it is alive, every `ping_interval`.
+    keepalive: Interval,
+    /// Whether the upstream has been heard from lately (its idle timeout).
+    upstream_alive: Liveness,
+    /// tungstenite may hold upstream bytes it has read (see
+    /// [`UpstreamSocket::poll_next`]).
+    upstream_buffered: bool,
+    /// The code of the close frame the backend sent, once it sent one.
+    upstream_close: Option<u16>,
+    /// Published for the status page after every turn of the loop.
+    stats: Arc<SessionStats>,
+    /// The most tabs this session had at once.
+    peak: usize,
+}
+
+/// The effects sink over the session's tabs and upstream queue. (A macro,
+/// not a method: it borrows those fields alone, beside the envelope.)
+macro_rules! apply {
+    ($s:ident) => {
+        &mut Apply {
+            tabs: &mut $s.tabs,
+            to_upstream: &mut $s.to_upstream,
+            ctx: $s.ctx,
+            key: $s.key,
+        }
+    };
+}
+
+impl<'c> Session<'c> {
+    pub(super) fn new(
+        ctx: &'c SessionContext,
+        key: SessionKey,
+        upstream: UpstreamSocket,
+        protocol: Option<HeaderValue>,
+        dial: DialParams,
+        commands: mpsc::Sender<Command>,
+        stats: Arc<SessionStats>,
+    ) -> Self {
+        let period = ctx.route.ping_interval;
+        let mut keepalive = tokio::time::interval_at(Instant::now() + period, period);
+        keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Session {
+            ctx,
+            key,
+            envelope: Machine::new(&ctx.route),
+            tabs: Tabs::default(),
+            upstream: Some(upstream),
+            protocol,
+            dial,
+            commands,
+            shutdown: ctx.shutdown.clone(),
+            to_upstream: Vec::new(),
+            linger: None,
+            outage: None,
+            keepalive,
+            upstream_alive: Liveness::new(),
+            upstream_buffered: true,
+            upstream_close: None,
+            stats,
+            peak: 0,
+        }
+    }
+
+    /// Serves until the session ends, then closes what is left. Returns the
+    /// most tabs the session had at once.
+    pub(super) async fn serve(&mut self, rx: &mut mpsc::Receiver<Command>) -> usize {
+        // The proxy's shutdown, one future for the session's whole life: a
+        // new one each turn would add and remove a waiter on a notifier all
+        // sessions share, twice per message. It is polled last, only when
+        // everything else waits, to register for the wake-up (each poll
+        // takes the notifier's lock); each turn starts with an atomic load
+        // instead, so a steady stream of commands cannot hide a shutdown.
+        let mut shutdown = self.shutdown.clone();
+        let stopping = shutdown.changed();
+        tokio::pin!(stopping);
+        let end = loop {
+            let event = if !matches!(self.shutdown.has_changed(), Ok(false)) {
+                Event::Shutdown
+            } else {
+                tokio::select! {
+                    biased;
+                    cmd = rx.recv() => Event::Command(cmd),
+                    frame = next_frame(&mut self.upstream, &mut self.upstream_buffered) => Event::Upstream(frame),
+                    () = poll_fn(|cx| self.tabs.ready.poll_take(cx, &mut self.tabs.woken)) => Event::Tabs,
+                    result = redial(&mut self.outage, self.ctx) => Event::Redialed(Box::new(result)),
+                    _ = self.keepalive.tick() => Event::Tick,
+                    () = expire(&mut self.linger) => Event::Linger,
+                    _ = &mut stopping => Event::Shutdown,
+                }
+            };
+            let outcome = match event {
+                Event::Shutdown => Err(SessionEnd::CloseTabs(Cause::Shutdown)),
+                // The registry holds a sender, so the channel cannot close
+                // while the session is listed.
+                Event::Command(None) => Err(SessionEnd::Linger),
+                Event::Command(Some(cmd)) => self.commands_batch(cmd, rx),
+                Event::Upstream(Some(Ok(msg))) => {
+                    self.upstream_alive.heard();
+                    let more = match self.upstream_frame(msg) {
+                        Ok(()) => self.more_upstream_frames().await,
+                        ended => ended,
+                    };
+                    match more {
+                        // The upstream comes first in the loop: tabs that
+                        // are waiting are served in the same turn, so that a
+                        // busy backend cannot starve them.
+                        Ok(()) => self.serve_ready_tabs().await,
+                        lost => lost,
+                    }
+                }
+                Event::Upstream(Some(Err(e))) => self.lose(Lost::Failed(e)),
+                Event::Upstream(None) => self.lose(Lost::Closed(self.upstream_close)),
+                Event::Redialed(result) => match *result {
+                    Ok((socket, protocol)) => {
+                        self.restored(socket, protocol);
+                        Ok(())
+                    }
+                    Err(e) => self.redial_failed(&e),
+                },
+                Event::Tabs => self.serve_tabs(),
+                Event::Tick => self.tick(),
+                Event::Linger => Err(SessionEnd::Linger),
+            };
+            let outcome = outcome.and_then(|()| self.flush_tabs());
+            self.publish();
+            if let Err(end) = outcome {
+                break end;
+            }
+            if let Err(lost) = self.flush_upstream().await {
+                if let Err(end) = self.lose(lost) {
+                    break end;
+                }
+            }
+        };
+        self.finish(end).await;
+        self.peak
+    }
+
+    /// Makes the session's state visible to the status page.
+    fn publish(&mut self) {
+        self.peak = self.peak.max(self.tabs.len());
+        self.stats.tabs.store(self.tabs.len(), Ordering::Relaxed);
+        self.stats
+            .connected
+            .store(self.upstream.is_some(), Ordering::Relaxed);
+    }
+
+    /// Handles `first` and whatever else is already waiting, so a burst of
+    /// commands becomes one upstream flush.
+    fn commands_batch(
+        &mut self,
+        first: Command,
+        rx: &mut mpsc::Receiver<Command>,
+    ) -> Result<(), SessionEnd> {
+        self.command(first)?;
+        for _ in 1..BATCH {
+            match rx.try_recv() {
+                Ok(cmd) => self.command(cmd)?,
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
+    fn command(&mut self, cmd: Command) -> Result<(), SessionEnd> {
+        match cmd {
+            Command::Join { info, reply } => {
+                self.join(*info, reply);
+                Ok(())
+            }
+            Command::Attach(conn) => {
+                self.attach(conn);
+                Ok(())
+            }
+            Command::Leave(tab) => {
+                // Only a tab whose connection never came; one that came
+                // has handed its link over.
+                let waiting = self.tabs.map.get(&tab).is_some_and(|s| s.conn.is_none());
+                self.tabs.closed_early.remove(&tab);
+                if waiting {
+                    return self.leave(tab, Cause::TabVanished);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Closes what is left when the session ends.
+    async fn finish(&mut self, end: SessionEnd) {
+        match end {
+            SessionEnd::Linger => debug!("linger time passed with no tab; closing the upstream"),
+            SessionEnd::LostIdle => {}
+            SessionEnd::CloseTabs(cause) => {
+                if !self.tabs.is_empty() {
+                    info!(tabs = self.tabs.len(), cause = %cause, "closing the session's tabs");
+                }
+                for tab in self.tabs.ids() {
+                    // The session ends anyway.
+                    let _ = self.leave(tab, cause.clone());
+                }
+            }
+        }
+        if self.upstream.is_some() {
+            // Close events first (shutdown), then a clean close.
+            let _ = self.flush_upstream().await;
+            if let Some(mut up) = self.upstream.take() {
+                let _ = tokio::time::timeout(self.ctx.route.dial_timeout, up.close(normal_close()))
+                    .await;
+                self.ctx.metrics.upstream_down();
+            }
+        }
+    }
+
+    // ---- tabs joining, sending, leaving
+
+    fn join(&mut self, info: JoinInfo, reply: oneshot::Sender<Result<Joined, Refusal>>) {
+        if self.tabs.len() >= self.ctx.route.max_tabs_per_session {
+            let _ = reply.send(Err(Refusal::SessionFull));
+            return;
+        }
+        // The slot first (a greeting is queued in it), its details after
+        // the envelope has read them.
+        let tab = self.tabs.add(JoinInfo::default());
+        let joined = Joined {
+            tab,
+            protocol: self.protocol.clone(),
+            link: TabLink::new(tab, self.commands.clone()),
+        };
+        if reply.send(Ok(joined)).is_err() {
+            // The tab's handshake was abandoned while it waited, so it never
+            // joined: no open event. Dropping the returned `Joined` sends a
+            // Leave, which finds no tab waiting for its connection.
+            self.tabs.map.remove(&tab);
+            return;
+        }
+        self.ctx.metrics.tab_joined();
+        self.linger = None;
+        self.envelope.tab_joined(tab, &info, apply!(self));
+        if let Some(slot) = self.tabs.map.get_mut(&tab) {
+            slot.info = info;
+        }
+        self.tabs.greeting = self.envelope.greeting_len();
+        debug!(tab = %tab, tabs = self.tabs.len(), "tab joined");
+    }
+
+    /// A member's connection arrives: the session serves it from now on,
+    /// starting with what was queued for it and whatever it already sent.
+    fn attach(&mut self, conn: Box<Tab>) {
+        let id = conn.id();
+        if let Some(slot) = self.tabs.map.get_mut(&id) {
+            slot.conn = Some(*conn);
+            slot.wake.schedule();
+        } else if let Some((outbox, cause)) = self.tabs.closed_early.remove(&id) {
+            conn.finish(cause, outbox);
+        } else {
+            conn.finish(Cause::Shutdown, Outbox::default());
+        }
+    }
+
+    /// Serves the tabs whose sockets woke the session, if any did.
+    async fn serve_ready_tabs(&mut self) -> Result<(), SessionEnd> {
+        let tabs = &mut self.tabs;
+        let woken = poll_fn(|cx| Poll::Ready(tabs.ready.poll_take(cx, &mut tabs.woken))).await;
+        match woken {
+            Poll::Ready(()) => self.serve_tabs(),
+            Poll::Pending => Ok(()),
+        }
+    }
+
+    /// Serves the tabs whose sockets woke the session (listed in `woken`).
+    fn serve_tabs(&mut self) -> Result<(), SessionEnd> {
+        let mut woken = std::mem::take(&mut self.tabs.woken);
+        let served = woken.iter().try_for_each(|&tab| self.serve_tab(tab));
+        woken.clear();
+        self.tabs.woken = woken;
+        served
+    }
+
+    /// Writes what waits for one tab, then hands what it sent to the
+    /// envelope, and on to the upstream (a burst at most; the tab is served
+    /// again next turn if it has more).
+    fn serve_tab(&mut self, id: TabId) -> Result<(), SessionEnd> {
+        let Some(slot) = self.tabs.map.get_mut(&id) else {
+            return Ok(());
+        };
+        slot.wake.served();
+        let (envelope, outage, to_upstream, ctx) = (
+            &mut self.envelope,
+            &mut self.outage,
+            &mut self.to_upstream,
+            self.ctx,
+        );
+        let served = slot.drive(|conn, cx, outbox| {
+            if let Poll::Ready(Err(cause)) = conn.poll_write(cx, outbox) {
+                return Ok(Some(cause));
+            }
+            for _ in 0..TAB_BURST {
+                match conn.poll_message(cx) {
+                    Poll::Pending => return Ok(None),
+                    Poll::Ready(Ok(msg)) => match envelope.tab_sent(id, msg) {
+                        Ok(forward) => pass_on(ctx, outage, to_upstream, id, forward)?,
+                        Err(cause) => return Ok(Some(cause)),
+                    },
+                    Poll::Ready(Err(cause)) => return Ok(Some(cause)),
+                }
+            }
+            // Fair to the other tabs: come back next turn (the context's
+            // waker is the tab's).
+            cx.waker().wake_by_ref();
+            Ok(None)
+        });
+        // After its messages, the close event of a tab that ended.
+        match served {
+            Some(Ok(Some(cause))) => self.leave(id, cause),
+            Some(Err(end)) => Err(end),
+            Some(Ok(None)) | None => Ok(()),
+        }
+    }
+
+    /// Flushes the tabs written to this turn; a tab whose connection broke
+    /// leaves.
+    fn flush_tabs(&mut self) -> Result<(), SessionEnd> {
+        self.tabs.flush();
+        self.leave_listed()
+    }
+
+    /// `tab` leaves the session for `cause` (and so do the tabs listed
+    /// meanwhile).
+    fn leave(&mut self, tab: TabId, cause: Cause) -> Result<(), SessionEnd> {
+        self.tabs.leaving.push((tab, cause));
+        self.leave_listed()
+    }
+
+    /// The tabs listed in `Tabs::leaving` (by effects, flushes, ticks, or
+    /// [`Session::leave`]) leave, in the order listed: the one way out for a
+    /// tab, whoever ended it. Its connection ends (see [`Tabs::remove`]),
+    /// tabmux's closes are counted by cause, the envelope hears of it, and
+    /// the session lingers once the last has left. A loop, not recursion:
+    /// what the envelope decides on hearing of one is listed behind it.
+    fn leave_listed(&mut self) -> Result<(), SessionEnd> {
+        while !self.tabs.leaving.is_empty() {
+            for (tab, cause) in std::mem::take(&mut self.tabs.leaving) {
+                if !self.tabs.remove(tab, &cause, self.ctx.route.tab_queue) {
+                    continue;
+                }
+                let row = cause.row();
+                debug!(tab = %tab, code = row.code, cause = %cause, "tab left");
+                if row.side != Side::Tab {
+                    self.ctx.metrics.tab_closed(row.label);
+                }
+                self.ctx.metrics.tab_left();
+                self.envelope.tab_left(tab, row.code, apply!(self));
+                if self.tabs.is_empty() {
+                    if self.outage.is_some() {
+                        debug!("the last tab left during an outage; ending the session");
+                        return Err(SessionEnd::LostIdle);
+                    }
+                    let deadline = Instant::now() + self.ctx.route.linger;
+                    self.linger = Some(Box::pin(tokio::time::sleep_until(deadline)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---- the upstream
+
+    /// An upstream frame: data goes to the envelope, and the tabs its
+    /// effects closed leave.
+    fn upstream_frame(&mut self, msg: Message) -> Result<(), SessionEnd> {
+        match msg {
+            Message::Text(_) | Message::Binary(_) => {
+                self.envelope.upstream_frame(msg, apply!(self));
+                self.tabs.greeting = self.envelope.greeting_len();
+                return self.leave_listed();
+            }
+            // The stream ends on the next read; its code says why.
+            Message::Close(frame) => {
+                self.upstream_close = Some(frame.map_or(1005, |f| u16::from(f.code)));
+            }
+            // Pings are answered by tungstenite.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Handles the upstream frames tungstenite already holds, up to a
+    /// batch, so that a burst from the backend reaches each tab as one write.
+    async fn more_upstream_frames(&mut self) -> Result<(), SessionEnd> {
+        for _ in 1..BATCH {
+            if !self.upstream_buffered {
+                break;
+            }
+            let Some(up) = self.upstream.as_mut() else {
+                break;
+            };
+            let buffered = &mut self.upstream_buffered;
+            match poll_fn(|cx| Poll::Ready(up.poll_next(cx, buffered))).await {
+                Poll::Pending => break,
+                Poll::Ready(Some(Ok(msg))) => {
+                    self.upstream_alive.heard();
+                    self.upstream_frame(msg)?;
+                }
+                Poll::Ready(Some(Err(e))) => return self.lose(Lost::Failed(e)),
+                Poll::Ready(None) => return self.lose(Lost::Closed(self.upstream_close)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what is pending to the upstream. A write that cannot finish
+    /// within `idle_timeout` (the backend stopped reading) is a loss.
+    async fn flush_upstream(&mut self) -> Result<(), Lost> {
+        let Some(up) = self.upstream.as_mut() else {
+            self.to_upstream.clear();
+            return Ok(());
+        };
+        if self.to_upstream.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.to_upstream);
+        let write = up.send_all(pending);
+        tokio::pin!(write);
+        // Nearly every write completes at once; only one that has to wait
+        // pays for a timer.
+        let written = match poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+            Poll::Ready(r) => Ok(r),
+            Poll::Pending => {
+                Box::pin(tokio::time::timeout(self.ctx.route.idle_timeout, write)).await
+            }
+        };
+        match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Lost::Failed(e)),
+            Err(_) => Err(Lost::Stalled),
+        }
+    }
+
+    /// Keepalive: every tab is pinged (or leaves if it went silent); a
+    /// silent upstream is lost, otherwise pinged. One timer per session,
+    /// none per tab.
+    fn tick(&mut self) -> Result<(), SessionEnd> {
+        let idle = self.ctx.route.idle_timeout;
+        self.tabs.tick(idle);
+        self.envelope.tick(apply!(self));
+        self.leave_listed()?;
+        if self.upstream.is_none() {
+            return Ok(());
+        }
+        if self.upstream_alive.silent_for(idle) {
+            return self.lose(Lost::Silent);
+        }
+        self.to_upstream.push(Message::Ping(Default::default()));
+        Ok(())
+    }
+
+    // ---- losing and regaining the upstream
+
+    /// The upstream is gone: start redialling, unless no tab needs it.
+    fn lose(&mut self, why: Lost) -> Result<(), SessionEnd> {
+        if self.upstream.take().is_none() {
+            return Ok(());
+        }
+        self.ctx.metrics.upstream_down();
+        self.to_upstream.clear();
+        self.upstream_close = None;
+        self.envelope.upstream_lost();
+        if self.tabs.is_empty() {
+            debug!(reason = %why, "upstream lost while no tab was connected; ending the session");
+            return Err(SessionEnd::LostIdle);
+        }
+        warn!(reason = %why, tabs = self.tabs.len(), "upstream lost; redialling");
+        let mut backoff = Backoff::new(self.ctx.route.reconnect);
+        let Some(delay) = backoff.next_delay() else {
+            return Err(SessionEnd::CloseTabs(Cause::UpstreamUnavailable));
+        };
+        self.outage = Some(Box::new(Outage {
+            backoff,
+            wait: Box::pin(tokio::time::sleep(delay)),
+            dialing: None,
+            buffer: reconnect::Buffer::new(self.ctx.route.reconnect_buffer),
+            params: self.dial.clone(),
+        }));
+        Ok(())
+    }
+
+    fn redial_failed(&mut self, e: &DialError) -> Result<(), SessionEnd> {
+        self.ctx.metrics.redial(e.label());
+        let Some(outage) = self.outage.as_mut() else {
+            return Ok(());
+        };
+        outage.dialing = None;
+        match outage.backoff.next_delay() {
+            Some(delay) => {
+                info!(error = %e, attempt = outage.backoff.made() - 1, "redial failed");
+                outage.wait.as_mut().reset(Instant::now() + delay);
+                Ok(())
+            }
+            None => {
+                warn!(error = %e, "redial failed; reconnect budget spent");
+                Err(SessionEnd::CloseTabs(Cause::UpstreamUnavailable))
+            }
+        }
+    }
+
+    /// The upstream is back: the envelope announces the tabs still
+    /// connected, in join order, then what they sent meanwhile goes, in
+    /// order.
+    fn restored(&mut self, socket: UpstreamSocket, protocol: Option<HeaderValue>) {
+        let Some(mut outage) = self.outage.take() else {
+            return;
+        };
+        self.ctx.metrics.redial("ok");
+        self.ctx.metrics.upstream_up();
+        info!(after = outage.backoff.made(), "upstream re-established");
+        if protocol != self.protocol {
+            warn!(
+                "the upstream chose a different subprotocol after the redial; tabs keep the first"
+            );
+        }
+        self.upstream = Some(socket);
+        // Bytes that followed the handshake may already be buffered.
+        self.upstream_buffered = true;
+        self.upstream_alive = Liveness::new();
+        let ids = self.tabs.ids();
+        let map = &self.tabs.map;
+        let members = ids.iter().filter_map(|id| Some((*id, &map.get(id)?.info)));
+        let mut opens = Vec::new();
+        self.envelope.upstream_restored(members, &mut opens);
+        for effect in opens {
+            crate::envelope::Effects::effect(apply!(self), effect);
+        }
+        self.tabs.greeting = self.envelope.greeting_len();
+        let mut orphaned = 0;
+        for (tab, msg, payload) in outage.buffer.drain() {
+            if self.tabs.map.contains_key(&tab) {
+                self.ctx.metrics.to_upstream(payload);
+                self.to_upstream.push(msg);
+            } else {
+                orphaned += 1;
+            }
+        }
+        if orphaned > 0 {
+            // Their tabs left during the outage; the backend never saw them go.
+            self.ctx.metrics.dropped("tab_left_during_outage", orphaned);
+        }
+    }
+}
+
+/// A tab's message, wrapped by its envelope: to the upstream, or into the
+/// reconnect buffer during an outage. (A function of the session's fields,
+/// not a method: the session is serving the tab's slot meanwhile.)
+fn pass_on(
+    ctx: &SessionContext,
+    outage: &mut Option<Box<Outage>>,
+    to_upstream: &mut Vec<Message>,
+    tab: TabId,
+    forward: Forward,
+) -> Result<(), SessionEnd> {
+    let Forward { frame, payload } = forward;
+    match outage {
+        None => {
+            ctx.metrics.to_upstream(payload);
+            to_upstream.push(frame);
+        }
+        Some(outage) => {
+            if outage.buffer.push(tab, frame, payload).is_err() {
+                warn!(limit = ctx.route.reconnect_buffer, "reconnect buffer full");
+                return Err(SessionEnd::CloseTabs(Cause::ReconnectBufferFull));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The next upstream frame, or never while the upstream is down. Reads only
+/// when there may be something to read (see [`UpstreamSocket::poll_next`]):
+/// most of the session's wake-ups are for its commands.
+async fn next_frame(
+    upstream: &mut Option<UpstreamSocket>,
+    buffered: &mut bool,
+) -> Option<Result<Message, WsError>> {
+    match upstream {
+        Some(up) => poll_fn(|cx| up.poll_next(cx, buffered)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits out the backoff, then dials; never completes outside an outage.
+/// Cancel-safe: the wait and the dial live in `outage`, not in this future.
+async fn redial(outage: &mut Option<Box<Outage>>, ctx: &SessionContext) -> DialResult {
+    let Some(outage) = outage.as_mut() else {
+        return std::future::pending().await;
+    };
+    if outage.dialing.is_none() {
+        outage.wait.as_mut().await;
+        let route = ctx.route.clone();
+        let params = outage.params.clone();
+        outage.dialing = Some(Box::pin(
+            async move { upstream::dial(&route, &params).await },
+        ));
+    }
+    match outage.dialing.as_mut() {
+        Some(dial) => dial.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Completes when the linger timer (if armed) passes.
+async fn expire(linger: &mut Option<Pin<Box<Sleep>>>) {
+    match linger.as_mut() {
+        Some(sleep) => sleep.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The close frame tabmux ends an upstream with.
+fn normal_close() -> CloseFrame {
+    CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    }
+}

@@ -1,0 +1,94 @@
+//! Sessions: the tabs that share one upstream, and the task that owns it.
+//!
+//! A tab that arrives is keyed ([`key`]), finds or starts its session in
+//! the [`registry`] (the first tab's session dials before it is answered),
+//! and is then served by its session's task ([`actor`]): one task per
+//! session owns the upstream socket, the tab table ([`tabs`]) with the tabs'
+//! sockets, and the route's envelope state machine ([`crate::envelope`]).
+//! The task reads a tab only when the tab's socket woke it ([`ready`]), and
+//! writes to tabs without ever waiting, so a tab that stops reading can
+//! never delay the upstream or another tab.
+//!
+//! A tab's frame to the backend: [`crate::tab`] reads it, [`actor`] hands it
+//! to the envelope ([`crate::envelope::json`] wraps it), and queues the
+//! result for the upstream socket, written once per turn.
+
+mod actor;
+pub mod key;
+mod ready;
+pub mod registry;
+mod tabs;
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+pub use crate::envelope::JoinInfo;
+pub use key::{hex, SessionHasher, SessionKey};
+pub use registry::{join, Joined, Refusal, Registry, SessionSnapshot, SessionStats, TabLink};
+
+use crate::config::Route;
+use crate::metrics::RouteMetrics;
+
+/// Everything a session task needs from the proxy.
+#[derive(Clone)]
+pub struct SessionContext {
+    /// The route's position in the configuration.
+    pub index: usize,
+    pub route: Arc<Route>,
+    pub registry: Arc<Registry>,
+    /// Shared by the route's sessions and tabs.
+    pub metrics: Arc<RouteMetrics>,
+    /// Its sender is dropped when the proxy shuts down.
+    pub shutdown: watch::Receiver<()>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::upstream::DialParams;
+
+    /// Every open tab costs one of these (boxed; the tab's connection is
+    /// inside it), so it is a headline memory figure: keep it in check.
+    #[test]
+    fn a_tab_slot_stays_small() {
+        let size = tabs::slot_size();
+        assert!(size <= 448, "a tab's slot is {size} bytes");
+    }
+
+    /// A session's task is allocated whole for the session's life: what is
+    /// awaited only once (the dial) or rarely (an outage, a blocked write)
+    /// is boxed, so that it does not reserve its space in every session.
+    /// (Unboxed, the dial alone made the task 9.6 KiB.)
+    #[test]
+    fn a_session_task_stays_small() {
+        let toml = "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+                    [[route]]\npath = \"/ws\"\nupstream = \"ws://127.0.0.1:9/\"\n\
+                    allowed_origins = [\"http://a.test\"]\n";
+        let config = crate::Config::from_toml(toml, "test", std::path::Path::new(".")).unwrap();
+        let route = config.routes[0].clone();
+        let (_stop, shutdown) = watch::channel(());
+        let ctx = SessionContext {
+            index: 0,
+            metrics: Arc::new(crate::metrics::Metrics::default().route(&route.path)),
+            route,
+            registry: Arc::default(),
+            shutdown,
+        };
+        let (tx, rx) = mpsc::channel(1);
+        let stats = Arc::new(SessionStats {
+            route: 0,
+            tabs: AtomicUsize::new(0),
+            connected: AtomicBool::new(false),
+            started: std::time::Instant::now(),
+        });
+        let key = SessionHasher::new().direct();
+        let task = registry::run(ctx, key, 0, DialParams::default(), tx, rx, stats);
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 2560, "a session's task is {size} bytes");
+    }
+}
