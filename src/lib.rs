@@ -39,6 +39,7 @@ pub mod cause;
 pub mod config;
 pub mod demo;
 pub mod envelope;
+pub mod history;
 pub mod limits;
 pub mod listener;
 pub mod metrics;

@@ -14,12 +14,12 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::{Config, Origins};
+use crate::history::{History, SAMPLE_EVERY};
 use crate::limits::TabLimiter;
 use crate::metrics::Metrics;
 use crate::session::{Registry, SessionContext, SessionHasher};
 use crate::shared::{RouteRuntime, Shared};
-use crate::status::{History, SAMPLE_EVERY};
-use crate::{admin, listener};
+use crate::{admin, listener, status};
 
 /// A bound, not yet serving, proxy.
 pub struct Proxy {
@@ -58,7 +58,6 @@ impl Proxy {
                 ctx: SessionContext {
                     index,
                     route: route.clone(),
-                    registry: registry.clone(),
                     metrics: Arc::new(metrics.route(&route.path)),
                     shutdown: stopped.clone(),
                 },
@@ -169,7 +168,10 @@ async fn sample_history(shared: Arc<Shared>, mut stop: watch::Receiver<()>) {
     let mut every = tokio::time::interval(SAMPLE_EVERY);
     loop {
         tokio::select! {
-            _ = every.tick() => shared.history.sample(&shared),
+            _ = every.tick() => {
+                let (tabs, upstreams) = status::totals(&shared);
+                shared.history.sample(tabs, upstreams);
+            }
             _ = stop.changed() => return,
         }
     }

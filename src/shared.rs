@@ -6,10 +6,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::config::{Route, Server};
+use crate::history::History;
 use crate::limits::TabLimiter;
 use crate::metrics::Metrics;
 use crate::session::{Registry, SessionContext, SessionHasher};
-use crate::status::History;
 
 /// One route with the runtime state its sessions share.
 pub struct RouteRuntime {

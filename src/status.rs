@@ -3,73 +3,21 @@
 //!
 //! The JSON holds the totals, the savings ledger, per-route figures with the
 //! sessions that have the most tabs (named by their keyed hash, never by
-//! cookie), and a history of tabs and upstream connections sampled every
-//! [`SAMPLE_EVERY`] over the last [`HISTORY`].
+//! cookie), and a history of tabs and upstream connections, sampled
+//! every five seconds over the last ten minutes ([`crate::history`]).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::collections::HashMap;
 
 use serde_json::{json, Value};
 
+use crate::history::unix_ms;
 use crate::shared::Shared;
 
-/// How often the history is sampled.
-pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
-/// How much history is kept.
-pub const HISTORY: Duration = Duration::from_secs(10 * 60);
 /// Sessions listed per route.
 const TOP_SESSIONS: usize = 10;
 
-/// One point of the chart.
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    unix_ms: u64,
-    tabs: i64,
-    upstreams: i64,
-}
-
-/// The chart's history. Its lock is held to push or copy, never across an
-/// await.
-#[derive(Default)]
-pub struct History {
-    samples: Mutex<VecDeque<Sample>>,
-}
-
-impl History {
-    /// Records the current totals.
-    pub fn sample(&self, shared: &Shared) {
-        let (tabs, upstreams) = totals(shared);
-        let point = Sample {
-            unix_ms: unix_ms(),
-            tabs,
-            upstreams,
-        };
-        let keep = (HISTORY.as_secs() / SAMPLE_EVERY.as_secs()) as usize;
-        if let Ok(mut s) = self.samples.lock() {
-            s.push_back(point);
-            while s.len() > keep {
-                s.pop_front();
-            }
-        }
-    }
-
-    fn points(&self) -> Vec<Sample> {
-        self.samples
-            .lock()
-            .map(|s| s.iter().copied().collect())
-            .unwrap_or_default()
-    }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Tabs and upstream connections open, over all routes.
-fn totals(shared: &Shared) -> (i64, i64) {
+pub fn totals(shared: &Shared) -> (i64, i64) {
     shared.routes.iter().fold((0, 0), |(t, u), r| {
         let m = &r.ctx.metrics;
         (t + m.tabs_open.get(), u + m.upstreams_open.get())

@@ -22,7 +22,7 @@ use tracing::{debug, field, info, Instrument};
 
 use crate::config::{MissingCookie, Route};
 use crate::limits::TabPermit;
-use crate::session::{self, JoinInfo, Joined, Refusal, SessionKey};
+use crate::session::{JoinInfo, Joined, Refusal, SessionKey};
 use crate::shared::{RouteRuntime, Shared};
 use crate::tab::Tab;
 use crate::upstream::DialParams;
@@ -163,7 +163,9 @@ async fn admit_steps(
     let permit = shared.tabs.try_acquire().ok_or(Refused::ProxyFull)?;
     let dial = dial_params(shared, route, req.headers(), peer, &protocols, &query);
     let info = join_info(route, req.headers(), query);
-    let joined = session::join(&rt.ctx, session_key, dial, info)
+    let joined = shared
+        .registry
+        .join(&rt.ctx, session_key, dial, info)
         .await
         .map_err(Refused::Join)?;
     span.record("tab", field::display(joined.tab));

@@ -9,7 +9,7 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn};
 
 use super::key::SessionKey;
-use super::registry::{Command, Joined, Refusal, SessionStats, TabLink};
+use super::link::{Command, Joined, Refusal, TabLink};
 use super::tabs::{Apply, Tabs};
 use super::SessionContext;
 use crate::cause::{Cause, Lost, Side};
@@ -37,6 +37,17 @@ use crate::wsio::Liveness;
 const BATCH: usize = 64;
 /// Messages read from one tab before the session turns to the others.
 const TAB_BURST: usize = 16;
+
+/// What the status page may read about a live session. Its task keeps it
+/// current; readers only load.
+pub struct SessionStats {
+    /// The route's position in the configuration.
+    pub route: usize,
+    pub tabs: AtomicUsize,
+    /// Whether its upstream is up (false while dialling or redialling).
+    pub connected: AtomicBool,
+    pub started: std::time::Instant,
+}
 
 /// Why a session stops serving.
 pub(super) enum SessionEnd {

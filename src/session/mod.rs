@@ -15,6 +15,7 @@
 
 mod actor;
 pub mod key;
+mod link;
 mod ready;
 pub mod registry;
 mod tabs;
@@ -24,19 +25,21 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 pub use crate::envelope::JoinInfo;
+pub use actor::SessionStats;
 pub use key::{hex, SessionHasher, SessionKey};
-pub use registry::{join, Joined, Refusal, Registry, SessionSnapshot, SessionStats, TabLink};
+pub use link::{Joined, Refusal, TabLink};
+pub use registry::{Registry, SessionSnapshot};
 
 use crate::config::Route;
 use crate::metrics::RouteMetrics;
 
-/// Everything a session task needs from the proxy.
+/// What a session task needs from the proxy: its route and the route's
+/// metrics, and the shutdown signal.
 #[derive(Clone)]
 pub struct SessionContext {
     /// The route's position in the configuration.
     pub index: usize,
     pub route: Arc<Route>,
-    pub registry: Arc<Registry>,
     /// Shared by the route's sessions and tabs.
     pub metrics: Arc<RouteMetrics>,
     /// Its sender is dropped when the proxy shuts down.
@@ -76,7 +79,6 @@ mod tests {
             index: 0,
             metrics: Arc::new(crate::metrics::Metrics::default().route(&route.path)),
             route,
-            registry: Arc::default(),
             shutdown,
         };
         let (tx, rx) = mpsc::channel(1);
@@ -87,7 +89,16 @@ mod tests {
             started: std::time::Instant::now(),
         });
         let key = SessionHasher::new().direct();
-        let task = registry::run(ctx, key, 0, DialParams::default(), tx, rx, stats);
+        let task = registry::run(
+            Arc::default(),
+            ctx,
+            key,
+            0,
+            DialParams::default(),
+            tx,
+            rx,
+            stats,
+        );
         let size = std::mem::size_of_val(&task);
         assert!(size <= 2560, "a session's task is {size} bytes");
     }

@@ -10,34 +10,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use http::{HeaderValue, StatusCode};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, info, Instrument};
 
-use super::actor::Session;
+use super::actor::{Session, SessionStats};
 use super::key::SessionKey;
+use super::link::{going_away, Command, Joined, Refusal};
 use super::SessionContext;
-use crate::cause::Cause;
-use crate::envelope::{JoinInfo, TabId};
-use crate::queue::Outbox;
-use crate::tab::Tab;
-use crate::upstream::{self, DialError, DialParams};
+use crate::envelope::JoinInfo;
+use crate::upstream::{self, DialParams};
 
 /// Capacity of a session's command channel, shared by all of its tabs.
 const COMMAND_QUEUE: usize = 256;
 /// How many times a join retries when it races with a session ending.
 const JOIN_TRIES: usize = 3;
-
-/// What the status page may read about a live session. Its task keeps it
-/// current; readers only load.
-pub struct SessionStats {
-    /// The route's position in the configuration.
-    pub route: usize,
-    pub tabs: AtomicUsize,
-    /// Whether its upstream is up (false while dialling or redialling).
-    pub connected: AtomicBool,
-    pub started: std::time::Instant,
-}
 
 /// One line of [`Registry::snapshot`].
 #[derive(Debug, Clone)]
@@ -102,169 +88,78 @@ impl Registry {
     fn remove(&self, key: &SessionKey, id: u64) {
         self.sessions.remove_if(key, |_, h| h.id == id);
     }
-}
 
-/// Messages from the join path to a session task.
-pub(super) enum Command {
-    /// A tab wants in. Answered once the upstream is up (or failed).
-    /// (Its details are boxed, like the connection in `Attach`, so that the
-    /// channel's first block of 32 commands, allocated with every session,
-    /// stays small.)
-    Join {
-        info: Box<JoinInfo>,
-        reply: oneshot::Sender<Result<Joined, Refusal>>,
-    },
-    /// A member's connection, once its handshake is answered: the session
-    /// serves it from now on.
-    Attach(Box<Tab>),
-    /// A member's handshake was not completed: its connection never came.
-    Leave(TabId),
-}
-
-/// Why a tab could not join.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum Refusal {
-    #[error("this session is at its tab limit (max_tabs_per_session)")]
-    SessionFull,
-    #[error("{0}")]
-    Dial(DialError),
-    #[error("the session ended while the tab was joining; try again")]
-    Gone,
-}
-
-impl Refusal {
-    /// The HTTP status the tab's handshake fails with.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Refusal::SessionFull => StatusCode::TOO_MANY_REQUESTS,
-            Refusal::Dial(e) => e.status(),
-            Refusal::Gone => StatusCode::SERVICE_UNAVAILABLE,
-        }
-    }
-}
-
-/// A tab's membership in a session, handed to the tab's handshake.
-pub struct Joined {
-    pub tab: TabId,
-    /// The subprotocol the upstream chose; every tab is answered with it.
-    pub protocol: Option<HeaderValue>,
-    /// Hands the tab's connection to the session; reports the tab's leave
-    /// if dropped instead.
-    pub link: TabLink,
-}
-
-/// The way from a joined tab's handshake to its session. Dropping it
-/// (the handshake did not complete) tells the session the tab has left, as
-/// vanished (1006): every `open` event gets its `close` event.
-pub struct TabLink {
-    tab: TabId,
-    /// None once the connection has been handed over.
-    tx: Option<mpsc::Sender<Command>>,
-}
-
-impl TabLink {
-    pub(super) fn new(tab: TabId, tx: mpsc::Sender<Command>) -> TabLink {
-        TabLink { tab, tx: Some(tx) }
-    }
-}
-
-impl TabLink {
-    /// Hands the tab's connection to its session. If the session is gone
-    /// (the proxy is shutting down), the tab is closed as going away.
-    pub fn attach(mut self, conn: Box<Tab>) {
-        let Some(tx) = self.tx.take() else { return };
-        match tx.try_send(Command::Attach(conn)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Closed(cmd)) => going_away(cmd),
-            // The session is busy: hand it over once there is room.
-            Err(mpsc::error::TrySendError::Full(cmd)) => {
-                tokio::spawn(async move {
-                    if let Err(mpsc::error::SendError(cmd)) = tx.send(cmd).await {
-                        going_away(cmd);
-                    }
-                });
+    /// Joins the tab to the session `key` of the route `ctx`, creating the
+    /// session (and dialling its upstream) if there is none. Returns once
+    /// the tab is a member, or refused.
+    pub async fn join(
+        self: &Arc<Self>,
+        ctx: &SessionContext,
+        key: SessionKey,
+        dial: DialParams,
+        info: JoinInfo,
+    ) -> Result<Joined, Refusal> {
+        for _ in 0..JOIN_TRIES {
+            let handle = self
+                .sessions
+                .entry(key)
+                // The shard lock is held only for this insert: spawning does
+                // not wait, and the dial happens inside the new task.
+                .or_insert_with(|| self.spawn(ctx.clone(), key, dial.clone()))
+                .clone();
+            let (reply, answer) = oneshot::channel();
+            let cmd = Command::Join {
+                info: Box::new(info.clone()),
+                reply,
+            };
+            if handle.tx.send(cmd).await.is_err() {
+                // The session ended after we found it; make sure it is unlisted.
+                self.remove(&key, handle.id);
+                continue;
+            }
+            match answer.await {
+                Ok(result) => return result,
+                Err(_) => continue,
             }
         }
+        Err(Refusal::Gone)
     }
-}
 
-/// Closes the connection of an `Attach` the session did not take.
-fn going_away(cmd: Command) {
-    if let Command::Attach(conn) = cmd {
-        conn.finish(Cause::Shutdown, Outbox::default());
+    fn spawn(
+        self: &Arc<Self>,
+        ctx: SessionContext,
+        key: SessionKey,
+        dial: DialParams,
+    ) -> SessionHandle {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let stats = Arc::new(SessionStats {
+            route: ctx.index,
+            tabs: AtomicUsize::new(0),
+            connected: AtomicBool::new(false),
+            started: std::time::Instant::now(),
+        });
+        // A root span: the session outlives the tab that started it.
+        let span = tracing::info_span!(parent: None, "session", session = %key.name(), route = %ctx.route.path);
+        let task = run(
+            self.clone(),
+            ctx,
+            key,
+            id,
+            dial,
+            tx.clone(),
+            rx,
+            stats.clone(),
+        );
+        tokio::spawn(task.instrument(span));
+        SessionHandle { id, stats, tx }
     }
-}
-
-impl Drop for TabLink {
-    fn drop(&mut self) {
-        let Some(tx) = self.tx.take() else { return };
-        let cmd = Command::Leave(self.tab);
-        match tx.try_send(cmd) {
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-            Err(mpsc::error::TrySendError::Full(cmd)) => {
-                // The session is busy: deliver the leave later rather than lose it.
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(async move {
-                        let _ = tx.send(cmd).await;
-                    });
-                }
-            }
-        }
-    }
-}
-
-/// Joins the tab to the session `key`, creating the session (and dialling its
-/// upstream) if there is none. Returns once the tab is a member, or refused.
-pub async fn join(
-    ctx: &SessionContext,
-    key: SessionKey,
-    dial: DialParams,
-    info: JoinInfo,
-) -> Result<Joined, Refusal> {
-    for _ in 0..JOIN_TRIES {
-        let handle = ctx
-            .registry
-            .sessions
-            .entry(key)
-            // The shard lock is held only for this insert: spawning does not
-            // wait, and the dial happens inside the new task.
-            .or_insert_with(|| spawn(ctx.clone(), key, dial.clone()))
-            .clone();
-        let (reply, answer) = oneshot::channel();
-        let cmd = Command::Join {
-            info: Box::new(info.clone()),
-            reply,
-        };
-        if handle.tx.send(cmd).await.is_err() {
-            // The session ended after we found it; make sure it is unlisted.
-            ctx.registry.remove(&key, handle.id);
-            continue;
-        }
-        match answer.await {
-            Ok(result) => return result,
-            Err(_) => continue,
-        }
-    }
-    Err(Refusal::Gone)
-}
-
-fn spawn(ctx: SessionContext, key: SessionKey, dial: DialParams) -> SessionHandle {
-    let id = ctx.registry.next_id.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-    let stats = Arc::new(SessionStats {
-        route: ctx.index,
-        tabs: AtomicUsize::new(0),
-        connected: AtomicBool::new(false),
-        started: std::time::Instant::now(),
-    });
-    // A root span: the session outlives the tab that started it.
-    let span = tracing::info_span!(parent: None, "session", session = %key.name(), route = %ctx.route.path);
-    tokio::spawn(run(ctx, key, id, dial, tx.clone(), rx, stats.clone()).instrument(span));
-    SessionHandle { id, stats, tx }
 }
 
 /// The session task: dial, serve, then unlist and refuse late joiners.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
+    registry: Arc<Registry>,
     ctx: SessionContext,
     key: SessionKey,
     id: u64,
@@ -296,7 +191,7 @@ pub(super) async fn run(
     };
     // Unlist first, so new tabs start a new session instead of finding this
     // one; then answer whatever is queued or raced in.
-    ctx.registry.remove(&key, id);
+    registry.remove(&key, id);
     rx.close();
     while let Some(cmd) = rx.recv().await {
         match cmd {
@@ -308,5 +203,5 @@ pub(super) async fn run(
         }
     }
     ctx.metrics.sessions_active.dec();
-    ctx.registry.ended.notify_waiters();
+    registry.ended.notify_waiters();
 }
