@@ -1,0 +1,452 @@
+//! The checker: walks a parsed document table by table and collects every
+//! problem, each at its `file:line:column`. The `[server]`, `[admin]` and
+//! `[log]` tables and the kinds of field every table uses are here; the
+//! routes are in [`super::route`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+use toml_edit::{Item, TableLike};
+
+use super::*;
+use crate::tls;
+
+/// More runtime threads than this is a typo, not a machine.
+const MAX_WORKER_THREADS: u64 = 1024;
+
+/// hyper's smallest request buffer.
+const MIN_HEADER_SIZE: usize = 8 * 1024;
+
+const TOP_KEYS: &[&str] = &["server", "admin", "log", "route"];
+const SERVER_KEYS: &[&str] = &[
+    "listen",
+    "tls",
+    "max_tabs",
+    "shutdown_timeout",
+    "handshake_timeout",
+    "max_header_size",
+    "worker_threads",
+];
+const TLS_KEYS: &[&str] = &["cert", "key"];
+const ADMIN_KEYS: &[&str] = &["listen"];
+const LOG_KEYS: &[&str] = &["format", "level"];
+
+/// Walks a parsed document and records every problem it finds.
+pub(super) struct Checker<'a> {
+    pub text: &'a str,
+    pub file: &'a str,
+    pub base: &'a Path,
+    pub problems: Vec<Problem>,
+}
+
+/// Where a key or value is in the text (bytes), if known.
+pub(super) type Span = Option<std::ops::Range<usize>>;
+
+impl Checker<'_> {
+    pub(super) fn into_error(self) -> ConfigError {
+        ConfigError {
+            problems: self.problems,
+        }
+    }
+
+    /// Records a problem at a byte span (line and column count from 1).
+    pub(super) fn at(&mut self, span: Span, message: String) {
+        let offset = span.map(|s| s.start).unwrap_or(0).min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        self.problems.push(Problem {
+            file: self.file.to_string(),
+            line,
+            column,
+            message,
+        });
+    }
+
+    /// Checks that `item` is a table, reports its unknown keys, and returns it.
+    pub(super) fn table<'d>(
+        &mut self,
+        item: &'d Item,
+        what: &str,
+        allowed: &[&str],
+    ) -> Option<&'d dyn TableLike> {
+        let Some(table) = item.as_table_like() else {
+            self.at(
+                item.span(),
+                format!("{what} must be a table, not {}", item.type_name()),
+            );
+            return None;
+        };
+        self.unknown_keys(table, &format!("in {what}"), allowed);
+        Some(table)
+    }
+
+    /// Reports every key of `t` that is not in `allowed`, with its place
+    /// and the keys allowed there. `place` reads "in [server]" and the like.
+    pub(super) fn unknown_keys(&mut self, t: &dyn TableLike, place: &str, allowed: &[&str]) {
+        for (key, _) in t.iter() {
+            if !allowed.contains(&key) {
+                let span = t.key(key).and_then(|k| k.span());
+                self.at(
+                    span,
+                    format!(
+                        "unknown key `{key}` {place}; allowed keys: {}",
+                        allowed.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
+    pub(super) fn config(&mut self, root: &dyn TableLike) -> Option<Config> {
+        self.unknown_keys(root, "at the top level", TOP_KEYS);
+        let server = self.server(root.get("server"));
+        let admin = self.admin(root.get("admin"));
+        let log = self.log(root.get("log"));
+        let routes = self.routes(root.get("route"));
+        Some(Config {
+            server: server?,
+            admin: admin?,
+            log: log?,
+            routes: routes?,
+        })
+    }
+
+    pub(super) fn server(&mut self, item: Option<&Item>) -> Option<Server> {
+        let Some(item) = item else {
+            self.at(
+                None,
+                "missing table [server] (it needs at least `listen`)".into(),
+            );
+            return None;
+        };
+        let t = self.table(item, "[server]", SERVER_KEYS)?;
+        let listen = self.required(t, "listen", "[server]", Self::addr);
+        let tls = match t.get("tls") {
+            None => Some(None),
+            Some(item) => self.server_tls(item).map(Some),
+        };
+        let max_tabs = self.optional(t, "max_tabs", 100_000, Self::positive);
+        let shutdown_timeout = self.optional(
+            t,
+            "shutdown_timeout",
+            Duration::from_secs(10),
+            Self::duration,
+        );
+        let handshake_timeout = self.optional(
+            t,
+            "handshake_timeout",
+            Duration::from_secs(10),
+            Self::duration,
+        );
+        let max_header_size = self.optional(t, "max_header_size", 32 * 1024, |c, item| {
+            let n = c.size(item)?;
+            if n < MIN_HEADER_SIZE {
+                c.at(
+                    item.span(),
+                    format!("max_header_size must be at least {MIN_HEADER_SIZE} bytes (8KiB)"),
+                );
+                return None;
+            }
+            Some(n)
+        });
+        let worker_threads = self.optional(t, "worker_threads", None, |c, item| {
+            let n = c.positive(item)?;
+            if n > MAX_WORKER_THREADS {
+                c.at(
+                    item.span(),
+                    format!("worker_threads must be at most {MAX_WORKER_THREADS}"),
+                );
+                return None;
+            }
+            Some(Some(n as usize))
+        });
+        Some(Server {
+            listen: listen?,
+            tls: tls?,
+            max_tabs: max_tabs? as usize,
+            shutdown_timeout: shutdown_timeout?,
+            handshake_timeout: handshake_timeout?,
+            max_header_size: max_header_size?,
+            worker_threads: worker_threads?,
+        })
+    }
+
+    pub(super) fn server_tls(&mut self, item: &Item) -> Option<Arc<rustls::ServerConfig>> {
+        let t = self.table(item, "[server] tls", TLS_KEYS)?;
+        let cert = self.required(t, "cert", "[server] tls", Self::path);
+        let key = self.required(t, "key", "[server] tls", Self::path);
+        let (cert, key) = (cert?, key?);
+        match tls::server_config(&cert, &key) {
+            Ok(config) => Some(Arc::new(config)),
+            Err(e) => {
+                self.at(item.span(), format!("[server] tls: {e}"));
+                None
+            }
+        }
+    }
+
+    pub(super) fn admin(&mut self, item: Option<&Item>) -> Option<Admin> {
+        let Some(item) = item else {
+            self.at(None, "missing table [admin] (it needs `listen`)".into());
+            return None;
+        };
+        let t = self.table(item, "[admin]", ADMIN_KEYS)?;
+        let listen = self.required(t, "listen", "[admin]", Self::addr)?;
+        Some(Admin { listen })
+    }
+
+    pub(super) fn log(&mut self, item: Option<&Item>) -> Option<Log> {
+        let default = Log {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        };
+        let Some(item) = item else {
+            return Some(default);
+        };
+        let t = self.table(item, "[log]", LOG_KEYS)?;
+        let format = self.optional(t, "format", LogFormat::Pretty, |c, item| {
+            c.choice(
+                item,
+                &[("pretty", LogFormat::Pretty), ("json", LogFormat::Json)],
+            )
+        });
+        let level = self.optional(t, "level", "info".to_string(), |c, item| {
+            let s = c.string(item)?;
+            match tracing_subscriber::EnvFilter::try_new(&s) {
+                Ok(_) => Some(s),
+                Err(e) => {
+                    c.at(item.span(), format!("invalid log level `{s}`: {e}"));
+                    None
+                }
+            }
+        });
+        Some(Log {
+            format: format?,
+            level: level?,
+        })
+    }
+
+    // ---- field helpers: each reports its own problem and returns None ----
+
+    pub(super) fn required<T>(
+        &mut self,
+        t: &dyn TableLike,
+        key: &str,
+        what: &str,
+        parse: impl FnOnce(&mut Self, &Item) -> Option<T>,
+    ) -> Option<T> {
+        match t.get(key) {
+            Some(item) => parse(self, item),
+            None => {
+                // Point at the table's first key, the nearest place we have.
+                let span = t.iter().next().and_then(|(k, _)| t.key(k)?.span());
+                self.at(span, format!("{what}: missing required key `{key}`"));
+                None
+            }
+        }
+    }
+
+    pub(super) fn optional<T>(
+        &mut self,
+        t: &dyn TableLike,
+        key: &str,
+        default: T,
+        parse: impl FnOnce(&mut Self, &Item) -> Option<T>,
+    ) -> Option<T> {
+        match t.get(key) {
+            Some(item) => parse(self, item),
+            None => Some(default),
+        }
+    }
+
+    pub(super) fn optional_header(
+        &mut self,
+        t: &dyn TableLike,
+        key: &str,
+    ) -> Option<Option<HeaderValue>> {
+        self.optional(t, key, None, |c, item| {
+            let s = c.string(item)?;
+            match HeaderValue::from_str(&s) {
+                Ok(v) => Some(Some(v)),
+                Err(_) => {
+                    c.at(item.span(), format!("`{key}` is not a valid header value"));
+                    None
+                }
+            }
+        })
+    }
+
+    pub(super) fn string(&mut self, item: &Item) -> Option<String> {
+        match item.as_str() {
+            Some(s) => Some(s.to_string()),
+            None => {
+                self.at(
+                    item.span(),
+                    format!("expected a string, found {}", item.type_name()),
+                );
+                None
+            }
+        }
+    }
+
+    pub(super) fn string_list(&mut self, item: &Item) -> Option<Vec<String>> {
+        let Some(array) = item.as_array() else {
+            self.at(
+                item.span(),
+                format!("expected an array of strings, found {}", item.type_name()),
+            );
+            return None;
+        };
+        let mut out = Vec::new();
+        for v in array.iter() {
+            match v.as_str() {
+                Some(s) => out.push(s.to_string()),
+                None => {
+                    self.at(
+                        v.span(),
+                        format!("expected a string, found {}", v.type_name()),
+                    );
+                    return None;
+                }
+            }
+        }
+        Some(out)
+    }
+
+    pub(super) fn choice<T: Copy>(&mut self, item: &Item, choices: &[(&str, T)]) -> Option<T> {
+        let s = self.string(item)?;
+        match choices.iter().find(|(name, _)| *name == s) {
+            Some((_, v)) => Some(*v),
+            None => {
+                let names: Vec<_> = choices.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+                self.at(
+                    item.span(),
+                    format!("`{s}` is not one of {}", names.join(", ")),
+                );
+                None
+            }
+        }
+    }
+
+    pub(super) fn boolean(&mut self, item: &Item) -> Option<bool> {
+        match item.as_bool() {
+            Some(b) => Some(b),
+            None => {
+                self.at(
+                    item.span(),
+                    format!("expected true or false, found {}", item.type_name()),
+                );
+                None
+            }
+        }
+    }
+
+    pub(super) fn non_negative(&mut self, item: &Item) -> Option<u64> {
+        match item.as_integer() {
+            Some(n) if n >= 0 => Some(n as u64),
+            Some(n) => {
+                self.at(item.span(), format!("{n} is negative"));
+                None
+            }
+            None => {
+                self.at(
+                    item.span(),
+                    format!("expected an integer, found {}", item.type_name()),
+                );
+                None
+            }
+        }
+    }
+
+    pub(super) fn positive(&mut self, item: &Item) -> Option<u64> {
+        let n = self.non_negative(item)?;
+        if n == 0 {
+            self.at(item.span(), "a limit of 0 is not allowed".into());
+            return None;
+        }
+        Some(n)
+    }
+
+    pub(super) fn addr(&mut self, item: &Item) -> Option<SocketAddr> {
+        let s = self.string(item)?;
+        match s.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.at(
+                    item.span(),
+                    format!("`{s}` is not an address like \"127.0.0.1:8080\" or \"[::1]:8080\""),
+                );
+                None
+            }
+        }
+    }
+
+    pub(super) fn path(&mut self, item: &Item) -> Option<PathBuf> {
+        let s = self.string(item)?;
+        if s.is_empty() {
+            self.at(item.span(), "an empty path is not allowed".into());
+            return None;
+        }
+        let p = PathBuf::from(&s);
+        if p.is_absolute() {
+            return Some(p);
+        }
+        let beside = self.base.join(&p);
+        if beside.exists() || !p.exists() {
+            Some(beside)
+        } else {
+            Some(p)
+        }
+    }
+
+    pub(super) fn duration(&mut self, item: &Item) -> Option<Duration> {
+        let d = self.duration_or_zero(item)?;
+        if d.is_zero() {
+            self.at(item.span(), "a duration of 0 is not allowed here".into());
+            return None;
+        }
+        Some(d)
+    }
+
+    pub(super) fn duration_or_zero(&mut self, item: &Item) -> Option<Duration> {
+        let s = self.string(item)?;
+        match parse_duration(&s) {
+            Some(d) => Some(d),
+            None => {
+                self.at(
+                    item.span(),
+                    format!("`{s}` is not a duration like \"250ms\", \"10s\", \"5m\" or \"1h\""),
+                );
+                None
+            }
+        }
+    }
+
+    pub(super) fn size(&mut self, item: &Item) -> Option<usize> {
+        let n = if let Some(n) = item.as_integer() {
+            u64::try_from(n).ok()
+        } else if let Some(s) = item.as_str() {
+            parse_size(s)
+        } else {
+            None
+        };
+        match n {
+            Some(0) => {
+                self.at(item.span(), "a size of 0 is not allowed".into());
+                None
+            }
+            Some(n) => Some(n as usize),
+            None => {
+                self.at(
+                    item.span(),
+                    "expected a size like \"64KiB\", \"1MiB\" or a number of bytes".into(),
+                );
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,517 @@
+//! Configuration: `proxy.toml` text → spanned TOML document → validated [`Config`].
+//!
+//! The pipeline has three stages (the types and the entry points here, the
+//! checker in [`check`], the routes in [`route`]):
+//!
+//! 1. **Parse.** `toml_edit` parses the text and keeps the byte span of every
+//!    key and value, so that every later problem can name its line and column.
+//! 2. **Validate.** A `Checker` walks the document table by table. Unknown
+//!    keys, wrong types and bad values are all collected (never only the first),
+//!    each as a [`Problem`] carrying `file:line:column` and, for unknown keys,
+//!    the keys allowed at that place.
+//! 3. **Load.** Values that need the file system (TLS certificates and keys,
+//!    extra CA roots) are loaded here too, so that `tabmux check` catches a
+//!    missing key file and the proxy core only ever sees ready-to-use types:
+//!    `SocketAddr`, `Duration`, byte counts, `rustls` configs.
+//!
+//! The key names and defaults are the contract in `shared/CONFIG.md`; the keys
+//! this project adds are documented in `proxy.toml` and the README.
+
+mod check;
+mod route;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Uri};
+use toml_edit::Document;
+
+use check::Checker;
+
+/// A validated configuration. Built only by [`Config::from_toml`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: Server,
+    pub admin: Admin,
+    pub log: Log,
+    pub routes: Vec<Arc<Route>>,
+}
+
+/// `[server]`: the listener browser tabs connect to.
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: SocketAddr,
+    /// Present when `tls` is set: tabs connect with `wss://`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub max_tabs: usize,
+    pub shutdown_timeout: Duration,
+    /// How long a new connection may take to send its HTTP request headers
+    /// (added key; a connection that sends nothing is dropped after this).
+    pub handshake_timeout: Duration,
+    /// The largest request head (request line and headers) accepted; a
+    /// larger one is refused with 431 (added key).
+    pub max_header_size: usize,
+    /// Runtime worker threads (added key); None: one per core the process
+    /// may run on. One means a single-threaded runtime.
+    pub worker_threads: Option<usize>,
+}
+
+/// `[admin]`: health, readiness, metrics and status.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub listen: SocketAddr,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone)]
+pub struct Log {
+    pub format: LogFormat,
+    /// A `tracing_subscriber::EnvFilter` directive; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// What a route does with a tab that has no session cookie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingCookie {
+    /// Refuse the handshake with 401.
+    Reject,
+    /// Give the tab a session (and an upstream) of its own.
+    Direct,
+}
+
+/// Whether the upstream speaks the tab-id envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Envelope {
+    Json,
+    None,
+}
+
+impl Envelope {
+    /// The value of the `X-Tabmux-Envelope` header sent upstream.
+    pub fn header_value(self) -> &'static str {
+        match self {
+            Envelope::Json => "json/1",
+            Envelope::None => "none",
+        }
+    }
+}
+
+/// How a tab's text messages are embedded in the `json` envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    /// Tab text must be JSON and is embedded as is.
+    Json,
+    /// Tab text is embedded as a JSON string.
+    Text,
+}
+
+/// The Origin allow list of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origins {
+    /// `["*"]`: every origin is allowed (logged as a warning at start).
+    Any,
+    /// Exact, case-sensitive matches of the `Origin` header.
+    List(Vec<String>),
+}
+
+impl Origins {
+    /// Whether a request with this `Origin` header value may open a tab.
+    pub fn allows(&self, origin: &str) -> bool {
+        match self {
+            Origins::Any => true,
+            Origins::List(list) => list.iter().any(|o| o == origin),
+        }
+    }
+}
+
+/// Redial policy after an upstream loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reconnect {
+    pub initial: Duration,
+    pub max: Duration,
+    pub attempts: u32,
+}
+
+/// A validated `ws://` or `wss://` upstream address.
+#[derive(Debug, Clone)]
+pub struct UpstreamUrl {
+    /// The full URL as written (used as the request target).
+    pub uri: Uri,
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+/// One `[[route]]`.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub path: String,
+    pub upstream: UpstreamUrl,
+    pub session_cookie: String,
+    pub missing_cookie: MissingCookie,
+    pub allowed_origins: Origins,
+    pub envelope: Envelope,
+    pub payload: Payload,
+    pub forward_query: bool,
+    pub replay_first: usize,
+    pub linger: Duration,
+    pub max_tabs_per_session: usize,
+    pub max_message_size: usize,
+    pub tab_queue: usize,
+    pub reconnect_buffer: usize,
+    pub reconnect: Reconnect,
+    pub dial_timeout: Duration,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    /// TLS client config for a `wss://` upstream (system roots plus `ca`).
+    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Added key `open_event_headers`: request headers copied into the
+    /// `open` event's `headers` object.
+    pub open_event_headers: Vec<HeaderName>,
+    /// Added key `upstream_origin`: replaces the tab's `Origin` upstream.
+    pub upstream_origin: Option<HeaderValue>,
+    /// Added key `upstream_user_agent`: replaces the tab's `User-Agent` upstream.
+    pub upstream_user_agent: Option<HeaderValue>,
+}
+
+/// One thing wrong with a configuration file, with its place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.column, self.message
+        )
+    }
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            problems: vec![Problem {
+                file: name.clone(),
+                line: 0,
+                column: 0,
+                message: format!("cannot read the configuration file: {e}"),
+            }],
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Config::from_toml(&text, &name, &base)
+    }
+
+    /// Validates configuration text. `file` names it in problems; relative
+    /// paths inside it (certificates, CA files) are looked up first in `base`
+    /// (the file's directory), then in the working directory.
+    pub fn from_toml(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+        let mut c = Checker {
+            text,
+            file,
+            base,
+            problems: Vec::new(),
+        };
+        let doc = match Document::parse(text) {
+            Ok(doc) => doc,
+            Err(e) => {
+                c.at(e.span(), format!("invalid TOML: {}", e.message().trim()));
+                return Err(c.into_error());
+            }
+        };
+        let config = c.config(doc.as_table());
+        match config {
+            Some(config) if c.problems.is_empty() => Ok(config),
+            _ => Err(c.into_error()),
+        }
+    }
+}
+
+impl Config {
+    /// A short summary of the effective configuration, for `tabmux check`.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write as _;
+        let s = &self.server;
+        let mut out = String::new();
+        let scheme = if s.tls.is_some() { "wss" } else { "ws" };
+        let _ = writeln!(
+            out,
+            "tabs on {scheme}://{}, admin on http://{}; max_tabs {}, shutdown_timeout {:?}",
+            s.listen, self.admin.listen, s.max_tabs, s.shutdown_timeout
+        );
+        for r in &self.routes {
+            let origins = match &r.allowed_origins {
+                Origins::Any => "any origin (*)".to_string(),
+                Origins::List(l) => l.join(", "),
+            };
+            let _ = writeln!(out, "route {} -> {}", r.path, r.upstream.uri);
+            let _ = writeln!(
+                out,
+                "  envelope {}{}, cookie `{}` (missing: {}), origins: {origins}",
+                r.envelope.header_value(),
+                if r.envelope == Envelope::Json {
+                    format!(" payload {:?}", r.payload).to_lowercase()
+                } else {
+                    format!(", replay_first {}", r.replay_first)
+                },
+                r.session_cookie,
+                match r.missing_cookie {
+                    MissingCookie::Reject => "401",
+                    MissingCookie::Direct => "direct",
+                },
+            );
+            let _ = writeln!(
+                out,
+                "  limits: {} tabs/session, {} B/message, tab_queue {}, reconnect_buffer {} B; linger {:?}",
+                r.max_tabs_per_session, r.max_message_size, r.tab_queue, r.reconnect_buffer, r.linger
+            );
+            let _ = writeln!(
+                out,
+                "  redial {:?}..{:?} x{}, dial_timeout {:?}, ping {:?}, idle {:?}",
+                r.reconnect.initial,
+                r.reconnect.max,
+                r.reconnect.attempts,
+                r.dial_timeout,
+                r.ping_interval,
+                r.idle_timeout
+            );
+        }
+        out
+    }
+}
+
+/// Parses `"250ms"`, `"10s"`, `"5m"`, `"1h"` (a whole number and a unit).
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let ms = match unit.trim() {
+        "ms" => n,
+        "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(ms))
+}
+
+/// Parses `"64KiB"`, `"1MiB"`, `"1GiB"`, `"512B"` or `"512"` into bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+[admin]
+listen = "127.0.0.1:9090"
+[[route]]
+path = "/ws"
+upstream = "ws://127.0.0.1:9001/ws"
+allowed_origins = ["http://localhost:8080"]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, "proxy.toml", Path::new("."))
+    }
+
+    #[test]
+    fn minimal_config_gets_contract_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.server.max_tabs, 100_000);
+        assert_eq!(c.server.shutdown_timeout, Duration::from_secs(10));
+        let r = &c.routes[0];
+        assert_eq!(r.session_cookie, "sessionid");
+        assert_eq!(r.missing_cookie, MissingCookie::Reject);
+        assert_eq!(r.envelope, Envelope::Json);
+        assert_eq!(r.payload, Payload::Json);
+        assert!(r.forward_query);
+        assert_eq!(r.linger, Duration::from_secs(10));
+        assert_eq!(r.max_tabs_per_session, 32);
+        assert_eq!(r.max_message_size, 1 << 20);
+        assert_eq!(r.tab_queue, 256);
+        assert_eq!(r.reconnect_buffer, 1 << 20);
+        assert_eq!(
+            r.reconnect,
+            Reconnect {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(5),
+                attempts: 8
+            }
+        );
+        assert_eq!(r.dial_timeout, Duration::from_secs(5));
+        assert_eq!(r.ping_interval, Duration::from_secs(30));
+        assert_eq!(r.idle_timeout, Duration::from_secs(90));
+        assert_eq!(r.upstream.port, 9001);
+        assert!(!r.upstream.tls);
+        assert_eq!(c.log.format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn unknown_key_names_key_place_and_allowed_keys() {
+        let text = MINIMAL.replace("path = \"/ws\"", "path = \"/ws\"\nlingr = \"5s\"");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        let p = &err.problems[0];
+        assert_eq!((p.line, p.column), (8, 1));
+        assert!(p.message.contains("`lingr`"), "{p}");
+        assert!(p.message.contains("allowed keys: path, upstream"), "{p}");
+        assert!(p.to_string().starts_with("proxy.toml:8:1: "), "{p}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_in_one_run() {
+        let text = r#"
+[server]
+listen = "nowhere"
+max_tabs = 0
+[admin]
+listen = "127.0.0.1:9090"
+extra = 1
+[[route]]
+path = "/ws"
+upstream = "http://127.0.0.1:9001/ws"
+allowed_origins = ["http://localhost:8080"]
+linger = "soon"
+max_message_size = "1 lightyear"
+"#;
+        let err = parse(text).unwrap_err();
+        let lines: Vec<usize> = err.problems.iter().map(|p| p.line).collect();
+        assert_eq!(lines, vec![3, 4, 7, 10, 12, 13], "{err}");
+        assert!(err.to_string().contains("use ws:// or wss://"));
+    }
+
+    #[test]
+    fn required_keys_are_required() {
+        let err = parse("[server]\n[admin]\nlisten = \"127.0.0.1:1\"\n[[route]]\npath = \"/x\"\n")
+            .unwrap_err();
+        let all = err.to_string();
+        assert!(all.contains("missing required key `listen`"), "{all}");
+        assert!(all.contains("missing required key `upstream`"), "{all}");
+        assert!(
+            all.contains("missing required key `allowed_origins`"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn duplicate_paths_and_cross_field_rules() {
+        let text = format!(
+            "{MINIMAL}\n[[route]]\npath = \"/ws\"\nupstream = \"ws://h/\"\nallowed_origins = [\"*\"]\nreplay_first = 2\n"
+        );
+        let all = parse(&text).unwrap_err().to_string();
+        assert!(all.contains("used by an earlier route"), "{all}");
+        assert!(
+            all.contains("replay_first` applies to envelope = \"none\" only"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn idle_timeout_must_outlast_the_ping_interval() {
+        let text = format!("{MINIMAL}ping_interval = \"30s\"\nidle_timeout = \"30s\"\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("idle_timeout (30s) must be longer than ping_interval"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn worker_threads_is_optional_and_bounded() {
+        assert_eq!(parse(MINIMAL).unwrap().server.worker_threads, None);
+        let with = |n: &str| MINIMAL.replace("[admin]", &format!("worker_threads = {n}\n[admin]"));
+        assert_eq!(parse(&with("1")).unwrap().server.worker_threads, Some(1));
+        for bad in ["0", "5000", "\"two\""] {
+            let err = parse(&with(bad)).unwrap_err().to_string();
+            assert!(err.contains("proxy.toml:4:"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn origins_must_be_exact_origins() {
+        let text = MINIMAL.replace("http://localhost:8080\"]", "http://localhost:8080/\"]");
+        assert!(parse(&text)
+            .unwrap_err()
+            .to_string()
+            .contains("no trailing slash"));
+        let any = MINIMAL.replace("[\"http://localhost:8080\"]", "[\"*\"]");
+        assert_eq!(parse(&any).unwrap().routes[0].allowed_origins, Origins::Any);
+        let empty = MINIMAL.replace("[\"http://localhost:8080\"]", "[]");
+        assert!(parse(&empty).is_err());
+    }
+
+    #[test]
+    fn syntax_errors_have_a_place() {
+        let err = parse("[server\nlisten = 1").unwrap_err();
+        assert_eq!(err.problems.len(), 1);
+        assert_eq!(err.problems[0].line, 1);
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("-1s"), None);
+        assert_eq!(parse_duration("99999999999999999999s"), None);
+        assert_eq!(parse_size("64KiB"), Some(65536));
+        assert_eq!(parse_size("1MiB"), Some(1 << 20));
+        assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("1MB"), None);
+        assert_eq!(parse_size("99999999999GiB"), None);
+    }
+}
