@@ -94,7 +94,7 @@ async fn read_until(s: &mut TcpStream, opcode: u8, what: &str) -> Vec<u8> {
 #[tokio::test]
 async fn a_tabs_ping_is_answered_at_once() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "").await;
+    let proxy = proxy_for(&mock).await;
     let mut s = raw_tab(proxy.addr, "s").await;
     s.write_all(&frame(true, 0x9, b"hello?", true))
         .await
@@ -103,27 +103,21 @@ async fn a_tabs_ping_is_answered_at_once() {
 }
 
 /// A tab of another session that must keep working throughout.
-async fn bystander(proxy: &TestProxy, mock: &Mock) -> (Tab, usize) {
+async fn bystander(proxy: &TestProxy, mock: &Mock) -> (Tab, Upstream) {
     let tab = TabSpec::new("bystander").connect(proxy).await;
-    let conn = mock
-        .wait("the bystander's upstream", |c| {
-            c.iter()
-                .position(|c| c.headers["cookie"] == "sessionid=bystander")
-        })
-        .await;
-    (tab, conn)
+    (tab, mock.upstream_for("bystander").await)
 }
 
-async fn still_works(tab: &mut Tab, mock: &Mock, conn: usize) {
-    mock.send_json(conn, json!({"data": "unaffected"}));
+async fn still_works(tab: &mut Tab, up: &Upstream) {
+    up.send_json(json!({"data": "unaffected"}));
     assert_eq!(tab.recv_text().await, "\"unaffected\"");
 }
 
 #[tokio::test]
 async fn invalid_utf8_in_a_text_frame_is_1007() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "").await;
-    let (mut other, other_conn) = bystander(&proxy, &mock).await;
+    let proxy = proxy_for(&mock).await;
+    let (mut other, other_up) = bystander(&proxy, &mock).await;
     let mut s = raw_tab(proxy.addr, "evil").await;
     s.write_all(&frame(true, 0x1, &[b'"', 0xff, 0xfe, b'"'], true))
         .await
@@ -136,16 +130,18 @@ async fn invalid_utf8_in_a_text_frame_is_1007() {
         })
         .await;
     let close = mock
-        .find(evil, "close event", |v| v["event"] == "close")
+        .upstream(evil)
+        .find("close event", |v| v["event"] == "close")
         .await;
     assert_eq!(close["code"], 1007);
-    still_works(&mut other, &mock, other_conn).await;
+    still_works(&mut other, &other_up).await;
 }
 
 #[tokio::test]
 async fn fragmented_messages_are_reassembled() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "").await;
+    let up = mock.upstream(0);
+    let proxy = proxy_for(&mock).await;
     let mut s = raw_tab(proxy.addr, "s").await;
     let mut bytes = frame(false, 0x1, b"{\"parts\":", true);
     bytes.extend(frame(false, 0x0, b"[1,2,", true));
@@ -153,7 +149,7 @@ async fn fragmented_messages_are_reassembled() {
     bytes.extend(frame(true, 0x9, b"", true));
     bytes.extend(frame(true, 0x0, b"3]}", true));
     s.write_all(&bytes).await.unwrap();
-    let frames = mock.json(0, 2).await;
+    let frames = up.json(2).await;
     assert_eq!(
         frames[1],
         json!({"tab": "t1", "data": {"parts": [1, 2, 3]}})
@@ -166,7 +162,8 @@ async fn fragmented_messages_are_reassembled() {
 #[tokio::test]
 async fn messages_packed_into_one_write_all_arrive() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "").await;
+    let up = mock.upstream(0);
+    let proxy = proxy_for(&mock).await;
     let mut s = raw_tab(proxy.addr, "s").await;
     let medium = format!("\"{}\"", "m".repeat(198));
     let mut bytes = frame(true, 0x1, b"{\"n\":1}", true);
@@ -176,7 +173,7 @@ async fn messages_packed_into_one_write_all_arrive() {
     bytes.extend(frame(true, 0x0, b"4}", true));
     bytes.extend(frame(true, 0x1, b"{\"n\":5}", true));
     s.write_all(&bytes).await.unwrap();
-    let frames = mock.json(0, 6).await;
+    let frames = up.json(6).await;
     let data: Vec<_> = frames[1..].iter().map(|f| f["data"].clone()).collect();
     assert_eq!(
         data,
@@ -192,14 +189,14 @@ async fn messages_packed_into_one_write_all_arrive() {
     s.write_all(&frame(true, 0x1, b"{\"n\":6}", true))
         .await
         .unwrap();
-    assert_eq!(mock.json(0, 7).await[6]["data"], json!({"n": 6}));
+    assert_eq!(up.json(7).await[6]["data"], json!({"n": 6}));
 }
 
 #[tokio::test]
 async fn protocol_violations_are_1002() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "").await;
-    let (mut other, other_conn) = bystander(&proxy, &mock).await;
+    let proxy = proxy_for(&mock).await;
+    let (mut other, other_up) = bystander(&proxy, &mock).await;
     // A control frame over 125 bytes.
     let mut s = raw_tab(proxy.addr, "a").await;
     s.write_all(&frame(true, 0x9, &[0u8; 126], true))
@@ -214,13 +211,13 @@ async fn protocol_violations_are_1002() {
     let mut s = raw_tab(proxy.addr, "c").await;
     s.write_all(&frame(true, 0x0, b"1", true)).await.unwrap();
     assert_eq!(read_close(&mut s).await, 1002);
-    still_works(&mut other, &mock, other_conn).await;
+    still_works(&mut other, &other_up).await;
 }
 
 #[tokio::test]
 async fn a_frame_claiming_a_huge_length_is_1009_without_waiting_for_it() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "").await;
+    let proxy = proxy_for(&mock).await;
     let mut s = raw_tab(proxy.addr, "s").await;
     // Header only: 1 TiB of payload announced, none sent.
     let mut header = vec![0x81, 0x80 | 127];
@@ -233,7 +230,7 @@ async fn a_frame_claiming_a_huge_length_is_1009_without_waiting_for_it() {
 #[tokio::test]
 async fn absurd_handshakes_are_refused_with_431() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "").await;
+    let proxy = proxy_for(&mock).await;
     let huge_cookie = format!("sessionid=s; big={}", "c".repeat(64 * 1024));
     let (status, _) = raw_http(
         proxy.addr,
@@ -256,8 +253,11 @@ async fn absurd_handshakes_are_refused_with_431() {
 #[tokio::test]
 async fn a_connection_that_never_speaks_is_dropped_after_handshake_timeout() {
     let mock = Mock::start().await;
-    let toml = base_config("handshake_timeout = \"100ms\"") + &route("/ws", mock.addr, "");
-    let proxy = start_proxy(&toml).await;
+    let proxy = proxy()
+        .handshake_timeout("100ms")
+        .route(route("/ws", &mock))
+        .start()
+        .await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     let mut buf = Vec::new();
     // The proxy closes the connection (hyper may first answer 408).
@@ -274,8 +274,8 @@ async fn a_connection_that_never_speaks_is_dropped_after_handshake_timeout() {
 #[tokio::test]
 async fn thousands_of_tabs_under_one_cookie_meet_the_session_limit() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "").await;
-    let (mut other, other_conn) = bystander(&proxy, &mock).await;
+    let proxy = proxy_for(&mock).await;
+    let (mut other, other_up) = bystander(&proxy, &mock).await;
     let spec = TabSpec::new("flood");
     let mut admitted = Vec::new();
     let mut refused = 0;
@@ -298,7 +298,7 @@ async fn thousands_of_tabs_under_one_cookie_meet_the_session_limit() {
     assert_eq!(refused, 2000 - 32);
     // One upstream for the flood, one for the bystander.
     assert_eq!(mock.attempts(), 2);
-    still_works(&mut other, &mock, other_conn).await;
+    still_works(&mut other, &other_up).await;
 }
 
 /// A backend that sends without pause must not starve its session's tabs:
@@ -382,8 +382,10 @@ async fn a_backend_flooding_its_session_does_not_starve_the_tabs() {
             let _ = flood.await;
         });
     });
-    let toml = base_config("") + &route("/ws", addr, "payload = \"text\"");
-    let proxy = start_proxy(&toml).await;
+    let proxy = proxy()
+        .route(route_to("/ws", addr).payload("text"))
+        .start()
+        .await;
     let mut tab = TabSpec::new("s1").connect(&proxy).await;
     // Let the flood start before the tab speaks.
     while sent.load(Ordering::Relaxed) < 1 << 20 {

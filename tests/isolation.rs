@@ -61,8 +61,11 @@ impl ModelTab {
 
 async fn run(ops: Vec<Op>) {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "linger = \"1h\"").await;
-    let mut conn_of: HashMap<u8, usize> = HashMap::new();
+    let proxy = proxy()
+        .route(route("/ws", &mock).linger("1h"))
+        .start()
+        .await;
+    let mut upstream_of: HashMap<u8, Upstream> = HashMap::new();
     let mut opens: HashMap<u8, usize> = HashMap::new();
     let mut live: Vec<ModelTab> = Vec::new();
     let mut sent_by_tabs: Vec<(u8, String, String)> = Vec::new();
@@ -80,9 +83,9 @@ async fn run(ops: Vec<Op>) {
                             .position(|c| c.headers["cookie"] == cookie.as_str())
                     })
                     .await;
-                conn_of.insert(s, conn);
+                let up = upstream_of.entry(s).or_insert(mock.upstream(conn));
                 let nth = *opens.entry(s).and_modify(|k| *k += 1).or_insert(0);
-                let open = mock.nth_open(conn, nth).await;
+                let open = up.nth_open(nth).await;
                 live.push(ModelTab {
                     session: s,
                     id: open["tab"].as_str().unwrap().to_string(),
@@ -93,16 +96,16 @@ async fn run(ops: Vec<Op>) {
             }
             Op::Leave(i) if !live.is_empty() => {
                 let t = live.remove(i as usize % live.len());
-                let conn = conn_of[&t.session];
+                let up = &upstream_of[&t.session];
                 drop(t.tab);
                 let id = t.id.clone();
-                mock.find(conn, "the close event", |v| {
+                up.find("the close event", |v| {
                     v["event"] == "close" && v["tab"] == id.as_str()
                 })
                 .await;
             }
             Op::Broadcast(s) => {
-                let Some(&conn) = conn_of.get(&s) else {
+                let Some(up) = upstream_of.get(&s) else {
                     continue;
                 };
                 // With no member to wait for, the broadcast would still be in
@@ -112,7 +115,7 @@ async fn run(ops: Vec<Op>) {
                     continue;
                 }
                 let token = format!("S{s}-{n}");
-                mock.send_json(conn, json!({"data": token}));
+                up.send_json(json!({"data": token}));
                 // A barrier: the broadcast reaches its tabs before the next
                 // step, so the model knows exactly who was a member.
                 for t in live.iter_mut().filter(|t| t.session == s) {
@@ -124,7 +127,7 @@ async fn run(ops: Vec<Op>) {
                 let k = i as usize % live.len();
                 let t = &mut live[k];
                 let token = format!("S{}-{n}-to-{}", t.session, t.id);
-                mock.send_json(conn_of[&t.session], json!({"tab": t.id, "data": token}));
+                upstream_of[&t.session].send_json(json!({"tab": t.id, "data": token}));
                 t.expected.push(token.clone());
                 t.until(&token).await;
             }
@@ -139,8 +142,8 @@ async fn run(ops: Vec<Op>) {
         }
     }
     // A final marker per session closes each tab's expected stream.
-    for (&s, &conn) in &conn_of {
-        mock.send_json(conn, json!({"data": format!("END-{s}")}));
+    for (&s, up) in &upstream_of {
+        up.send_json(json!({"data": format!("END-{s}")}));
     }
     for t in &mut live {
         let end = format!("END-{}", t.session);
@@ -151,16 +154,13 @@ async fn run(ops: Vec<Op>) {
     // Every tab message reached its own session's upstream, attributed to
     // the tab that sent it.
     for (s, id, token) in sent_by_tabs {
-        let conn = conn_of[&s];
-        let frame = mock
-            .find(conn, "a tab's message upstream", |v| {
-                v["data"] == token.as_str()
-            })
+        let frame = upstream_of[&s]
+            .find("a tab's message upstream", |v| v["data"] == token.as_str())
             .await;
         assert_eq!(frame["tab"], id.as_str());
-        for (&other, &c) in &conn_of {
+        for (&other, up) in &upstream_of {
             if other != s {
-                assert!(mock.try_find(c, |v| v["data"] == token.as_str()).is_none());
+                assert!(up.try_find(|v| v["data"] == token.as_str()).is_none());
             }
         }
     }

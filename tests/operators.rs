@@ -24,7 +24,8 @@ fn m(scrape: &str, name: &str) -> f64 {
 #[tokio::test]
 async fn three_sessions_of_four_tabs_and_a_broadcast() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "").await;
+    let up = mock.upstream(0);
+    let proxy = proxy_for(&mock).await;
     let mut tabs = Vec::new();
     for s in 0..3 {
         for _ in 0..4 {
@@ -32,7 +33,7 @@ async fn three_sessions_of_four_tabs_and_a_broadcast() {
         }
     }
     for conn in 0..3 {
-        mock.json(conn, 4).await;
+        mock.upstream(conn).json(4).await;
     }
     let text = scrape(&proxy).await;
     assert_eq!(m(&text, "tabmux_tabs_open"), 12.0);
@@ -48,16 +49,17 @@ async fn three_sessions_of_four_tabs_and_a_broadcast() {
     );
 
     // One broadcast to the four tabs of the first session.
-    mock.send_json(0, json!({"data": "hello"}));
+    up.send_json(json!({"data": "hello"}));
+    let cookie = up.headers().await["cookie"].clone();
     let session0: Vec<usize> = (0..12)
-        .filter(|&i| mock.headers(0)["cookie"] == format!("sessionid=user{}", i / 4).as_str())
+        .filter(|&i| cookie == format!("sessionid=user{}", i / 4).as_str())
         .collect();
     for i in session0 {
         assert_eq!(tabs[i].recv_text().await, "\"hello\"");
     }
     // A tab message upstream.
     tabs[0].send_text("[1,2]").await;
-    mock.find(0, "the tab message", |v| v["data"] == json!([1, 2]))
+    up.find("the tab message", |v| v["data"] == json!([1, 2]))
         .await;
 
     let text = scrape(&proxy).await;
@@ -113,15 +115,19 @@ async fn three_sessions_of_four_tabs_and_a_broadcast() {
 #[tokio::test]
 async fn the_tabs_per_session_histogram_counts_ended_sessions_at_their_peak() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "linger = \"0s\"").await;
+    let up = mock.upstream(0);
+    let proxy = proxy()
+        .route(route("/ws", &mock).linger("0s"))
+        .start()
+        .await;
     let a = TabSpec::new("h").connect(&proxy).await;
     let b = TabSpec::new("h").connect(&proxy).await;
     let c = TabSpec::new("h").connect(&proxy).await;
-    mock.json(0, 3).await;
+    up.json(3).await;
     for t in [a, b, c] {
         t.close(1000).await;
     }
-    mock.closed(0).await;
+    up.closed().await;
     let text = guard("the session to end", async {
         loop {
             let text = scrape(&proxy).await;
@@ -156,7 +162,10 @@ async fn the_tabs_per_session_histogram_counts_ended_sessions_at_their_peak() {
 #[tokio::test]
 async fn refusals_are_counted_by_reason() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "max_tabs_per_session = 1").await;
+    let proxy = proxy()
+        .route(route("/ws", &mock).max_tabs_per_session(1))
+        .start()
+        .await;
     let _a = TabSpec::new("r").connect(&proxy).await;
     TabSpec::new("r").refused(&proxy).await;
     TabSpec::new("x")
@@ -183,12 +192,14 @@ async fn refusals_are_counted_by_reason() {
 async fn the_session_cookie_appears_nowhere() {
     const SECRET: &str = "S3CR3T-COOKIE-VALUE-7f3a";
     let mock = Mock::start().await;
+    let up = mock.upstream(0);
     let dir = std::env::temp_dir().join(format!("tabmux-logs-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let log_path = dir.join("log.jsonl");
-    let toml = base_config("")
-        + "[log]\nformat = \"json\"\nlevel = \"debug\"\n"
-        + &route("/ws", mock.addr, "");
+    let toml = proxy()
+        .log("json", "debug")
+        .route(route("/ws", &mock))
+        .toml();
     let path = dir.join("proxy.toml");
     std::fs::write(&path, &toml).unwrap();
     let log = std::fs::File::create(&log_path).unwrap();
@@ -225,12 +236,12 @@ async fn the_session_cookie_appears_nowhere() {
     .await;
     let proxy = TestProxy::at(tabs_addr, admin_addr);
     let spec = TabSpec::new(SECRET);
-    let (mut tab, _) = join(&proxy, &mock, 0, &spec, 0).await;
+    let (mut tab, _) = up.join(&proxy, &spec).await;
     tab.send_text("{not json").await; // a close with 1007, logged
     tab.closed().await;
-    let (mut tab2, _) = join(&proxy, &mock, 0, &spec, 1).await;
-    mock.send(0, tokio_tungstenite::tungstenite::Message::text("garbage")); // logged at warn
-    mock.send_json(0, json!({"data": "ok"}));
+    let (mut tab2, _) = up.join(&proxy, &spec).await;
+    up.send(tokio_tungstenite::tungstenite::Message::text("garbage")); // logged at warn
+    up.send_json(json!({"data": "ok"}));
     assert_eq!(tab2.recv_text().await, "\"ok\"");
     spec.clone()
         .origin(Some("https://evil.example"))
@@ -265,7 +276,7 @@ async fn the_session_cookie_appears_nowhere() {
 #[tokio::test]
 async fn the_status_page_is_served() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "").await;
+    let proxy = proxy_for(&mock).await;
     let (code, body) = admin_get(proxy.admin, "/").await;
     assert_eq!(code, 200);
     assert!(
@@ -285,7 +296,7 @@ async fn the_status_page_is_served() {
 #[tokio::test]
 async fn the_tab_closes_help_lists_every_reason() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "").await;
+    let proxy = proxy_for(&mock).await;
     // A family shows in the scrape once it has a series: close one tab.
     let mut tab = TabSpec::new("s").connect(&proxy).await;
     tab.send_text("{not json").await;

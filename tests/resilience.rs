@@ -10,8 +10,9 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Fast redials, so outages in tests are short; attempts as given.
-fn fast_redial(attempts: u32) -> String {
-    format!("reconnect = {{ initial = \"5ms\", max = \"20ms\", attempts = {attempts} }}")
+/// The default route, redialling fast (5-20 ms) up to `attempts` times.
+fn fast_redial(mock: &Mock, attempts: u32) -> RouteConfig {
+    route("/ws", mock).reconnect("5ms", "20ms", attempts)
 }
 
 fn refusing() -> Behavior {
@@ -23,20 +24,22 @@ fn refusing() -> Behavior {
 
 /// The frames on `conn` that are not pings, as JSON.
 async fn events(mock: &Mock, conn: usize, n: usize) -> Vec<serde_json::Value> {
-    mock.json(conn, n).await
+    mock.upstream(conn).json(n).await
 }
 
 #[tokio::test]
 async fn upstream_loss_redials_reopens_tabs_in_join_order_and_flushes_the_buffer() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, &fast_redial(100)).await;
-    let (mut a, a_id) = join(&proxy, &mock, 0, &TabSpec::new("s").path("/ws?room=1"), 0).await;
-    let (mut b, b_id) = join(&proxy, &mock, 0, &TabSpec::new("s").path("/ws?room=1"), 1).await;
+    let up = mock.upstream(0);
+    let second_up = mock.upstream(1);
+    let proxy = proxy().route(fast_redial(&mock, 100)).start().await;
+    let (mut a, a_id) = up.join(&proxy, &TabSpec::new("s").path("/ws?room=1")).await;
+    let (mut b, b_id) = up.join(&proxy, &TabSpec::new("s").path("/ws?room=1")).await;
 
     // Refuse redials for a while, drop the connection, and wait until the
     // proxy has noticed (it is redialling).
     mock.set_behavior(refusing());
-    mock.drop_conn(0);
+    up.drop_conn();
     mock.wait_attempts(3).await;
     // Tabs stay connected; what they send now is held, in order.
     a.send_text(r#""a1""#).await;
@@ -46,7 +49,7 @@ async fn upstream_loss_redials_reopens_tabs_in_join_order_and_flushes_the_buffer
     let mut c = TabSpec::new("s").path("/ws?room=1").connect(&proxy).await;
 
     mock.set_behavior(Behavior::default());
-    mock.conn(1).await;
+    second_up.connected().await;
     let frames = events(&mock, 1, 6).await;
     assert_eq!(
         frames,
@@ -60,10 +63,10 @@ async fn upstream_loss_redials_reopens_tabs_in_join_order_and_flushes_the_buffer
         ]
     );
     // The new upstream carries the same forwarded handshake.
-    assert_eq!(mock.headers(1)["cookie"], "sessionid=s");
-    assert_eq!(mock.path(1), "/backend?room=1");
+    assert_eq!(second_up.headers().await["cookie"], "sessionid=s");
+    assert_eq!(second_up.path().await, "/backend?room=1");
     // Every tab is served by the new upstream.
-    mock.send_json(1, json!({"data": "back"}));
+    second_up.send_json(json!({"data": "back"}));
     for tab in [&mut a, &mut b, &mut c] {
         assert_eq!(tab.recv_text().await, "\"back\"");
     }
@@ -89,24 +92,27 @@ async fn upstream_loss_redials_reopens_tabs_in_join_order_and_flushes_the_buffer
 #[tokio::test]
 async fn a_backend_close_is_a_loss_too() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, &fast_redial(8)).await;
-    let (mut tab, id) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
-    mock.close(0);
-    mock.conn(1).await;
+    let up = mock.upstream(0);
+    let second_up = mock.upstream(1);
+    let proxy = proxy().route(fast_redial(&mock, 8)).start().await;
+    let (mut tab, id) = up.join(&proxy, &TabSpec::new("s")).await;
+    up.close();
+    second_up.connected().await;
     let frames = events(&mock, 1, 1).await;
     assert_eq!(frames[0], json!({"tab": id, "event": "open", "query": ""}));
-    mock.send_json(1, json!({"tab": id, "data": 2}));
+    second_up.send_json(json!({"tab": id, "data": 2}));
     assert_eq!(tab.recv_text().await, "2");
 }
 
 #[tokio::test]
 async fn a_spent_reconnect_budget_closes_every_tab_with_1011() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, &fast_redial(3)).await;
-    let (mut a, _) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
-    let (mut b, _) = join(&proxy, &mock, 0, &TabSpec::new("s"), 1).await;
+    let up = mock.upstream(0);
+    let proxy = proxy().route(fast_redial(&mock, 3)).start().await;
+    let (mut a, _) = up.join(&proxy, &TabSpec::new("s")).await;
+    let (mut b, _) = up.join(&proxy, &TabSpec::new("s")).await;
     mock.set_behavior(refusing());
-    mock.drop_conn(0);
+    up.drop_conn();
     assert_eq!(a.closed().await.0, 1011);
     assert_eq!(b.closed().await.0, 1011);
     // One dial, then exactly the three redials of the budget.
@@ -120,15 +126,15 @@ async fn a_spent_reconnect_budget_closes_every_tab_with_1011() {
 #[tokio::test]
 async fn a_full_reconnect_buffer_closes_every_tab_with_1013() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(
-        &mock,
-        &format!("{}\nreconnect_buffer = 16", fast_redial(1000)),
-    )
-    .await;
-    let (mut a, _) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
-    let (mut b, _) = join(&proxy, &mock, 0, &TabSpec::new("s"), 1).await;
+    let up = mock.upstream(0);
+    let proxy = proxy()
+        .route(fast_redial(&mock, 1000).reconnect_buffer(16))
+        .start()
+        .await;
+    let (mut a, _) = up.join(&proxy, &TabSpec::new("s")).await;
+    let (mut b, _) = up.join(&proxy, &TabSpec::new("s")).await;
     mock.set_behavior(refusing());
-    mock.drop_conn(0);
+    up.drop_conn();
     mock.wait_attempts(2).await;
     a.send_text(r#""0123456789""#).await; // 12 bytes: held
     b.send_text(r#""0123456789""#).await; // 24 in all: over the limit
@@ -139,36 +145,39 @@ async fn a_full_reconnect_buffer_closes_every_tab_with_1013() {
 #[tokio::test]
 async fn a_stalled_upstream_is_caught_by_idle_timeout_and_redialled() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(
-        &mock,
-        &format!(
-            "ping_interval = \"50ms\"\nidle_timeout = \"200ms\"\n{}",
-            fast_redial(100)
-        ),
-    )
-    .await;
+    let up = mock.upstream(0);
+    let second_up = mock.upstream(1);
+    let stalls = fast_redial(&mock, 100)
+        .ping_interval("50ms")
+        .idle_timeout("200ms");
+    let proxy = proxy().route(stalls).start().await;
     let tab = TabSpec::new("s").connect(&proxy).await;
     let mut tab = tab.live();
-    mock.json(0, 1).await;
+    up.json(1).await;
     // The upstream is pinged while it answers.
     mock.wait("two pings upstream", |c| (c[0].pings >= 2).then_some(()))
         .await;
-    mock.stall(0);
-    mock.conn(1).await;
+    up.stall();
+    second_up.connected().await;
     let frames = events(&mock, 1, 1).await;
     assert_eq!(frames[0]["event"], "open");
-    mock.send_json(1, json!({"data": "after the stall"}));
+    second_up.send_json(json!({"data": "after the stall"}));
     assert_eq!(tab.recv_text().await, "\"after the stall\"");
 }
 
 #[tokio::test]
 async fn upstream_lost_while_lingering_ends_the_session() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, &format!("linger = \"1h\"\n{}", fast_redial(8))).await;
+    let up = mock.upstream(0);
+    let second_up = mock.upstream(1);
+    let proxy = proxy()
+        .route(fast_redial(&mock, 8).linger("1h"))
+        .start()
+        .await;
     let tab = TabSpec::new("s").connect(&proxy).await;
     tab.close(1000).await;
-    mock.find(0, "close event", |v| v["event"] == "close").await;
-    mock.drop_conn(0);
+    up.find("close event", |v| v["event"] == "close").await;
+    up.drop_conn();
     // No tab needs it: no redial. A new tab makes a new session.
     let _tab = guard("a new session", async {
         loop {
@@ -178,16 +187,20 @@ async fn upstream_lost_while_lingering_ends_the_session() {
         }
     })
     .await;
-    mock.conn(1).await;
-    assert_eq!(mock.json(1, 1).await[0]["tab"], "t1");
+    second_up.connected().await;
+    assert_eq!(second_up.json(1).await[0]["tab"], "t1");
 }
 
 #[tokio::test]
 async fn a_slow_consumer_is_closed_with_1008_and_delays_no_one() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "tab_queue = 8\nmax_message_size = \"128KiB\"").await;
-    let (slow, slow_id) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
-    let (fast, _) = join(&proxy, &mock, 0, &TabSpec::new("s"), 1).await;
+    let up = mock.upstream(0);
+    let proxy = proxy()
+        .route(route("/ws", &mock).tab_queue(8).max_message_size("128KiB"))
+        .start()
+        .await;
+    let (slow, slow_id) = up.join(&proxy, &TabSpec::new("s")).await;
+    let (fast, _) = up.join(&proxy, &TabSpec::new("s")).await;
     let mut fast = fast.live();
     // Broadcast at the pace of the tab that reads: it is never more than one
     // message behind, while the tab that does not read falls further behind
@@ -196,14 +209,14 @@ async fn a_slow_consumer_is_closed_with_1008_and_delays_no_one() {
     let mut sent = 0;
     let close = loop {
         assert!(sent < 2000, "the tab that does not read was never closed");
-        mock.send_json(0, json!({"data": {"i": sent, "pad": big}}));
+        up.send_json(json!({"data": {"i": sent, "pad": big}}));
         let v: serde_json::Value = serde_json::from_str(&fast.recv_text().await).unwrap();
         assert_eq!(
             v["i"], sent,
             "the reading tab got every broadcast, in order"
         );
         sent += 1;
-        if let Some(close) = mock.try_find(0, |v| v["event"] == "close") {
+        if let Some(close) = up.try_find(|v| v["event"] == "close") {
             break close;
         }
     };
@@ -212,7 +225,7 @@ async fn a_slow_consumer_is_closed_with_1008_and_delays_no_one() {
         json!({"tab": slow_id, "event": "close", "code": 1008})
     );
     // The reading tab goes on being served.
-    mock.send_json(0, json!({"data": "after"}));
+    up.send_json(json!({"data": "after"}));
     assert_eq!(fast.recv_text().await, "\"after\"");
     // The slow tab, reading at last, finds its connection ended (with a
     // 1008 close frame if it arrived within the close grace period).
@@ -232,13 +245,21 @@ async fn a_slow_consumer_is_closed_with_1008_and_delays_no_one() {
 #[tokio::test]
 async fn a_silent_tab_is_closed_by_idle_timeout_and_a_live_one_is_not() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "ping_interval = \"30ms\"\nidle_timeout = \"120ms\"").await;
+    let up = mock.upstream(0);
+    let proxy = proxy()
+        .route(
+            route("/ws", &mock)
+                .ping_interval("30ms")
+                .idle_timeout("120ms"),
+        )
+        .start()
+        .await;
     // This tab never reads, so it never answers a ping.
-    let (_silent, silent_id) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
-    let (live, live_id) = join(&proxy, &mock, 0, &TabSpec::new("s"), 1).await;
+    let (_silent, silent_id) = up.join(&proxy, &TabSpec::new("s")).await;
+    let (live, live_id) = up.join(&proxy, &TabSpec::new("s")).await;
     let mut live = live.live();
-    let close = mock
-        .find(0, "the silent tab's close event", |v| v["event"] == "close")
+    let close = up
+        .find("the silent tab's close event", |v| v["event"] == "close")
         .await;
     assert_eq!(
         close,
@@ -247,7 +268,7 @@ async fn a_silent_tab_is_closed_by_idle_timeout_and_a_live_one_is_not() {
     // The live tab has answered pings well past the idle timeout.
     live.wait_pings(10).await;
     live.send_text("\"still here\"");
-    mock.find(0, "the live tab's message", |v| {
+    up.find("the live tab's message", |v| {
         v["tab"] == live_id.as_str() && v["data"] == "still here"
     })
     .await;
@@ -255,31 +276,31 @@ async fn a_silent_tab_is_closed_by_idle_timeout_and_a_live_one_is_not() {
 
 #[tokio::test]
 async fn sigterm_drains_tabs_with_1001_and_upstreams_with_1000_then_exits_0() {
-    sigterm_drain("shutdown_timeout = \"10s\"").await;
+    sigterm_drain(proxy().shutdown_timeout("10s")).await;
 }
 
 /// `worker_threads = 1` runs tabmux on a single-threaded runtime: the same
 /// tabs, events and drain.
 #[tokio::test]
 async fn the_single_threaded_runtime_serves_and_drains_the_same() {
-    sigterm_drain("shutdown_timeout = \"10s\"\nworker_threads = 1").await;
+    sigterm_drain(proxy().shutdown_timeout("10s").worker_threads(1)).await;
 }
 
-async fn sigterm_drain(server: &str) {
+async fn sigterm_drain(server: ProxyConfig) {
     let mock = Mock::start().await;
-    let toml = base_config(server) + &route("/ws", mock.addr, "");
-    let (child, proxy) = spawn_tabmux(&toml);
-    let (a, a_id) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
-    let (b, b_id) = join(&proxy, &mock, 0, &TabSpec::new("s"), 1).await;
+    let up = mock.upstream(0);
+    let (child, proxy) = server.route(route("/ws", &mock)).spawn();
+    let (a, a_id) = up.join(&proxy, &TabSpec::new("s")).await;
+    let (b, b_id) = up.join(&proxy, &TabSpec::new("s")).await;
     let (mut a, mut b) = (a.live(), b.live());
     sigterm(&child);
     assert_eq!(a.closed().await, 1001);
     assert_eq!(b.closed().await, 1001);
-    let frame = mock.closed(0).await.expect("a close frame upstream");
+    let frame = up.closed().await.expect("a close frame upstream");
     assert_eq!(u16::from(frame.code), 1000);
     // Both tabs' close events reached the backend before the upstream closed.
-    let closes: Vec<_> = mock
-        .json(0, 4)
+    let closes: Vec<_> = up
+        .json(4)
         .await
         .into_iter()
         .filter(|v| v["event"] == "close")
@@ -298,19 +319,22 @@ async fn sigterm_drain(server: &str) {
 #[tokio::test]
 async fn sigterm_drains_a_session_that_is_busy_forwarding() {
     let mock = Mock::start().await;
-    let toml = base_config("shutdown_timeout = \"10s\"\nworker_threads = 1")
-        + &route("/ws", mock.addr, "");
-    let (child, proxy) = spawn_tabmux(&toml);
-    let (a, _) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
+    let up = mock.upstream(0);
+    let (child, proxy) = proxy()
+        .shutdown_timeout("10s")
+        .worker_threads(1)
+        .route(route("/ws", &mock))
+        .spawn();
+    let (a, _) = up.join(&proxy, &TabSpec::new("s")).await;
     let mut a = a.live();
     for i in 0..20_000 {
         a.send_text(&format!("{{\"n\":{i}}}"));
     }
     // The stream is flowing: the open event, then data.
-    mock.json(0, 50).await;
+    up.json(50).await;
     sigterm(&child);
     assert_eq!(a.closed().await, 1001);
-    let frame = mock.closed(0).await.expect("a close frame upstream");
+    let frame = up.closed().await.expect("a close frame upstream");
     assert_eq!(u16::from(frame.code), 1000);
     exits_0(child).await;
 }
@@ -320,9 +344,10 @@ async fn sigterm_drains_a_session_that_is_busy_forwarding() {
 #[tokio::test]
 async fn a_backend_ping_is_answered_at_once() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "").await;
-    let (_tab, _) = join(&proxy, &mock, 0, &TabSpec::new("s"), 0).await;
-    mock.send(0, Message::Ping(b"are you there".to_vec().into()));
+    let up = mock.upstream(0);
+    let proxy = proxy_for(&mock).await;
+    let (_tab, _) = up.join(&proxy, &TabSpec::new("s")).await;
+    up.send(Message::Ping(b"are you there".to_vec().into()));
     let pongs = mock
         .wait("a pong", |c| {
             let pongs = &c.first()?.pongs;

@@ -15,7 +15,8 @@ async fn upstream_handshake_forwards_the_first_tabs_headers() {
         ..Default::default()
     })
     .await;
-    let proxy = proxy_for(&mock, "").await;
+    let up = mock.upstream(0);
+    let proxy = proxy_for(&mock).await;
     let tab = TabSpec::new("abc")
         .header("cookie", "theme=dark")
         .header("user-agent", "TestBrowser/1.0")
@@ -23,8 +24,8 @@ async fn upstream_handshake_forwards_the_first_tabs_headers() {
         .header("sec-websocket-protocol", "chat.v2, chat.v1")
         .connect(&proxy)
         .await;
-    mock.conn(0).await;
-    let h = mock.headers(0);
+    up.connected().await;
+    let h = up.headers().await;
     let get = |n: &str| h.get(n).map(|v| v.to_str().unwrap().to_string());
     // The tab's two Cookie headers arrive as one, in order.
     assert_eq!(get("cookie").as_deref(), Some("sessionid=abc; theme=dark"));
@@ -54,17 +55,21 @@ async fn upstream_handshake_forwards_the_first_tabs_headers() {
 #[tokio::test]
 async fn route_overrides_origin_and_user_agent_upstream() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(
-        &mock,
-        "upstream_origin = \"https://backend.internal\"\nupstream_user_agent = \"tabmux\"",
-    )
-    .await;
+    let up = mock.upstream(0);
+    let proxy = proxy()
+        .route(
+            route("/ws", &mock)
+                .upstream_origin("https://backend.internal")
+                .upstream_user_agent("tabmux"),
+        )
+        .start()
+        .await;
     let _tab = TabSpec::new("s")
         .header("user-agent", "Browser")
         .connect(&proxy)
         .await;
-    mock.conn(0).await;
-    let h = mock.headers(0);
+    up.connected().await;
+    let h = up.headers().await;
     assert_eq!(h["origin"], "https://backend.internal");
     assert_eq!(h["user-agent"], "tabmux");
 }
@@ -72,10 +77,14 @@ async fn route_overrides_origin_and_user_agent_upstream() {
 #[tokio::test]
 async fn envelope_none_is_announced_upstream() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "envelope = \"none\"").await;
+    let up = mock.upstream(0);
+    let proxy = proxy()
+        .route(route("/ws", &mock).envelope("none"))
+        .start()
+        .await;
     let _tab = TabSpec::new("s").connect(&proxy).await;
-    mock.conn(0).await;
-    assert_eq!(mock.headers(0)["x-tabmux-envelope"], "none");
+    up.connected().await;
+    assert_eq!(up.headers().await["x-tabmux-envelope"], "none");
 }
 
 #[tokio::test]
@@ -88,7 +97,7 @@ async fn upstream_refusals_pass_through_or_become_502() {
             ..Default::default()
         })
         .await;
-        let proxy = proxy_for(&mock, "").await;
+        let proxy = proxy_for(&mock).await;
         let (status, _) = TabSpec::new("s").refused(&proxy).await;
         assert_eq!(
             status.as_u16(),
@@ -109,8 +118,7 @@ async fn unreachable_upstream_is_502_and_dial_timeout_is_504() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let toml = base_config("") + &route("/ws", port, "");
-    let proxy = start_proxy(&toml).await;
+    let proxy = proxy().route(route_to("/ws", port)).start().await;
     let (status, body) = TabSpec::new("s").refused(&proxy).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert!(body.contains("unreachable"), "{body}");
@@ -120,7 +128,10 @@ async fn unreachable_upstream_is_502_and_dial_timeout_is_504() {
         ..Default::default()
     })
     .await;
-    let proxy = proxy_for(&hang, "dial_timeout = \"200ms\"").await;
+    let proxy = common::proxy()
+        .route(route("/ws", &hang).dial_timeout("200ms"))
+        .start()
+        .await;
     let (status, _) = TabSpec::new("s").refused(&proxy).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
 }
@@ -128,11 +139,15 @@ async fn unreachable_upstream_is_502_and_dial_timeout_is_504() {
 #[tokio::test]
 async fn fifty_tabs_of_one_session_at_once_make_one_upstream() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "max_tabs_per_session = 64").await;
+    let up = mock.upstream(0);
+    let proxy = proxy()
+        .route(route("/ws", &mock).max_tabs_per_session(64))
+        .start()
+        .await;
     let spec = TabSpec::new("race");
     let tabs = futures_util::future::join_all((0..50).map(|_| spec.connect(&proxy))).await;
     assert_eq!(tabs.len(), 50);
-    let frames = mock.json(0, 50).await;
+    let frames = up.json(50).await;
     let mut ids: Vec<&str> = frames.iter().map(|v| v["tab"].as_str().unwrap()).collect();
     assert!(frames.iter().all(|v| v["event"] == "open"));
     ids.sort();
@@ -145,29 +160,26 @@ async fn fifty_tabs_of_one_session_at_once_make_one_upstream() {
 #[tokio::test]
 async fn sessions_are_isolated() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "").await;
+    let proxy = proxy_for(&mock).await;
     let mut alice = TabSpec::new("alice").connect(&proxy).await;
-    mock.json(0, 1).await;
+    let alice_up = mock.upstream_for("alice").await;
+    alice_up.json(1).await;
     let mut bob = TabSpec::new("bob").connect(&proxy).await;
-    mock.json(1, 1).await;
+    let bob_up = mock.upstream_for("bob").await;
+    bob_up.json(1).await;
     assert_eq!(mock.connections(), 2);
-    let alice_conn = if mock.headers(0)["cookie"] == "sessionid=alice" {
-        0
-    } else {
-        1
-    };
-    let bob_conn = 1 - alice_conn;
+    assert_ne!(alice_up.n, bob_up.n);
     // Both sessions have a tab "t1": ids are per session.
-    mock.send_json(alice_conn, json!({"data": "for alice"}));
-    mock.send_json(alice_conn, json!({"tab": "t1", "data": "alice t1"}));
-    mock.send_json(bob_conn, json!({"data": "for bob"}));
+    alice_up.send_json(json!({"data": "for alice"}));
+    alice_up.send_json(json!({"tab": "t1", "data": "alice t1"}));
+    bob_up.send_json(json!({"data": "for bob"}));
     assert_eq!(alice.recv_text().await, "\"for alice\"");
     assert_eq!(alice.recv_text().await, "\"alice t1\"");
     assert_eq!(bob.recv_text().await, "\"for bob\"");
     bob.send_text("1").await;
-    mock.json(bob_conn, 2).await;
+    bob_up.json(2).await;
     // Alice's upstream saw only Alice's open event.
-    assert_eq!(mock.json(alice_conn, 1).await.len(), 1);
+    assert_eq!(alice_up.json(1).await.len(), 1);
 }
 
 #[tokio::test]
@@ -177,7 +189,8 @@ async fn session_key_includes_subprotocols_and_forwarded_query() {
         ..Default::default()
     })
     .await;
-    let proxy = proxy_for(&mock, "").await;
+    let third_up = mock.upstream(2);
+    let proxy = proxy_for(&mock).await;
     let _a = TabSpec::new("same").connect(&proxy).await;
     let _b = TabSpec::new("same")
         .path("/ws?room=2")
@@ -187,14 +200,14 @@ async fn session_key_includes_subprotocols_and_forwarded_query() {
         .header("sec-websocket-protocol", "p1")
         .connect(&proxy)
         .await;
-    mock.conn(2).await;
+    third_up.connected().await;
     assert_eq!(mock.connections(), 3);
 }
 
 #[tokio::test]
 async fn origin_allow_list() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "").await;
+    let proxy = proxy_for(&mock).await;
     let (status, body) = TabSpec::new("s")
         .origin(Some("https://evil.example"))
         .refused(&proxy)
@@ -210,12 +223,10 @@ async fn origin_allow_list() {
 #[tokio::test]
 async fn any_origin_when_configured() {
     let mock = Mock::start().await;
-    let toml = base_config("")
-        + &format!(
-            "[[route]]\npath = \"/ws\"\nupstream = \"ws://{}/\"\nallowed_origins = [\"*\"]\n",
-            mock.addr
-        );
-    let proxy = start_proxy(&toml).await;
+    let any = route("/ws", &mock)
+        .upstream(&format!("ws://{}/", mock.addr))
+        .allowed_origins(&["*"]);
+    let proxy = proxy().route(any).start().await;
     let _tab = TabSpec::new("s")
         .origin(Some("https://anywhere.example"))
         .connect(&proxy)
@@ -225,7 +236,7 @@ async fn any_origin_when_configured() {
 #[tokio::test]
 async fn missing_or_empty_cookie_is_401() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "").await;
+    let proxy = proxy_for(&mock).await;
     let (status, body) = TabSpec::new("s").cookie(None).refused(&proxy).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(body.contains("sessionid"), "{body}");
@@ -240,16 +251,21 @@ async fn missing_or_empty_cookie_is_401() {
 #[tokio::test]
 async fn missing_cookie_direct_gives_each_tab_its_own_upstream() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "missing_cookie = \"direct\"").await;
+    let up = mock.upstream(0);
+    let second_up = mock.upstream(1);
+    let proxy = proxy()
+        .route(route("/ws", &mock).missing_cookie("direct"))
+        .start()
+        .await;
     let mut a = TabSpec::new("x").cookie(None).connect(&proxy).await;
     let mut b = TabSpec::new("x").cookie(None).connect(&proxy).await;
-    mock.conn(1).await;
+    second_up.connected().await;
     assert_eq!(mock.connections(), 2);
     // Same envelope, same events, on each upstream.
-    assert_eq!(mock.json(0, 1).await[0]["event"], "open");
-    assert_eq!(mock.json(1, 1).await[0]["event"], "open");
-    mock.send_json(0, json!({"data": "zero"}));
-    mock.send_json(1, json!({"data": "one"}));
+    assert_eq!(up.json(1).await[0]["event"], "open");
+    assert_eq!(second_up.json(1).await[0]["event"], "open");
+    up.send_json(json!({"data": "zero"}));
+    second_up.send_json(json!({"data": "one"}));
     let mut got = vec![a.recv_text().await, b.recv_text().await];
     got.sort();
     assert_eq!(got, vec!["\"one\"", "\"zero\""]);
@@ -258,7 +274,11 @@ async fn missing_cookie_direct_gives_each_tab_its_own_upstream() {
 #[tokio::test]
 async fn session_tab_limit_is_429() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "max_tabs_per_session = 2").await;
+    let up = mock.upstream(0);
+    let proxy = proxy()
+        .route(route("/ws", &mock).max_tabs_per_session(2))
+        .start()
+        .await;
     let _a = TabSpec::new("s").connect(&proxy).await;
     let b = TabSpec::new("s").connect(&proxy).await;
     let (status, body) = TabSpec::new("s").refused(&proxy).await;
@@ -268,15 +288,14 @@ async fn session_tab_limit_is_429() {
     let _other = TabSpec::new("t").connect(&proxy).await;
     // A slot frees when a tab leaves.
     b.close(1000).await;
-    mock.find(0, "close event", |v| v["event"] == "close").await;
+    up.find("close event", |v| v["event"] == "close").await;
     let _c = TabSpec::new("s").connect(&proxy).await;
 }
 
 #[tokio::test]
 async fn proxy_tab_limit_is_429() {
     let mock = Mock::start().await;
-    let toml = base_config("max_tabs = 2") + &route("/ws", mock.addr, "");
-    let proxy = start_proxy(&toml).await;
+    let proxy = proxy().max_tabs(2).route(route("/ws", &mock)).start().await;
     let _a = TabSpec::new("s1").connect(&proxy).await;
     let b = TabSpec::new("s2").connect(&proxy).await;
     let (status, _) = TabSpec::new("s3").refused(&proxy).await;
@@ -297,7 +316,7 @@ async fn proxy_tab_limit_is_429() {
 #[tokio::test]
 async fn malformed_handshakes_are_400_plain_gets_426_unknown_paths_404() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "").await;
+    let proxy = proxy_for(&mock).await;
     let req = |extra: &str| {
         format!(
             "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{extra}Cookie: sessionid=s\r\n\r\n"
@@ -331,16 +350,18 @@ async fn malformed_handshakes_are_400_plain_gets_426_unknown_paths_404() {
 #[tokio::test]
 async fn a_tab_joining_within_linger_reuses_the_upstream() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "linger = \"1h\"").await;
+    let up = mock.upstream(0);
+    let proxy = proxy()
+        .route(route("/ws", &mock).linger("1h"))
+        .start()
+        .await;
     let first = TabSpec::new("s").connect(&proxy).await;
     first.close(1001).await;
-    mock.find(0, "close event", |v| v["event"] == "close").await;
+    up.find("close event", |v| v["event"] == "close").await;
     // Reload: a new tab of the same session arrives after the last left.
     let _again = TabSpec::new("s").connect(&proxy).await;
-    let open = mock
-        .find(0, "second open", |v| {
-            v["event"] == "open" && v["tab"] == "t2"
-        })
+    let open = up
+        .find("second open", |v| v["event"] == "open" && v["tab"] == "t2")
         .await;
     assert_eq!(open["query"], "");
     assert_eq!(mock.attempts(), 1, "no new dial within linger");
@@ -349,14 +370,19 @@ async fn a_tab_joining_within_linger_reuses_the_upstream() {
 #[tokio::test]
 async fn upstream_closes_with_1000_when_linger_ends() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "linger = \"0s\"").await;
+    let up = mock.upstream(0);
+    let second_up = mock.upstream(1);
+    let proxy = proxy()
+        .route(route("/ws", &mock).linger("0s"))
+        .start()
+        .await;
     let tab = TabSpec::new("s").connect(&proxy).await;
     tab.close(1000).await;
-    let frame = mock.closed(0).await.expect("a close frame");
+    let frame = up.closed().await.expect("a close frame");
     assert_eq!(u16::from(frame.code), 1000);
     // The session is gone: the next tab dials anew.
     let _tab = TabSpec::new("s").connect(&proxy).await;
-    mock.conn(1).await;
+    second_up.connected().await;
     assert_eq!(mock.attempts(), 2);
 }
 
@@ -364,15 +390,17 @@ async fn upstream_closes_with_1000_when_linger_ends() {
 async fn several_routes_are_separate() {
     let a = Mock::start().await;
     let b = Mock::start().await;
-    let toml =
-        base_config("") + &route("/a", a.addr, "") + &route("/b", b.addr, "envelope = \"none\"");
-    let proxy = start_proxy(&toml).await;
+    let proxy = proxy()
+        .route(route("/a", &a))
+        .route(route("/b", &b).envelope("none"))
+        .start()
+        .await;
     let _ta = TabSpec::new("s").path("/a").connect(&proxy).await;
     let _tb = TabSpec::new("s").path("/b").connect(&proxy).await;
-    a.conn(0).await;
-    b.conn(0).await;
-    assert_eq!(a.headers(0)["x-tabmux-envelope"], "json/1");
-    assert_eq!(b.headers(0)["x-tabmux-envelope"], "none");
+    a.upstream(0).connected().await;
+    b.upstream(0).connected().await;
+    assert_eq!(a.upstream(0).headers().await["x-tabmux-envelope"], "json/1");
+    assert_eq!(b.upstream(0).headers().await["x-tabmux-envelope"], "none");
 }
 
 #[tokio::test]
@@ -385,25 +413,29 @@ async fn envelope_none_passes_frames_through_and_replays_the_greeting() {
         ..Default::default()
     })
     .await;
-    let proxy = proxy_for(&mock, "envelope = \"none\"\nreplay_first = 2").await;
+    let up = mock.upstream(0);
+    let proxy = proxy()
+        .route(route("/ws", &mock).envelope("none").replay_first(2))
+        .start()
+        .await;
     let mut first = TabSpec::new("s").connect(&proxy).await;
     assert_eq!(first.recv().await, Message::text("hello-1"));
     assert_eq!(first.recv().await, Message::binary(b"hello-2".to_vec()));
     // Tab frames go upstream unchanged, text and binary.
     first.send_text("not even json").await;
     first.send_binary(&[9, 9]).await;
-    let frames = mock.frames(0, 2).await;
+    let frames = up.frames(2).await;
     assert_eq!(
         frames,
         vec![Message::text("not even json"), Message::binary(vec![9, 9])]
     );
-    mock.send(0, Message::text("live-1"));
+    up.send(Message::text("live-1"));
     assert_eq!(first.recv().await, Message::text("live-1"));
     // A later tab gets the greeting replayed first, then live frames only.
     let mut later = TabSpec::new("s").connect(&proxy).await;
     assert_eq!(later.recv().await, Message::text("hello-1"));
     assert_eq!(later.recv().await, Message::binary(b"hello-2".to_vec()));
-    mock.send(0, Message::text("live-2"));
+    up.send(Message::text("live-2"));
     assert_eq!(later.recv().await, Message::text("live-2"));
     assert_eq!(first.recv().await, Message::text("live-2"));
     assert_eq!(mock.connections(), 1);
@@ -412,7 +444,7 @@ async fn envelope_none_passes_frames_through_and_replays_the_greeting() {
 #[tokio::test]
 async fn admin_health_and_readiness() {
     let mock = Mock::start().await;
-    let proxy = proxy_for(&mock, "").await;
+    let proxy = proxy_for(&mock).await;
     assert_eq!(admin_get(proxy.admin, "/healthz").await.0, 200);
     // Ready is set once the listeners run; wait for it rather than assume.
     guard("readiness", async {
@@ -430,19 +462,17 @@ async fn admin_health_and_readiness() {
 #[tokio::test]
 async fn a_forwarded_query_is_appended_to_the_upstreams_own_with_an_ampersand() {
     let mock = Mock::start().await;
-    let toml = base_config("")
-        + &format!(
-            "[[route]]\npath = \"/ws\"\nupstream = \"ws://{}/backend?key=abc\"\nallowed_origins = [\"http://app.test\"]\n",
-            mock.addr
-        );
-    let proxy = start_proxy(&toml).await;
+    let up = mock.upstream(0);
+    let second_up = mock.upstream(1);
+    let with_query = route("/ws", &mock).upstream(&format!("ws://{}/backend?key=abc", mock.addr));
+    let proxy = proxy().route(with_query).start().await;
     let _tab = TabSpec::new("s").path("/ws?room=5").connect(&proxy).await;
-    mock.conn(0).await;
-    assert_eq!(mock.path(0), "/backend?key=abc&room=5");
+    up.connected().await;
+    assert_eq!(up.path().await, "/backend?key=abc&room=5");
     // Without a tab query, the upstream's own stays as it is.
     let _other = TabSpec::new("t").connect(&proxy).await;
-    mock.conn(1).await;
-    let paths = [mock.path(0), mock.path(1)];
+    second_up.connected().await;
+    let paths = [up.path().await, second_up.path().await];
     assert!(paths.contains(&"/backend?key=abc".to_string()), "{paths:?}");
 }
 
@@ -495,8 +525,10 @@ async fn a_greeting_in_the_same_packet_as_the_101_is_kept() {
             }
         }
     });
-    let toml = base_config("") + &route("/ws", addr, "envelope = \"none\"\nreplay_first = 1");
-    let proxy = start_proxy(&toml).await;
+    let proxy = proxy()
+        .route(route_to("/ws", addr).envelope("none").replay_first(1))
+        .start()
+        .await;
     let mut first = TabSpec::new("s").connect(&proxy).await;
     assert_eq!(first.recv().await, Message::text("hello"));
     assert_eq!(first.recv().await, Message::text("world"));

@@ -83,18 +83,14 @@ async fn churn_leaves_no_tab_session_task_or_memory_behind() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(120);
-    let mock = Mock::behaving(Behavior {
-        echo: true,
-        ..Default::default()
-    })
-    .await;
-    let toml = base_config("")
-        + &route(
-            "/ws",
-            mock.addr,
-            "linger = \"100ms\"\nreconnect = { initial = \"10ms\", max = \"200ms\", attempts = 20 }",
-        );
-    let (mut child, proxy) = spawn_tabmux(&toml);
+    let mock = Mock::behaving(echo()).await;
+    let (mut child, proxy) = proxy()
+        .route(
+            route("/ws", &mock)
+                .linger("100ms")
+                .reconnect("10ms", "200ms", 20),
+        )
+        .spawn();
     let pid = child.id();
     quiet(&proxy).await;
     let tasks_at_start = scrape(&proxy, "tabmux_runtime_tasks_alive").await;
@@ -137,7 +133,7 @@ async fn churn_leaves_no_tab_session_task_or_memory_behind() {
                 9 if mock.connections() > 0 => {
                     let c = rng.below(mock.connections() as u64) as usize;
                     // It may have ended already; only a live one counts.
-                    if mock.try_drop_conn(c) {
+                    if mock.upstream(c).try_drop_conn() {
                         drops += 1;
                     }
                 }

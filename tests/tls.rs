@@ -26,10 +26,12 @@ fn trusting(cert: &std::path::Path) -> Arc<rustls::ClientConfig> {
 async fn wss_proxy() -> (tempdir::Dir, Mock, TestProxy, TabSpec) {
     let (dir, cert, _key) = dev_cert();
     let mock = Mock::start().await;
-    let toml = base_config("tls = { cert = \"dev.crt\", key = \"dev.key\" }")
-        + &route("/ws", mock.addr, "");
     // Relative paths resolve against the config file's directory.
-    let proxy = start_proxy_in(&toml, dir.path()).await;
+    let proxy = proxy()
+        .tls("dev.crt", "dev.key")
+        .route(route("/ws", &mock))
+        .start_in(dir.path())
+        .await;
     let spec = TabSpec::new("s").tls(trusting(&cert));
     (dir, mock, proxy, spec)
 }
@@ -37,11 +39,12 @@ async fn wss_proxy() -> (tempdir::Dir, Mock, TestProxy, TabSpec) {
 #[tokio::test]
 async fn tabs_connect_over_wss_with_a_generated_certificate() {
     let (_dir, mock, proxy, spec) = wss_proxy().await;
+    let up = mock.upstream(0);
     let mut tab = spec.connect(&proxy).await;
-    let frames = mock.json(0, 1).await;
+    let frames = up.json(1).await;
     assert_eq!(frames[0]["event"], "open");
-    assert_eq!(mock.headers(0)["x-forwarded-proto"], "https");
-    mock.send_json(0, json!({"data": "over tls"}));
+    assert_eq!(up.headers().await["x-forwarded-proto"], "https");
+    up.send_json(json!({"data": "over tls"}));
     assert_eq!(tab.recv_text().await, "\"over tls\"");
     // A client that does not trust the certificate cannot connect.
     let other = dev_cert();
@@ -65,6 +68,7 @@ async fn tls_tabs_send_and_receive_bursts_in_order() {
 
     const BURST: usize = 10;
     let (_dir, mock, proxy, spec) = wss_proxy().await;
+    let up = mock.upstream(0);
     let mut a = spec.connect(&proxy).await;
     let mut b = spec.connect(&proxy).await;
     // 504 bytes of payload: with the 2-byte header, the 2-byte length and
@@ -81,7 +85,7 @@ async fn tls_tabs_send_and_receive_bursts_in_order() {
         tab.ws.flush().await.unwrap();
     }
     // Two open events, then each tab's messages in the order it sent them.
-    let frames = mock.json(0, 2 + 2 * BURST).await;
+    let frames = up.json(2 + 2 * BURST).await;
     for (tab, key) in [("t1", "a"), ("t2", "b")] {
         let sent: Vec<u64> = frames
             .iter()
@@ -91,7 +95,7 @@ async fn tls_tabs_send_and_receive_bursts_in_order() {
         assert_eq!(sent, (0..BURST as u64).collect::<Vec<_>>(), "{tab}");
     }
     for n in 0..BURST {
-        mock.send_json(0, json!({"data": n}));
+        up.send_json(json!({"data": n}));
     }
     for tab in [&mut a, &mut b] {
         for n in 0..BURST {
@@ -105,25 +109,26 @@ async fn wss_upstream_is_verified_against_the_route_ca() {
     let (dir, cert, key) = dev_cert();
     let server = Arc::new(tabmux::tls::server_config(&cert, &key).unwrap());
     let mock = Mock::start_with(Behavior::default(), Some(server)).await;
-    let toml = base_config("")
-        + &format!(
-            "[[route]]\npath = \"/ws\"\nupstream = \"wss://localhost:{}/backend\"\nallowed_origins = [\"http://app.test\"]\nca = \"{}\"\n",
-            mock.addr.port(),
-            cert.display()
-        );
-    let proxy = start_proxy_in(&toml, dir.path()).await;
+    let up = mock.upstream(0);
+    let wss = format!("wss://localhost:{}/backend", mock.addr.port());
+    let proxy = proxy()
+        .route(
+            route("/ws", &mock)
+                .upstream(&wss)
+                .ca(&cert.display().to_string()),
+        )
+        .start_in(dir.path())
+        .await;
     let mut tab = TabSpec::new("s").connect(&proxy).await;
-    mock.json(0, 1).await;
-    mock.send_json(0, json!({"data": 1}));
+    up.json(1).await;
+    up.send_json(json!({"data": 1}));
     assert_eq!(tab.recv_text().await, "1");
 
     // Without the CA, the upstream's certificate is refused: 502.
-    let toml = base_config("")
-        + &format!(
-            "[[route]]\npath = \"/ws\"\nupstream = \"wss://localhost:{}/backend\"\nallowed_origins = [\"http://app.test\"]\n",
-            mock.addr.port()
-        );
-    let proxy = start_proxy(&toml).await;
+    let proxy = common::proxy()
+        .route(route("/ws", &mock).upstream(&wss))
+        .start()
+        .await;
     let (status, body) = TabSpec::new("s").refused(&proxy).await;
     assert_eq!(status.as_u16(), 502);
     assert!(body.contains("TLS"), "{body}");
