@@ -49,15 +49,33 @@ pub struct SessionStats {
     pub started: std::time::Instant,
 }
 
-/// Why a session stops serving.
+/// Why a session stops serving. Plain data (no heap, no drop code in the
+/// session's loop); [`SessionEnd::tab_cause`] says what its tabs are
+/// closed with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum SessionEnd {
     /// The linger time after the last tab passed.
     Linger,
     /// The upstream was lost with no tab left to keep it for.
     LostIdle,
-    /// Every tab is closed with this cause (shutdown, reconnect budget
-    /// spent, reconnect buffer full).
-    CloseTabs(Cause),
+    /// The proxy is shutting down.
+    Shutdown,
+    /// The upstream was lost and every redial of the budget failed.
+    BudgetSpent,
+    /// Tabs sent more than `reconnect_buffer` while the upstream was down.
+    BufferFull,
+}
+
+impl SessionEnd {
+    /// The cause the session's remaining tabs are closed with, if any.
+    fn tab_cause(self) -> Option<Cause> {
+        match self {
+            SessionEnd::Linger | SessionEnd::LostIdle => None,
+            SessionEnd::Shutdown => Some(Cause::Shutdown),
+            SessionEnd::BudgetSpent => Some(Cause::UpstreamUnavailable),
+            SessionEnd::BufferFull => Some(Cause::ReconnectBufferFull),
+        }
+    }
 }
 
 /// The upstream is down and being redialled.
@@ -203,7 +221,7 @@ impl<'c> Session<'c> {
                 }
             };
             let outcome = match event {
-                Event::Shutdown => Err(SessionEnd::CloseTabs(Cause::Shutdown)),
+                Event::Shutdown => Err(SessionEnd::Shutdown),
                 // The registry holds a sender, so the channel cannot close
                 // while the session is listed.
                 Event::Command(None) => Err(SessionEnd::Linger),
@@ -301,17 +319,16 @@ impl<'c> Session<'c> {
 
     /// Closes what is left when the session ends.
     async fn finish(&mut self, end: SessionEnd) {
-        match end {
-            SessionEnd::Linger => debug!("linger time passed with no tab; closing the upstream"),
-            SessionEnd::LostIdle => {}
-            SessionEnd::CloseTabs(cause) => {
-                if !self.tabs.is_empty() {
-                    info!(tabs = self.tabs.len(), cause = %cause, "closing the session's tabs");
-                }
-                for tab in self.tabs.ids() {
-                    // The session ends anyway.
-                    let _ = self.leave(tab, cause.clone());
-                }
+        if end == SessionEnd::Linger {
+            debug!("linger time passed with no tab; closing the upstream");
+        }
+        if let Some(cause) = end.tab_cause() {
+            if !self.tabs.is_empty() {
+                info!(tabs = self.tabs.len(), cause = %cause, "closing the session's tabs");
+            }
+            for tab in self.tabs.ids() {
+                // The session ends anyway.
+                let _ = self.leave(tab, cause.clone());
             }
         }
         if self.upstream.is_some() {
@@ -451,7 +468,21 @@ impl<'c> Session<'c> {
     /// tabmux's closes are counted by cause, the envelope hears of it, and
     /// the session lingers once the last has left. A loop, not recursion:
     /// what the envelope decides on hearing of one is listed behind it.
+    ///
+    /// Called after every frame, and nearly always with nothing listed: the
+    /// check is inline, the work out of line, so that the hot path keeps
+    /// only the check (the hot code's size is measured, BENCHMARKS.md).
+    #[inline]
     fn leave_listed(&mut self) -> Result<(), SessionEnd> {
+        if self.tabs.leaving.is_empty() {
+            return Ok(());
+        }
+        self.leave_listed_now()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn leave_listed_now(&mut self) -> Result<(), SessionEnd> {
         while !self.tabs.leaving.is_empty() {
             for (tab, cause) in std::mem::take(&mut self.tabs.leaving) {
                 if !self.tabs.remove(tab, &cause, self.ctx.route.tab_queue) {
@@ -586,7 +617,7 @@ impl<'c> Session<'c> {
         warn!(reason = %why, tabs = self.tabs.len(), "upstream lost; redialling");
         let mut backoff = Backoff::new(self.ctx.route.reconnect);
         let Some(delay) = backoff.next_delay() else {
-            return Err(SessionEnd::CloseTabs(Cause::UpstreamUnavailable));
+            return Err(SessionEnd::BudgetSpent);
         };
         self.outage = Some(Box::new(Outage {
             backoff,
@@ -612,7 +643,7 @@ impl<'c> Session<'c> {
             }
             None => {
                 warn!(error = %e, "redial failed; reconnect budget spent");
-                Err(SessionEnd::CloseTabs(Cause::UpstreamUnavailable))
+                Err(SessionEnd::BudgetSpent)
             }
         }
     }
@@ -680,7 +711,7 @@ fn pass_on(
         Some(outage) => {
             if outage.buffer.push(tab, frame, payload).is_err() {
                 warn!(limit = ctx.route.reconnect_buffer, "reconnect buffer full");
-                return Err(SessionEnd::CloseTabs(Cause::ReconnectBufferFull));
+                return Err(SessionEnd::BufferFull);
             }
         }
     }

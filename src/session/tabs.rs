@@ -17,7 +17,7 @@ use super::key::SessionKey;
 use super::ready::{Ready, TabWake};
 use super::SessionContext;
 use crate::cause::{Cause, Side};
-use crate::envelope::{Effect, Effects, JoinInfo, TabId, Target};
+use crate::envelope::{Effect, Effects, FrameError, JoinInfo, TabId, Target};
 use crate::metrics::RouteMetrics;
 use crate::queue::Outbox;
 use crate::tab::{Tab, Tick};
@@ -256,12 +256,18 @@ fn members(map: &FxHashMap<TabId, Box<TabSlot>>, to: Target, metrics: &RouteMetr
             ids.retain(|id| map.contains_key(id));
             let missing = (named - ids.len() + foreign) as u64;
             if missing > 0 {
-                metrics.dropped("unroutable", missing);
-                debug!(missing, "frame addressed to tabs that are not connected");
+                unroutable(metrics, missing);
             }
             ids
         }
     }
+}
+
+#[cold]
+#[inline(never)]
+fn unroutable(metrics: &RouteMetrics, missing: u64) {
+    metrics.dropped("unroutable", missing);
+    debug!(missing, "frame addressed to tabs that are not connected");
 }
 
 /// Carries out an envelope's effects on the session's tabs and upstream
@@ -281,19 +287,30 @@ impl Effects for Apply<'_> {
             Effect::Upstream(msg) => self.to_upstream.push(msg),
             Effect::Deliver { to, msg, len } => self.tabs.deliver(to, msg, len, self.ctx),
             Effect::Answer { tab, msg } => self.tabs.answer(tab, msg),
-            Effect::Close { to, cause } => {
-                let tabs = members(&self.tabs.map, to, &self.ctx.metrics);
-                if cause.row().side == Side::Proxy {
-                    info!(tabs = tabs.len(), cause = %cause, "closing tabs");
-                }
-                let leaving = tabs.into_iter().map(|tab| (tab, cause.clone()));
-                self.tabs.leaving.extend(leaving);
-            }
-            Effect::Malformed(e) => {
-                self.ctx.metrics.dropped(e.label(), 1);
-                warn!(session = %self.key.name(), error = %e, "dropped a malformed frame from the backend");
-            }
+            Effect::Close { to, cause } => self.close(to, cause),
+            Effect::Malformed(e) => self.malformed(e),
         }
+    }
+}
+
+// The rare effects, out of line: the sink's hot path is a delivery.
+impl Apply<'_> {
+    #[cold]
+    #[inline(never)]
+    fn close(&mut self, to: Target, cause: Cause) {
+        let tabs = members(&self.tabs.map, to, &self.ctx.metrics);
+        if cause.row().side == Side::Proxy {
+            info!(tabs = tabs.len(), cause = %cause, "closing tabs");
+        }
+        let leaving = tabs.into_iter().map(|tab| (tab, cause.clone()));
+        self.tabs.leaving.extend(leaving);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn malformed(&mut self, e: FrameError) {
+        self.ctx.metrics.dropped(e.label(), 1);
+        warn!(session = %self.key.name(), error = %e, "dropped a malformed frame from the backend");
     }
 }
 
