@@ -13,23 +13,32 @@
 //!  (a socket the    accept,      admission,  one task per    dial, handshake
 //!   session serves: TLS, HTTP    101 answer  session: owns   headers, wss
 //!   `tab`)                                   the upstream, its
-//!                                            tab table and sockets
+//!                                            tab table and sockets;
+//!                                            its `envelope` decides
 //! ```
 //!
 //! - [`config`]: `proxy.toml` → validated types (file → parsed → validated).
 //! - [`listener`]: accept loop, TLS termination, hyper HTTP/1.1.
-//! - [`upgrade`]: admission checks and the 101 answer; hands the upgraded
-//!   connection to its session through [`tab`].
-//! - [`tab`]: a tab's connection, browser ⇄ session, read and written by its
-//!   session's task: a hand-written reader and writer over tungstenite.
-//! - [`session`]: the registry of sessions and the per-session actor, which
-//!   serves its upstream and its tabs' sockets.
-//! - [`upstream`]: dialling the backend.
+//! - [`upgrade`]: admission, step by step, and the 101 answer; hands the
+//!   upgraded connection to its session.
+//! - [`session`]: the session key, the registry and join path, and the
+//!   per-session task, which serves its upstream and its tabs' sockets.
+//! - [`envelope`]: one sans-IO state machine per envelope (`json`, `none`):
+//!   events in, effects out; and the `json/1` codec, pure functions over
+//!   bytes.
+//! - [`tab`]: a tab's connection, read and written by its session's task: a
+//!   hand-written reader and writer over tungstenite.
+//! - [`upstream`]: dialling the backend, and the upstream socket.
+//! - [`wsio`]: tungstenite over non-blocking sockets, shared by tabs and
+//!   the upstream.
+//! - [`cause`]: why a tab ended (code, reason, metric label, side), in one
+//!   table; why an upstream was lost.
 //! - [`queue`]: a tab's outbox, what waits while its socket is full.
 //! - [`reconnect`]: the redial backoff (full jitter) and reconnect buffer.
-//! - [`envelope`]: the `json/1` envelope codec, pure functions over bytes.
-//! - [`metrics`], [`admin`], [`status`]: Prometheus metrics, the admin
-//!   endpoints and the live status page.
+//! - [`limits`]: process-wide limits, counted with RAII permits.
+//! - [`shared`]: the state every connection task shares.
+//! - [`metrics`], [`admin`], [`status`], [`history`]: Prometheus metrics,
+//!   the admin endpoints, the live status page and its chart's history.
 //! - [`server`]: binds the listeners and runs them until shutdown.
 //! - [`tls`]: rustls configs (ring provider) and dev certificates.
 //! - [`demo`]: `tabmux demo`, a backend, the proxy and a page in one process.

@@ -60,7 +60,9 @@ impl Json {
                 Err(NotJson) => return Err(Cause::InvalidJson),
             },
             Message::Binary(bytes) => (data_binary(tab, &bytes), bytes.len()),
-            // Control frames are the connection's business, not the backend's.
+            // Only data messages reach an envelope (a tab's connection
+            // answers control frames itself); another would pass unchanged,
+            // as on `none` routes.
             other => {
                 return Ok(Forward {
                     payload: other.len(),

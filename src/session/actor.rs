@@ -305,10 +305,12 @@ impl<'c> Session<'c> {
                 Ok(())
             }
             Command::Leave(tab) => {
-                // Only a tab whose connection never came; one that came
-                // has handed its link over.
-                let waiting = self.tabs.map.get(&tab).is_some_and(|s| s.conn.is_none());
+                // The handshake of a tab tabmux closed early did not
+                // complete either: nothing is kept for it.
                 self.tabs.closed_early.remove(&tab);
+                // A member whose connection never came leaves as vanished
+                // (one whose connection came has handed its link over).
+                let waiting = self.tabs.map.get(&tab).is_some_and(|s| s.conn.is_none());
                 if waiting {
                     return self.leave(tab, Cause::TabVanished);
                 }

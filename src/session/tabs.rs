@@ -224,7 +224,6 @@ impl Tabs {
     /// not a member.
     pub fn remove(&mut self, tab: TabId, cause: &Cause, tab_queue: usize) -> bool {
         let limit = self.outbox_limit(tab_queue);
-        self.closed_early.remove(&tab);
         let Some(slot) = self.map.remove(&tab) else {
             return false;
         };
