@@ -49,6 +49,9 @@ pub enum Cause {
     UpstreamUnavailable,
     /// Tabs sent more than `reconnect_buffer` while the upstream was down.
     ReconnectBufferFull,
+    /// The upstream was lost and the protocol's clients reconnect
+    /// themselves (Pusher's 4200, "reconnect at once").
+    Reconnect,
     /// The backend asked for the close, with this code and reason.
     Backend { code: u16, reason: String },
 }
@@ -82,6 +85,7 @@ impl Cause {
             Cause::Shutdown => (1001, "going away", "shutdown", Proxy),
             Cause::UpstreamUnavailable => (1011, "upstream unavailable", "upstream_lost", Proxy),
             Cause::ReconnectBufferFull => (1013, "reconnect buffer full", "buffer_full", Proxy),
+            Cause::Reconnect => (4200, "upstream lost; reconnect", "reconnect", Proxy),
             Cause::Backend { code, reason } => (*code, reason.as_str(), "backend", Backend),
         };
         Row {
@@ -123,7 +127,7 @@ impl Cause {
 
     /// Every label [`Cause::row`] gives a tab that tabmux closed (the
     /// metric's help text lists them).
-    pub const PROXY_LABELS: [&'static str; 10] = [
+    pub const PROXY_LABELS: [&'static str; 11] = [
         "invalid_json",
         "invalid_utf8",
         "too_big",
@@ -133,6 +137,7 @@ impl Cause {
         "shutdown",
         "upstream_lost",
         "buffer_full",
+        "reconnect",
         "backend",
     ];
 }
@@ -192,6 +197,7 @@ mod tests {
             Cause::Shutdown,
             Cause::UpstreamUnavailable,
             Cause::ReconnectBufferFull,
+            Cause::Reconnect,
             Cause::Backend {
                 code: 4001,
                 reason: "bye".into(),
@@ -215,6 +221,7 @@ mod tests {
             (1001, "going away", "shutdown"),
             (1011, "upstream unavailable", "upstream_lost"),
             (1013, "reconnect buffer full", "buffer_full"),
+            (4200, "upstream lost; reconnect", "reconnect"),
             (4001, "bye", "backend"),
         ];
         for (got, want) in rows.iter().zip(want) {

@@ -14,10 +14,13 @@
 //! - [`json`]: `json/1`, the tab-id envelope, and its encoders;
 //!   [`json_decode`] turns a backend frame into a [`BackendFrame`].
 //! - [`none`]: frames pass unchanged; a greeting is replayed to later tabs.
+//! - [`pusher`]: Pusher Channels, multiplexed by channel (a state machine
+//!   with its tests; not yet offered as a route's envelope).
 
 pub mod json;
 pub mod json_decode;
 pub mod none;
+pub mod pusher;
 
 use std::fmt;
 

@@ -72,9 +72,7 @@ impl TabLink {
     pub(super) fn new(tab: TabId, tx: mpsc::Sender<Command>) -> TabLink {
         TabLink { tab, tx: Some(tx) }
     }
-}
 
-impl TabLink {
     /// Hands the tab's connection to its session. If the session is gone
     /// (the proxy is shutting down), the tab is closed as going away.
     pub fn attach(mut self, conn: Box<Tab>) {
