@@ -88,11 +88,13 @@ pub enum MissingCookie {
     Direct,
 }
 
-/// Whether the upstream speaks the tab-id envelope.
+/// What the upstream speaks: the tab-id envelope, nothing tabmux reads,
+/// or the Pusher Channels protocol (PROTOCOL.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Envelope {
     Json,
     None,
+    Pusher,
 }
 
 impl Envelope {
@@ -101,6 +103,7 @@ impl Envelope {
         match self {
             Envelope::Json => "json/1",
             Envelope::None => "none",
+            Envelope::Pusher => "pusher/7",
         }
     }
 }

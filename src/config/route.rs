@@ -126,7 +126,14 @@ impl Checker<'_> {
         let forward_query = self.optional(t, "forward_query", true, Self::boolean);
         // What the envelope makes of frames.
         let envelope = self.optional(t, "envelope", Envelope::Json, |c, i| {
-            c.choice(i, &[("json", Envelope::Json), ("none", Envelope::None)])
+            c.choice(
+                i,
+                &[
+                    ("json", Envelope::Json),
+                    ("none", Envelope::None),
+                    ("pusher", Envelope::Pusher),
+                ],
+            )
         });
         let payload = self.optional(t, "payload", Payload::Json, |c, i| {
             c.choice(i, &[("json", Payload::Json), ("text", Payload::Text)])
@@ -200,14 +207,15 @@ impl Checker<'_> {
     /// The rules between a route's keys, checked once the keys themselves
     /// are valid (a key that failed has reported its own problem).
     fn route_rules(&mut self, t: &dyn TableLike, what: &str, r: RouteRules<'_>) {
-        if r.envelope == Envelope::None {
+        if r.envelope != Envelope::Json {
             if let Some(item) = t.get("payload") {
                 self.at(
                     item.span(),
                     format!("{what}: `payload` applies to envelope = \"json\" only"),
                 );
             }
-        } else if r.replay_first.is_some_and(|n| n > 0) {
+        }
+        if r.envelope != Envelope::None && r.replay_first.is_some_and(|n| n > 0) {
             let span = t.get("replay_first").and_then(Item::span);
             self.at(
                 span,

@@ -14,8 +14,7 @@
 //! - [`json`]: `json/1`, the tab-id envelope, and its encoders;
 //!   [`json_decode`] turns a backend frame into a [`BackendFrame`].
 //! - [`none`]: frames pass unchanged; a greeting is replayed to later tabs.
-//! - [`pusher`]: Pusher Channels, multiplexed by channel (a state machine
-//!   with its tests; not yet offered as a route's envelope).
+//! - [`pusher`]: Pusher Channels, multiplexed by channel.
 
 pub mod json;
 pub mod json_decode;
@@ -23,6 +22,7 @@ pub mod none;
 pub mod pusher;
 
 use std::fmt;
+use std::time::Instant;
 
 use tokio_tungstenite::tungstenite::Message;
 /// The validated text of a frame: what the decoder takes and encoders build.
@@ -31,7 +31,7 @@ pub use tokio_tungstenite::tungstenite::Utf8Bytes;
 pub use json::{close_event, data_binary, data_text, open_event, NotJson};
 pub use json_decode::{decode, is_valid_tab_id, BackendFrame, Body, FrameError};
 
-use crate::cause::Cause;
+use crate::cause::{Cause, Lost};
 use crate::config::{self, Route};
 
 /// A tab id. tabmux assigns them per upstream connection as `t1`, `t2`, …
@@ -140,6 +140,9 @@ impl Effects for Vec<Effect> {
 pub enum Machine {
     Json(json::Json),
     None(none::Passthrough),
+    /// Boxed: a Pusher session's state is larger than the others', and
+    /// the enum is inline in every session's task.
+    Pusher(Box<pusher::Pusher>),
 }
 
 impl Machine {
@@ -148,6 +151,9 @@ impl Machine {
         match route.envelope {
             config::Envelope::Json => Machine::Json(json::Json::new(route)),
             config::Envelope::None => Machine::None(none::Passthrough::new(route)),
+            config::Envelope::Pusher => {
+                Machine::Pusher(Box::new(pusher::Pusher::new(route.linger)))
+            }
         }
     }
 
@@ -156,24 +162,34 @@ impl Machine {
         match self {
             Machine::Json(m) => m.tab_joined(tab, info, out),
             Machine::None(m) => m.tab_joined(tab, out),
+            Machine::Pusher(m) => m.tab_joined(tab, out),
         }
     }
 
-    /// A tab sent a data message (text or binary): what goes upstream, or
-    /// why the tab is closed instead.
+    /// A tab sent a data message (text or binary): what goes upstream (if
+    /// anything), or why the tab is closed instead. Only `pusher` has
+    /// effects besides (answers to the tab, deliveries to its siblings).
     #[inline]
-    pub fn tab_sent(&mut self, tab: TabId, msg: Message) -> Result<Forward, Cause> {
+    pub fn tab_sent(
+        &mut self,
+        tab: TabId,
+        msg: Message,
+        out: &mut impl Effects,
+    ) -> Result<Option<Forward>, Cause> {
         match self {
-            Machine::Json(m) => m.tab_sent(tab, msg),
-            Machine::None(_) => Ok(none::Passthrough::tab_sent(msg)),
+            Machine::Json(m) => m.tab_sent(tab, msg).map(Some),
+            Machine::None(_) => Ok(Some(none::Passthrough::tab_sent(msg))),
+            Machine::Pusher(m) => m.tab_sent(tab, msg, out),
         }
     }
 
-    /// A tab left the session; `code` is its connection's close code.
-    pub fn tab_left(&mut self, tab: TabId, code: u16, out: &mut impl Effects) {
+    /// A tab left the session at `now`; `code` is its connection's close
+    /// code.
+    pub fn tab_left(&mut self, tab: TabId, code: u16, now: Instant, out: &mut impl Effects) {
         match self {
             Machine::Json(m) => m.tab_left(tab, code, out),
             Machine::None(_) => {}
+            Machine::Pusher(m) => m.tab_left(tab, now),
         }
     }
 
@@ -183,14 +199,22 @@ impl Machine {
         match self {
             Machine::Json(m) => m.upstream_frame(msg, out),
             Machine::None(m) => m.upstream_frame(msg, out),
+            Machine::Pusher(m) => m.upstream_frame(msg, out),
         }
     }
 
-    /// The upstream is down (it is being redialled).
-    pub fn upstream_lost(&mut self) {
+    /// The upstream is lost: None when the session redials it (tabs stay),
+    /// or the cause every tab is closed with instead (`pusher`: its clients
+    /// reconnect themselves, and a new connection needs their channel
+    /// authorizations anew).
+    pub fn upstream_lost(&mut self, lost: &Lost) -> Option<Cause> {
         match self {
-            Machine::Json(m) => m.upstream_lost(),
-            Machine::None(_) => {}
+            Machine::Json(m) => {
+                m.upstream_lost();
+                None
+            }
+            Machine::None(_) => None,
+            Machine::Pusher(m) => Some(m.upstream_lost(lost)),
         }
     }
 
@@ -204,15 +228,18 @@ impl Machine {
         match self {
             Machine::Json(m) => m.upstream_restored(members, out),
             Machine::None(m) => m.upstream_restored(),
+            // Never redialled.
+            Machine::Pusher(_) => {}
         }
     }
 
-    /// A keepalive tick of the session (every `ping_interval`). Neither
-    /// `json` nor `none` keeps time; an envelope with a keepalive of its
-    /// own (Pusher's `pusher:ping`) acts here.
-    pub fn tick(&mut self, _out: &mut impl Effects) {
+    /// A keepalive tick of the session (every `ping_interval`), at `now`.
+    /// Neither `json` nor `none` keeps time; `pusher` pings its upstream
+    /// with `pusher:ping` and unsubscribes channels left past `linger`.
+    pub fn tick(&mut self, now: Instant, out: &mut impl Effects) {
         match self {
             Machine::Json(_) | Machine::None(_) => {}
+            Machine::Pusher(m) => m.tick(now, out),
         }
     }
 
@@ -222,6 +249,8 @@ impl Machine {
         match self {
             Machine::Json(_) => 0,
             Machine::None(m) => m.greeting_len(),
+            // `connection_established`.
+            Machine::Pusher(_) => 1,
         }
     }
 }

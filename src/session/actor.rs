@@ -26,7 +26,7 @@ use super::link::{Command, Joined, Refusal, TabLink};
 use super::tabs::{Apply, Tabs};
 use super::SessionContext;
 use crate::cause::{Cause, Lost, Side};
-use crate::envelope::{Forward, JoinInfo, Machine, TabId};
+use crate::envelope::{Effect, Effects, Forward, JoinInfo, Machine, TabId};
 use crate::queue::Outbox;
 use crate::reconnect::{self, Backoff};
 use crate::tab::Tab;
@@ -64,13 +64,16 @@ pub(super) enum SessionEnd {
     BudgetSpent,
     /// Tabs sent more than `reconnect_buffer` while the upstream was down.
     BufferFull,
+    /// The upstream was lost and the envelope closes the tabs instead of
+    /// redialling (the cause is in `Session::gone`).
+    UpstreamGone,
 }
 
 impl SessionEnd {
     /// The cause the session's remaining tabs are closed with, if any.
     fn tab_cause(self) -> Option<Cause> {
         match self {
-            SessionEnd::Linger | SessionEnd::LostIdle => None,
+            SessionEnd::Linger | SessionEnd::LostIdle | SessionEnd::UpstreamGone => None,
             SessionEnd::Shutdown => Some(Cause::Shutdown),
             SessionEnd::BudgetSpent => Some(Cause::UpstreamUnavailable),
             SessionEnd::BufferFull => Some(Cause::ReconnectBufferFull),
@@ -139,6 +142,12 @@ pub(super) struct Session<'c> {
     upstream_buffered: bool,
     /// The code of the close frame the backend sent, once it sent one.
     upstream_close: Option<u16>,
+    /// Why the tabs are closed when the envelope does not redial a lost
+    /// upstream (boxed: set once, at the end).
+    gone: Option<Box<Cause>>,
+    /// Effects of a tab's own frame, carried out once the session is done
+    /// with that tab's slot (only `pusher` has any).
+    deferred: Vec<Effect>,
     /// Published for the status page after every turn of the loop.
     stats: Arc<SessionStats>,
     /// The most tabs this session had at once.
@@ -188,6 +197,8 @@ impl<'c> Session<'c> {
             upstream_alive: Liveness::new(),
             upstream_buffered: true,
             upstream_close: None,
+            gone: None,
+            deferred: Vec::new(),
             stats,
             peak: 0,
         }
@@ -324,7 +335,7 @@ impl<'c> Session<'c> {
         if end == SessionEnd::Linger {
             debug!("linger time passed with no tab; closing the upstream");
         }
-        if let Some(cause) = end.tab_cause() {
+        if let Some(cause) = end.tab_cause().or_else(|| self.gone.take().map(|c| *c)) {
             if !self.tabs.is_empty() {
                 info!(tabs = self.tabs.len(), cause = %cause, "closing the session's tabs");
             }
@@ -417,11 +428,12 @@ impl<'c> Session<'c> {
             return Ok(());
         };
         slot.wake.served();
-        let (envelope, outage, to_upstream, ctx) = (
+        let (envelope, outage, to_upstream, ctx, deferred) = (
             &mut self.envelope,
             &mut self.outage,
             &mut self.to_upstream,
             self.ctx,
+            &mut self.deferred,
         );
         let served = slot.drive(|conn, cx, outbox| {
             if let Poll::Ready(Err(cause)) = conn.poll_write(cx, outbox) {
@@ -430,8 +442,9 @@ impl<'c> Session<'c> {
             for _ in 0..TAB_BURST {
                 match conn.poll_message(cx) {
                     Poll::Pending => return Ok(None),
-                    Poll::Ready(Ok(msg)) => match envelope.tab_sent(id, msg) {
-                        Ok(forward) => pass_on(ctx, outage, to_upstream, id, forward)?,
+                    Poll::Ready(Ok(msg)) => match envelope.tab_sent(id, msg, deferred) {
+                        Ok(Some(forward)) => pass_on(ctx, outage, to_upstream, id, forward)?,
+                        Ok(None) => {}
                         Err(cause) => return Ok(Some(cause)),
                     },
                     Poll::Ready(Err(cause)) => return Ok(Some(cause)),
@@ -442,12 +455,26 @@ impl<'c> Session<'c> {
             cx.waker().wake_by_ref();
             Ok(None)
         });
+        if !self.deferred.is_empty() {
+            self.apply_deferred();
+        }
         // After its messages, the close event of a tab that ended.
         match served {
             Some(Ok(Some(cause))) => self.leave(id, cause),
             Some(Err(end)) => Err(end),
-            Some(Ok(None)) | None => Ok(()),
+            Some(Ok(None)) | None => self.leave_listed(),
         }
+    }
+
+    /// Carries out the effects of a tab's frames, now that its slot is free.
+    #[cold]
+    #[inline(never)]
+    fn apply_deferred(&mut self) {
+        let mut deferred = std::mem::take(&mut self.deferred);
+        for effect in deferred.drain(..) {
+            Effects::effect(apply!(self), effect);
+        }
+        self.deferred = deferred;
     }
 
     /// Flushes the tabs written to this turn; a tab whose connection broke
@@ -496,7 +523,8 @@ impl<'c> Session<'c> {
                     self.ctx.metrics.tab_closed(row.label);
                 }
                 self.ctx.metrics.tab_left();
-                self.envelope.tab_left(tab, row.code, apply!(self));
+                let now = Instant::now().into_std();
+                self.envelope.tab_left(tab, row.code, now, apply!(self));
                 if self.tabs.is_empty() {
                     if self.outage.is_some() {
                         debug!("the last tab left during an outage; ending the session");
@@ -589,7 +617,7 @@ impl<'c> Session<'c> {
     fn tick(&mut self) -> Result<(), SessionEnd> {
         let idle = self.ctx.route.idle_timeout;
         self.tabs.tick(idle);
-        self.envelope.tick(apply!(self));
+        self.envelope.tick(Instant::now().into_std(), apply!(self));
         self.leave_listed()?;
         if self.upstream.is_none() {
             return Ok(());
@@ -611,7 +639,12 @@ impl<'c> Session<'c> {
         self.ctx.metrics.upstream_down();
         self.to_upstream.clear();
         self.upstream_close = None;
-        self.envelope.upstream_lost();
+        if let Some(cause) = self.envelope.upstream_lost(&why) {
+            // This envelope's clients reconnect themselves: no redial.
+            info!(reason = %why, tabs = self.tabs.len(), cause = %cause, "upstream lost; closing its tabs");
+            self.gone = Some(Box::new(cause));
+            return Err(SessionEnd::UpstreamGone);
+        }
         if self.tabs.is_empty() {
             debug!(reason = %why, "upstream lost while no tab was connected; ending the session");
             return Err(SessionEnd::LostIdle);
@@ -675,7 +708,7 @@ impl<'c> Session<'c> {
         let mut opens = Vec::new();
         self.envelope.upstream_restored(members, &mut opens);
         for effect in opens {
-            crate::envelope::Effects::effect(apply!(self), effect);
+            Effects::effect(apply!(self), effect);
         }
         self.tabs.greeting = self.envelope.greeting_len();
         let mut orphaned = 0;

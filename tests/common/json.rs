@@ -77,6 +77,7 @@ pub fn to_json(m: &Message) -> serde_json::Value {
 pub fn echo() -> Behavior {
     Behavior {
         reply: Some(Arc::new(echo_reply)),
+        forget: true,
         ..Default::default()
     }
 }

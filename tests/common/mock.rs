@@ -35,9 +35,10 @@ pub struct Behavior {
     pub greeting: Vec<Message>,
     /// Answer with the first requested subprotocol.
     pub pick_first_protocol: bool,
-    /// Answer every data frame with what this returns, and keep no record
-    /// of frames (for long runs).
+    /// Answer every data frame with what this returns.
     pub reply: Option<Reply>,
+    /// Keep no record of frames (for long runs).
+    pub forget: bool,
 }
 
 /// One upstream connection the mock accepted.
@@ -238,17 +239,16 @@ impl Mock {
                         let _ = ws.flush().await;
                         break;
                     }
-                    Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => match &behavior.reply {
-                        Some(reply) => {
-                            if let Some(answer) = reply(&m) {
-                                if ws.send(answer).await.is_err() { break }
-                            }
-                        }
-                        None => {
+                    Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
+                        let answer = behavior.reply.as_ref().and_then(|reply| reply(&m));
+                        if !behavior.forget {
                             self.state.lock().unwrap().conns[index].frames.push(m);
                             self.changed.notify_waiters();
                         }
-                    },
+                        if let Some(answer) = answer {
+                            if ws.send(answer).await.is_err() { break }
+                        }
+                    }
                     Some(Ok(Message::Ping(_))) => {
                         self.state.lock().unwrap().conns[index].pings += 1;
                         self.changed.notify_waiters();

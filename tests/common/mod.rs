@@ -11,6 +11,7 @@
 pub mod json;
 pub mod mock;
 pub mod proxy;
+pub mod pusher;
 pub mod tab;
 
 use std::time::Duration;

@@ -1,0 +1,242 @@
+//! PROTOCOL.md, "Envelope `pusher`", through the real proxy in front of a
+//! mock server that speaks Pusher (exact frames and faults): one Pusher
+//! connection per browser, to each tab a connection of its own.
+
+mod common;
+
+use common::pusher::*;
+use common::*;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn pusher_proxy(mock: &Mock) -> TestProxy {
+    let path = format!("/app/{APP_KEY}");
+    proxy()
+        .route(route(&path, mock).envelope("pusher"))
+        .start()
+        .await
+}
+
+/// A tab of browser `session`, past its `connection_established`.
+async fn connected(proxy: &TestProxy, session: &str) -> Tab {
+    let mut tab = pusher_tab(session).connect(proxy).await;
+    assert_eq!(tab.recv_text().await, established());
+    tab
+}
+
+/// Subscribes `tab` to `channel` and waits for the answer.
+async fn subscribed(tab: &mut Tab, channel: &str) -> Value {
+    tab.send_text(&subscribe(channel)).await;
+    let ok = tab
+        .recv_until("pusher_internal:subscription_succeeded")
+        .await;
+    assert_eq!(ok["channel"], channel);
+    ok
+}
+
+/// Waits until tabmux has handled everything `tab` sent before (a tab's
+/// frames are handled in order; the pong is answered by tabmux).
+async fn barrier(tab: &mut Tab) {
+    tab.send_text(r#"{"event":"pusher:ping","data":{}}"#).await;
+    tab.recv_until("pusher:pong").await;
+}
+
+/// A frame every tab receives (no channel), sent after what a test
+/// checks was not delivered: a tab's next event must be this marker.
+fn marker(n: u32) -> Message {
+    Message::text(json!({"event": "marker", "data": n.to_string()}).to_string())
+}
+
+#[tokio::test]
+async fn the_tabs_of_one_browser_share_one_pusher_connection_and_its_socket_id() {
+    let mock = Mock::behaving(pusher_server()).await;
+    let proxy = pusher_proxy(&mock).await;
+    let up = mock.upstream(0);
+    let _tabs = [
+        connected(&proxy, "browser").await,
+        connected(&proxy, "browser").await,
+        connected(&proxy, "browser").await,
+    ];
+    assert_eq!(mock.connections(), 1);
+    let headers = up.headers().await;
+    assert_eq!(headers["x-tabmux-envelope"], "pusher/7");
+    assert!(up
+        .path()
+        .await
+        .ends_with("?protocol=7&client=js&version=8.4.0&flash=false"));
+    // Another browser is another connection.
+    let _other = connected(&proxy, "another").await;
+    assert_eq!(mock.connections(), 2);
+}
+
+#[tokio::test]
+async fn a_tab_that_unsubscribes_does_not_silence_its_siblings() {
+    let mock = Mock::behaving(pusher_server()).await;
+    let proxy = pusher_proxy(&mock).await;
+    let up = mock.upstream(0);
+    let mut a = connected(&proxy, "b").await;
+    let mut b = connected(&proxy, "b").await;
+    subscribed(&mut a, "news").await;
+    subscribed(&mut b, "news").await;
+    assert_eq!(
+        up.events_named("pusher:subscribe").len(),
+        1,
+        "one subscribe upstream"
+    );
+
+    up.send(event("news", "update", json!({"n": 1})));
+    assert_eq!(a.recv_event().await["event"], "update");
+    assert_eq!(b.recv_event().await["event"], "update");
+
+    a.send_text(&unsubscribe("news")).await;
+    barrier(&mut a).await;
+    assert!(
+        up.events_named("pusher:unsubscribe").is_empty(),
+        "b is still on it"
+    );
+    up.send(event("news", "update", json!({"n": 2})));
+    up.send(marker(1));
+    let got = b.recv_event().await;
+    assert_eq!(
+        got["data"],
+        json!({"n": 2}).to_string(),
+        "b still gets the channel"
+    );
+    assert_eq!(
+        a.recv_event().await["event"],
+        "marker",
+        "a gets nothing from it"
+    );
+
+    b.send_text(&unsubscribe("news")).await;
+    up.find("the unsubscribe upstream", |v| {
+        v["event"] == "pusher:unsubscribe" && v["data"]["channel"] == "news"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn events_reach_only_the_tabs_subscribed_to_their_channel() {
+    let mock = Mock::behaving(pusher_server()).await;
+    let proxy = pusher_proxy(&mock).await;
+    let up = mock.upstream(0);
+    let mut a = connected(&proxy, "b").await;
+    let mut b = connected(&proxy, "b").await;
+    subscribed(&mut a, "prices").await;
+    up.send(event("prices", "tick", json!({"p": 3})));
+    up.send(marker(1));
+    assert_eq!(a.recv_event().await["event"], "tick");
+    assert_eq!(
+        b.recv_event().await["event"],
+        "marker",
+        "b never subscribed"
+    );
+}
+
+#[tokio::test]
+async fn a_client_event_reaches_the_sibling_tabs_and_goes_upstream_once() {
+    let mock = Mock::behaving(pusher_server()).await;
+    let proxy = pusher_proxy(&mock).await;
+    let up = mock.upstream(0);
+    let mut a = connected(&proxy, "b").await;
+    let mut b = connected(&proxy, "b").await;
+    subscribed(&mut a, "private-chat").await;
+    subscribed(&mut b, "private-chat").await;
+    let typing = json!({"event": "client-typing", "channel": "private-chat", "data": {"on": true}});
+    a.send_text(&typing.to_string()).await;
+    assert_eq!(b.recv_event().await, typing);
+    up.find("the client event upstream", |v| {
+        v["event"] == "client-typing"
+    })
+    .await;
+    up.send(marker(1));
+    assert_eq!(
+        a.recv_event().await["event"],
+        "marker",
+        "not echoed to its sender"
+    );
+    assert_eq!(up.events_named("client-typing").len(), 1);
+}
+
+#[tokio::test]
+async fn a_later_tab_gets_the_presence_members_as_they_stand() {
+    let mock = Mock::behaving(pusher_server()).await;
+    let proxy = pusher_proxy(&mock).await;
+    let up = mock.upstream(0);
+    let mut a = connected(&proxy, "b").await;
+    let sub = json!({"event": "pusher:subscribe", "data": {"channel": "presence-room", "auth": "", "channel_data": "{\"user_id\":\"ann\"}"}});
+    a.send_text(&sub.to_string()).await;
+    a.recv_until("pusher_internal:subscription_succeeded").await;
+    let eve = json!({"user_id": "eve", "user_info": {"name": "Eve"}});
+    up.send(event("presence-room", "pusher_internal:member_added", eve));
+    a.recv_until("pusher_internal:member_added").await;
+
+    let mut b = connected(&proxy, "b").await;
+    b.send_text(&sub.to_string()).await;
+    let ok = b.recv_until("pusher_internal:subscription_succeeded").await;
+    let data: Value = serde_json::from_str(ok["data"].as_str().unwrap()).unwrap();
+    assert_eq!(data["presence"]["count"], 2);
+    assert_eq!(data["presence"]["ids"], json!(["ann", "eve"]));
+    assert_eq!(up.events_named("pusher:subscribe").len(), 1);
+}
+
+#[tokio::test]
+async fn pings_are_answered_by_tabmux_and_bad_input_only_troubles_its_tab() {
+    let mock = Mock::behaving(pusher_server()).await;
+    let proxy = pusher_proxy(&mock).await;
+    let up = mock.upstream(0);
+    let mut a = connected(&proxy, "b").await;
+    let mut b = connected(&proxy, "b").await;
+    barrier(&mut a).await;
+    a.send_text("not json").await;
+    let error = a.recv_event().await;
+    assert_eq!(error["event"], "pusher:error");
+    a.send_text(&json!({"event": "pusher:subscribe", "data": {}}).to_string())
+        .await;
+    assert_eq!(a.recv_event().await["event"], "pusher:error");
+    up.send(marker(1));
+    assert_eq!(
+        b.recv_event().await["event"],
+        "marker",
+        "the sibling heard nothing"
+    );
+    assert_eq!(a.recv_event().await["event"], "marker");
+    up.connected().await;
+    assert!(
+        up.events_named("pusher:ping").is_empty(),
+        "tabs' pings stay in tabmux"
+    );
+    assert_eq!(
+        up.now(|c| c.frames.len()),
+        Some(0),
+        "nothing reached the server"
+    );
+}
+
+#[tokio::test]
+async fn a_server_close_code_reaches_every_tab_and_a_lost_connection_is_4200() {
+    let mock = Mock::behaving(pusher_server()).await;
+    let proxy = pusher_proxy(&mock).await;
+    let up = mock.upstream(0);
+    let mut a = connected(&proxy, "b").await;
+    let mut b = connected(&proxy, "b").await;
+    up.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::from(4004),
+        reason: "Over connection quota".into(),
+    })));
+    assert_eq!(a.closed().await.0, 4004);
+    assert_eq!(b.closed().await.0, 4004);
+
+    // The clients reconnect: their new session dials once; a lost
+    // connection then closes them with 4200, "reconnect at once".
+    let second = mock.upstream(1);
+    let mut a = connected(&proxy, "b").await;
+    let mut b = connected(&proxy, "b").await;
+    assert_eq!(mock.connections(), 2);
+    second.drop_conn();
+    assert_eq!(a.closed().await.0, 4200);
+    assert_eq!(b.closed().await.0, 4200);
+    assert_eq!(mock.connections(), 2, "no redial without tabs");
+}
