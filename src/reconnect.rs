@@ -65,6 +65,14 @@ impl Backoff {
         self.made
     }
 
+    /// The delay after the `n`th consecutive loss (from 0), with full
+    /// jitter, whatever the attempts budget: for sessions whose clients
+    /// reconnect on their own, so that their next dial is spaced too.
+    pub fn delay_after(&mut self, n: u32) -> Duration {
+        let nanos = u64::try_from(self.cap(n).as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(self.random() % nanos.saturating_add(1))
+    }
+
     /// The upper bound of the delay before redial `n` (counting from 0):
     /// `initial * 2^n`, at most `max`.
     fn cap(&self, n: u32) -> Duration {

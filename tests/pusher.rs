@@ -240,3 +240,45 @@ async fn a_server_close_code_reaches_every_tab_and_a_lost_connection_is_4200() {
     assert_eq!(b.closed().await.0, 4200);
     assert_eq!(mock.connections(), 2, "no redial without tabs");
 }
+
+/// Waits until the status page lists a session that is still dialling.
+async fn a_session_is_waiting_to_dial(proxy: &TestProxy) {
+    guard("a session waiting to dial", async {
+        loop {
+            let (_, body) = admin_get(proxy.admin, "/status.json").await;
+            if body.contains(r#""upstream":"connecting""#) {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn after_a_loss_the_browsers_new_session_waits_out_the_backoff_before_dialling() {
+    let mock = Mock::behaving(pusher_server()).await;
+    let path = format!("/app/{APP_KEY}");
+    // A backoff far longer than the test: the redial must not happen in it.
+    let slow = route(&path, &mock)
+        .envelope("pusher")
+        .reconnect("1h", "1h", 8);
+    let proxy = proxy().route(slow).start().await;
+    let up = mock.upstream(0);
+    let mut a = connected(&proxy, "b").await;
+    up.drop_conn();
+    assert_eq!(a.closed().await.0, 4200);
+
+    // pusher-js reconnects at once: its handshake waits for the dial.
+    let (spec, at) = (pusher_tab("b"), TestProxy::at(proxy.addr, proxy.admin));
+    let reconnecting = tokio::spawn(async move { spec.try_connect(&at).await.is_ok() });
+    a_session_is_waiting_to_dial(&proxy).await;
+    // Another browser is served meanwhile, and dials at once.
+    let _c = connected(&proxy, "c").await;
+    assert_eq!(mock.connections(), 2, "the lost browser has not redialled");
+    assert!(
+        !reconnecting.is_finished(),
+        "its handshake is still waiting"
+    );
+    reconnecting.abort();
+}

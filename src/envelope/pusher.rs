@@ -16,13 +16,16 @@
 //! sign-in, an error about the tab's own input, a client event delivered to
 //! a sibling tab), which take the shape the protocol gives them.
 //!
-//! **Not yet a route's envelope.** It is not in [`super::Machine`] and
-//! `proxy.toml` does not offer `envelope = "pusher"` yet: what the session
-//! must add for it (effects of a tab's frame applied once the tab's slot is
-//! released, the loss closing tabs with [`Pusher::upstream_lost`]'s cause
-//! instead of a redial, the dial backoff per session key, `tick` with the
-//! time, the savings metrics) and its tests against a real Pusher server
-//! come with the rest of the Pusher route (issue 14).
+//! Its entry points are never inlined: the session's hot loop dispatches
+//! to every envelope, and the `json` route's path must not be laid out
+//! around this one's code (the hot code's size is measured, BENCHMARKS.md).
+//!
+//! What the session does for it beyond the other envelopes: a tab's own
+//! effects are carried out once its slot is free, leaves and ticks come
+//! with the time, and a lost upstream closes the tabs with
+//! [`Pusher::upstream_lost`]'s cause instead of being redialled. Still to
+//! come (issue 14): the dial backoff per session key after a loss, the
+//! savings metrics, and tests against a real Pusher server and pusher-js.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -195,6 +198,7 @@ impl Pusher {
     /// A tab joined: it is given the session's `connection_established`,
     /// as the upstream sent it (so it shares the session's socket id), or
     /// once it comes.
+    #[inline(never)]
     pub fn tab_joined(&mut self, tab: TabId, out: &mut impl Effects) {
         self.tabs.push(tab);
         match &self.established {
@@ -208,6 +212,7 @@ impl Pusher {
 
     /// A tab sent a frame: what goes upstream (and when), what the tab or
     /// its siblings are answered.
+    #[inline(never)]
     pub fn tab_sent(
         &mut self,
         tab: TabId,
@@ -451,6 +456,7 @@ impl Pusher {
     /// subscribed upstream for `linger` once they have no tab (a reload
     /// neither resubscribes nor makes a presence channel's other members
     /// see this user leave and come back).
+    #[inline(never)]
     pub fn tab_left(&mut self, tab: TabId, now: Instant) {
         self.tabs.retain(|&t| t != tab);
         self.greeting_due.retain(|&t| t != tab);
@@ -471,6 +477,7 @@ impl Pusher {
     }
 
     /// An upstream frame.
+    #[inline(never)]
     pub fn upstream_frame(&mut self, msg: Message, out: &mut impl Effects) {
         self.heard = true;
         let Message::Text(text) = &msg else {
@@ -666,6 +673,7 @@ impl Pusher {
     /// A keepalive tick: the upstream is pinged when it has been silent for
     /// half its activity timeout (so within it), and channels whose tabs
     /// all left longer than `linger` ago are unsubscribed.
+    #[inline(never)]
     pub fn tick(&mut self, now: Instant, out: &mut impl Effects) {
         if std::mem::take(&mut self.heard) {
             self.silent_since = Some(now);

@@ -205,8 +205,9 @@ impl<'c> Session<'c> {
     }
 
     /// Serves until the session ends, then closes what is left. Returns the
-    /// most tabs the session had at once.
-    pub(super) async fn serve(&mut self, rx: &mut mpsc::Receiver<Command>) -> usize {
+    /// most tabs the session had at once, and whether it ended by losing
+    /// its upstream without redialling it.
+    pub(super) async fn serve(&mut self, rx: &mut mpsc::Receiver<Command>) -> (usize, bool) {
         // The proxy's shutdown, one future for the session's whole life: a
         // new one each turn would add and remove a waiter on a notifier all
         // sessions share, twice per message. It is polled last, only when
@@ -276,7 +277,7 @@ impl<'c> Session<'c> {
             }
         };
         self.finish(end).await;
-        self.peak
+        (self.peak, end == SessionEnd::UpstreamGone)
     }
 
     /// Makes the session's state visible to the status page.

@@ -8,16 +8,20 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::Instant;
 use tracing::{debug, info, Instrument};
 
 use super::actor::{Session, SessionStats};
 use super::key::SessionKey;
 use super::link::{going_away, Command, Joined, Refusal};
 use super::SessionContext;
+use crate::config::Reconnect;
 use crate::envelope::JoinInfo;
+use crate::reconnect::Backoff;
 use crate::upstream::{self, DialParams};
 
 /// Capacity of a session's command channel, shared by all of its tabs.
@@ -48,10 +52,27 @@ struct SessionHandle {
     tx: mpsc::Sender<Command>,
 }
 
+/// A session key whose last upstream was lost without a redial (its tabs
+/// were closed to reconnect on their own): its next session dials no
+/// sooner than `not_before`.
+#[derive(Debug, Clone, Copy)]
+struct Loss {
+    /// Losses in a row, for the backoff's growth.
+    consecutive: u32,
+    not_before: Instant,
+}
+
+/// Loss records beyond which old ones are pruned.
+const LOSSES_KEPT: usize = 10_000;
+
 /// All live sessions of the process.
 #[derive(Default)]
 pub struct Registry {
     sessions: DashMap<SessionKey, SessionHandle>,
+    /// Keys whose sessions lost their upstream and were not redialled
+    /// (PROTOCOL.md, `pusher`: the clients reconnect, and their new session
+    /// waits out the route's backoff before it dials).
+    losses: DashMap<SessionKey, Loss>,
     next_id: AtomicU64,
     /// Notified each time a session task ends (the shutdown drain waits on it).
     pub ended: Notify,
@@ -87,6 +108,37 @@ impl Registry {
 
     fn remove(&self, key: &SessionKey, id: u64) {
         self.sessions.remove_if(key, |_, h| h.id == id);
+    }
+
+    /// A session of `key` lost its upstream and closed its tabs: the next
+    /// one waits the route's backoff for this many losses in a row.
+    fn lost(&self, key: SessionKey, policy: Reconnect) -> Duration {
+        let now = Instant::now();
+        if self.losses.len() >= LOSSES_KEPT {
+            // Records of keys no tab came back for, long past.
+            let stale = now.checked_sub(Duration::from_secs(600)).unwrap_or(now);
+            self.losses
+                .retain(|k, l| l.not_before > stale || self.sessions.contains_key(k));
+        }
+        let consecutive = self.losses.get(&key).map_or(0, |l| l.consecutive);
+        let delay = Backoff::new(policy).delay_after(consecutive);
+        let loss = Loss {
+            consecutive: consecutive.saturating_add(1),
+            not_before: now + delay,
+        };
+        self.losses.insert(key, loss);
+        delay
+    }
+
+    /// A session of `key` ended otherwise: losses no longer count.
+    fn settled(&self, key: &SessionKey) {
+        self.losses.remove(key);
+    }
+
+    /// When a new session of `key` may dial, if it must wait.
+    fn not_before(&self, key: &SessionKey) -> Option<Instant> {
+        let at = self.losses.get(key)?.not_before;
+        (at > Instant::now()).then_some(at)
     }
 
     /// Joins the tab to the session `key` of the route `ctx`, creating the
@@ -169,6 +221,12 @@ pub(super) async fn run(
     stats: Arc<SessionStats>,
 ) {
     ctx.metrics.sessions_active.inc();
+    if let Some(at) = registry.not_before(&key) {
+        // The key's last upstream was lost: its tabs reconnected at once,
+        // the dial waits out the backoff (and their handshakes with it).
+        debug!("waiting out the reconnect backoff before dialling");
+        Box::pin(tokio::time::sleep_until(at)).await;
+    }
     // Boxed: the dial's state (TCP, TLS and WebSocket handshakes) is about
     // 7 KiB, needed once; inline, every session's task would keep room for it.
     let late = match Box::pin(upstream::dial(&ctx.route, &dial)).await {
@@ -177,8 +235,14 @@ pub(super) async fn run(
             ctx.metrics.upstream_up();
             debug!("upstream connected");
             let mut session = Session::new(&ctx, key, socket, protocol, dial, commands, stats);
-            let peak = session.serve(&mut rx).await;
+            let (peak, lost) = session.serve(&mut rx).await;
             ctx.metrics.session_ended(peak);
+            if lost {
+                let delay = registry.lost(key, ctx.route.reconnect);
+                debug!(?delay, "the session's next dial waits");
+            } else {
+                registry.settled(&key);
+            }
             // A tab that raced with the end retries and starts a new session.
             Refusal::Gone
         }
@@ -204,4 +268,39 @@ pub(super) async fn run(
     }
     ctx.metrics.sessions_active.dec();
     registry.ended.notify_waiters();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::SessionHasher;
+
+    const POLICY: Reconnect = Reconnect {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(4),
+        attempts: 8,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_keys_next_dial_waits_a_growing_backoff_until_it_settles() {
+        let registry = Registry::default();
+        let key = SessionHasher::new().direct();
+        assert_eq!(registry.not_before(&key), None, "nothing lost yet");
+        for n in 0..6u32 {
+            let delay = registry.lost(key, POLICY);
+            let cap = Duration::from_secs(1 << n.min(2));
+            assert!(delay <= cap, "loss {n}: {delay:?} over {cap:?}");
+            assert_eq!(registry.losses.get(&key).unwrap().consecutive, n + 1);
+            let waits = registry.not_before(&key);
+            assert_eq!(waits.is_some(), !delay.is_zero());
+        }
+        // A session of the key that ends otherwise: its next dial is free.
+        registry.settled(&key);
+        assert_eq!(registry.not_before(&key), None);
+        assert!(registry.losses.is_empty());
+        // Once the wait has passed, the key dials at once.
+        registry.lost(key, POLICY);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(registry.not_before(&key), None);
+    }
 }
