@@ -37,6 +37,11 @@ pub const CONNECTION_SECONDS_AVOIDED: &str = "tabmux_upstream_connection_seconds
 /// Savings ledger: deliveries made at the edge that the backend would
 /// otherwise have sent once per tab.
 pub const MESSAGES_AVOIDED: &str = "tabmux_upstream_messages_avoided";
+/// Savings of `pusher` routes: subscriptions tabmux answered without one
+/// upstream.
+pub const SUBSCRIPTIONS_AVOIDED: &str = "tabmux_upstream_subscriptions_avoided";
+/// Savings of `pusher` routes: tab pings answered without one upstream.
+pub const PINGS_AVOIDED: &str = "tabmux_upstream_pings_avoided";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
@@ -75,6 +80,8 @@ pub struct Metrics {
     connections_avoided: Family<RouteLabel, Gauge>,
     connection_seconds_avoided: Family<RouteLabel, Counter<f64, AtomicU64>>,
     messages_avoided: Family<RouteLabel, Counter>,
+    subscriptions_avoided: Family<RouteLabel, Counter>,
+    pings_avoided: Family<RouteLabel, Counter>,
     /// Every route's ledger, sampled at each scrape.
     ledgers: Arc<Mutex<Vec<Arc<Ledger>>>>,
 }
@@ -102,6 +109,8 @@ impl Default for Metrics {
             connections_avoided: Family::default(),
             connection_seconds_avoided: Family::default(),
             messages_avoided: Family::default(),
+            subscriptions_avoided: Family::default(),
+            pings_avoided: Family::default(),
             ledgers: Arc::default(),
         }
     }
@@ -183,6 +192,16 @@ impl Metrics {
             m.messages_avoided.clone(),
         );
         registry.register(
+            SUBSCRIPTIONS_AVOIDED,
+            "Savings (pusher routes): tab subscriptions answered by tabmux, with no subscribe upstream",
+            m.subscriptions_avoided.clone(),
+        );
+        registry.register(
+            PINGS_AVOIDED,
+            "Savings (pusher routes): tab pings answered by tabmux, with no ping upstream",
+            m.pings_avoided.clone(),
+        );
+        registry.register(
             TAB_CLOSES,
             format!(
                 "Tabs closed by tabmux, by reason ({})",
@@ -238,6 +257,8 @@ impl Metrics {
             bytes_down: self.bytes.get_or_create_owned(&direction("to_tabs")),
             broadcast_deliveries: self.broadcast_deliveries.get_or_create_owned(&label),
             messages_avoided: self.messages_avoided.get_or_create_owned(&label),
+            subscriptions_avoided: self.subscriptions_avoided.get_or_create_owned(&label),
+            pings_avoided: self.pings_avoided.get_or_create_owned(&label),
             session_peak_tabs: self.session_peak_tabs.get_or_create_owned(&label),
             ledger,
             families: self.clone(),
@@ -310,6 +331,8 @@ pub struct RouteMetrics {
     bytes_down: Counter,
     broadcast_deliveries: Counter,
     pub messages_avoided: Counter,
+    pub subscriptions_avoided: Counter,
+    pub pings_avoided: Counter,
     session_peak_tabs: Histogram,
     pub ledger: Arc<Ledger>,
     families: Metrics,

@@ -63,6 +63,11 @@ pub fn status_json(shared: &Shared) -> Value {
             "messages_avoided": m.messages_avoided.get(),
             "top_sessions": top,
         });
+        let mut route = route;
+        if rt.route.envelope == crate::config::Envelope::Pusher {
+            route["subscriptions_avoided"] = json!(m.subscriptions_avoided.get());
+            route["pings_avoided"] = json!(m.pings_avoided.get());
+        }
         for key in [
             "tabs",
             "sessions",
@@ -159,6 +164,9 @@ async function poll() {
       '<tr><td class="n">' + fmt(r.tabs) + '</td><td class="n">' + fmt(r.sessions) + '</td><td class="n">' + fmt(r.upstreams) +
       '</td><td class="n">' + fmt(r.connections_avoided) + '</td><td class="n">' + fmt(r.connection_seconds_avoided) +
       '</td><td class="n">' + fmt(r.messages_avoided) + '</td></tr></table>' +
+      (r.subscriptions_avoided === undefined ? '' :
+        '<table><tr><th>subscriptions avoided</th><th>pings avoided</th></tr><tr><td class="n">' +
+        fmt(r.subscriptions_avoided) + '</td><td class="n">' + fmt(r.pings_avoided) + '</td></tr></table>') +
       '<table class="top"><tr><th>session (keyed hash)</th><th>tabs</th><th>upstream</th><th>age</th></tr>' +
       (r.top_sessions.length ? r.top_sessions.map((x) => '<tr><td><code>' + esc(x.session) + '</code></td><td class="n">' +
         x.tabs + '</td><td>' + x.upstream + '</td><td class="n">' + x.age_s + ' s</td></tr>').join('')

@@ -282,3 +282,37 @@ async fn after_a_loss_the_browsers_new_session_waits_out_the_backoff_before_dial
     );
     reconnecting.abort();
 }
+
+#[tokio::test]
+async fn the_savings_are_counted_and_shown_for_the_route() {
+    let mock = Mock::behaving(pusher_server()).await;
+    let proxy = pusher_proxy(&mock).await;
+    let up = mock.upstream(0);
+    let mut a = connected(&proxy, "b").await;
+    let mut b = connected(&proxy, "b").await;
+    subscribed(&mut a, "news").await;
+    subscribed(&mut b, "news").await;
+    barrier(&mut a).await;
+    barrier(&mut b).await;
+    up.send(event("news", "update", json!({})));
+    a.recv_event().await;
+    b.recv_event().await;
+
+    let (_, scrape) = admin_get(proxy.admin, "/metrics").await;
+    let route = format!("{{route=\"/app/{APP_KEY}\"}}");
+    let value = |name: &str| metric(&scrape, &format!("{name}{route}"));
+    assert_eq!(
+        value("tabmux_upstream_subscriptions_avoided_total"),
+        Some(1.0)
+    );
+    assert_eq!(value("tabmux_upstream_pings_avoided_total"), Some(2.0));
+    // One event delivered to two tabs: one delivery avoided.
+    assert_eq!(value("tabmux_upstream_messages_avoided_total"), Some(1.0));
+
+    let (_, status) = admin_get(proxy.admin, "/status.json").await;
+    let status: Value = serde_json::from_str(&status).unwrap();
+    let shown = &status["routes"][0];
+    assert_eq!(shown["envelope"], "pusher/7");
+    assert_eq!(shown["subscriptions_avoided"], 1);
+    assert_eq!(shown["pings_avoided"], 2);
+}

@@ -121,6 +121,18 @@ pub enum Effect {
     Close { to: Target, cause: Cause },
     /// An upstream frame broke the envelope's rules and was dropped.
     Malformed(FrameError),
+    /// Something a tab asked for was answered without the upstream: a
+    /// saving to count.
+    Avoided(Saving),
+}
+
+/// What a tab's request that tabmux answered itself would have cost upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saving {
+    /// A subscription (Pusher: the channel was subscribed already).
+    Subscription,
+    /// A ping.
+    Ping,
 }
 
 /// Where an envelope hands its effects, in the order it decides them.

@@ -37,7 +37,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{Effect, Effects, Forward, TabId, Target};
+use super::{Effect, Effects, Forward, Saving, TabId, Target};
 use crate::cause::{Cause, Lost};
 use frames::{
     broadcast, cached_or_miss, client_event, data_channel, data_field, data_object, deliver,
@@ -237,6 +237,7 @@ impl Pusher {
         let event = wire.event.as_ref();
         match event {
             "pusher:ping" => {
+                out.effect(Effect::Avoided(Saving::Ping));
                 out.effect(Effect::Answer {
                     tab,
                     msg: Message::text(r#"{"event":"pusher:pong","data":{}}"#),
@@ -322,6 +323,7 @@ impl Pusher {
                 return;
             }
             ch.orphaned = None;
+            out.effect(Effect::Avoided(Saving::Subscription));
             match ch.upstream {
                 Upstream::Subscribed => {
                     ch.tabs.push(tab);

@@ -17,7 +17,7 @@ use super::key::SessionKey;
 use super::ready::{Ready, TabWake};
 use super::SessionContext;
 use crate::cause::{Cause, Side};
-use crate::envelope::{Effect, Effects, FrameError, JoinInfo, TabId, Target};
+use crate::envelope::{Effect, Effects, FrameError, JoinInfo, Saving, TabId, Target};
 use crate::metrics::RouteMetrics;
 use crate::queue::Outbox;
 use crate::tab::{Tab, Tick};
@@ -288,6 +288,7 @@ impl Effects for Apply<'_> {
             Effect::Answer { tab, msg } => self.tabs.answer(tab, msg),
             Effect::Close { to, cause } => self.close(to, cause),
             Effect::Malformed(e) => self.malformed(e),
+            Effect::Avoided(saving) => self.avoided(saving),
         }
     }
 }
@@ -303,6 +304,16 @@ impl Apply<'_> {
         }
         let leaving = tabs.into_iter().map(|tab| (tab, cause.clone()));
         self.tabs.leaving.extend(leaving);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn avoided(&mut self, saving: Saving) {
+        let counter = match saving {
+            Saving::Subscription => &self.ctx.metrics.subscriptions_avoided,
+            Saving::Ping => &self.ctx.metrics.pings_avoided,
+        };
+        counter.inc();
     }
 
     #[cold]

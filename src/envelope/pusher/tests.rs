@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::*;
+use crate::envelope::Saving;
 
 const GREETING: &str = r#"{"event":"pusher:connection_established","data":"{\"socket_id\":\"123.456\",\"activity_timeout\":30}"}"#;
 
@@ -116,9 +117,9 @@ fn the_first_subscribe_goes_upstream_unchanged_and_its_answer_to_every_waiting_t
     let (fwd, out) = from_tab(&mut m, 1, subscribe("private-a"));
     assert_eq!(fwd, None);
     assert_eq!(out, [upstream(subscribe("private-a"))]);
-    // A second tab while it is pending: nothing more upstream.
+    // A second tab while it is pending: nothing more upstream, a saving.
     let (_, out) = from_tab(&mut m, 2, subscribe("private-a"));
-    assert_eq!(out, []);
+    assert_eq!(out, [Effect::Avoided(Saving::Subscription)]);
     let out = from_upstream(&mut m, succeeded("private-a"));
     assert_eq!(out, [to_tabs(&[1, 2], text(succeeded("private-a")))]);
 }
@@ -128,7 +129,13 @@ fn a_later_subscribe_is_answered_locally_once_and_nothing_goes_upstream() {
     let mut m = session(2);
     subscribed(&mut m, "private-a");
     let (_, out) = from_tab(&mut m, 2, subscribe("private-a"));
-    assert_eq!(out, [answer(2, text(succeeded("private-a")))]);
+    assert_eq!(
+        out,
+        [
+            Effect::Avoided(Saving::Subscription),
+            answer(2, text(succeeded("private-a")))
+        ]
+    );
     // The same tab subscribing again is not answered twice.
     let (_, out) = from_tab(&mut m, 2, subscribe("private-a"));
     assert_eq!(out, []);
@@ -236,7 +243,13 @@ fn a_channel_whose_tabs_left_is_unsubscribed_after_linger_and_a_reload_reuses_it
     // The reloaded tab subscribes within linger: answered locally.
     m.tab_joined(t(2), &mut out);
     let (_, out) = from_tab(&mut m, 2, subscribe("presence-a"));
-    assert!(matches!(&out[..], [Effect::Answer { .. }]), "{out:?}");
+    assert!(
+        matches!(
+            &out[..],
+            [Effect::Avoided(Saving::Subscription), Effect::Answer { .. }]
+        ),
+        "{out:?}"
+    );
     // Left again, and linger passes: unsubscribed upstream.
     m.tab_left(t(2), start + Duration::from_secs(6));
     let mut out = Vec::new();
@@ -278,7 +291,7 @@ fn presence_members_are_kept_current_for_later_tabs() {
         json!({"event": "pusher_internal:member_removed", "channel": "presence-room", "data": "{\"user_id\":\"bob\"}"}),
     );
     let (_, out) = from_tab(&mut m, 2, sub);
-    let [Effect::Answer { tab, msg }] = &out[..] else {
+    let [Effect::Avoided(Saving::Subscription), Effect::Answer { tab, msg }] = &out[..] else {
         panic!("{out:?}")
     };
     assert_eq!(*tab, t(2));
@@ -359,7 +372,10 @@ fn pings_are_answered_where_they_arrive_and_never_cross() {
     let (fwd, out) = from_tab(&mut m, 1, json!({"event": "pusher:ping", "data": {}}));
     assert_eq!(fwd, None);
     let pong = Message::text(r#"{"event":"pusher:pong","data":{}}"#);
-    assert_eq!(out, [answer(1, pong.clone())]);
+    assert_eq!(
+        out,
+        [Effect::Avoided(Saving::Ping), answer(1, pong.clone())]
+    );
     let out = from_upstream(&mut m, json!({"event": "pusher:ping", "data": {}}));
     assert_eq!(out, [Effect::Upstream(pong)]);
     assert_eq!(
@@ -399,7 +415,11 @@ fn a_cache_channel_gives_a_later_tab_its_last_event_or_a_miss() {
     let miss = json!({"event": "pusher:cache_miss", "channel": "cache-a", "data": "{}"});
     assert_eq!(
         out,
-        [answer(2, text(succeeded("cache-a"))), answer(2, text(miss))]
+        [
+            Effect::Avoided(Saving::Subscription),
+            answer(2, text(succeeded("cache-a"))),
+            answer(2, text(miss))
+        ]
     );
     let event = json!({"event": "price", "channel": "cache-a", "data": "{\"p\":3}"});
     from_upstream(&mut m, event.clone());
@@ -407,6 +427,7 @@ fn a_cache_channel_gives_a_later_tab_its_last_event_or_a_miss() {
     assert_eq!(
         out,
         [
+            Effect::Avoided(Saving::Subscription),
             answer(3, text(succeeded("cache-a"))),
             answer(3, text(event))
         ]
