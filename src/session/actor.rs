@@ -16,21 +16,20 @@ use std::task::Poll;
 use http::HeaderValue;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn};
 
 use super::key::SessionKey;
 use super::link::{Command, Joined, Refusal, TabLink};
+use super::outage::{expire, next_frame, normal_close, pass_on, redial, DialResult, Outage};
 use super::tabs::{Apply, Tabs};
 use super::SessionContext;
 use crate::cause::{Cause, Lost, Side};
-use crate::envelope::{Effect, Effects, Forward, JoinInfo, Machine, TabId};
+use crate::envelope::{Effect, Effects, JoinInfo, Machine, TabId};
 use crate::queue::Outbox;
 use crate::reconnect::{self, Backoff};
 use crate::tab::Tab;
-use crate::upstream::{self, DialError, DialParams, UpstreamSocket};
+use crate::upstream::{DialError, DialParams, UpstreamSocket};
 use crate::wsio::Liveness;
 
 /// Commands, or upstream frames, handled before the writes are flushed.
@@ -80,21 +79,6 @@ impl SessionEnd {
         }
     }
 }
-
-/// The upstream is down and being redialled.
-struct Outage {
-    backoff: Backoff,
-    /// The wait before the next redial.
-    wait: Pin<Box<Sleep>>,
-    /// The redial under way, once `wait` has passed.
-    dialing: Option<Pin<Box<dyn Future<Output = DialResult> + Send>>>,
-    /// What tabs sent meanwhile, in order.
-    buffer: reconnect::Buffer,
-    /// The first tab's handshake details, for the redials.
-    params: DialParams,
-}
-
-type DialResult = Result<(UpstreamSocket, Option<HeaderValue>), DialError>;
 
 /// One turn of the session loop.
 enum Event {
@@ -725,80 +709,5 @@ impl<'c> Session<'c> {
             // Their tabs left during the outage; the backend never saw them go.
             self.ctx.metrics.dropped("tab_left_during_outage", orphaned);
         }
-    }
-}
-
-/// A tab's message, wrapped by its envelope: to the upstream, or into the
-/// reconnect buffer during an outage. (A function of the session's fields,
-/// not a method: the session is serving the tab's slot meanwhile.)
-fn pass_on(
-    ctx: &SessionContext,
-    outage: &mut Option<Box<Outage>>,
-    to_upstream: &mut Vec<Message>,
-    tab: TabId,
-    forward: Forward,
-) -> Result<(), SessionEnd> {
-    let Forward { frame, payload } = forward;
-    match outage {
-        None => {
-            ctx.metrics.to_upstream(payload);
-            to_upstream.push(frame);
-        }
-        Some(outage) => {
-            if outage.buffer.push(tab, frame, payload).is_err() {
-                warn!(limit = ctx.route.reconnect_buffer, "reconnect buffer full");
-                return Err(SessionEnd::BufferFull);
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The next upstream frame, or never while the upstream is down. Reads only
-/// when there may be something to read (see [`UpstreamSocket::poll_next`]):
-/// most of the session's wake-ups are for its commands.
-async fn next_frame(
-    upstream: &mut Option<UpstreamSocket>,
-    buffered: &mut bool,
-) -> Option<Result<Message, WsError>> {
-    match upstream {
-        Some(up) => poll_fn(|cx| up.poll_next(cx, buffered)).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Waits out the backoff, then dials; never completes outside an outage.
-/// Cancel-safe: the wait and the dial live in `outage`, not in this future.
-async fn redial(outage: &mut Option<Box<Outage>>, ctx: &SessionContext) -> DialResult {
-    let Some(outage) = outage.as_mut() else {
-        return std::future::pending().await;
-    };
-    if outage.dialing.is_none() {
-        outage.wait.as_mut().await;
-        let route = ctx.route.clone();
-        let params = outage.params.clone();
-        outage.dialing = Some(Box::pin(
-            async move { upstream::dial(&route, &params).await },
-        ));
-    }
-    match outage.dialing.as_mut() {
-        Some(dial) => dial.await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Completes when the linger timer (if armed) passes.
-async fn expire(linger: &mut Option<Pin<Box<Sleep>>>) {
-    match linger.as_mut() {
-        Some(sleep) => sleep.await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The close frame tabmux ends an upstream with.
-fn normal_close() -> CloseFrame {
-    CloseFrame {
-        code: CloseCode::Normal,
-        reason: "".into(),
     }
 }

@@ -5,7 +5,9 @@
 //! and is then served by its session's task ([`actor`]): one task per
 //! session owns the upstream socket, the tab table ([`tabs`]) with the tabs'
 //! sockets, and the route's envelope state machine ([`crate::envelope`]).
-//! The task reads a tab only when the tab's socket woke it ([`ready`]), and
+//! A lost upstream is redialled from [`outage`] (unless the envelope closes
+//! the tabs instead). The task reads a tab only when the tab's socket woke
+//! it ([`ready`]), and
 //! writes to tabs without ever waiting, so a tab that stops reading can
 //! never delay the upstream or another tab.
 //!
@@ -16,6 +18,7 @@
 mod actor;
 pub mod key;
 mod link;
+mod outage;
 mod ready;
 pub mod registry;
 mod tabs;

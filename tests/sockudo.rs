@@ -1,0 +1,146 @@
+//! The `pusher` route against a real Pusher-protocol server, sockudo,
+//! started by each test: what a Pusher user's client would notice, and
+//! what the server (which bills by connection and message) sees.
+//!
+//! Ignored by a plain `cargo test` (they need the sockudo binary); `.ci/run`
+//! installs sockudo and runs them: `cargo test --test sockudo -- --ignored`.
+
+mod common;
+
+use common::pusher::*;
+use common::sockudo::*;
+use common::*;
+use serde_json::{json, Value};
+
+async fn tabmux_in_front(sockudo: &Sockudo) -> TestProxy {
+    let path = format!("/app/{APP_KEY}");
+    let upstream = route_to(&path, sockudo.addr)
+        .upstream(&sockudo.url())
+        .envelope("pusher");
+    proxy().route(upstream).start().await
+}
+
+/// A tab of browser `session`, past its greeting; with its socket id.
+async fn connected(proxy: &TestProxy, session: &str) -> (Tab, String) {
+    let mut tab = pusher_tab(session).connect(proxy).await;
+    let hello = tab.recv_event().await;
+    assert_eq!(hello["event"], "pusher:connection_established");
+    let data: Value = serde_json::from_str(hello["data"].as_str().unwrap()).unwrap();
+    (tab, data["socket_id"].as_str().unwrap().to_string())
+}
+
+async fn subscribed(tab: &mut Tab, subscribe: Value) {
+    let channel = subscribe["data"]["channel"].clone();
+    tab.send_text(&subscribe.to_string()).await;
+    let ok = tab
+        .recv_until("pusher_internal:subscription_succeeded")
+        .await;
+    assert_eq!(ok["channel"], channel);
+}
+
+fn public(channel: &str) -> Value {
+    json!({"event": "pusher:subscribe", "data": {"channel": channel}})
+}
+
+fn private(channel: &str, socket_id: &str) -> Value {
+    let auth = channel_auth(socket_id, channel, None);
+    json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth}})
+}
+
+/// Waits until tabmux has handled what `tab` sent before.
+async fn barrier(tab: &mut Tab) {
+    tab.send_text(r#"{"event":"pusher:ping","data":{}}"#).await;
+    tab.recv_until("pusher:pong").await;
+}
+
+#[tokio::test]
+#[ignore = "needs sockudo (.ci/run installs it)"]
+async fn three_tabs_of_a_browser_are_one_connection_with_one_socket_id() {
+    let sockudo = Sockudo::start().await;
+    let proxy = tabmux_in_front(&sockudo).await;
+    let (_a, a_id) = connected(&proxy, "browser").await;
+    let (_b, b_id) = connected(&proxy, "browser").await;
+    let (_c, c_id) = connected(&proxy, "browser").await;
+    assert_eq!(
+        (a_id.as_str(), b_id.as_str()),
+        (c_id.as_str(), c_id.as_str())
+    );
+    sockudo.wait_connections(1.0).await;
+    let (_d, d_id) = connected(&proxy, "another browser").await;
+    assert_ne!(d_id, a_id);
+    sockudo.wait_connections(2.0).await;
+}
+
+#[tokio::test]
+#[ignore = "needs sockudo (.ci/run installs it)"]
+async fn a_tab_that_unsubscribes_does_not_silence_its_siblings() {
+    let sockudo = Sockudo::start().await;
+    let proxy = tabmux_in_front(&sockudo).await;
+    let (mut a, _) = connected(&proxy, "b").await;
+    let (mut b, _) = connected(&proxy, "b").await;
+    subscribed(&mut a, public("news")).await;
+    subscribed(&mut a, public("other")).await;
+    subscribed(&mut b, public("news")).await;
+    a.send_text(&unsubscribe("news")).await;
+    barrier(&mut a).await;
+
+    assert_eq!(sockudo.trigger("news", "update", "{\"n\":1}").await, 200);
+    assert_eq!(sockudo.trigger("other", "marker", "{}").await, 200);
+    let got = b.recv_until("update").await;
+    assert_eq!(got["channel"], "news");
+    // a's next event is the marker: nothing from the channel it left.
+    assert_eq!(a.recv_event().await["event"], "marker");
+    assert!(sockudo.occupied("news").await, "b keeps it subscribed");
+
+    b.send_text(&unsubscribe("news")).await;
+    barrier(&mut b).await;
+    guard("the channel to be unsubscribed upstream", async {
+        while sockudo.occupied("news").await {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs sockudo (.ci/run installs it)"]
+async fn a_client_event_reaches_the_sibling_tab_exactly_once() {
+    let sockudo = Sockudo::start().await;
+    let proxy = tabmux_in_front(&sockudo).await;
+    let (mut a, socket_id) = connected(&proxy, "b").await;
+    let (mut b, _) = connected(&proxy, "b").await;
+    // Both tabs share the socket id the channel authorization is signed for.
+    subscribed(&mut a, private("private-chat", &socket_id)).await;
+    subscribed(&mut b, private("private-chat", &socket_id)).await;
+    let typing = json!({"event": "client-typing", "channel": "private-chat", "data": {"on": true}});
+    a.send_text(&typing.to_string()).await;
+    let got = b.recv_until("client-typing").await;
+    assert_eq!(got["data"], json!({"on": true}));
+    // Nothing more: the server did not echo it back through tabmux.
+    assert_eq!(sockudo.trigger("private-chat", "marker", "{}").await, 200);
+    assert_eq!(b.recv_event().await["event"], "marker");
+    assert_eq!(a.recv_event().await["event"], "marker");
+}
+
+#[tokio::test]
+#[ignore = "needs sockudo (.ci/run installs it)"]
+async fn events_reach_each_subscribed_tab_once_and_sockudo_sends_them_once() {
+    let sockudo = Sockudo::start().await;
+    let proxy = tabmux_in_front(&sockudo).await;
+    let mut tabs = Vec::new();
+    for _ in 0..4 {
+        let (mut tab, _) = connected(&proxy, "b").await;
+        subscribed(&mut tab, public("prices")).await;
+        tabs.push(tab);
+    }
+    sockudo.wait_connections(1.0).await;
+    for n in 0..3 {
+        assert_eq!(sockudo.trigger("prices", "tick", &n.to_string()).await, 200);
+    }
+    for tab in &mut tabs {
+        for n in 0..3 {
+            let got = tab.recv_until("tick").await;
+            assert_eq!(got["data"], n.to_string());
+        }
+    }
+}
