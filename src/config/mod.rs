@@ -1,7 +1,7 @@
 //! Configuration: `proxy.toml` text → spanned TOML document → validated [`Config`].
 //!
 //! The pipeline has three stages (the types and the entry points here, the
-//! checker in [`check`], the routes in [`route`]):
+//! checker in `check`, the routes in `route`):
 //!
 //! 1. **Parse.** `toml_edit` parses the text and keeps the byte span of every
 //!    key and value, so that every later problem can name its line and column.

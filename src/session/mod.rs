@@ -2,16 +2,16 @@
 //!
 //! A tab that arrives is keyed ([`key`]), finds or starts its session in
 //! the [`registry`] (the first tab's session dials before it is answered),
-//! and is then served by its session's task ([`actor`]): one task per
-//! session owns the upstream socket, the tab table ([`tabs`]) with the tabs'
+//! and is then served by its session's task (`actor`): one task per
+//! session owns the upstream socket, the tab table (`tabs`) with the tabs'
 //! sockets, and the route's envelope state machine ([`crate::envelope`]).
-//! A lost upstream is redialled from [`outage`] (unless the envelope closes
+//! A lost upstream is redialled from `outage` (unless the envelope closes
 //! the tabs instead). The task reads a tab only when the tab's socket woke
-//! it ([`ready`]), and
+//! it (`ready`), and
 //! writes to tabs without ever waiting, so a tab that stops reading can
 //! never delay the upstream or another tab.
 //!
-//! A tab's frame to the backend: [`crate::tab`] reads it, [`actor`] hands it
+//! A tab's frame to the backend: [`crate::tab`] reads it, `actor` hands it
 //! to the envelope ([`crate::envelope::json`] wraps it), and queues the
 //! result for the upstream socket, written once per turn.
 

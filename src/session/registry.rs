@@ -4,7 +4,7 @@
 //! to make sure that a key has at most one session, however many tabs of it
 //! arrive at once: the first tab inserts the session (whose task starts by
 //! dialling), the others find it and queue their join behind the dial.
-//! Joining tabs reach the task over a bounded channel of [`Command`]s.
+//! Joining tabs reach the task over a bounded channel of `Command`s.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
