@@ -144,3 +144,54 @@ async fn events_reach_each_subscribed_tab_once_and_sockudo_sends_them_once() {
         }
     }
 }
+
+fn presence(channel: &str, socket_id: &str, user: &str) -> Value {
+    let channel_data = json!({"user_id": user}).to_string();
+    let auth = channel_auth(socket_id, channel, Some(&channel_data));
+    json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth, "channel_data": channel_data}})
+}
+
+#[tokio::test]
+#[ignore = "needs sockudo (.ci/run installs it)"]
+async fn a_reload_inside_linger_does_not_flicker_presence_for_the_other_members() {
+    let sockudo = Sockudo::start().await;
+    let proxy = tabmux_in_front(&sockudo).await;
+    // Bob, in another browser, watches the room.
+    let (mut bob, bob_id) = connected(&proxy, "bob").await;
+    subscribed(&mut bob, presence("presence-room", &bob_id, "bob")).await;
+    // Ann's one tab joins the room: Bob sees her arrive.
+    let (mut ann, ann_id) = connected(&proxy, "ann").await;
+    subscribed(&mut ann, presence("presence-room", &ann_id, "ann")).await;
+    let added = bob.recv_until("pusher_internal:member_added").await;
+    assert!(added["data"].as_str().unwrap().contains("ann"));
+
+    // Ann reloads: the tab closes, the page connects again within linger,
+    // with the same socket id, and subscribes again.
+    drop(ann);
+    let (mut ann, again) = connected(&proxy, "ann").await;
+    assert_eq!(again, ann_id, "the lingering connection, not a new one");
+    subscribed(&mut ann, presence("presence-room", &again, "ann")).await;
+    // Bob saw nothing of it: his next event is the marker.
+    assert_eq!(sockudo.trigger("presence-room", "marker", "{}").await, 200);
+    assert_eq!(bob.recv_event().await["event"], "marker");
+    assert_eq!(ann.recv_until("marker").await["channel"], "presence-room");
+}
+
+#[tokio::test]
+#[ignore = "needs sockudo (.ci/run installs it)"]
+async fn browsers_are_isolated_sessions() {
+    let sockudo = Sockudo::start().await;
+    let proxy = tabmux_in_front(&sockudo).await;
+    let (mut ann, ann_id) = connected(&proxy, "ann").await;
+    let (mut bob, bob_id) = connected(&proxy, "bob").await;
+    assert_ne!(ann_id, bob_id);
+    subscribed(&mut ann, public("ann-only")).await;
+    subscribed(&mut bob, public("both")).await;
+    subscribed(&mut ann, public("both")).await;
+    assert_eq!(sockudo.trigger("ann-only", "secret", "{}").await, 200);
+    assert_eq!(sockudo.trigger("both", "marker", "{}").await, 200);
+    assert_eq!(ann.recv_event().await["event"], "secret");
+    assert_eq!(ann.recv_event().await["event"], "marker");
+    assert_eq!(bob.recv_event().await["event"], "marker", "nothing of ann's channel");
+    sockudo.wait_connections(2.0).await;
+}
