@@ -192,6 +192,10 @@ async fn browsers_are_isolated_sessions() {
     assert_eq!(sockudo.trigger("both", "marker", "{}").await, 200);
     assert_eq!(ann.recv_event().await["event"], "secret");
     assert_eq!(ann.recv_event().await["event"], "marker");
-    assert_eq!(bob.recv_event().await["event"], "marker", "nothing of ann's channel");
+    assert_eq!(
+        bob.recv_event().await["event"],
+        "marker",
+        "nothing of ann's channel"
+    );
     sockudo.wait_connections(2.0).await;
 }
