@@ -19,6 +19,7 @@ mod backend;
 mod floor;
 mod load;
 mod procs;
+mod pusher;
 mod report;
 
 use report::{percentile, report, slope};
@@ -104,7 +105,8 @@ struct RunArgs {
     /// Rounds per scenario (the report gives medians over rounds).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Scenarios to run: memory, latency, cpu, fanout, storm.
+    /// Scenarios to run: memory, latency, cpu, fanout, storm, and (asked for
+    /// by name; it needs sockudo) pusher.
     #[arg(
         long,
         value_delimiter = ',',
@@ -421,6 +423,10 @@ struct Sizes {
     fan_secs: u64,
     storm_tabs: usize,
     storm_sessions: usize,
+    /// `pusher`: browsers of `fan`-like 10 tabs, events a second, seconds.
+    pusher_sessions: usize,
+    pusher_rate: u32,
+    pusher_secs: u64,
 }
 
 const FULL: Sizes = Sizes {
@@ -433,6 +439,9 @@ const FULL: Sizes = Sizes {
     fan_secs: 5,
     storm_tabs: 5000,
     storm_sessions: 500,
+    pusher_sessions: 50,
+    pusher_rate: 20,
+    pusher_secs: 5,
 };
 
 const QUICK: Sizes = Sizes {
@@ -445,6 +454,9 @@ const QUICK: Sizes = Sizes {
     fan_secs: 1,
     storm_tabs: 500,
     storm_sessions: 50,
+    pusher_sessions: 5,
+    pusher_rate: 10,
+    pusher_secs: 1,
 };
 
 async fn scenario_once(plan: &Plan, scenario: &str, c: Contender) -> anyhow::Result<Figures> {
@@ -563,9 +575,77 @@ async fn scenario_once(plan: &Plan, scenario: &str, c: Contender) -> anyhow::Res
             );
             drop(tabs);
         }
+        "pusher" => pusher_once(plan, c, &mut f).await?,
         other => anyhow::bail!("unknown scenario {other}"),
     }
     Ok(f)
+}
+
+/// The `pusher` scenario (see pusher.rs): browsers of 10 tabs on one
+/// channel of a real Pusher server, events triggered at a fixed rate. Tabs
+/// reach the server directly, through nginx, or through tabmux's `pusher`
+/// route (always over `ws://`).
+async fn pusher_once(plan: &Plan, c: Contender, f: &mut Figures) -> anyhow::Result<()> {
+    const TABS_PER_BROWSER: usize = 10;
+    let sizes = plan.sizes;
+    anyhow::ensure!(
+        pusher::available(),
+        "the pusher scenario needs sockudo: cargo install sockudo --version 5.2.0 --locked \
+         --no-default-features --features local"
+    );
+    let sockudo = pusher::Sockudo::start(0)?;
+    let server = sockudo.running.addr;
+    let route = |exe: &std::path::Path| {
+        let table = format!(
+            "[[route]]\npath = \"{}\"\nupstream = \"ws://{server}{}\"\nsession_cookie = \"sid\"\n\
+             allowed_origins = [\"http://bench.local\"]\nenvelope = \"pusher\"\n",
+            pusher::path(),
+            pusher::path()
+        );
+        procs::start_tabmux_route(1, exe, &table, None)
+    };
+    let proxy = match c {
+        Contender::Tabmux => Some(route(&plan.tabmux)?),
+        Contender::Other => Some(route(plan.other.as_deref().context("no --other binary")?)?),
+        Contender::Nginx => Some(procs::start_nginx(1, server, 1, None)?),
+        Contender::Direct => None,
+    };
+    let target = Target::plain(proxy.as_ref().map_or(server, |p| p.addr));
+    let pids = proxy.as_ref().map(Running::pids).unwrap_or_default();
+    let tabs = pusher::Tabs::connect(&target, sizes.pusher_sessions, TABS_PER_BROWSER).await?;
+    f.insert(
+        "server_connections".into(),
+        sockudo.metric("sockudo_connected").await?,
+    );
+    let sent0 = sockudo.metric("sockudo_ws_messages_sent_total").await?;
+    let cpu0 = procs::cpu_us(&pids);
+    let events = pusher::trigger_for(&sockudo, sizes.pusher_rate, sizes.pusher_secs).await?;
+    // Let deliveries in flight land (bounded).
+    let mut last = u64::MAX;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = tabs.deliveries.load(std::sync::atomic::Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let cpu = procs::cpu_us(&pids) - cpu0;
+    let sent = sockudo.metric("sockudo_ws_messages_sent_total").await? - sent0;
+    let mut lat = tabs.finish().await;
+    lat.sort_unstable();
+    let deliveries = lat.len() as f64;
+    f.insert("events".into(), events as f64);
+    f.insert("deliveries".into(), deliveries);
+    f.insert("server_messages_sent".into(), sent);
+    f.insert("p50_ms".into(), percentile(&lat, 0.5) as f64 / 1000.0);
+    f.insert("p99_ms".into(), percentile(&lat, 0.99) as f64 / 1000.0);
+    if proxy.is_some() {
+        let per = |us: u64| us as f64 / deliveries.max(1.0);
+        f.insert("cpu_us_per_delivery".into(), per(cpu.total()));
+        f.insert("cpu_us_per_delivery_system".into(), per(cpu.system));
+    }
+    Ok(())
 }
 
 /// Scenario 4 at one size: `sessions` sessions of `sizes.fan_tabs` tabs,

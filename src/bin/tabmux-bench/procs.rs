@@ -233,6 +233,26 @@ pub fn start_tabmux(
     tabs_per_session: usize,
     tls: Option<&TlsFiles>,
 ) -> std::io::Result<Running> {
+    let route = format!(
+        r#"[[route]]
+path = "/ws"
+upstream = "ws://{backend}/ws"
+session_cookie = "sid"
+allowed_origins = ["http://bench.local"]
+max_tabs_per_session = {tabs_per_session}
+"#
+    );
+    start_tabmux_route(core, exe, &route, tls)
+}
+
+/// Starts the tabmux binary `exe` with this `[[route]]` table, pinned to
+/// `core`.
+pub fn start_tabmux_route(
+    core: usize,
+    exe: &Path,
+    route: &str,
+    tls: Option<&TlsFiles>,
+) -> std::io::Result<Running> {
     let dir = TempDir::new("tabmux")?;
     let port = free_port();
     let tls = tls.map_or(String::new(), |t| {
@@ -249,13 +269,7 @@ listen = "127.0.0.1:{port}"
 listen = "127.0.0.1:0"
 [log]
 level = "warn"
-[[route]]
-path = "/ws"
-upstream = "ws://{backend}/ws"
-session_cookie = "sid"
-allowed_origins = ["http://bench.local"]
-max_tabs_per_session = {tabs_per_session}
-"#
+{route}"#
     );
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, config)?;

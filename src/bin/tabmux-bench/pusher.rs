@@ -1,0 +1,281 @@
+//! The `pusher` scenario: a real Pusher-protocol server (sockudo, from
+//! crates.io: `cargo install sockudo --version 5.2.0 --locked
+//! --no-default-features --features local`), browsers of 10 tabs each
+//! subscribed to one channel, and events triggered through the server's
+//! REST API at a fixed rate. Tabs connect directly, through nginx, or
+//! through tabmux's `pusher` route; the figures are what the server sees
+//! (connections, messages it sent) and what the proxy spends per delivered
+//! event.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures_util::stream::{self, StreamExt};
+use futures_util::SinkExt;
+use http::HeaderValue;
+use md5::Digest as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::load::{Target, Ws};
+use crate::procs::{self, Running};
+
+pub const APP_ID: &str = "bench";
+pub const APP_KEY: &str = "bench-key";
+const APP_SECRET: &str = "bench-secret";
+/// The channel every tab subscribes to.
+const CHANNEL: &str = "bench";
+
+/// The Pusher path tabs connect to.
+pub fn path() -> String {
+    format!("/app/{APP_KEY}")
+}
+
+/// sockudo's binary: `SOCKUDO_BIN`, cargo's bin directory, or the PATH.
+fn binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("SOCKUDO_BIN") {
+        return bin.into();
+    }
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
+    match home.map(|h| h.join("bin").join("sockudo")) {
+        Some(p) if p.exists() => p,
+        _ => "sockudo".into(),
+    }
+}
+
+/// Whether sockudo can be run (the scenario is left out otherwise).
+pub fn available() -> bool {
+    let bin = binary();
+    bin.exists() || procs::which("sockudo")
+}
+
+/// A running sockudo, pinned to `core`.
+pub struct Sockudo {
+    pub running: Running,
+    metrics: SocketAddr,
+}
+
+impl Sockudo {
+    pub fn start(core: usize) -> anyhow::Result<Sockudo> {
+        let port = procs::free_port();
+        let metrics = SocketAddr::from(([127, 0, 0, 1], procs::free_port()));
+        let mut cmd = procs::command_pinned(core, &binary(), &[]);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOST", "127.0.0.1")
+            .env("PORT", port.to_string())
+            .env("METRICS_ENABLED", "true")
+            .env("METRICS_HOST", "127.0.0.1")
+            .env("METRICS_PORT", metrics.port().to_string())
+            .env("ADAPTER_DRIVER", "local")
+            .env("CACHE_DRIVER", "memory")
+            .env("QUEUE_DRIVER", "none")
+            .env("APP_MANAGER_DRIVER", "memory")
+            .env("RATE_LIMITER_ENABLED", "false")
+            .env("RATE_LIMITER_DRIVER", "memory")
+            .env("SOCKUDO_DEFAULT_APP_ID", APP_ID)
+            .env("SOCKUDO_DEFAULT_APP_KEY", APP_KEY)
+            .env("SOCKUDO_DEFAULT_APP_SECRET", APP_SECRET)
+            .env("SOCKUDO_DEFAULT_APP_ENABLED", "true")
+            .env("SOCKUDO_DEFAULT_APP_MAX_CONNECTIONS", "100000")
+            .env(
+                "SOCKUDO_DEFAULT_APP_MAX_BACKEND_EVENTS_PER_SECOND",
+                "100000",
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let child = cmd.spawn().context("cannot start sockudo")?;
+        let running = Running::new(child, SocketAddr::from(([127, 0, 0, 1], port)))?;
+        anyhow::ensure!(procs::wait_listening(metrics), "sockudo's metrics");
+        Ok(Sockudo { running, metrics })
+    }
+
+    /// The sum of a metric's series in sockudo's scrape.
+    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let request = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let (_, body) = http(self.metrics, request).await?;
+        Ok(body
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter(|l| l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// Triggers one `tick` event on the channel, stamped with the time,
+    /// through the REST API (signed as Pusher's HTTP API is).
+    pub async fn trigger(&self) -> anyhow::Result<()> {
+        let data = crate::unix_ns().to_string();
+        let body =
+            serde_json::json!({"name": "tick", "channels": [CHANNEL], "data": data}).to_string();
+        let path = format!("/apps/{APP_ID}/events");
+        let md5 = hex(&md5::Md5::digest(body.as_bytes()));
+        let timestamp = crate::unix_ns() / 1_000_000_000;
+        let query = format!(
+            "auth_key={APP_KEY}&auth_timestamp={timestamp}&auth_version=1.0&body_md5={md5}"
+        );
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, APP_SECRET.as_bytes());
+        let signature =
+            hex(ring::hmac::sign(&key, format!("POST\n{path}\n{query}").as_bytes()).as_ref());
+        let request = format!(
+            "POST {path}?{query}&auth_signature={signature} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let (status, answer) = http(self.running.addr, &request).await?;
+        anyhow::ensure!(status == 200, "trigger: HTTP {status}: {answer}");
+        Ok(())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn http(addr: SocketAddr, request: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(request.as_bytes()).await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Ok((status, body))
+}
+
+/// One tab of browser `session`: connected, greeted, subscribed.
+async fn tab(target: &Target, session: usize) -> anyhow::Result<Ws> {
+    let url = format!(
+        "ws://{}{}?protocol=7&client=js&version=8.4.0&flash=false",
+        target.addr,
+        path()
+    );
+    let mut req = url.into_client_request()?;
+    req.headers_mut()
+        .insert("cookie", HeaderValue::from_str(&format!("sid=s{session}"))?);
+    req.headers_mut()
+        .insert("origin", HeaderValue::from_static("http://bench.local"));
+    let tcp = TcpStream::connect(target.addr).await?;
+    tcp.set_nodelay(true)?;
+    let io: Box<dyn crate::load::Io> = Box::new(tcp);
+    let (mut ws, _) = tokio_tungstenite::client_async(req, io).await?;
+    until(&mut ws, "pusher:connection_established").await?;
+    let subscribe = serde_json::json!({"event": "pusher:subscribe", "data": {"channel": CHANNEL}});
+    ws.send(Message::text(subscribe.to_string())).await?;
+    until(&mut ws, "pusher_internal:subscription_succeeded").await?;
+    Ok(ws)
+}
+
+/// Reads until an event of that name.
+async fn until(ws: &mut Ws, event: &str) -> anyhow::Result<()> {
+    let needle = format!("\"{event}\"");
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.as_str().contains(&needle) => return Ok(()),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+            None => anyhow::bail!("closed before {event}"),
+        }
+    }
+}
+
+/// The stamp in a `tick` event's data (`"data":"<unix ns>"`).
+fn stamp(text: &str) -> Option<u64> {
+    let start = text.find("\"data\":\"")? + 8;
+    let digits: String = text[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// The browsers' tabs, each counting and timing the events it receives.
+pub struct Tabs {
+    pub deliveries: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<u32>>>,
+    stop: tokio::sync::watch::Sender<()>,
+}
+
+impl Tabs {
+    pub async fn connect(
+        target: &Target,
+        sessions: usize,
+        per_session: usize,
+    ) -> anyhow::Result<Tabs> {
+        let sockets: Vec<anyhow::Result<Ws>> = stream::iter(0..sessions * per_session)
+            .map(|i| tab(target, i / per_session))
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        let deliveries = Arc::new(AtomicU64::new(0));
+        let (stop, stopped) = tokio::sync::watch::channel(());
+        let mut tasks = Vec::new();
+        for ws in sockets {
+            let mut ws = ws?;
+            let (deliveries, mut stopped) = (deliveries.clone(), stopped.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                loop {
+                    let m = tokio::select! {
+                        m = ws.next() => m,
+                        _ = stopped.changed() => break,
+                    };
+                    let Some(Ok(Message::Text(t))) = m else {
+                        if matches!(m, Some(Ok(_))) {
+                            continue;
+                        }
+                        break;
+                    };
+                    if let Some(sent) = stamp(t.as_str()) {
+                        let now = crate::unix_ns();
+                        lat.push((now.saturating_sub(sent) / 1000) as u32);
+                        deliveries.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                lat
+            }));
+        }
+        Ok(Tabs {
+            deliveries,
+            tasks,
+            stop,
+        })
+    }
+
+    /// Closes every tab; the delivery latencies in microseconds.
+    pub async fn finish(self) -> Vec<u32> {
+        drop(self.stop);
+        let mut all = Vec::new();
+        for task in self.tasks {
+            if let Ok(lat) = task.await {
+                all.extend(lat);
+            }
+        }
+        all
+    }
+}
+
+/// Triggers events at `rate` a second for `secs`; returns how many.
+pub async fn trigger_for(sockudo: &Sockudo, rate: u32, secs: u64) -> anyhow::Result<u64> {
+    let mut every = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
+    let total = u64::from(rate) * secs;
+    for _ in 0..total {
+        every.tick().await;
+        sockudo.trigger().await?;
+    }
+    Ok(total)
+}
