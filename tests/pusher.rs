@@ -158,6 +158,11 @@ async fn a_client_event_reaches_the_sibling_tabs_and_goes_upstream_once() {
         "not echoed to its sender"
     );
     assert_eq!(up.events_named("client-typing").len(), 1);
+    // The server would have sent the event to b: one message saved (and
+    // the marker, delivered to two tabs, one more).
+    let (_, scrape) = admin_get(proxy.admin, "/metrics").await;
+    let saved = format!("tabmux_upstream_messages_avoided_total{{route=\"/app/{APP_KEY}\"}}");
+    assert_eq!(metric(&scrape, &saved), Some(2.0));
 }
 
 #[tokio::test]

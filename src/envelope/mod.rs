@@ -133,6 +133,10 @@ pub enum Saving {
     Subscription,
     /// A ping.
     Ping,
+    /// One more delivery than the fan-out counts: a message the server
+    /// would have sent that it never sent at all (a client event tabmux
+    /// delivered to sibling tabs: the server sent it to none of them).
+    Delivery,
 }
 
 /// Where an envelope hands its effects, in the order it decides them.

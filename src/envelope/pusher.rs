@@ -290,6 +290,9 @@ impl Pusher {
                         msg: frame,
                         len,
                     });
+                    // The fan-out counts n - 1 of the n deliveries as
+                    // saved; the server made none of them.
+                    out.effect(Effect::Avoided(Saving::Delivery));
                 }
                 Ok(Some(Forward {
                     frame: msg,

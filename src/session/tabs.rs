@@ -312,6 +312,7 @@ impl Apply<'_> {
         let counter = match saving {
             Saving::Subscription => &self.ctx.metrics.subscriptions_avoided,
             Saving::Ping => &self.ctx.metrics.pings_avoided,
+            Saving::Delivery => &self.ctx.metrics.messages_avoided,
         };
         counter.inc();
     }
