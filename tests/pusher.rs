@@ -26,6 +26,18 @@ async fn connected(proxy: &TestProxy, session: &str) -> Tab {
     tab
 }
 
+/// A Pusher route in front of the mock server, and two tabs of one
+/// browser past their greeting (the mock, the proxy, the browser's
+/// upstream connection, the tabs).
+async fn two_tabs() -> (Mock, TestProxy, Upstream, Tab, Tab) {
+    let mock = Mock::behaving(pusher_server()).await;
+    let proxy = pusher_proxy(&mock).await;
+    let up = mock.upstream(0);
+    let a = connected(&proxy, "b").await;
+    let b = connected(&proxy, "b").await;
+    (mock, proxy, up, a, b)
+}
+
 /// Subscribes `tab` to `channel` and waits for the answer.
 async fn subscribed(tab: &mut Tab, channel: &str) -> Value {
     tab.send_text(&subscribe(channel)).await;
@@ -73,11 +85,7 @@ async fn the_tabs_of_one_browser_share_one_pusher_connection_and_its_socket_id()
 
 #[tokio::test]
 async fn a_tab_that_unsubscribes_does_not_silence_its_siblings() {
-    let mock = Mock::behaving(pusher_server()).await;
-    let proxy = pusher_proxy(&mock).await;
-    let up = mock.upstream(0);
-    let mut a = connected(&proxy, "b").await;
-    let mut b = connected(&proxy, "b").await;
+    let (_mock, _proxy, up, mut a, mut b) = two_tabs().await;
     subscribed(&mut a, "news").await;
     subscribed(&mut b, "news").await;
     assert_eq!(
@@ -119,11 +127,7 @@ async fn a_tab_that_unsubscribes_does_not_silence_its_siblings() {
 
 #[tokio::test]
 async fn events_reach_only_the_tabs_subscribed_to_their_channel() {
-    let mock = Mock::behaving(pusher_server()).await;
-    let proxy = pusher_proxy(&mock).await;
-    let up = mock.upstream(0);
-    let mut a = connected(&proxy, "b").await;
-    let mut b = connected(&proxy, "b").await;
+    let (_mock, _proxy, up, mut a, mut b) = two_tabs().await;
     subscribed(&mut a, "prices").await;
     up.send(event("prices", "tick", json!({"p": 3})));
     up.send(marker(1));
@@ -137,11 +141,7 @@ async fn events_reach_only_the_tabs_subscribed_to_their_channel() {
 
 #[tokio::test]
 async fn a_client_event_reaches_the_sibling_tabs_and_goes_upstream_once() {
-    let mock = Mock::behaving(pusher_server()).await;
-    let proxy = pusher_proxy(&mock).await;
-    let up = mock.upstream(0);
-    let mut a = connected(&proxy, "b").await;
-    let mut b = connected(&proxy, "b").await;
+    let (_mock, proxy, up, mut a, mut b) = two_tabs().await;
     subscribed(&mut a, "private-chat").await;
     subscribed(&mut b, "private-chat").await;
     let typing = json!({"event": "client-typing", "channel": "private-chat", "data": {"on": true}});
@@ -189,11 +189,7 @@ async fn a_later_tab_gets_the_presence_members_as_they_stand() {
 
 #[tokio::test]
 async fn pings_are_answered_by_tabmux_and_bad_input_only_troubles_its_tab() {
-    let mock = Mock::behaving(pusher_server()).await;
-    let proxy = pusher_proxy(&mock).await;
-    let up = mock.upstream(0);
-    let mut a = connected(&proxy, "b").await;
-    let mut b = connected(&proxy, "b").await;
+    let (_mock, _proxy, up, mut a, mut b) = two_tabs().await;
     barrier(&mut a).await;
     a.send_text("not json").await;
     let error = a.recv_event().await;
@@ -222,11 +218,7 @@ async fn pings_are_answered_by_tabmux_and_bad_input_only_troubles_its_tab() {
 
 #[tokio::test]
 async fn a_server_close_code_reaches_every_tab_and_a_lost_connection_is_4200() {
-    let mock = Mock::behaving(pusher_server()).await;
-    let proxy = pusher_proxy(&mock).await;
-    let up = mock.upstream(0);
-    let mut a = connected(&proxy, "b").await;
-    let mut b = connected(&proxy, "b").await;
+    let (mock, proxy, up, mut a, mut b) = two_tabs().await;
     up.send(Message::Close(Some(CloseFrame {
         code: CloseCode::from(4004),
         reason: "Over connection quota".into(),
@@ -290,11 +282,7 @@ async fn after_a_loss_the_browsers_new_session_waits_out_the_backoff_before_dial
 
 #[tokio::test]
 async fn the_savings_are_counted_and_shown_for_the_route() {
-    let mock = Mock::behaving(pusher_server()).await;
-    let proxy = pusher_proxy(&mock).await;
-    let up = mock.upstream(0);
-    let mut a = connected(&proxy, "b").await;
-    let mut b = connected(&proxy, "b").await;
+    let (_mock, proxy, up, mut a, mut b) = two_tabs().await;
     subscribed(&mut a, "news").await;
     subscribed(&mut b, "news").await;
     barrier(&mut a).await;

@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 
 use md5::Digest as _;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::guard;
@@ -130,7 +129,7 @@ impl Sockudo {
             self.addr,
             body.len()
         );
-        http(self.addr, &request).await.0
+        super::raw_http(self.addr, &request).await.0
     }
 
     /// Whether `channel` is occupied (has a subscriber), by the REST API.
@@ -141,7 +140,7 @@ impl Sockudo {
             "GET {path}?{query} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
             self.addr
         );
-        let (status, body) = http(self.addr, &request).await;
+        let (status, body) = super::raw_http(self.addr, &request).await;
         assert_eq!(status, 200, "{body}");
         body.contains(r#""occupied":true"#)
     }
@@ -190,25 +189,4 @@ fn hmac_hex(message: &str) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// One HTTP/1.1 exchange; the status and body.
-async fn http(addr: SocketAddr, request: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(request.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    guard("an HTTP response", s.read_to_end(&mut buf))
-        .await
-        .expect("read");
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
 }

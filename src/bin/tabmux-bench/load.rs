@@ -248,13 +248,32 @@ impl FanOut {
     /// Closes every tab; returns all delivery latencies, in microseconds.
     pub async fn finish(self) -> Vec<u32> {
         drop(self.stop);
-        let mut all = Vec::new();
-        for task in self.latencies {
-            if let Ok(lat) = task.await {
-                all.extend(lat);
-            }
+        latencies(self.latencies).await
+    }
+}
+
+/// Every tab task's latencies, once they have stopped.
+pub async fn latencies(tasks: Vec<tokio::task::JoinHandle<Vec<u32>>>) -> Vec<u32> {
+    let mut all = Vec::new();
+    for task in tasks {
+        if let Ok(lat) = task.await {
+            all.extend(lat);
         }
-        all
+    }
+    all
+}
+
+/// Waits (bounded) until deliveries in flight have landed: the count has
+/// stopped moving.
+pub async fn settle(deliveries: &AtomicU64) {
+    let mut last = u64::MAX;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = deliveries.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
     }
 }
 

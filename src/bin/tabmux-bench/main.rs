@@ -620,16 +620,7 @@ async fn pusher_once(plan: &Plan, c: Contender, f: &mut Figures) -> anyhow::Resu
     let sent0 = sockudo.metric("sockudo_ws_messages_sent_total").await?;
     let cpu0 = procs::cpu_us(&pids);
     let events = pusher::trigger_for(&sockudo, sizes.pusher_rate, sizes.pusher_secs).await?;
-    // Let deliveries in flight land (bounded).
-    let mut last = u64::MAX;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let now = tabs.deliveries.load(std::sync::atomic::Ordering::Relaxed);
-        if now == last {
-            break;
-        }
-        last = now;
-    }
+    load::settle(&tabs.deliveries).await;
     let cpu = procs::cpu_us(&pids) - cpu0;
     let sent = sockudo.metric("sockudo_ws_messages_sent_total").await? - sent0;
     let mut lat = tabs.finish().await;
@@ -667,16 +658,7 @@ async fn fan_out(
     backend::command(setup.control, "start").await?;
     tokio::time::sleep(Duration::from_secs(sizes.fan_secs)).await;
     backend::command(setup.control, "stop").await?;
-    // Let deliveries in flight land (bounded).
-    let mut last = u64::MAX;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let now = fan.deliveries.load(std::sync::atomic::Ordering::Relaxed);
-        if now == last {
-            break;
-        }
-        last = now;
-    }
+    load::settle(&fan.deliveries).await;
     let cpu = procs::cpu_us(&pids) - cpu0;
     let sent = setup.backend_stat("sent").await? - sent0;
     let mut lat = fan.finish().await;
@@ -715,7 +697,8 @@ async fn fan_out(
 mod tests {
     use super::*;
 
-    fn run_args(args: &[&str]) -> RunArgs {
+    /// `tabmux-bench run` with these arguments, parsed.
+    pub(crate) fn run_args(args: &[&str]) -> RunArgs {
         let argv = ["tabmux-bench", "run"].iter().chain(args);
         match Cli::try_parse_from(argv).expect("arguments parse").command {
             Command::Run(args) => args,

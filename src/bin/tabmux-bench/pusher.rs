@@ -259,13 +259,7 @@ impl Tabs {
     /// Closes every tab; the delivery latencies in microseconds.
     pub async fn finish(self) -> Vec<u32> {
         drop(self.stop);
-        let mut all = Vec::new();
-        for task in self.tasks {
-            if let Ok(lat) = task.await {
-                all.extend(lat);
-            }
-        }
-        all
+        crate::load::latencies(self.tasks).await
     }
 }
 

@@ -125,18 +125,8 @@ fn fmt_num(v: f64) -> String {
 mod tests {
     use std::collections::BTreeMap;
 
-    use clap::Parser as _;
-
     use super::*;
-    use crate::{Cli, Command};
-
-    fn run_args(args: &[&str]) -> RunArgs {
-        let argv = ["tabmux-bench", "run"].iter().chain(args);
-        match Cli::try_parse_from(argv).expect("arguments parse").command {
-            Command::Run(args) => args,
-            _ => unreachable!("parsed `run`"),
-        }
-    }
+    use crate::tests::run_args;
 
     fn results(rows: &[(&str, f64)]) -> Results {
         let mut by_contender = BTreeMap::new();
