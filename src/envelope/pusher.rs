@@ -501,8 +501,8 @@ impl Pusher {
         let Ok(wire) = serde_json::from_str::<Wire<'_>>(text.as_str()) else {
             return out.effect(Effect::Malformed(super::FrameError::NotJson));
         };
-        let channel = wire.channel.as_deref().map(str::to_owned);
-        match (wire.event.as_ref(), channel) {
+        // Borrowed from the frame: no copy of the channel's name per event.
+        match (wire.event.as_ref(), wire.channel.as_deref()) {
             ("pusher:connection_established", _) => {
                 if let Some(t) = data_object(wire.data)
                     .and_then(|d| d.get("activity_timeout")?.as_u64())
@@ -526,9 +526,9 @@ impl Pusher {
             }
             ("pusher:pong", _) => {}
             ("pusher_internal:subscription_succeeded", Some(name)) => {
-                self.subscribed(&name, msg, wire.data, out)
+                self.subscribed(name, msg, wire.data, out)
             }
-            ("pusher:subscription_error", Some(name)) => self.refused(&name, msg, out),
+            ("pusher:subscription_error", Some(name)) => self.refused(name, msg, out),
             ("pusher:error", None) => match self.in_flight.clone() {
                 // It answers the request in flight.
                 Some(Request::Subscribe(name)) => self.refused(&name, msg, out),
@@ -537,28 +537,28 @@ impl Pusher {
             },
             ("pusher:signin_success", _) => self.signed_in(msg, out),
             ("pusher_internal:member_added", Some(name)) => {
-                if let Some(p) = self.presence(&name) {
+                if let Some(p) = self.presence(name) {
                     if let Some(d) = data_object(wire.data) {
                         member_added(p, &d);
                     }
                 }
-                self.channel_event(&name, msg, out);
+                self.channel_event(name, msg, out);
             }
             ("pusher_internal:member_removed", Some(name)) => {
-                if let Some(p) = self.presence(&name) {
+                if let Some(p) = self.presence(name) {
                     if let Some(id) = data_object(wire.data).and_then(|d| id_of(d.get("user_id")?))
                     {
                         p.ids.retain(|i| *i != id);
                         p.hash.remove(&id);
                     }
                 }
-                self.channel_event(&name, msg, out);
+                self.channel_event(name, msg, out);
             }
             ("pusher:cache_miss", Some(name)) => {
-                if let Some(ch) = self.channels.get_mut(&name) {
+                if let Some(ch) = self.channels.get_mut(name) {
                     ch.last_event = None;
                 }
-                self.channel_event(&name, msg, out);
+                self.channel_event(name, msg, out);
             }
             (_, Some(name)) if name.starts_with("#server-to-user-") => {
                 let tabs = match &self.sign_in {
@@ -568,12 +568,12 @@ impl Pusher {
                 deliver(tabs, msg, out);
             }
             (_, Some(name)) => {
-                if is_cache(&name) {
-                    if let Some(ch) = self.channels.get_mut(&name) {
+                if is_cache(name) {
+                    if let Some(ch) = self.channels.get_mut(name) {
                         ch.last_event = Some(msg.clone());
                     }
                 }
-                self.channel_event(&name, msg, out);
+                self.channel_event(name, msg, out);
             }
             // pusher:error and the like, answering nothing pending.
             (_, None) => broadcast(msg, out),
