@@ -344,6 +344,18 @@ struct Setup {
 
 impl Setup {
     fn start(plan: &Plan, c: Contender, tabs: usize, per_session: usize) -> anyhow::Result<Setup> {
+        Setup::start_at(plan, c, tabs, per_session, 10)
+    }
+
+    /// The same, the backend broadcasting `rate` times a second per session
+    /// (when told to start).
+    fn start_at(
+        plan: &Plan,
+        c: Contender,
+        tabs: usize,
+        per_session: usize,
+        rate: u32,
+    ) -> anyhow::Result<Setup> {
         let listen = SocketAddr::from(([127, 0, 0, 1], procs::free_port()));
         let control = SocketAddr::from(([127, 0, 0, 1], procs::free_port()));
         let mut args = vec![
@@ -352,6 +364,8 @@ impl Setup {
             listen.to_string(),
             "--control".into(),
             control.to_string(),
+            "--rate".into(),
+            rate.to_string(),
         ];
         if c.is_tabmux() {
             args.push("--envelope".into());
@@ -415,11 +429,12 @@ struct Sizes {
     latency_samples: usize,
     cpu_rate: u64,
     cpu_secs: u64,
-    /// The first is the scenario as specified; the others, smaller, show
-    /// the costs when neither core is saturated (figures suffixed
-    /// `@N_sessions`).
-    fan_sessions: &'static [usize],
-    fan_tabs: usize,
+    /// Sessions, tabs per session and broadcasts a second per session. The
+    /// first is the scenario as specified; the next, smaller, shows the
+    /// costs when neither core is saturated (figures suffixed
+    /// `@N_sessions`); the last has the `pusher` scenario's browsers and
+    /// event rate, to compare with it like for like (suffixed `@NxT`).
+    fan: &'static [(usize, usize, u32)],
     fan_secs: u64,
     storm_tabs: usize,
     storm_sessions: usize,
@@ -434,8 +449,7 @@ const FULL: Sizes = Sizes {
     latency_samples: 20_000,
     cpu_rate: 20_000,
     cpu_secs: 5,
-    fan_sessions: &[100, 20],
-    fan_tabs: 100,
+    fan: &[(100, 100, 10), (20, 100, 10), (50, 10, 20)],
     fan_secs: 5,
     storm_tabs: 5000,
     storm_sessions: 500,
@@ -449,8 +463,7 @@ const QUICK: Sizes = Sizes {
     latency_samples: 2_000,
     cpu_rate: 5_000,
     cpu_secs: 1,
-    fan_sessions: &[10, 4],
-    fan_tabs: 20,
+    fan: &[(10, 20, 10), (4, 20, 10), (5, 10, 10)],
     fan_secs: 1,
     storm_tabs: 500,
     storm_sessions: 50,
@@ -538,13 +551,14 @@ async fn scenario_once(plan: &Plan, scenario: &str, c: Contender) -> anyhow::Res
             }
         }
         "fanout" => {
-            for (i, &sessions) in sizes.fan_sessions.iter().enumerate() {
-                let suffix = if i == 0 {
-                    String::new()
-                } else {
-                    format!("@{sessions}_sessions")
+            let first_tabs = sizes.fan[0].1;
+            for (i, &(sessions, per_session, rate)) in sizes.fan.iter().enumerate() {
+                let suffix = match i {
+                    0 => String::new(),
+                    _ if per_session == first_tabs => format!("@{sessions}_sessions"),
+                    _ => format!("@{sessions}x{per_session}"),
                 };
-                fan_out(plan, c, sessions, &suffix, &mut f).await?;
+                fan_out(plan, c, (sessions, per_session, rate), &suffix, &mut f).await?;
             }
         }
         "storm" => {
@@ -639,20 +653,20 @@ async fn pusher_once(plan: &Plan, c: Contender, f: &mut Figures) -> anyhow::Resu
     Ok(())
 }
 
-/// Scenario 4 at one size: `sessions` sessions of `sizes.fan_tabs` tabs,
-/// each broadcast to 10 times a second; figures named with `suffix`.
+/// Scenario 4 at one size: `sessions` sessions of `per_session` tabs,
+/// each broadcast to `rate` times a second; figures named with `suffix`.
 async fn fan_out(
     plan: &Plan,
     c: Contender,
-    sessions: usize,
+    (sessions, per_session, rate): (usize, usize, u32),
     suffix: &str,
     f: &mut Figures,
 ) -> anyhow::Result<()> {
     let sizes = plan.sizes;
-    let tabs = sessions * sizes.fan_tabs;
-    let setup = Setup::start(plan, c, tabs, sizes.fan_tabs)?;
+    let tabs = sessions * per_session;
+    let setup = Setup::start_at(plan, c, tabs, per_session, rate)?;
     let pids = setup.proxy_pids();
-    let fan = load::FanOut::connect(&setup.target, sessions, sizes.fan_tabs).await?;
+    let fan = load::FanOut::connect(&setup.target, sessions, per_session).await?;
     let sent0 = setup.backend_stat("sent").await?;
     let cpu0 = procs::cpu_us(&pids);
     backend::command(setup.control, "start").await?;
@@ -686,7 +700,7 @@ async fn fan_out(
     if c == Contender::Direct {
         // No proxy at all: the kernel's cost of one delivery, for
         // the same number of sockets and rate (see floor.rs).
-        let (user, system) = floor::measure(tabs, 10, sizes.fan_secs).await?;
+        let (user, system) = floor::measure(tabs, rate, sizes.fan_secs).await?;
         f.insert(format!("floor_cpu_us_per_write{suffix}"), user + system);
         f.insert(format!("floor_cpu_us_per_write_system{suffix}"), system);
     }
