@@ -309,3 +309,98 @@ async fn the_savings_are_counted_and_shown_for_the_route() {
     assert_eq!(shown["subscriptions_avoided"], 1);
     assert_eq!(shown["pings_avoided"], 2);
 }
+
+#[tokio::test]
+async fn a_refused_subscription_reaches_the_waiting_tabs_and_a_later_one_tries_again() {
+    let mock = Mock::start().await;
+    mock.set_behavior(Behavior {
+        greeting: vec![Message::text(established())],
+        ..Default::default()
+    });
+    let proxy = pusher_proxy(&mock).await;
+    let up = mock.upstream(0);
+    let mut a = connected(&proxy, "b").await;
+    let mut b = connected(&proxy, "b").await;
+    a.send_text(&subscribe("private-x")).await;
+    b.send_text(&subscribe("private-x")).await;
+    up.find("the subscribe", |v| v["event"] == "pusher:subscribe")
+        .await;
+    barrier(&mut b).await;
+    // Pusher answers a bad signature with a pusher:error naming no channel.
+    let refusal =
+        json!({"event": "pusher:error", "data": {"code": null, "message": "Invalid signature"}});
+    up.send(Message::text(refusal.to_string()));
+    assert_eq!(a.recv_event().await, refusal);
+    assert_eq!(b.recv_event().await, refusal);
+    // Not left pending: the next subscribe goes upstream again.
+    a.send_text(&subscribe("private-x")).await;
+    up.wait("a second subscribe", |c| {
+        (c.frames
+            .iter()
+            .filter(|m| m.to_text().unwrap_or("").contains("pusher:subscribe"))
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_cache_channel_gives_a_later_tab_its_last_event() {
+    let (_mock, proxy, up, mut a, _b) = two_tabs().await;
+    subscribed(&mut a, "cache-prices").await;
+    up.send(event("cache-prices", "price", json!({"p": 7})));
+    assert_eq!(a.recv_event().await["event"], "price");
+    let mut c = connected(&proxy, "b").await;
+    subscribed(&mut c, "cache-prices").await;
+    let cached = c.recv_event().await;
+    assert_eq!(cached["event"], "price");
+    assert_eq!(cached["data"], json!({"p": 7}).to_string());
+}
+
+#[tokio::test]
+async fn the_first_sign_in_goes_upstream_and_a_later_tab_gets_its_answer() {
+    let (_mock, proxy, up, mut a, mut b) = two_tabs().await;
+    let signin =
+        json!({"event": "pusher:signin", "data": {"auth": "k:s", "user_data": "{\"id\":\"u1\"}"}});
+    a.send_text(&signin.to_string()).await;
+    up.find("the sign-in", |v| v["event"] == "pusher:signin")
+        .await;
+    let success = json!({"event": "pusher:signin_success", "data": "{\"user_data\":\"{\\\"id\\\":\\\"u1\\\"}\"}"});
+    up.send(Message::text(success.to_string()));
+    assert_eq!(a.recv_event().await, success);
+    b.send_text(&signin.to_string()).await;
+    assert_eq!(b.recv_event().await, success);
+    assert_eq!(up.events_named("pusher:signin").len(), 1);
+    // The user's channel reaches the tabs that signed in, not a third tab.
+    let mut c = connected(&proxy, "b").await;
+    up.send(event("#server-to-user-u1", "note", json!({})));
+    up.send(marker(1));
+    assert_eq!(a.recv_event().await["event"], "note");
+    assert_eq!(c.recv_event().await["event"], "marker");
+}
+
+#[tokio::test]
+async fn a_silent_upstream_is_pinged_within_its_activity_timeout() {
+    let data = json!({"socket_id": SOCKET_ID, "activity_timeout": 1}).to_string();
+    let greeting = json!({"event": "pusher:connection_established", "data": data});
+    let mock = Mock::behaving(Behavior {
+        greeting: vec![Message::text(greeting.to_string())],
+        ..Default::default()
+    })
+    .await;
+    let path = format!("/app/{APP_KEY}");
+    let fast = route(&path, &mock)
+        .envelope("pusher")
+        .ping_interval("50ms")
+        .idle_timeout("5s");
+    let proxy = proxy().route(fast).start().await;
+    let up = mock.upstream(0);
+    let mut a = pusher_tab("b").connect(&proxy).await;
+    assert_eq!(
+        a.recv_event().await["event"],
+        "pusher:connection_established"
+    );
+    up.find("tabmux's pusher:ping", |v| v["event"] == "pusher:ping")
+        .await;
+}
