@@ -197,8 +197,8 @@ pub async fn offered_rate(
     Ok(received.load(Ordering::Relaxed))
 }
 
-/// Scenario 4's tabs: `sessions` × `per_session` tabs that record the
-/// latency of every stamped broadcast they receive.
+/// Tabs that record the latency of every stamped message they receive
+/// (scenario 4's broadcasts, the `pusher` scenario's events).
 pub struct FanOut {
     pub deliveries: Arc<AtomicU64>,
     latencies: Vec<tokio::task::JoinHandle<Vec<u32>>>,
@@ -213,6 +213,12 @@ impl FanOut {
         per_session: usize,
     ) -> anyhow::Result<FanOut> {
         let sockets = connect_many(target, sessions * per_session, per_session).await?;
+        Ok(FanOut::timing(sockets, stamp))
+    }
+
+    /// Reads every socket until `finish`, timing each message whose send
+    /// time `stamp` finds (Unix nanoseconds).
+    pub fn timing(sockets: Vec<Ws>, stamp: fn(&str) -> Option<u64>) -> FanOut {
         let deliveries = Arc::new(AtomicU64::new(0));
         let (stop, stopped) = tokio::sync::watch::channel(());
         let latencies = sockets
@@ -238,29 +244,24 @@ impl FanOut {
                 })
             })
             .collect();
-        Ok(FanOut {
+        FanOut {
             deliveries,
             latencies,
             stop,
-        })
+        }
     }
 
     /// Closes every tab; returns all delivery latencies, in microseconds.
     pub async fn finish(self) -> Vec<u32> {
         drop(self.stop);
-        latencies(self.latencies).await
-    }
-}
-
-/// Every tab task's latencies, once they have stopped.
-pub async fn latencies(tasks: Vec<tokio::task::JoinHandle<Vec<u32>>>) -> Vec<u32> {
-    let mut all = Vec::new();
-    for task in tasks {
-        if let Ok(lat) = task.await {
-            all.extend(lat);
+        let mut all = Vec::new();
+        for task in self.latencies {
+            if let Ok(lat) = task.await {
+                all.extend(lat);
+            }
         }
+        all
     }
-    all
 }
 
 /// Waits (bounded) until deliveries in flight have landed: the count has

@@ -626,7 +626,7 @@ async fn pusher_once(plan: &Plan, c: Contender, f: &mut Figures) -> anyhow::Resu
     };
     let target = Target::plain(proxy.as_ref().map_or(server, |p| p.addr));
     let pids = proxy.as_ref().map(Running::pids).unwrap_or_default();
-    let tabs = pusher::Tabs::connect(&target, sizes.pusher_sessions, TABS_PER_BROWSER).await?;
+    let tabs = pusher::tabs(&target, sizes.pusher_sessions, TABS_PER_BROWSER).await?;
     f.insert(
         "server_connections".into(),
         sockudo.metric("sockudo_connected").await?,

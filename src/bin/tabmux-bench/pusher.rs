@@ -9,8 +9,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -23,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::load::{Target, Ws};
+use crate::load::{FanOut, Target, Ws};
 use crate::procs::{self, Running};
 
 pub const APP_ID: &str = "bench";
@@ -203,64 +201,16 @@ fn stamp(text: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// The browsers' tabs, each counting and timing the events it receives.
-pub struct Tabs {
-    pub deliveries: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<Vec<u32>>>,
-    stop: tokio::sync::watch::Sender<()>,
-}
-
-impl Tabs {
-    pub async fn connect(
-        target: &Target,
-        sessions: usize,
-        per_session: usize,
-    ) -> anyhow::Result<Tabs> {
-        let sockets: Vec<anyhow::Result<Ws>> = stream::iter(0..sessions * per_session)
-            .map(|i| tab(target, i / per_session))
-            .buffer_unordered(64)
-            .collect()
-            .await;
-        let deliveries = Arc::new(AtomicU64::new(0));
-        let (stop, stopped) = tokio::sync::watch::channel(());
-        let mut tasks = Vec::new();
-        for ws in sockets {
-            let mut ws = ws?;
-            let (deliveries, mut stopped) = (deliveries.clone(), stopped.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut lat = Vec::new();
-                loop {
-                    let m = tokio::select! {
-                        m = ws.next() => m,
-                        _ = stopped.changed() => break,
-                    };
-                    let Some(Ok(Message::Text(t))) = m else {
-                        if matches!(m, Some(Ok(_))) {
-                            continue;
-                        }
-                        break;
-                    };
-                    if let Some(sent) = stamp(t.as_str()) {
-                        let now = crate::unix_ns();
-                        lat.push((now.saturating_sub(sent) / 1000) as u32);
-                        deliveries.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                lat
-            }));
-        }
-        Ok(Tabs {
-            deliveries,
-            tasks,
-            stop,
-        })
-    }
-
-    /// Closes every tab; the delivery latencies in microseconds.
-    pub async fn finish(self) -> Vec<u32> {
-        drop(self.stop);
-        crate::load::latencies(self.tasks).await
-    }
+/// The browsers' tabs, connected and subscribed, each timing the events
+/// it receives.
+pub async fn tabs(target: &Target, sessions: usize, per_session: usize) -> anyhow::Result<FanOut> {
+    let sockets: Vec<anyhow::Result<Ws>> = stream::iter(0..sessions * per_session)
+        .map(|i| tab(target, i / per_session))
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let sockets = sockets.into_iter().collect::<anyhow::Result<Vec<Ws>>>()?;
+    Ok(FanOut::timing(sockets, stamp))
 }
 
 /// Triggers events at `rate` a second for `secs`; returns how many.
