@@ -12,12 +12,11 @@ import { createServer } from 'node:net';
 import { mkdirSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
+import { launch } from './chromium.mjs';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const shots = path.join(root, 'target', 'screenshots');
 const binary = process.env.TABMUX_BIN || path.join(root, 'target', 'release', 'tabmux');
-const chromiumPath = process.env.CHROMIUM || '/usr/bin/chromium';
 const TIMEOUT = 20_000;
 
 /** A free port p such that p+1 and p+2 are free too (the demo uses three). */
@@ -66,12 +65,7 @@ after(async () => {
 test('five tabs of one browser share one upstream connection', { timeout: 120_000 }, async () => {
   mkdirSync(shots, { recursive: true });
   demo = await startDemo(await freeBase());
-  browser = await chromium.launch({
-    executablePath: chromiumPath,
-    headless: true,
-    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  browser = await launch();
   // One context: one cookie jar, like the tabs of one browser window.
   const context = await browser.newContext();
   const pages = [];

@@ -17,12 +17,11 @@ import { mkdtempSync, readFileSync, writeFileSync, existsSync } from 'node:fs';
 import { tmpdir, homedir } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
+import { launch } from './chromium.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const root = path.resolve(here, '../..');
 const binary = process.env.TABMUX_BIN || path.join(root, 'target', 'release', 'tabmux');
-const chromiumPath = process.env.CHROMIUM || '/usr/bin/chromium';
 const cargoSockudo = path.join(process.env.CARGO_HOME || path.join(homedir(), '.cargo'), 'bin', 'sockudo');
 const sockudoPath = process.env.SOCKUDO_BIN || (existsSync(cargoSockudo) ? cargoSockudo : 'sockudo');
 const TIMEOUT = 20_000;
@@ -161,12 +160,7 @@ test('four pusher-js tabs of one browser: one connection, one delivery each', { 
   await listening(tabmuxPort, 'tabmux');
   pageServer = await startPage(pagePort, tabmuxPort);
 
-  browser = await chromium.launch({
-    executablePath: chromiumPath,
-    headless: true,
-    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  browser = await launch();
   const context = await browser.newContext();
   const pages = [];
   for (let i = 0; i < 4; i++) {
