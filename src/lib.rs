@@ -23,7 +23,8 @@
 //!   upgraded connection to its session.
 //! - [`session`]: the session key, the registry and join path, and the
 //!   per-session task, which serves its upstream and its tabs' sockets.
-//! - [`envelope`]: one sans-IO state machine per envelope (`json`, `none`):
+//! - [`envelope`]: one sans-IO state machine per envelope (`json`, `none`,
+//!   `pusher`):
 //!   events in, effects out; and the `json/1` codec, pure functions over
 //!   bytes.
 //! - [`tab`]: a tab's connection, read and written by its session's task: a
