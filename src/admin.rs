@@ -11,22 +11,48 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::shared::Shared;
 use crate::status;
 
 /// Serves admin requests until `stop`'s sender is dropped.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<()>) {
-    while let Some((stream, _)) = crate::listener::accept(&listener, &mut stop).await {
+///
+/// At most `admin.max_connections` connections are served at once: the
+/// next is accepted once one closes (the kernel's backlog holds it
+/// meanwhile, as haproxy's `maxconn` does). Each must send its request
+/// head within `server.handshake_timeout`, and an idle keep-alive
+/// connection is closed after the same time.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    max_connections: usize,
+    mut stop: watch::Receiver<()>,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let timeout = shared.server.handshake_timeout;
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
+            _ = stop.changed() => return,
+        };
+        let Some((stream, _)) = crate::listener::accept(&listener, &mut stop).await else {
+            return;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| answer(req, shared.clone()));
             let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(slot);
         });
     }
 }

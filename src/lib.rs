@@ -46,12 +46,14 @@
 
 pub mod admin;
 pub mod cause;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod envelope;
 pub mod history;
 pub mod limits;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod queue;
 pub mod reconnect;

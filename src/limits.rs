@@ -1,59 +1,227 @@
-//! Process-wide limits, counted with RAII permits: a permit is given back
-//! when it is dropped, however its holder ends (a panic or an early return
-//! cannot leak a slot).
+//! Process-wide and per-address limits (PROTOCOL.md, "Limits"), counted
+//! with RAII permits: a permit is given back when it is dropped, however its
+//! holder ends (a panic or an early return cannot leak a slot).
+//!
+//! - a tab holds a [`TabPermit`]: one of `server.max_tabs`, and one of its
+//!   client address's `server.per_ip.tabs`;
+//! - a session holds a [`SessionPermit`] from its dial to its end (linger
+//!   included): one of `server.max_sessions`, and one of `per_ip.sessions`
+//!   of the address whose tab opened it.
+//!
+//! The client address is worked out once per connection (see
+//! [`crate::upgrade`]); everything here takes it as given.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use dashmap::DashMap;
 use tokio::sync::Notify;
 
-/// Counts tabs in the whole process against `server.max_tabs`.
-pub struct TabLimiter {
-    open: AtomicUsize,
+use crate::config::{PerIp, Server};
+
+/// Which limit refused a tab: its metric label and its plain-text body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `server.max_tabs`.
+    Tabs,
+    /// `server.per_ip.tabs`.
+    AddressTabs,
+    /// `server.max_sessions`.
+    Sessions,
+    /// `server.per_ip.sessions`.
+    AddressSessions,
+}
+
+impl Limit {
+    /// The `reason` label of `tabmux_admissions_refused_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::Tabs => "max_tabs",
+            Limit::AddressTabs => "per_ip_tabs",
+            Limit::Sessions => "max_sessions",
+            Limit::AddressSessions => "per_ip_sessions",
+        }
+    }
+
+    /// The refusal's body.
+    pub fn body(self) -> &'static str {
+        match self {
+            Limit::Tabs => "tabmux is at its tab limit (max_tabs)",
+            Limit::AddressTabs => "too many tabs from this address (per_ip.tabs)",
+            Limit::Sessions => "tabmux is at its session limit (max_sessions)",
+            Limit::AddressSessions => "too many sessions from this address (per_ip.sessions)",
+        }
+    }
+}
+
+/// A count against a maximum.
+struct Count {
+    held: AtomicUsize,
     max: usize,
-    /// Notified each time a slot is given back (the shutdown drain waits on it).
+}
+
+impl Count {
+    fn new(max: usize) -> Count {
+        Count {
+            held: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    fn try_take(&self) -> bool {
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self) {
+        self.held.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What one client address holds.
+#[derive(Default, Clone, Copy)]
+struct Held {
+    tabs: usize,
+    sessions: usize,
+}
+
+/// The limits of the process and of each client address.
+pub struct Limits {
+    tabs: Count,
+    sessions: Count,
+    per_ip: PerIp,
+    /// Addresses that hold something; an address is removed once it holds
+    /// nothing, so the table is as large as the addresses connected.
+    addresses: DashMap<IpAddr, Held>,
+    /// Notified each time a tab's slot is given back (the shutdown drain
+    /// waits on it).
     pub released: Notify,
 }
 
-impl TabLimiter {
-    pub fn new(max: usize) -> Arc<TabLimiter> {
-        Arc::new(TabLimiter {
-            open: AtomicUsize::new(0),
-            max,
+impl Limits {
+    pub fn new(server: &Server) -> Arc<Limits> {
+        Arc::new(Limits {
+            tabs: Count::new(server.max_tabs),
+            sessions: Count::new(server.max_sessions),
+            per_ip: server.per_ip,
+            addresses: DashMap::new(),
             released: Notify::new(),
         })
     }
 
     /// Tabs open (or being admitted) right now.
-    pub fn open(&self) -> usize {
-        self.open.load(Ordering::Relaxed)
+    pub fn tabs_open(&self) -> usize {
+        self.tabs.held.load(Ordering::Relaxed)
     }
 
-    /// Takes a slot, or returns None when the proxy is full.
-    pub fn try_acquire(self: &Arc<Self>) -> Option<TabPermit> {
-        let mut n = self.open.load(Ordering::Relaxed);
-        loop {
-            if n >= self.max {
-                return None;
+    /// Sessions alive (dialling, connected or lingering) right now.
+    pub fn sessions_alive(&self) -> usize {
+        self.sessions.held.load(Ordering::Relaxed)
+    }
+
+    /// Client addresses holding a tab or a session right now.
+    pub fn addresses(&self) -> usize {
+        self.addresses.len()
+    }
+
+    /// A tab's slot, or the limit that refuses it.
+    pub fn tab(self: &Arc<Self>, ip: IpAddr) -> Result<TabPermit, Limit> {
+        self.take(ip, Limit::Tabs)?;
+        Ok(TabPermit(Slot {
+            limits: self.clone(),
+            ip,
+        }))
+    }
+
+    /// A new session's slot, or the limit that refuses it.
+    pub fn session(self: &Arc<Self>, ip: IpAddr) -> Result<SessionPermit, Limit> {
+        self.take(ip, Limit::Sessions)?;
+        Ok(SessionPermit(Slot {
+            limits: self.clone(),
+            ip,
+        }))
+    }
+
+    /// Takes one of the process's `kind` and one of the address's.
+    fn take(&self, ip: IpAddr, kind: Limit) -> Result<(), Limit> {
+        let (process, address, per_ip) = match kind {
+            Limit::Tabs | Limit::AddressTabs => (&self.tabs, Limit::AddressTabs, self.per_ip.tabs),
+            Limit::Sessions | Limit::AddressSessions => {
+                (&self.sessions, Limit::AddressSessions, self.per_ip.sessions)
             }
-            match self
-                .open
-                .compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Relaxed)
-            {
-                Ok(_) => return Some(TabPermit(self.clone())),
-                Err(now) => n = now,
-            }
+        };
+        let mut held = self.addresses.entry(ip).or_default();
+        let count = match address {
+            Limit::AddressTabs => &mut held.tabs,
+            _ => &mut held.sessions,
+        };
+        if *count >= per_ip {
+            drop(held);
+            self.forget_if_empty(ip);
+            return Err(address);
         }
+        if !process.try_take() {
+            drop(held);
+            self.forget_if_empty(ip);
+            return Err(if address == Limit::AddressTabs {
+                Limit::Tabs
+            } else {
+                Limit::Sessions
+            });
+        }
+        *count += 1;
+        Ok(())
+    }
+
+    fn give_back(&self, ip: IpAddr, tab: bool) {
+        if let Some(mut held) = self.addresses.get_mut(&ip) {
+            let count = if tab {
+                &mut held.tabs
+            } else {
+                &mut held.sessions
+            };
+            *count = count.saturating_sub(1);
+        }
+        self.forget_if_empty(ip);
+        if tab {
+            self.tabs.give_back();
+            self.released.notify_waiters();
+        } else {
+            self.sessions.give_back();
+        }
+    }
+
+    fn forget_if_empty(&self, ip: IpAddr) {
+        self.addresses
+            .remove_if(&ip, |_, h| h.tabs == 0 && h.sessions == 0);
     }
 }
 
-/// One slot of [`TabLimiter`], given back when dropped (however the tab ends).
-pub struct TabPermit(Arc<TabLimiter>);
+/// What a permit gives back.
+struct Slot {
+    limits: Arc<Limits>,
+    ip: IpAddr,
+}
+
+/// A tab's slot (process and address), given back when dropped.
+pub struct TabPermit(Slot);
 
 impl Drop for TabPermit {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-        self.0.released.notify_waiters();
+        self.0.limits.give_back(self.0.ip, true);
+    }
+}
+
+/// A session's slot (process and address), given back when dropped.
+pub struct SessionPermit(Slot);
+
+impl Drop for SessionPermit {
+    fn drop(&mut self) {
+        self.0.limits.give_back(self.0.ip, false);
     }
 }
 
@@ -61,14 +229,56 @@ impl Drop for TabPermit {
 mod tests {
     use super::*;
 
+    fn limits(max_tabs: usize, per_ip_tabs: usize, sessions: usize, per_ip: usize) -> Arc<Limits> {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:1\"\nmax_tabs = {max_tabs}\nmax_sessions = {sessions}\n\
+             per_ip = {{ tabs = {per_ip_tabs}, sessions = {per_ip} }}\n[admin]\nlisten = \"127.0.0.1:2\"\n\
+             [[route]]\npath = \"/ws\"\nupstream = \"ws://127.0.0.1:3/\"\nallowed_origins = [\"*\"]\n"
+        );
+        let config =
+            crate::config::Config::from_toml(&text, "t", std::path::Path::new(".")).unwrap();
+        Limits::new(&config.server)
+    }
+
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+
     #[test]
     fn permits_are_given_back_when_dropped() {
-        let limiter = TabLimiter::new(2);
-        let a = limiter.try_acquire().expect("first");
-        let _b = limiter.try_acquire().expect("second");
-        assert!(limiter.try_acquire().is_none(), "at max_tabs");
+        let limits = limits(2, 5, 1, 1);
+        let a = limits.tab(A).expect("first");
+        let _b = limits.tab(B).expect("second");
+        assert_eq!(limits.tab(A).err(), Some(Limit::Tabs), "at max_tabs");
         drop(a);
-        assert_eq!(limiter.open(), 1);
-        assert!(limiter.try_acquire().is_some());
+        assert_eq!(limits.tabs_open(), 1);
+        assert!(limits.tab(A).is_ok());
+    }
+
+    #[test]
+    fn one_address_cannot_take_everything() {
+        let limits = limits(10, 2, 10, 1);
+        let held = [limits.tab(A).unwrap(), limits.tab(A).unwrap()];
+        assert_eq!(limits.tab(A).err(), Some(Limit::AddressTabs));
+        // Another address is still served.
+        let other = limits.tab(B).unwrap();
+        let session = limits.session(A).unwrap();
+        assert_eq!(limits.session(A).err(), Some(Limit::AddressSessions));
+        assert_eq!(limits.sessions_alive(), 1);
+        drop(session);
+        assert!(limits.session(A).is_ok());
+        drop(held);
+        drop(other);
+        // An address that holds nothing is forgotten.
+        assert_eq!(limits.addresses(), 0);
+        assert_eq!(limits.tabs_open(), 0);
+    }
+
+    #[test]
+    fn the_process_limit_on_sessions_holds_across_addresses() {
+        let limits = limits(10, 10, 2, 5);
+        let _a = limits.session(A).unwrap();
+        let _b = limits.session(B).unwrap();
+        assert_eq!(limits.session(A).err(), Some(Limit::Sessions));
+        assert_eq!(limits.addresses(), 2, "a refusal leaves no record behind");
     }
 }

@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use crate::client::Client;
 use crate::shared::Shared;
 use crate::upgrade;
 
@@ -72,7 +73,8 @@ where
 {
     let timeout = shared.server.handshake_timeout;
     let max_header_size = shared.server.max_header_size;
-    let service = service_fn(move |req| upgrade::handle(req, shared.clone(), peer));
+    let client = Client::direct(peer);
+    let service = service_fn(move |req| upgrade::handle(req, shared.clone(), client));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         // A connection that never sends its request is dropped.

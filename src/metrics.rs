@@ -143,7 +143,7 @@ impl Metrics {
         );
         registry.register(
             ADMISSIONS_REFUSED,
-            "Tab handshakes refused by reason (origin, cookie, limit, handshake, upstream)",
+            "Tab handshakes refused by reason (origin, cookie, handshake, upstream, max_tabs, per_ip_tabs, max_tabs_per_session, max_sessions, per_ip_sessions)",
             m.admissions_refused.clone(),
         );
         registry.register(

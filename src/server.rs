@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, Origins};
 use crate::history::{History, SAMPLE_EVERY};
-use crate::limits::TabLimiter;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::session::{Registry, SessionContext, SessionHasher};
 use crate::shared::{RouteRuntime, Shared};
@@ -64,8 +64,9 @@ impl Proxy {
             })
             .collect();
         let shared = Arc::new(Shared {
-            tabs: TabLimiter::new(config.server.max_tabs),
+            limits: Limits::new(&config.server),
             server: config.server,
+            admin: config.admin,
             routes,
             hasher: SessionHasher::new(),
             registry,
@@ -124,7 +125,12 @@ impl Proxy {
         }
         let admin_addr = admin.local_addr().ok();
         let tab_task = tokio::spawn(listener::serve(tabs, shared.clone(), stopped.clone()));
-        let admin_task = tokio::spawn(admin::serve(admin, shared.clone(), stopped.clone()));
+        let admin_task = tokio::spawn(admin::serve(
+            admin,
+            shared.clone(),
+            shared.admin.max_connections,
+            stopped.clone(),
+        ));
         tokio::spawn(sample_history(shared.clone(), stopped));
         shared.ready.store(true, Ordering::Release);
         if let Some(addr) = tab_addr {
@@ -144,7 +150,7 @@ impl Proxy {
         shutdown.await;
         let budget = shared.server.shutdown_timeout;
         info!(
-            tabs = shared.tabs.open(),
+            tabs = shared.limits.tabs_open(),
             sessions = shared.registry.len(),
             "shutting down: closing tabs (1001) and upstreams (1000) within {budget:?}"
         );
@@ -154,7 +160,7 @@ impl Proxy {
         let drained = tokio::time::timeout(budget, drained(&shared)).await;
         if drained.is_err() {
             warn!(
-                tabs = shared.tabs.open(),
+                tabs = shared.limits.tabs_open(),
                 sessions = shared.registry.len(),
                 "shutdown_timeout passed with connections still open; exiting anyway"
             );
@@ -181,12 +187,12 @@ async fn sample_history(shared: Arc<Shared>, mut stop: watch::Receiver<()>) {
 async fn drained(shared: &Shared) {
     loop {
         let session_ended = shared.registry.ended.notified();
-        let tab_released = shared.tabs.released.notified();
+        let tab_released = shared.limits.released.notified();
         tokio::pin!(session_ended, tab_released);
         // Register interest before checking, so no wake-up is missed.
         session_ended.as_mut().enable();
         tab_released.as_mut().enable();
-        if shared.registry.is_empty() && shared.tabs.open() == 0 {
+        if shared.registry.is_empty() && shared.limits.tabs_open() == 0 {
             return;
         }
         tokio::select! {

@@ -5,9 +5,9 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use crate::config::{Route, Server};
+use crate::config::{Admin, Route, Server};
 use crate::history::History;
-use crate::limits::TabLimiter;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::session::{Registry, SessionContext, SessionHasher};
 
@@ -24,9 +24,11 @@ pub struct RouteRuntime {
 /// touched to insert, look up or remove a handle.
 pub struct Shared {
     pub server: Server,
+    pub admin: Admin,
     pub routes: Vec<RouteRuntime>,
     pub hasher: SessionHasher,
-    pub tabs: Arc<TabLimiter>,
+    /// Tabs and sessions, in the process and per client address.
+    pub limits: Arc<Limits>,
     pub registry: Arc<Registry>,
     /// True once every listener accepts connections (`/readyz`).
     pub ready: AtomicBool,

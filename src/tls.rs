@@ -21,7 +21,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// offers HTTP/1.1 over ALPN (WebSocket upgrades need HTTP/1.1).
 pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, String> {
     let chain = load_certs(cert)?;
-    let key = PrivateKeyDer::from_pem_file(key)
+    let key = PrivateKeyDer::from_pem_slice(&read_pem(key)?)
         .map_err(|e| format!("cannot read a private key from {}: {e}", key.display()))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -55,9 +55,34 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, St
         .with_no_client_auth())
 }
 
+/// The largest certificate, key or CA file read (CONFIG.md: larger is refused).
+pub const MAX_PEM_FILE: u64 = 1 << 20;
+
+/// A PEM file's bytes: a regular file of at most [`MAX_PEM_FILE`] bytes,
+/// never read past that bound (a device such as `/dev/zero` is refused
+/// before it is opened for reading, and a file that grows is cut short).
+pub fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{shown} is not a regular file"));
+    }
+    if meta.len() > MAX_PEM_FILE {
+        return Err(format!("{shown} is larger than 1 MiB"));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_PEM_FILE + 1).read_to_end(&mut bytes))
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if bytes.len() as u64 > MAX_PEM_FILE {
+        return Err(format!("{shown} is larger than 1 MiB"));
+    }
+    Ok(bytes)
+}
+
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read certificates from {}: {e}", path.display()))?
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&read_pem(path)?)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("bad PEM in {}: {e}", path.display()))?;
     if certs.is_empty() {
@@ -132,5 +157,20 @@ mod tests {
     fn missing_files_say_which() {
         let err = server_config(Path::new("/nonexistent/a.crt"), Path::new("/x.key")).unwrap_err();
         assert!(err.contains("/nonexistent/a.crt"), "{err}");
+    }
+
+    #[test]
+    fn special_and_oversized_files_are_refused_without_reading_them() {
+        let err = read_pem(Path::new("/dev/zero")).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+        let err = read_pem(Path::new("/")).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+        let dir = std::env::temp_dir().join(format!("tabmux-pem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let big = dir.join("big.pem");
+        std::fs::write(&big, vec![b'A'; MAX_PEM_FILE as usize + 1]).unwrap();
+        let err = read_pem(&big).unwrap_err();
+        assert!(err.contains("larger than 1 MiB"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

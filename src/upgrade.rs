@@ -3,7 +3,9 @@
 //! The checks run in this order, each with a short plain-text reason:
 //! 426 not a WebSocket upgrade → 400 malformed handshake → 403 Origin not
 //! allowed → 401 no session cookie (unless `missing_cookie = "direct"`) →
-//! 429 proxy or session at its tab limit → the session's upstream dial
+//! 429 a tab limit (`max_tabs`, `per_ip.tabs`, `max_tabs_per_session`), or a
+//! session limit for a tab that would open one (`max_sessions`,
+//! `per_ip.sessions`) → the session's upstream dial
 //! (401/403/404 passed through, else 502, or 504 on timeout). Only then is
 //! the tab answered `101`, with the subprotocol the upstream chose.
 
@@ -20,9 +22,10 @@ use hyper::body::Incoming;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::{debug, field, info, Instrument};
 
+use crate::client::Client;
 use crate::config::{MissingCookie, Route};
-use crate::limits::TabPermit;
-use crate::session::{JoinInfo, Joined, Refusal, SessionKey};
+use crate::limits::{Limit, TabPermit};
+use crate::session::{JoinInfo, Joined, NewSession, Refusal, SessionKey};
 use crate::shared::{RouteRuntime, Shared};
 use crate::tab::Tab;
 use crate::upstream::DialParams;
@@ -34,7 +37,7 @@ pub type HttpResponse = Response<Full<Bytes>>;
 pub async fn handle(
     req: Request<Incoming>,
     shared: Arc<Shared>,
-    peer: SocketAddr,
+    client: Client,
 ) -> Result<HttpResponse, Infallible> {
     let Some(rt) = shared.route(req.uri().path()) else {
         return Ok(refuse(
@@ -45,11 +48,11 @@ pub async fn handle(
     let span = tracing::info_span!(
         "tab",
         route = %rt.route.path,
-        %peer,
+        client = %client.ip(),
         session = field::Empty,
         tab = field::Empty
     );
-    Ok(admit(req, &shared, rt, peer).instrument(span).await)
+    Ok(admit(req, &shared, rt, client).instrument(span).await)
 }
 
 /// Why a tab's handshake was refused: each row gives the HTTP status, the
@@ -65,8 +68,8 @@ enum Refused {
     Origin,
     /// No session cookie (the route's name for it).
     Cookie(String),
-    /// The proxy is at `server.max_tabs`.
-    ProxyFull,
+    /// A limit on tabs (the process's or the client address's).
+    Limit(Limit),
     /// The session refused the tab, or its upstream could not be dialled.
     Join(Refusal),
 }
@@ -93,17 +96,18 @@ impl Refused {
                 Some("cookie"),
                 format!("missing session cookie `{name}`"),
             ),
-            Refused::ProxyFull => (
+            Refused::Limit(limit) => (
                 StatusCode::TOO_MANY_REQUESTS,
-                Some("limit"),
-                "tabmux is at its tab limit".into(),
+                Some(limit.label()),
+                limit.body().into(),
             ),
             Refused::Join(refusal) => {
                 let label = match refusal {
-                    Refusal::SessionFull => "limit",
+                    Refusal::SessionFull => "max_tabs_per_session",
+                    Refusal::Limit(limit) => limit.label(),
                     Refusal::Dial(_) | Refusal::Gone => "upstream",
                 };
-                (refusal.status(), Some(label), refusal.to_string())
+                (refusal.status(), Some(label), refusal.body())
             }
         }
     }
@@ -138,9 +142,9 @@ async fn admit(
     req: Request<Incoming>,
     shared: &Shared,
     rt: &RouteRuntime,
-    peer: SocketAddr,
+    client: Client,
 ) -> HttpResponse {
-    match admit_steps(req, shared, rt, peer).await {
+    match admit_steps(req, shared, rt, client).await {
         Ok(switching) => switching,
         Err(refused) => refused.answer(rt),
     }
@@ -150,22 +154,31 @@ async fn admit_steps(
     mut req: Request<Incoming>,
     shared: &Shared,
     rt: &RouteRuntime,
-    peer: SocketAddr,
+    client: Client,
 ) -> Result<HttpResponse, Refused> {
     let route = &rt.route;
     let key = websocket_key(&req)?;
     check_origin(req.headers(), route)?;
     let protocols = requested_protocols(req.headers());
     let query = req.uri().query().unwrap_or("").to_string();
-    let session_key = session_key(shared, rt, req.headers(), &protocols, &query)?;
+    let (session_key, own) = session_key(shared, rt, req.headers(), &protocols, &query)?;
     let span = tracing::Span::current();
     span.record("session", field::display(session_key.name()));
-    let permit = shared.tabs.try_acquire().ok_or(Refused::ProxyFull)?;
-    let dial = dial_params(shared, route, req.headers(), peer, &protocols, &query);
+    let permit = shared.limits.tab(client.ip()).map_err(Refused::Limit)?;
+    let new = NewSession {
+        dial: dial_params(shared, route, req.headers(), client, &protocols, &query),
+        linger: if own {
+            std::time::Duration::ZERO
+        } else {
+            route.linger
+        },
+        limits: shared.limits.clone(),
+        client: client.ip(),
+    };
     let info = join_info(route, req.headers(), query);
     let joined = shared
         .registry
-        .join(&rt.ctx, session_key, dial, info)
+        .join(&rt.ctx, session_key, &new, info)
         .await
         .map_err(Refused::Join)?;
     span.record("tab", field::display(joined.tab));
@@ -213,26 +226,27 @@ fn check_origin(headers: &HeaderMap, route: &Route) -> Result<(), Refused> {
 
 /// The session the tab belongs to: keyed by its cookie (with its
 /// subprotocols and, when forwarded, its query), or a session of its own
-/// (`missing_cookie = "direct"`).
+/// (`missing_cookie = "direct"`; then true).
 fn session_key(
     shared: &Shared,
     rt: &RouteRuntime,
     headers: &HeaderMap,
     protocols: &str,
     query: &str,
-) -> Result<SessionKey, Refused> {
+) -> Result<(SessionKey, bool), Refused> {
     let route = &rt.route;
     match find_cookie(headers, &route.session_cookie) {
         Some(value) => {
             let keyed_query = if route.forward_query { query } else { "" };
-            Ok(shared.hasher.shared(
+            let key = shared.hasher.shared(
                 rt.index,
                 value.as_bytes(),
                 protocols.as_bytes(),
                 keyed_query.as_bytes(),
-            ))
+            );
+            Ok((key, false))
         }
-        None if route.missing_cookie == MissingCookie::Direct => Ok(shared.hasher.direct()),
+        None if route.missing_cookie == MissingCookie::Direct => Ok((shared.hasher.direct(), true)),
         None => Err(Refused::Cookie(route.session_cookie.clone())),
     }
 }
@@ -243,7 +257,7 @@ fn dial_params(
     shared: &Shared,
     route: &Route,
     headers: &HeaderMap,
-    peer: SocketAddr,
+    client: Client,
     protocols: &str,
     query: &str,
 ) -> DialParams {
@@ -251,7 +265,7 @@ fn dial_params(
         cookie: joined_header(headers, header::COOKIE, "; "),
         user_agent: headers.get(header::USER_AGENT).and_then(copied),
         origin: headers.get(header::ORIGIN).and_then(copied),
-        forwarded_for: forwarded_for(headers, peer),
+        forwarded_for: forwarded_for(headers, client.peer),
         forwarded_proto: if shared.server.tls.is_some() {
             "https"
         } else {

@@ -230,6 +230,8 @@ pub enum DialError {
     Timeout,
     #[error("upstream handshake failed: {0}")]
     Handshake(String),
+    #[error("upstream TLS handshake failed: {0}")]
+    Tls(String),
 }
 
 impl DialError {
@@ -250,13 +252,27 @@ impl DialError {
         }
     }
 
+    /// What the tab's refusal body says: what failed, never the
+    /// upstream's address or an operating-system error (the log has them).
+    pub fn public(&self) -> String {
+        match self {
+            DialError::Refused(s) => {
+                format!("upstream refused the handshake with HTTP {}", s.as_u16())
+            }
+            DialError::Unreachable(_) => "upstream unreachable".into(),
+            DialError::Timeout => DialError::Timeout.to_string(),
+            DialError::Handshake(_) => "upstream handshake failed".into(),
+            DialError::Tls(_) => "upstream TLS handshake failed".into(),
+        }
+    }
+
     /// The metric label for this result.
     pub fn label(&self) -> &'static str {
         match self {
             DialError::Refused(_) => "refused",
             DialError::Unreachable(_) => "unreachable",
             DialError::Timeout => "timeout",
-            DialError::Handshake(_) => "handshake",
+            DialError::Handshake(_) | DialError::Tls(_) => "handshake",
         }
     }
 }
@@ -313,7 +329,7 @@ async fn dial_inner(
     let stream = tokio_rustls::TlsConnector::from(tls.clone())
         .connect(name, tcp)
         .await
-        .map_err(|e| DialError::Handshake(format!("TLS: {e}")))?;
+        .map_err(|e| DialError::Tls(e.to_string()))?;
     match tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config(route))).await
     {
         Ok((socket, response)) => Ok((

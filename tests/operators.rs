@@ -174,7 +174,7 @@ async fn refusals_are_counted_by_reason() {
         .await;
     TabSpec::new("x").cookie(None).refused(&proxy).await;
     let text = scrape(&proxy).await;
-    for reason in ["limit", "origin", "cookie"] {
+    for reason in ["max_tabs_per_session", "origin", "cookie"] {
         assert_eq!(
             metric(
                 &text,
@@ -197,7 +197,7 @@ async fn the_session_cookie_appears_nowhere() {
     std::fs::create_dir_all(&dir).unwrap();
     let log_path = dir.join("log.jsonl");
     let toml = proxy()
-        .log("json", "debug")
+        .log("json", "trace")
         .route(route("/ws", &mock))
         .toml();
     let path = dir.join("proxy.toml");
@@ -267,7 +267,11 @@ async fn the_session_cookie_appears_nowhere() {
     for (what, text) in [("logs", &logs), ("metrics", &metrics), ("status", &status)] {
         assert!(
             !text.contains(SECRET),
-            "the cookie value leaked into the {what}"
+            "the cookie value leaked into the {what}: {}",
+            text.lines()
+                .filter(|l| l.contains(SECRET))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
     }
     std::fs::remove_dir_all(&dir).ok();

@@ -121,7 +121,10 @@ async fn unreachable_upstream_is_502_and_dial_timeout_is_504() {
     let proxy = proxy().route(route_to("/ws", port)).start().await;
     let (status, body) = TabSpec::new("s").refused(&proxy).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
-    assert!(body.contains("unreachable"), "{body}");
+    assert_eq!(body.trim(), "upstream unreachable");
+    // Neither the backend's address nor the operating system's error.
+    assert!(!body.contains("127.0.0.1") && !body.contains(&port.port().to_string()));
+    assert!(!body.to_lowercase().contains("refused"), "{body}");
 
     let hang = Mock::behaving(Behavior {
         hang: true,

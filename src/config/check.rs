@@ -25,13 +25,19 @@ const SERVER_KEYS: &[&str] = &[
     "listen",
     "tls",
     "max_tabs",
+    "max_sessions",
+    "per_ip",
+    "buffer_budget",
     "shutdown_timeout",
     "handshake_timeout",
     "max_header_size",
     "worker_threads",
 ];
 const TLS_KEYS: &[&str] = &["cert", "key"];
-const ADMIN_KEYS: &[&str] = &["listen"];
+const PER_IP_KEYS: &[&str] = &["tabs", "sessions"];
+const ADMIN_KEYS: &[&str] = &["listen", "public", "max_connections"];
+/// The levels a log filter directive may name.
+const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
 const LOG_KEYS: &[&str] = &["format", "level"];
 
 /// Walks a parsed document and records every problem it finds.
@@ -107,12 +113,39 @@ impl Checker<'_> {
         let admin = self.admin(root.get("admin"));
         let log = self.log(root.get("log"));
         let routes = self.routes(root.get("route"));
+        let (server, admin) = (server?, admin?);
+        self.listeners(root, &server, &admin);
         Some(Config {
-            server: server?,
-            admin: admin?,
+            server,
+            admin,
             log: log?,
             routes: routes?,
         })
+    }
+
+    /// What only fails at run time: the two listeners on one address (the
+    /// second bind fails, or one steals the other's connections), and an
+    /// unauthenticated admin listener reachable from other machines.
+    fn listeners(&mut self, root: &dyn TableLike, server: &Server, admin: &Admin) {
+        let span = root
+            .get("admin")
+            .and_then(|a| a.as_table_like()?.get("listen")?.span());
+        let (a, b) = (server.listen, admin.listen);
+        let overlap = a.port() == b.port()
+            && a.port() != 0
+            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified());
+        if overlap {
+            self.at(
+                span.clone(),
+                format!("admin.listen {b} overlaps server.listen {a}: they need different ports"),
+            );
+        }
+        if !b.ip().is_loopback() && !admin.public {
+            self.at(
+                span,
+                format!("admin.listen {b} is not a loopback address: the admin listener has no authentication, so set `public = true` in [admin] if it must be reachable from other machines"),
+            );
+        }
     }
 
     pub(super) fn server(&mut self, item: Option<&Item>) -> Option<Server> {
@@ -130,6 +163,17 @@ impl Checker<'_> {
             Some(item) => self.server_tls(item).map(Some),
         };
         let max_tabs = self.optional(t, "max_tabs", 100_000, Self::positive);
+        let max_sessions = self.optional(t, "max_sessions", 50_000, Self::positive);
+        let per_ip = self.optional(
+            t,
+            "per_ip",
+            PerIp {
+                tabs: 1000,
+                sessions: 100,
+            },
+            Self::per_ip,
+        );
+        let buffer_budget = self.optional(t, "buffer_budget", 512 << 20, Self::size);
         let shutdown_timeout = self.optional(
             t,
             "shutdown_timeout",
@@ -168,6 +212,9 @@ impl Checker<'_> {
             listen: listen?,
             tls: tls?,
             max_tabs: max_tabs? as usize,
+            max_sessions: max_sessions? as usize,
+            per_ip: per_ip?,
+            buffer_budget: buffer_budget?,
             shutdown_timeout: shutdown_timeout?,
             handshake_timeout: handshake_timeout?,
             max_header_size: max_header_size?,
@@ -195,8 +242,24 @@ impl Checker<'_> {
             return None;
         };
         let t = self.table(item, "[admin]", ADMIN_KEYS)?;
-        let listen = self.required(t, "listen", "[admin]", Self::addr)?;
-        Some(Admin { listen })
+        let listen = self.required(t, "listen", "[admin]", Self::addr);
+        let public = self.optional(t, "public", false, Self::boolean);
+        let max_connections = self.optional(t, "max_connections", 64, Self::positive);
+        Some(Admin {
+            listen: listen?,
+            public: public?,
+            max_connections: max_connections? as usize,
+        })
+    }
+
+    fn per_ip(&mut self, item: &Item) -> Option<PerIp> {
+        let t = self.table(item, "[server] per_ip", PER_IP_KEYS)?;
+        let tabs = self.optional(t, "tabs", 1000, Self::positive);
+        let sessions = self.optional(t, "sessions", 100, Self::positive);
+        Some(PerIp {
+            tabs: tabs? as usize,
+            sessions: sessions? as usize,
+        })
     }
 
     pub(super) fn log(&mut self, item: Option<&Item>) -> Option<Log> {
@@ -216,8 +279,8 @@ impl Checker<'_> {
         });
         let level = self.optional(t, "level", "info".to_string(), |c, item| {
             let s = c.string(item)?;
-            match tracing_subscriber::EnvFilter::try_new(&s) {
-                Ok(_) => Some(s),
+            match check_log_filter(&s) {
+                Ok(()) => Some(s),
                 Err(e) => {
                     c.at(item.span(), format!("invalid log level `{s}`: {e}"));
                     None
@@ -449,4 +512,25 @@ impl Checker<'_> {
             }
         }
     }
+}
+
+/// A log filter is a level, or a comma-separated list of directives that
+/// each end in a level (`info`, `tabmux=debug,hyper=warn`). A bare word
+/// that is not a level would parse as a target with no level and leave the
+/// log silent, so it is refused.
+pub(super) fn check_log_filter(s: &str) -> Result<(), String> {
+    let is_level = |l: &str| LOG_LEVELS.contains(&l.trim().to_ascii_lowercase().as_str());
+    for directive in s.split(',') {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if !is_level(level) {
+            return Err(format!(
+                "`{}` does not end in a level ({})",
+                directive.trim(),
+                LOG_LEVELS.join(", ")
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }

@@ -47,6 +47,14 @@ pub struct Server {
     /// Present when `tls` is set: tabs connect with `wss://`.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub max_tabs: usize,
+    /// Sessions (upstream connections, lingering ones included) in the
+    /// process; a tab that would open another gets 429.
+    pub max_sessions: usize,
+    /// Limits per client address.
+    pub per_ip: PerIp,
+    /// All message bytes the process may hold (tab queues, partly received
+    /// messages, reconnect buffers, pending upstream writes).
+    pub buffer_budget: usize,
     pub shutdown_timeout: Duration,
     /// How long a new connection may take to send its HTTP request headers
     /// (added key; a connection that sends nothing is dropped after this).
@@ -59,10 +67,24 @@ pub struct Server {
     pub worker_threads: Option<usize>,
 }
 
+/// `server.per_ip`: what one client address may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerIp {
+    /// Tabs open at once.
+    pub tabs: usize,
+    /// Sessions opened from the address and still alive.
+    pub sessions: usize,
+}
+
 /// `[admin]`: health, readiness, metrics and status.
 #[derive(Debug, Clone)]
 pub struct Admin {
     pub listen: SocketAddr,
+    /// Whether a non-loopback `listen` address is intended (the admin
+    /// listener has no authentication).
+    pub public: bool,
+    /// Admin connections served at once; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 /// `[log]`.
@@ -170,6 +192,8 @@ pub struct Route {
     pub max_tabs_per_session: usize,
     pub max_message_size: usize,
     pub tab_queue: usize,
+    /// The same bound as `tab_queue`, in payload bytes.
+    pub tab_queue_bytes: usize,
     pub reconnect_buffer: usize,
     pub reconnect: Reconnect,
     pub dial_timeout: Duration,
@@ -227,12 +251,12 @@ impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let text = read_config(path).map_err(|message| ConfigError {
             problems: vec![Problem {
                 file: name.clone(),
                 line: 0,
                 column: 0,
-                message: format!("cannot read the configuration file: {e}"),
+                message,
             }],
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -276,6 +300,11 @@ impl Config {
             "tabs on {scheme}://{}, admin on http://{}; max_tabs {}, shutdown_timeout {:?}",
             s.listen, self.admin.listen, s.max_tabs, s.shutdown_timeout
         );
+        let _ = writeln!(
+            out,
+            "max_sessions {}, per address {} tabs and {} sessions, buffer_budget {} B",
+            s.max_sessions, s.per_ip.tabs, s.per_ip.sessions, s.buffer_budget
+        );
         for r in &self.routes {
             let origins = match &r.allowed_origins {
                 Origins::Any => "any origin (*)".to_string(),
@@ -299,8 +328,8 @@ impl Config {
             );
             let _ = writeln!(
                 out,
-                "  limits: {} tabs/session, {} B/message, tab_queue {}, reconnect_buffer {} B; linger {:?}",
-                r.max_tabs_per_session, r.max_message_size, r.tab_queue, r.reconnect_buffer, r.linger
+                "  limits: {} tabs/session, {} B/message, tab_queue {} ({} B), reconnect_buffer {} B; linger {:?}",
+                r.max_tabs_per_session, r.max_message_size, r.tab_queue, r.tab_queue_bytes, r.reconnect_buffer, r.linger
             );
             let _ = writeln!(
                 out,
@@ -315,6 +344,28 @@ impl Config {
         }
         out
     }
+}
+
+/// The largest configuration file read.
+const MAX_CONFIG_FILE: u64 = 1 << 20;
+
+/// A configuration file's text: a regular file of at most 1 MiB, never read
+/// past that (`--config /dev/zero` is refused, not read forever).
+fn read_config(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read the configuration file: {e}"))?;
+    if !meta.is_file() {
+        return Err("the configuration file is not a regular file".into());
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CONFIG_FILE + 1).read_to_string(&mut text))
+        .map_err(|e| format!("cannot read the configuration file: {e}"))?;
+    if text.len() as u64 > MAX_CONFIG_FILE {
+        return Err("the configuration file is larger than 1 MiB".into());
+    }
+    Ok(text)
 }
 
 /// Parses `"250ms"`, `"10s"`, `"5m"`, `"1h"` (a whole number and a unit).
@@ -372,6 +423,17 @@ allowed_origins = ["http://localhost:8080"]
     fn minimal_config_gets_contract_defaults() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.server.max_tabs, 100_000);
+        assert_eq!(c.server.max_sessions, 50_000);
+        assert_eq!(
+            c.server.per_ip,
+            PerIp {
+                tabs: 1000,
+                sessions: 100
+            }
+        );
+        assert_eq!(c.server.buffer_budget, 512 << 20);
+        assert!(!c.admin.public);
+        assert_eq!(c.admin.max_connections, 64);
         assert_eq!(c.server.shutdown_timeout, Duration::from_secs(10));
         let r = &c.routes[0];
         assert_eq!(r.session_cookie, "sessionid");
@@ -383,6 +445,7 @@ allowed_origins = ["http://localhost:8080"]
         assert_eq!(r.max_tabs_per_session, 32);
         assert_eq!(r.max_message_size, 1 << 20);
         assert_eq!(r.tab_queue, 256);
+        assert_eq!(r.tab_queue_bytes, 4 << 20);
         assert_eq!(r.reconnect_buffer, 1 << 20);
         assert_eq!(
             r.reconnect,
@@ -398,6 +461,67 @@ allowed_origins = ["http://localhost:8080"]
         assert_eq!(r.upstream.port, 9001);
         assert!(!r.upstream.tls);
         assert_eq!(c.log.format, LogFormat::Pretty);
+    }
+
+    /// The one problem `text` has.
+    fn problem(text: &str) -> String {
+        let err = parse(text).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        err.problems[0].to_string()
+    }
+
+    #[test]
+    fn what_would_only_fail_at_run_time_is_refused() {
+        let same = MINIMAL.replace("127.0.0.1:9090", "127.0.0.1:8080");
+        assert!(problem(&same).contains("overlaps server.listen"));
+        let any = MINIMAL.replace("127.0.0.1:9090\"", "0.0.0.0:8080\"\npublic = true");
+        assert!(problem(&any).contains("overlaps server.listen"));
+        let port = MINIMAL.replace("127.0.0.1:9001/ws", "127.0.0.1:99999/ws");
+        assert!(problem(&port).contains("port is out of range"));
+        let creds = MINIMAL.replace("ws://127.0.0.1", "ws://user:hunter2@127.0.0.1");
+        let p = problem(&creds);
+        assert!(p.contains("credentials"), "{p}");
+        assert!(
+            !p.contains("hunter2"),
+            "the message shows the password: {p}"
+        );
+        let level = format!("{MINIMAL}[log]\nlevel = \"nonsense\"\n");
+        assert!(problem(&level).contains("does not end in a level"));
+        let levels = format!("{MINIMAL}[log]\nlevel = \"tabmux=debug,hyper=WARN\"\n");
+        assert!(parse(&levels).is_ok());
+        let public = MINIMAL.replace("127.0.0.1:9090", "0.0.0.0:9090");
+        assert!(problem(&public).contains("public = true"));
+        let allowed = public.replace("[admin]", "[admin]\npublic = true");
+        assert!(parse(&allowed).is_ok());
+        for path in ["/wś", "/w\\u0000s", "/w\\ts"] {
+            let text = MINIMAL.replace("path = \"/ws\"", &format!("path = \"{path}\""));
+            assert!(problem(&text).contains("no request path can"), "{path}");
+        }
+        let cert = MINIMAL.replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\ntls = { cert = \"/dev/zero\", key = \"/dev/zero\" }",
+        );
+        assert!(problem(&cert).contains("/dev/zero is not a regular file"));
+    }
+
+    #[test]
+    fn limits_are_read_and_checked() {
+        let text = MINIMAL.replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\nmax_sessions = 7\nper_ip = { tabs = 3, sessions = 2 }\nbuffer_budget = \"64MiB\"",
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.server.max_sessions, 7);
+        assert_eq!(
+            c.server.per_ip,
+            PerIp {
+                tabs: 3,
+                sessions: 2
+            }
+        );
+        assert_eq!(c.server.buffer_budget, 64 << 20);
+        let bad = text.replace("sessions = 2", "session = 2");
+        assert!(problem(&bad).contains("allowed keys: tabs, sessions"));
     }
 
     #[test]

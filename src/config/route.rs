@@ -27,6 +27,7 @@ const ROUTE_KEYS: &[&str] = &[
     "max_tabs_per_session",
     "max_message_size",
     "tab_queue",
+    "tab_queue_bytes",
     "reconnect_buffer",
     "reconnect",
     "dial_timeout",
@@ -148,6 +149,7 @@ impl Checker<'_> {
         let max_tabs_per_session = self.optional(t, "max_tabs_per_session", 32, Self::positive);
         let max_message_size = self.optional(t, "max_message_size", 1 << 20, Self::size);
         let tab_queue = self.optional(t, "tab_queue", 256, Self::positive);
+        let tab_queue_bytes = self.optional(t, "tab_queue_bytes", 4 << 20, Self::size);
         let reconnect_buffer = self.optional(t, "reconnect_buffer", 1 << 20, Self::size);
         let reconnect = self.optional(t, "reconnect", DEFAULT_RECONNECT, Self::reconnect);
         let dial_timeout = self.optional(t, "dial_timeout", Duration::from_secs(5), Self::duration);
@@ -192,6 +194,7 @@ impl Checker<'_> {
             max_tabs_per_session: max_tabs_per_session? as usize,
             max_message_size: max_message_size?,
             tab_queue: tab_queue? as usize,
+            tab_queue_bytes: tab_queue_bytes?,
             reconnect_buffer: reconnect_buffer?,
             reconnect: reconnect?,
             dial_timeout: dial_timeout?,
@@ -288,6 +291,15 @@ impl Checker<'_> {
             );
             return None;
         }
+        // A request path arrives as visible ASCII (browsers percent-encode
+        // the rest): any other path could never match.
+        if !s.bytes().all(|b| b.is_ascii_graphic()) {
+            self.at(
+                item.span(),
+                format!("path {s:?} holds a character no request path can: write it percent-encoded, as browsers send it (`/w%C5%9B` for `/wś`)"),
+            );
+            return None;
+        }
         Some(s)
     }
 
@@ -326,6 +338,23 @@ impl Checker<'_> {
         let Ok(uri) = s.parse::<Uri>() else {
             return bad(self, "not a valid URL");
         };
+        let authority = uri.authority().map_or("", |a| a.as_str());
+        if authority.contains('@') {
+            // Not echoed: the message would show the password.
+            self.at(
+                item.span(),
+                "the upstream URL holds credentials (user:password@): they would be sent as the Host header and shown in logs; pass them to the backend another way".into(),
+            );
+            return None;
+        }
+        // `http` drops a port that does not fit 16 bits, which would then
+        // silently become 80 or 443.
+        let after_host = &authority[authority.rfind(']').map_or(0, |i| i + 1)..];
+        if let Some((_, port)) = after_host.rsplit_once(':') {
+            if !port.is_empty() && !port.parse::<u16>().is_ok_and(|p| p > 0) {
+                return bad(self, "its port is out of range (1 to 65535)");
+            }
+        }
         let tls = match uri.scheme_str() {
             Some("ws") => false,
             Some("wss") => true,

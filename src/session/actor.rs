@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
+use std::time::Duration;
 
 use http::HeaderValue;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -115,6 +116,9 @@ pub(super) struct Session<'c> {
     to_upstream: Vec<Message>,
     /// Armed while the session has no tabs.
     linger: Option<Pin<Box<Sleep>>>,
+    /// How long the session outlives its last tab: the route's `linger`,
+    /// or none for a session of its own (`missing_cookie = "direct"`).
+    pub(super) linger_for: Duration,
     /// Set while the upstream is down (boxed: rare, and large).
     outage: Option<Box<Outage>>,
     /// Pings the upstream and checks it is alive, every `ping_interval`.
@@ -176,6 +180,7 @@ impl<'c> Session<'c> {
             shutdown: ctx.shutdown.clone(),
             to_upstream: Vec::new(),
             linger: None,
+            linger_for: ctx.route.linger,
             outage: None,
             keepalive,
             upstream_alive: Liveness::new(),
@@ -515,7 +520,7 @@ impl<'c> Session<'c> {
                         debug!("the last tab left during an outage; ending the session");
                         return Err(SessionEnd::LostIdle);
                     }
-                    let deadline = Instant::now() + self.ctx.route.linger;
+                    let deadline = Instant::now() + self.linger_for;
                     self.linger = Some(Box::pin(tokio::time::sleep_until(deadline)));
                 }
             }

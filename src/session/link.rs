@@ -6,6 +6,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::cause::Cause;
 use crate::envelope::{JoinInfo, TabId};
+use crate::limits::Limit;
 use crate::queue::Outbox;
 use crate::tab::Tab;
 use crate::upstream::DialError;
@@ -32,6 +33,9 @@ pub(super) enum Command {
 pub enum Refusal {
     #[error("this session is at its tab limit (max_tabs_per_session)")]
     SessionFull,
+    /// The tab would open a session, and a session limit refuses it.
+    #[error("{}", .0.body())]
+    Limit(Limit),
     #[error("{0}")]
     Dial(DialError),
     #[error("the session ended while the tab was joining; try again")]
@@ -39,10 +43,18 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// The refusal's plain-text body: the public part of the reason.
+    pub fn body(&self) -> String {
+        match self {
+            Refusal::Dial(e) => e.public(),
+            other => other.to_string(),
+        }
+    }
+
     /// The HTTP status the tab's handshake fails with.
     pub fn status(&self) -> StatusCode {
         match self {
-            Refusal::SessionFull => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::SessionFull | Refusal::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
             Refusal::Dial(e) => e.status(),
             Refusal::Gone => StatusCode::SERVICE_UNAVAILABLE,
         }

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
@@ -21,6 +22,7 @@ use super::link::{going_away, Command, Joined, Refusal};
 use super::SessionContext;
 use crate::config::Reconnect;
 use crate::envelope::JoinInfo;
+use crate::limits::{Limits, SessionPermit};
 use crate::reconnect::Backoff;
 use crate::upstream::{self, DialParams};
 
@@ -60,6 +62,19 @@ struct Loss {
     /// Losses in a row, for the backoff's growth.
     consecutive: u32,
     not_before: Instant,
+}
+
+/// What a tab brings in case it opens its session.
+pub struct NewSession {
+    /// Its part of the upstream handshake.
+    pub dial: DialParams,
+    /// How long the session outlives its last tab (none for a session of
+    /// its own, `missing_cookie = "direct"`: no tab can ever rejoin it).
+    pub linger: Duration,
+    /// The limits a new session is counted against, and the client address
+    /// it is counted for.
+    pub limits: Arc<Limits>,
+    pub client: std::net::IpAddr,
 }
 
 /// Loss records beyond which old ones are pruned.
@@ -142,23 +157,27 @@ impl Registry {
     }
 
     /// Joins the tab to the session `key` of the route `ctx`, creating the
-    /// session (and dialling its upstream) if there is none. Returns once
-    /// the tab is a member, or refused.
+    /// session (and dialling its upstream) if there is none, when the
+    /// session limits allow another. Returns once the tab is a member, or
+    /// refused.
     pub async fn join(
         self: &Arc<Self>,
         ctx: &SessionContext,
         key: SessionKey,
-        dial: DialParams,
+        new: &NewSession,
         info: JoinInfo,
     ) -> Result<Joined, Refusal> {
         for _ in 0..JOIN_TRIES {
-            let handle = self
-                .sessions
-                .entry(key)
+            let handle = match self.sessions.entry(key) {
+                Entry::Occupied(found) => found.get().clone(),
                 // The shard lock is held only for this insert: spawning does
                 // not wait, and the dial happens inside the new task.
-                .or_insert_with(|| self.spawn(ctx.clone(), key, dial.clone()))
-                .clone();
+                Entry::Vacant(vacant) => {
+                    let permit = new.limits.session(new.client).map_err(Refusal::Limit)?;
+                    let handle = self.spawn(ctx.clone(), key, new, permit);
+                    vacant.insert(handle).clone()
+                }
+            };
             let (reply, answer) = oneshot::channel();
             let cmd = Command::Join {
                 info: Box::new(info.clone()),
@@ -181,7 +200,8 @@ impl Registry {
         self: &Arc<Self>,
         ctx: SessionContext,
         key: SessionKey,
-        dial: DialParams,
+        new: &NewSession,
+        permit: SessionPermit,
     ) -> SessionHandle {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
@@ -198,7 +218,11 @@ impl Registry {
             ctx,
             key,
             id,
-            dial,
+            Opened {
+                dial: new.dial.clone(),
+                linger: new.linger,
+                _permit: permit,
+            },
             tx.clone(),
             rx,
             stats.clone(),
@@ -208,6 +232,14 @@ impl Registry {
     }
 }
 
+/// What a session is started with.
+pub(super) struct Opened {
+    pub dial: DialParams,
+    pub linger: Duration,
+    /// Its slot under the session limits, given back when the task ends.
+    pub _permit: SessionPermit,
+}
+
 /// The session task: dial, serve, then unlist and refuse late joiners.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
@@ -215,7 +247,7 @@ pub(super) async fn run(
     ctx: SessionContext,
     key: SessionKey,
     id: u64,
-    dial: DialParams,
+    opened: Opened,
     commands: mpsc::Sender<Command>,
     mut rx: mpsc::Receiver<Command>,
     stats: Arc<SessionStats>,
@@ -229,12 +261,18 @@ pub(super) async fn run(
     }
     // Boxed: the dial's state (TCP, TLS and WebSocket handshakes) is about
     // 7 KiB, needed once; inline, every session's task would keep room for it.
+    let Opened {
+        dial,
+        linger,
+        _permit,
+    } = opened;
     let late = match Box::pin(upstream::dial(&ctx.route, &dial)).await {
         Ok((socket, protocol)) => {
             ctx.metrics.dial("ok");
             ctx.metrics.upstream_up();
             debug!("upstream connected");
             let mut session = Session::new(&ctx, key, socket, protocol, dial, commands, stats);
+            session.linger_for = linger;
             let (peak, lost) = session.serve(&mut rx).await;
             ctx.metrics.session_ended(peak);
             if lost {

@@ -21,7 +21,7 @@ pub use json::{echo, to_json};
 pub use mock::{Behavior, Conn, Mock, Upstream};
 pub use proxy::{
     admin_get, metric, proxy, proxy_for, raw_http, route, route_to, start_proxy, tabmux_bin,
-    ProxyConfig, RouteConfig, TestProxy,
+    ProxyConfig, Raw, RouteConfig, TestProxy,
 };
 pub use tab::{ClientIo, LiveTab, Tab, TabSpec};
 

@@ -67,6 +67,15 @@ impl Toml for &[&str] {
     }
 }
 
+/// TOML written as is (an inline table, say).
+pub struct Raw<'a>(pub &'a str);
+
+impl Toml for Raw<'_> {
+    fn toml(&self) -> String {
+        self.0.to_string()
+    }
+}
+
 /// One `key = value` line.
 fn line(key: &str, value: impl Toml) -> String {
     format!("{key} = {}\n", value.toml())
@@ -78,6 +87,7 @@ fn line(key: &str, value: impl Toml) -> String {
 pub struct ProxyConfig {
     server: String,
     log: String,
+    admin: String,
     routes: Vec<RouteConfig>,
 }
 
@@ -90,6 +100,12 @@ impl ProxyConfig {
     /// Any `[server]` key.
     pub fn server(mut self, key: &str, value: impl Toml) -> Self {
         self.server += &line(key, value);
+        self
+    }
+
+    /// Any `[admin]` key.
+    pub fn admin(mut self, key: &str, value: impl Toml) -> Self {
+        self.admin += &line(key, value);
         self
     }
 
@@ -129,8 +145,8 @@ impl ProxyConfig {
     /// The configuration file's text.
     pub fn toml(&self) -> String {
         let mut out = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n{}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
-            self.server
+            "[server]\nlisten = \"127.0.0.1:0\"\n{}\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+            self.server, self.admin
         );
         if !self.log.is_empty() {
             out += &format!("[log]\n{}", self.log);

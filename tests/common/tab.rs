@@ -79,6 +79,8 @@ pub struct TabSpec {
     pub origin: Option<String>,
     pub headers: Vec<(String, String)>,
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The loopback address the tab connects from (127.0.0.1 if None).
+    pub from: Option<std::net::IpAddr>,
 }
 
 impl TabSpec {
@@ -90,7 +92,14 @@ impl TabSpec {
             origin: Some("http://app.test".into()),
             headers: Vec::new(),
             tls: None,
+            from: None,
         }
+    }
+
+    /// Connects from this (loopback) address: another client to tabmux.
+    pub fn from(mut self, ip: &str) -> Self {
+        self.from = Some(ip.parse().unwrap());
+        self
     }
 
     pub fn path(mut self, p: &str) -> Self {
@@ -159,7 +168,14 @@ impl TabSpec {
                 HeaderValue::from_str(v).unwrap(),
             );
         }
-        let tcp = TcpStream::connect(proxy.addr).await?;
+        let tcp = match self.from {
+            None => TcpStream::connect(proxy.addr).await?,
+            Some(ip) => {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(std::net::SocketAddr::new(ip, 0))?;
+                socket.connect(proxy.addr).await?
+            }
+        };
         let io = match &self.tls {
             None => ClientIo::Plain(tcp),
             Some(config) => {

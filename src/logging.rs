@@ -1,0 +1,37 @@
+//! The process's log: a `tracing` subscriber (pretty or JSON lines) with the
+//! configured filter, or `RUST_LOG`'s.
+//!
+//! Whatever the filter, lines that would carry a session cookie never reach
+//! the output (PROTOCOL.md, "Guarantees"). tabmux's own lines name sessions
+//! by their keyed hash; the one library line known to carry request headers
+//! is tungstenite's trace of the upstream handshake request (the first tab's
+//! `Cookie` header included), which is dropped here at every level of
+//! `RUST_LOG`. `tests/operators.rs` runs the proxy at `trace` and looks for
+//! the cookie in every line.
+
+use tracing::Metadata;
+use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Installs the process's subscriber. `level` is the configured filter;
+/// a valid `RUST_LOG` overrides it.
+pub fn init(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let layer = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer().json().boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer().boxed(),
+    };
+    let layer = layer
+        .with_filter(filter)
+        .with_filter(filter_fn(|m| !carries_headers(m)));
+    let _ = tracing_subscriber::registry().with(layer).try_init();
+}
+
+/// Whether a line may carry request headers, and so a cookie: tungstenite
+/// traces each handshake request and response whole.
+pub fn carries_headers(meta: &Metadata<'_>) -> bool {
+    meta.target().starts_with("tungstenite::handshake") && *meta.level() == tracing::Level::TRACE
+}
