@@ -69,7 +69,7 @@ async fn answer(
         "/readyz" if shared.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n".into()),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
         "/metrics" => {
-            shared.metrics.sample();
+            shared.metrics.sample(&shared.budget);
             let mut body = String::new();
             match prometheus_client::encoding::text::encode(&mut body, &shared.metrics_registry) {
                 Ok(()) => {

@@ -39,8 +39,12 @@ pub enum Cause {
     TooBig,
     /// The tab broke the WebSocket protocol.
     ProtocolError,
-    /// More than `tab_queue` messages waited for the tab.
+    /// More than `tab_queue` messages, or `tab_queue_bytes` bytes, waited
+    /// for the tab.
     SlowConsumer,
+    /// The process's `buffer_budget` was spent and the tab (or its
+    /// session) held the most.
+    MemoryBudget,
     /// The tab was silent (not even a pong) for `idle_timeout`.
     Idle,
     /// The proxy is shutting down.
@@ -81,6 +85,7 @@ impl Cause {
             Cause::TooBig => (1009, "message too big", "too_big", Proxy),
             Cause::ProtocolError => (1002, "protocol error", "protocol_error", Proxy),
             Cause::SlowConsumer => (1008, "slow consumer", "slow_consumer", Proxy),
+            Cause::MemoryBudget => (1013, "memory budget", "memory_budget", Proxy),
             Cause::Idle => (1001, "idle timeout", "idle", Proxy),
             Cause::Shutdown => (1001, "going away", "shutdown", Proxy),
             Cause::UpstreamUnavailable => (1011, "upstream unavailable", "upstream_lost", Proxy),
@@ -127,12 +132,13 @@ impl Cause {
 
     /// Every label [`Cause::row`] gives a tab that tabmux closed (the
     /// metric's help text lists them).
-    pub const PROXY_LABELS: [&'static str; 11] = [
+    pub const PROXY_LABELS: [&'static str; 12] = [
         "invalid_json",
         "invalid_utf8",
         "too_big",
         "protocol_error",
         "slow_consumer",
+        "memory_budget",
         "idle",
         "shutdown",
         "upstream_lost",
@@ -193,6 +199,7 @@ mod tests {
             Cause::TooBig,
             Cause::ProtocolError,
             Cause::SlowConsumer,
+            Cause::MemoryBudget,
             Cause::Idle,
             Cause::Shutdown,
             Cause::UpstreamUnavailable,
@@ -217,6 +224,7 @@ mod tests {
             (1009, "message too big", "too_big"),
             (1002, "protocol error", "protocol_error"),
             (1008, "slow consumer", "slow_consumer"),
+            (1013, "memory budget", "memory_budget"),
             (1001, "idle timeout", "idle"),
             (1001, "going away", "shutdown"),
             (1011, "upstream unavailable", "upstream_lost"),
@@ -224,6 +232,7 @@ mod tests {
             (4200, "upstream lost; reconnect", "reconnect"),
             (4001, "bye", "backend"),
         ];
+        assert_eq!(rows.len(), want.len());
         for (got, want) in rows.iter().zip(want) {
             assert_eq!((got.0, got.1.as_str(), got.2), want);
         }

@@ -45,6 +45,7 @@
 //! - [`demo`]: `tabmux demo`, a backend, the proxy and a page in one process.
 
 pub mod admin;
+pub mod budget;
 pub mod cause;
 pub mod client;
 pub mod config;
@@ -54,6 +55,7 @@ pub mod history;
 pub mod limits;
 pub mod listener;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod queue;
 pub mod reconnect;

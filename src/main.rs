@@ -59,6 +59,7 @@ fn out(text: &str) {
 }
 
 fn main() -> ExitCode {
+    tabmux::memory::configure();
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Check) => check(&cli.config),

@@ -26,6 +26,8 @@ pub const ADMISSIONS_REFUSED: &str = "tabmux_admissions_refused";
 pub const FRAMES_DROPPED: &str = "tabmux_frames_dropped";
 pub const TAB_CLOSES: &str = "tabmux_tab_closes";
 pub const TASKS_ALIVE: &str = "tabmux_runtime_tasks_alive";
+pub const BUFFER_HELD: &str = "tabmux_buffer_held_bytes";
+pub const BUFFER_BUDGET: &str = "tabmux_buffer_budget_bytes";
 pub const MESSAGES: &str = "tabmux_messages";
 pub const BYTES: &str = "tabmux_bytes";
 pub const BROADCAST_DELIVERIES: &str = "tabmux_broadcast_deliveries";
@@ -73,6 +75,8 @@ pub struct Metrics {
     frames_dropped: Family<ReasonLabel, Counter>,
     tab_closes: Family<ReasonLabel, Counter>,
     tasks_alive: Gauge,
+    buffer_held: Gauge,
+    buffer_budget: Gauge,
     messages: Family<DirectionLabel, Counter>,
     bytes: Family<DirectionLabel, Counter>,
     broadcast_deliveries: Family<RouteLabel, Counter>,
@@ -102,6 +106,8 @@ impl Default for Metrics {
             frames_dropped: Family::default(),
             tab_closes: Family::default(),
             tasks_alive: Gauge::default(),
+            buffer_held: Gauge::default(),
+            buffer_budget: Gauge::default(),
             messages: Family::default(),
             bytes: Family::default(),
             broadcast_deliveries: Family::default(),
@@ -155,6 +161,16 @@ impl Metrics {
             TASKS_ALIVE,
             "Tasks alive in the async runtime (sampled at each scrape)",
             m.tasks_alive.clone(),
+        );
+        registry.register(
+            BUFFER_HELD,
+            "Message bytes held for clients (tab queues, partly received messages, reconnect buffers, unwritten upstream messages), against server.buffer_budget",
+            m.buffer_held.clone(),
+        );
+        registry.register(
+            BUFFER_BUDGET,
+            "server.buffer_budget: past it, the biggest holder is closed (1013 memory budget)",
+            m.buffer_budget.clone(),
         );
         registry.register(
             MESSAGES,
@@ -214,7 +230,10 @@ impl Metrics {
 
     /// Samples process-wide values that are read, not counted: call before
     /// encoding a scrape.
-    pub fn sample(&self) {
+    pub fn sample(&self, budget: &crate::budget::Budget) {
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.buffer_held.set(gauge(budget.held()));
+        self.buffer_budget.set(gauge(budget.limit()));
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let n = rt.metrics().num_alive_tasks();
             self.tasks_alive.set(i64::try_from(n).unwrap_or(i64::MAX));

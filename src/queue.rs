@@ -21,12 +21,19 @@ const KEEP_CAPACITY: usize = 8;
 #[derive(Default)]
 pub struct Outbox {
     queue: VecDeque<Message>,
+    /// Payload bytes waiting (what `tab_queue_bytes` bounds).
+    bytes: usize,
 }
 
 impl Outbox {
     /// Number of waiting messages.
     pub fn len(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Payload bytes waiting.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Whether nothing waits.
@@ -36,17 +43,20 @@ impl Outbox {
 
     /// Adds `msg` after the others.
     pub fn push(&mut self, msg: Message) {
+        self.bytes += msg.len();
         self.queue.push_back(msg);
     }
 
     /// Puts `msg` back in front (a write that could not take it).
     pub fn push_front(&mut self, msg: Message) {
+        self.bytes += msg.len();
         self.queue.push_front(msg);
     }
 
     /// The oldest message.
     pub fn pop(&mut self) -> Option<Message> {
         let msg = self.queue.pop_front()?;
+        self.bytes -= msg.len();
         if self.queue.is_empty() && self.queue.capacity() > KEEP_CAPACITY {
             self.queue = VecDeque::new();
         }
@@ -56,6 +66,7 @@ impl Outbox {
     /// Drops everything waiting, and the buffer.
     pub fn clear(&mut self) {
         self.queue = VecDeque::new();
+        self.bytes = 0;
     }
 }
 
@@ -76,6 +87,7 @@ mod tests {
         out.push(text("b"));
         out.push(text("c"));
         assert_eq!(out.len(), 3);
+        assert_eq!(out.bytes(), 3);
         assert_eq!(out.pop(), Some(text("a")));
         out.push_front(text("z"));
         assert_eq!(out.pop(), Some(text("z")));
@@ -83,6 +95,7 @@ mod tests {
         assert_eq!(out.pop(), Some(text("c")));
         assert_eq!(out.pop(), None);
         assert_eq!(out.len(), 0);
+        assert_eq!(out.bytes(), 0);
     }
 
     #[test]
@@ -99,5 +112,6 @@ mod tests {
         out.push(text("x"));
         out.clear();
         assert!(out.is_empty());
+        assert_eq!(out.bytes(), 0);
     }
 }

@@ -13,13 +13,14 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::budget::Budget;
 use crate::config::{Config, Origins};
 use crate::history::{History, SAMPLE_EVERY};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::session::{Registry, SessionContext, SessionHasher};
 use crate::shared::{RouteRuntime, Shared};
-use crate::{admin, listener, status};
+use crate::{admin, listener, memory, status};
 
 /// A bound, not yet serving, proxy.
 pub struct Proxy {
@@ -48,6 +49,7 @@ impl Proxy {
         let metrics = Metrics::new(&mut metrics_registry);
         let registry = Arc::new(Registry::default());
         let (stop, stopped) = watch::channel(());
+        let budget = Budget::new(config.server.buffer_budget);
         let routes = config
             .routes
             .iter()
@@ -60,11 +62,13 @@ impl Proxy {
                     route: route.clone(),
                     metrics: Arc::new(metrics.route(&route.path)),
                     shutdown: stopped.clone(),
+                    budget: budget.clone(),
                 },
             })
             .collect();
         let shared = Arc::new(Shared {
             limits: Limits::new(&config.server),
+            budget,
             server: config.server,
             admin: config.admin,
             routes,
@@ -129,6 +133,10 @@ impl Proxy {
             admin,
             shared.clone(),
             shared.admin.max_connections,
+            stopped.clone(),
+        ));
+        tokio::spawn(memory::trim_after_bursts(
+            shared.budget.clone(),
             stopped.clone(),
         ));
         tokio::spawn(sample_history(shared.clone(), stopped));

@@ -29,6 +29,8 @@ pub struct Shared {
     pub hasher: SessionHasher,
     /// Tabs and sessions, in the process and per client address.
     pub limits: Arc<Limits>,
+    /// Every message byte held, against `server.buffer_budget`.
+    pub budget: Arc<crate::budget::Budget>,
     pub registry: Arc<Registry>,
     /// True once every listener accepts connections (`/readyz`).
     pub ready: AtomicBool,

@@ -43,7 +43,7 @@ use crate::config::Route;
 use crate::envelope::TabId;
 use crate::limits::TabPermit;
 use crate::queue::Outbox;
-use crate::wsio::{would_block, Liveness, PollIo, Unread};
+use crate::wsio::{would_block, Liveness, Partial, PollIo, Unread};
 
 /// How long tabmux waits for a tab to complete a close handshake, or for a
 /// close frame to be written to a tab that is not reading.
@@ -152,6 +152,11 @@ pub struct Tab {
     blocked: bool,
     /// A write failed: the connection is gone.
     broken: bool,
+    /// Bytes handed to tungstenite since its last complete flush (held for
+    /// the tab while its socket is full).
+    unwritten: u32,
+    /// The message the tab is part way through sending.
+    partial: Partial,
     _permit: TabPermit,
 }
 
@@ -188,6 +193,8 @@ impl Tab {
     fn new(io: TabSocket, read: Bytes, id: TabId, route: &Route, permit: TabPermit) -> Self {
         let config = Some(ws_config(route));
         let unread = Unread::new(read.len());
+        let mut partial = Partial::default();
+        partial.feed(&read);
         let ws = if !read.is_empty() {
             WebSocketContext::from_partially_read(read.to_vec(), Role::Server, config)
         } else {
@@ -206,12 +213,27 @@ impl Tab {
             unflushed: false,
             blocked: false,
             broken: false,
+            unwritten: 0,
+            partial,
             _permit: permit,
         }
     }
 
     pub fn id(&self) -> TabId {
         self.id
+    }
+
+    /// Message bytes held for this tab outside its outbox: what tungstenite
+    /// has not written while the socket is full, and the message the tab is
+    /// part way through sending (the buffer budget counts both).
+    #[inline]
+    pub fn held(&self) -> usize {
+        let unwritten = if self.blocked {
+            self.unwritten as usize
+        } else {
+            0
+        };
+        unwritten + self.partial.held()
     }
 
     fn io<'a, 'b>(stream: &'a mut TabSocket, cx: &'a mut Context<'b>) -> PollIo<'a, 'b, TabSocket> {
@@ -234,9 +256,14 @@ impl Tab {
     /// for the next [`Tab::poll_write`] to report.
     fn write_frame(&mut self, cx: &mut Context<'_>, msg: Message, outbox: &mut Outbox) -> bool {
         self.unflushed = true;
+        let len = u32::try_from(msg.len()).unwrap_or(u32::MAX);
         match self.ws.write(&mut Self::io(&mut self.io, cx), msg) {
-            Ok(()) => return true,
-            Err(e) if would_block(&e) => {}
+            Ok(()) => {
+                self.unwritten = self.unwritten.saturating_add(len);
+                return true;
+            }
+            // tungstenite kept the frame; the socket is full.
+            Err(e) if would_block(&e) => self.unwritten = self.unwritten.saturating_add(len),
             Err(WsError::WriteBufferFull(back)) => outbox.push_front(*back),
             Err(_) => self.broken = true,
         }
@@ -262,6 +289,7 @@ impl Tab {
                     Ok(()) => {
                         self.unflushed = false;
                         self.blocked = false;
+                        self.unwritten = 0;
                     }
                     Err(e) if would_block(&e) => {
                         self.blocked = true;
@@ -321,7 +349,7 @@ impl Tab {
 
     /// The next message from the tab's socket, or Pending.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Message, WsError>> {
-        let mut io = Self::io(&mut self.io, cx);
+        let mut io = PollIo::tracking(&mut self.io, cx, &mut self.partial);
         let read = self.ws.read(&mut io);
         self.unread.fed(io.fed);
         match read {

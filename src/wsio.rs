@@ -31,11 +31,28 @@ pub struct PollIo<'a, 'b, S> {
     cx: &'a mut Context<'b>,
     /// Bytes read through this adapter (see [`Unread::fed`]).
     pub fed: usize,
+    /// Follows the frames read, when the caller counts partial messages.
+    partial: Option<&'a mut Partial>,
 }
 
 impl<'a, 'b, S: AsyncRead + AsyncWrite + Unpin> PollIo<'a, 'b, S> {
     pub fn new(stream: &'a mut S, cx: &'a mut Context<'b>) -> Self {
-        PollIo { stream, cx, fed: 0 }
+        PollIo {
+            stream,
+            cx,
+            fed: 0,
+            partial: None,
+        }
+    }
+
+    /// Like [`PollIo::new`], with what is read fed to `partial`.
+    pub fn tracking(stream: &'a mut S, cx: &'a mut Context<'b>, partial: &'a mut Partial) -> Self {
+        PollIo {
+            stream,
+            cx,
+            fed: 0,
+            partial: Some(partial),
+        }
     }
 }
 
@@ -45,6 +62,9 @@ impl<S: AsyncRead + Unpin> Read for PollIo<'_, '_, S> {
         match Pin::new(&mut *self.stream).poll_read(self.cx, &mut buf) {
             Poll::Ready(Ok(())) => {
                 self.fed += buf.filled().len();
+                if let Some(partial) = self.partial.as_deref_mut() {
+                    partial.feed(buf.filled());
+                }
                 Ok(buf.filled().len())
             }
             Poll::Ready(Err(e)) => Err(e),
@@ -141,6 +161,131 @@ fn min_cost(payload: usize, masked: bool) -> u64 {
     payload as u64 + header
 }
 
+/// Follows the frames of a client's byte stream as it is read, to know how
+/// many bytes of an unfinished message tungstenite holds (the buffer budget
+/// counts a message while it arrives, not once it is complete). A data
+/// frame's bytes, header included, count until the frame that ends its
+/// message is complete; control frames (at most 131 bytes) are not
+/// counted. A frame header cut across two reads is followed byte by byte.
+/// Twelve bytes, since every tab has one: a frame length past `u32::MAX`
+/// is held as `u32::MAX` (tungstenite refuses such a frame anyway, above
+/// `max_message_size`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Partial {
+    /// In a payload: its bytes still to come. In an extended length field:
+    /// the length read so far.
+    left: u32,
+    /// Bytes of the unfinished message so far.
+    held: u32,
+    /// Header bytes still to come in the current step.
+    need: u8,
+    step: Step,
+    /// The current frame is a data frame (0x80) that ends its message
+    /// (0x40); it is masked (0x01).
+    flags: u8,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// The next byte starts a frame.
+    #[default]
+    First,
+    /// The length byte.
+    Length,
+    /// The extended length (`need` bytes).
+    Extended,
+    /// The mask key (`need` bytes).
+    Mask,
+    /// The payload (`left` bytes).
+    Payload,
+}
+
+const DATA: u8 = 0x80;
+const FINAL: u8 = 0x40;
+const MASKED: u8 = 0x01;
+
+impl Partial {
+    /// Bytes of the message being received; 0 between messages.
+    pub fn held(&self) -> usize {
+        self.held as usize
+    }
+
+    /// Follows `bytes`, the next bytes of the stream.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while let Some(&first) = bytes.first() {
+            let n = if self.step == Step::Payload {
+                let n = bytes.len().min(self.left as usize);
+                self.left -= n as u32;
+                n
+            } else {
+                self.header_byte(first);
+                1
+            };
+            if self.flags & DATA != 0 {
+                self.held = self
+                    .held
+                    .saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+            }
+            bytes = &bytes[n..];
+            if self.step == Step::Payload && self.left == 0 {
+                // The frame is complete; so is its message if it was final.
+                self.step = Step::First;
+                if self.flags & (DATA | FINAL) == DATA | FINAL {
+                    self.held = 0;
+                }
+            }
+        }
+    }
+
+    fn header_byte(&mut self, b: u8) {
+        match self.step {
+            Step::First => {
+                let data = if b & 0x0f < 8 { DATA } else { 0 };
+                let last = if b & 0x80 != 0 { FINAL } else { 0 };
+                self.flags = data | last;
+                self.step = Step::Length;
+            }
+            Step::Length => {
+                if b & 0x80 != 0 {
+                    self.flags |= MASKED;
+                }
+                self.left = u32::from(b & 0x7f);
+                match b & 0x7f {
+                    126 | 127 => {
+                        self.need = if b & 0x7f == 126 { 2 } else { 8 };
+                        self.left = 0;
+                        self.step = Step::Extended;
+                    }
+                    _ => self.after_length(),
+                }
+            }
+            Step::Extended => {
+                self.left = self.left.saturating_mul(256).saturating_add(u32::from(b));
+                self.need -= 1;
+                if self.need == 0 {
+                    self.after_length();
+                }
+            }
+            Step::Mask => {
+                self.need -= 1;
+                if self.need == 0 {
+                    self.step = Step::Payload;
+                }
+            }
+            Step::Payload => {}
+        }
+    }
+
+    fn after_length(&mut self) {
+        if self.flags & MASKED != 0 {
+            self.need = 4;
+            self.step = Step::Mask;
+        } else {
+            self.step = Step::Payload;
+        }
+    }
+}
+
 /// Whether a peer (a tab, or the upstream) has been heard from, checked at
 /// the session's keepalive ticks: both idle timeouts use it.
 pub struct Liveness {
@@ -232,6 +377,60 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A frame as a client sends it (masked; opcode 1 text, 0 continuation,
+    /// 9 ping), with the shortest length field.
+    fn client_frame(fin: bool, opcode: u8, payload: usize) -> Vec<u8> {
+        let mut out = vec![(u8::from(fin) << 7) | opcode];
+        match payload {
+            0..=125 => out.push(0x80 | payload as u8),
+            126..=65_535 => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(payload as u16).to_be_bytes());
+            }
+            _ => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(payload as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&[1, 2, 3, 4]);
+        out.extend(std::iter::repeat_n(b'x', payload));
+        out
+    }
+
+    #[test]
+    fn a_partial_message_is_held_until_its_last_frame_is_complete() {
+        // A fragmented message with a ping between its fragments, then a
+        // whole message: fed in every chunk size, the count is the same.
+        let first = client_frame(false, 1, 70_000);
+        let ping = client_frame(true, 9, 3);
+        let last = client_frame(true, 0, 10);
+        let whole = client_frame(true, 2, 0);
+        let stream: Vec<u8> = [&first[..], &ping, &last, &whole].concat();
+        for chunk in [1, 2, 3, 7, 512, 4096, stream.len()] {
+            let mut p = Partial::default();
+            let mut fed = 0;
+            let mut max = 0;
+            for piece in stream.chunks(chunk) {
+                p.feed(piece);
+                fed += piece.len();
+                max = max.max(p.held());
+                if fed == first.len() || fed == first.len() + ping.len() {
+                    assert_eq!(p.held(), first.len(), "chunk {chunk}: first fragment");
+                }
+            }
+            assert_eq!(p.held(), 0, "chunk {chunk}: everything complete");
+            assert!(max < first.len() + last.len(), "chunk {chunk}: {max}");
+        }
+        // Half of a 1 MB frame: half of it (and its header) is held.
+        let big = client_frame(true, 2, 1 << 20);
+        let mut p = Partial::default();
+        p.feed(&big[..big.len() / 2]);
+        assert_eq!(p.held(), big.len() / 2);
+        p.feed(&big[big.len() / 2..]);
+        assert_eq!(p.held(), 0);
+        assert_eq!(std::mem::size_of::<Partial>(), 12);
     }
 
     #[test]

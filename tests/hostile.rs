@@ -13,7 +13,11 @@ use tokio::net::TcpStream;
 
 /// Opens a tab by hand and returns the raw socket after the 101.
 async fn raw_tab(addr: SocketAddr, session: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    handshake(TcpStream::connect(addr).await.unwrap(), session).await
+}
+
+/// A tab's opening handshake on `s`, checked for its 101.
+async fn handshake(mut s: TcpStream, session: &str) -> TcpStream {
     let req = format!(
         "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
@@ -399,4 +403,200 @@ async fn a_backend_flooding_its_session_does_not_starve_the_tabs() {
         );
         tokio::task::yield_now().await;
     }
+}
+
+/// Like [`raw_tab`], with a small receive buffer: what the proxy sends it
+/// piles up in the proxy, not in this socket.
+async fn raw_tab_small_buffer(addr: SocketAddr, session: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let s = socket.connect(addr).await.unwrap();
+    handshake(s, session).await
+}
+
+/// The buffer budget's account, as `/metrics` shows it.
+async fn held_bytes(proxy: &TestProxy) -> f64 {
+    let text = admin_get(proxy.admin, "/metrics").await.1;
+    metric(&text, "tabmux_buffer_held_bytes").expect("the held-bytes gauge")
+}
+
+async fn closes(proxy: &TestProxy, reason: &str) -> Option<f64> {
+    let text = admin_get(proxy.admin, "/metrics").await.1;
+    metric(
+        &text,
+        &format!("tabmux_tab_closes_total{{route=\"/ws\",reason=\"{reason}\"}}"),
+    )
+}
+
+/// A tab that sends to an echo backend and never reads is closed once
+/// `tab_queue_bytes` wait for it, long before `tab_queue` messages do.
+#[tokio::test]
+async fn a_tab_that_never_reads_is_a_slow_consumer_by_bytes() {
+    let mock = Mock::behaving(echo()).await;
+    let proxy = proxy()
+        .route(
+            route("/ws", &mock)
+                .tab_queue(100_000)
+                .set("tab_queue_bytes", "1MiB")
+                .max_message_size("256KiB"),
+        )
+        .start()
+        .await;
+    let (mut other, other_up) = bystander(&proxy, &mock).await;
+    let mut s = raw_tab_small_buffer(proxy.addr, "hog").await;
+    let msg = format!("\"{}\"", "x".repeat(200_000));
+    let frame = frame(true, 0x1, msg.as_bytes(), true);
+    // At most 200 messages (40 MB): the kernel's buffers take some, the
+    // proxy's queue 1 MiB; a write fails once the proxy has closed.
+    for _ in 0..200 {
+        if s.write_all(&frame).await.is_err() {
+            break;
+        }
+        if closes(&proxy, "slow_consumer").await == Some(1.0) {
+            break;
+        }
+    }
+    guard("the slow-consumer close", async {
+        while closes(&proxy, "slow_consumer").await != Some(1.0) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(read_close(&mut s).await, 1008);
+    still_works(&mut other, &other_up).await;
+    // Nothing is left held for it.
+    guard("the account to empty", async {
+        while held_bytes(&proxy).await != 0.0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
+
+/// Past `buffer_budget`, the tab that holds the most (here the larger of
+/// two half-sent messages) is closed with 1013 "memory budget", and the
+/// other tab goes on: its message, once complete, reaches the backend.
+#[tokio::test]
+async fn past_the_budget_the_biggest_holder_is_closed_and_the_rest_go_on() {
+    let mock = Mock::start().await;
+    let proxy = proxy()
+        .server("buffer_budget", "3MiB")
+        .route(route("/ws", &mock).max_message_size("4MiB"))
+        .start()
+        .await;
+    let payload = |n: usize| format!("\"{}\"", "y".repeat(n - 2));
+    let big = payload(3 << 20);
+    let big_frame = frame(true, 0x1, big.as_bytes(), true);
+    let mut a = raw_tab(proxy.addr, "big").await;
+    a.write_all(&big_frame[..2 << 20]).await.unwrap();
+    guard("2 MiB held for tab a", async {
+        while held_bytes(&proxy).await < (2 << 20) as f64 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let small = payload(1_600_000);
+    let small_frame = frame(true, 0x1, small.as_bytes(), true);
+    let half = small_frame.len() / 2 + 400_000;
+    let mut b = raw_tab(proxy.addr, "small").await;
+    b.write_all(&small_frame[..half]).await.unwrap();
+    // a, the biggest, is closed; its bytes are given back.
+    assert_eq!(read_close(&mut a).await, 1013);
+    assert_eq!(closes(&proxy, "memory_budget").await, Some(1.0));
+    // b completes its message, and the backend gets it.
+    b.write_all(&small_frame[half..]).await.unwrap();
+    let up = mock.upstream_for("small").await;
+    let got = up.find("b's message", |v| v.get("data").is_some()).await;
+    assert_eq!(got["data"].as_str().map(str::len), Some(1_600_000 - 2));
+}
+
+/// Resident memory of a process, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+/// The real binary under a memory attack: tabs holding half-sent messages
+/// and tabs that never read what an echo backend floods them with. Its
+/// resident memory stays within `buffer_budget` + 32 MiB of its idle
+/// baseline, a well-behaved session keeps working, and once the attackers
+/// are gone the memory is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_within_the_budget_and_is_returned() {
+    let mock = Mock::behaving(echo()).await;
+    let (mut child, proxy) = proxy()
+        .server("buffer_budget", "64MiB")
+        .server("per_ip", Raw("{ tabs = 1000, sessions = 1000 }"))
+        .route(route("/ws", &mock).max_message_size("2MiB"))
+        .spawn();
+    let pid = child.id();
+    let mut calm = TabSpec::new("calm").connect(&proxy).await;
+    // Large messages come and go first (glibc then serves them from its
+    // heap rather than mapping each: the case where memory stayed).
+    let large = format!("\"{}\"", "c".repeat(1 << 20));
+    for _ in 0..8 {
+        calm.send_text(&large).await;
+        assert_eq!(calm.recv_text().await.len(), large.len());
+    }
+    let idle = rss_mib(pid);
+    let mut peak = idle;
+    // 40 tabs, each 1.5 MiB into a 2 MiB message ...
+    let half = {
+        let body = format!("\"{}\"", "h".repeat((2 << 20) - 2));
+        frame(true, 0x1, body.as_bytes(), true)[..3 << 19].to_vec()
+    };
+    let mut holders = Vec::new();
+    for n in 0..40 {
+        let mut s = raw_tab(proxy.addr, &format!("holder-{}", n % 8)).await;
+        // A write to a tab already closed for the budget may fail.
+        let _ = s.write_all(&half).await;
+        holders.push(s);
+        peak = peak.max(rss_mib(pid));
+    }
+    // ... and 4 that never read, flooded through the echo backend.
+    let flood = frame(
+        true,
+        0x1,
+        format!("\"{}\"", "f".repeat(200_000)).as_bytes(),
+        true,
+    );
+    let mut floods = Vec::new();
+    for n in 0..4 {
+        let mut s = raw_tab_small_buffer(proxy.addr, &format!("flood-{n}")).await;
+        for _ in 0..60 {
+            if s.write_all(&flood).await.is_err() {
+                break;
+            }
+            peak = peak.max(rss_mib(pid));
+        }
+        floods.push(s);
+    }
+    peak = peak.max(rss_mib(pid));
+    calm.send_text("2").await;
+    assert_eq!(calm.recv_text().await, "2", "the calm session goes on");
+    assert!(
+        peak <= idle + 64.0 + 32.0,
+        "peak {peak:.1} MiB over an idle {idle:.1} MiB"
+    );
+    assert!(
+        closes(&proxy, "memory_budget").await.unwrap_or(0.0) >= 1.0,
+        "the budget was spent, so some holder was closed"
+    );
+    drop(holders);
+    drop(floods);
+    guard("the memory to be returned", async {
+        while rss_mib(pid) > idle + 16.0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    calm.send_text("3").await;
+    assert_eq!(calm.recv_text().await, "3");
+    let _ = child.kill();
+    let _ = child.wait();
 }

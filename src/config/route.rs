@@ -38,6 +38,9 @@ const ROUTE_KEYS: &[&str] = &[
     "upstream_origin",
     "upstream_user_agent",
 ];
+/// The largest `max_message_size`: every byte of a message is held, and a
+/// tab's partial-message count ([`crate::wsio::Partial`]) is 32 bits.
+const MAX_MESSAGE_SIZE: usize = 1 << 30;
 const RECONNECT_KEYS: &[&str] = &["initial", "max", "attempts"];
 
 /// The `reconnect` default: 100 ms doubling up to 5 s, 8 attempts.
@@ -147,7 +150,14 @@ impl Checker<'_> {
         // Limits and timers.
         let linger = self.optional(t, "linger", Duration::from_secs(10), Self::duration_or_zero);
         let max_tabs_per_session = self.optional(t, "max_tabs_per_session", 32, Self::positive);
-        let max_message_size = self.optional(t, "max_message_size", 1 << 20, Self::size);
+        let max_message_size = self.optional(t, "max_message_size", 1 << 20, |c, item| {
+            let n = c.size(item)?;
+            if n > MAX_MESSAGE_SIZE {
+                c.at(item.span(), "max_message_size must be at most 1GiB".into());
+                return None;
+            }
+            Some(n)
+        });
         let tab_queue = self.optional(t, "tab_queue", 256, Self::positive);
         let tab_queue_bytes = self.optional(t, "tab_queue_bytes", 4 << 20, Self::size);
         let reconnect_buffer = self.optional(t, "reconnect_buffer", 1 << 20, Self::size);

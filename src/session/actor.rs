@@ -21,10 +21,12 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn};
 
 use super::key::SessionKey;
+use super::link::Holder;
 use super::link::{Command, Joined, Refusal, TabLink};
 use super::outage::{expire, next_frame, normal_close, pass_on, redial, DialResult, Outage};
-use super::tabs::{Apply, Tabs};
+use super::tabs::{Apply, Holders, Tabs};
 use super::SessionContext;
+use crate::budget::{Charge, Verdict};
 use crate::cause::{Cause, Lost, Side};
 use crate::envelope::{Effect, Effects, JoinInfo, Machine, TabId};
 use crate::queue::Outbox;
@@ -64,6 +66,8 @@ pub(super) enum SessionEnd {
     BudgetSpent,
     /// Tabs sent more than `reconnect_buffer` while the upstream was down.
     BufferFull,
+    /// The buffer budget is spent and the session holds the most.
+    MemoryBudget,
     /// The upstream was lost and the envelope closes the tabs instead of
     /// redialling (the cause is in `Session::gone`).
     UpstreamGone,
@@ -77,6 +81,7 @@ impl SessionEnd {
             SessionEnd::Shutdown => Some(Cause::Shutdown),
             SessionEnd::BudgetSpent => Some(Cause::UpstreamUnavailable),
             SessionEnd::BufferFull => Some(Cause::ReconnectBufferFull),
+            SessionEnd::MemoryBudget => Some(Cause::MemoryBudget),
         }
     }
 }
@@ -116,6 +121,8 @@ pub(super) struct Session<'c> {
     to_upstream: Vec<Message>,
     /// Armed while the session has no tabs.
     linger: Option<Pin<Box<Sleep>>>,
+    /// What the session itself holds of the buffer budget.
+    charge: Charge,
     /// How long the session outlives its last tab: the route's `linger`,
     /// or none for a session of its own (`missing_cookie = "direct"`).
     pub(super) linger_for: Duration,
@@ -172,7 +179,10 @@ impl<'c> Session<'c> {
             ctx,
             key,
             envelope: Machine::new(&ctx.route),
-            tabs: Tabs::default(),
+            tabs: Tabs::new(Holders {
+                budget: ctx.budget.clone(),
+                commands: commands.clone(),
+            }),
             upstream: Some(upstream),
             protocol,
             dial,
@@ -181,6 +191,7 @@ impl<'c> Session<'c> {
             to_upstream: Vec::new(),
             linger: None,
             linger_for: ctx.route.linger,
+            charge: Charge::default(),
             outage: None,
             keepalive,
             upstream_alive: Liveness::new(),
@@ -255,6 +266,12 @@ impl<'c> Session<'c> {
                 Event::Linger => Err(SessionEnd::Linger),
             };
             let outcome = outcome.and_then(|()| self.flush_tabs());
+            // The reconnect buffer: only during an outage (and once after).
+            let outcome = if self.outage.is_some() || self.charge.bytes() != 0 {
+                outcome.and_then(|()| self.account(0))
+            } else {
+                outcome
+            };
             self.publish();
             if let Err(end) = outcome {
                 break end;
@@ -266,6 +283,7 @@ impl<'c> Session<'c> {
             }
         };
         self.finish(end).await;
+        self.tabs.holders.budget.release(&mut self.charge);
         (self.peak, end == SessionEnd::UpstreamGone)
     }
 
@@ -305,6 +323,7 @@ impl<'c> Session<'c> {
                 self.attach(conn);
                 Ok(())
             }
+            Command::Evict(holder) => self.evict(holder),
             Command::Leave(tab) => {
                 // The handshake of a tab tabmux closed early did not
                 // complete either: nothing is kept for it.
@@ -318,6 +337,45 @@ impl<'c> Session<'c> {
                 Ok(())
             }
         }
+    }
+
+    /// The buffer budget is spent and `holder` holds the most: it closes.
+    #[cold]
+    fn evict(&mut self, holder: Holder) -> Result<(), SessionEnd> {
+        let budget = &self.ctx.budget;
+        match holder {
+            Holder::Tab(tab) => {
+                info!(tab = %tab, held = budget.held(), budget = budget.limit(), "buffer budget spent: closing the tab that holds the most");
+                self.leave(tab, Cause::MemoryBudget)
+            }
+            Holder::Session => {
+                info!(
+                    held = budget.held(),
+                    budget = budget.limit(),
+                    "buffer budget spent: closing the session that holds the most"
+                );
+                Err(SessionEnd::MemoryBudget)
+            }
+        }
+    }
+
+    /// Reports the session's own holdings to the buffer budget: its
+    /// reconnect buffer, and `unwritten` bytes its upstream has not taken.
+    fn account(&mut self, unwritten: usize) -> Result<(), SessionEnd> {
+        match self.report(unwritten) {
+            Verdict::Fine => Ok(()),
+            Verdict::CloseSelf => self.evict(Holder::Session),
+        }
+    }
+
+    fn report(&mut self, unwritten: usize) -> Verdict {
+        let buffered = self.outage.as_ref().map_or(0, |o| o.buffer.bytes());
+        let holders = &self.tabs.holders;
+        holders
+            .budget
+            .set(&mut self.charge, buffered + unwritten, || {
+                holders.evictor(Holder::Session)
+            })
     }
 
     /// Closes what is left when the session ends.
@@ -452,7 +510,11 @@ impl<'c> Session<'c> {
         match served {
             Some(Ok(Some(cause))) => self.leave(id, cause),
             Some(Err(end)) => Err(end),
-            Some(Ok(None)) | None => self.leave_listed(),
+            Some(Ok(None)) | None => {
+                // What it holds now (part of a message, say).
+                self.tabs.account(id);
+                self.leave_listed()
+            }
         }
     }
 
@@ -584,14 +646,22 @@ impl<'c> Session<'c> {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.to_upstream);
+        let unwritten: usize = pending.iter().map(Message::len).sum();
         let write = up.send_all(pending);
         tokio::pin!(write);
         // Nearly every write completes at once; only one that has to wait
-        // pays for a timer.
+        // pays for a timer, and holds its messages against the budget
+        // meanwhile (the session reads no tab until it is done).
         let written = match poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
             Poll::Ready(r) => Ok(r),
             Poll::Pending => {
-                Box::pin(tokio::time::timeout(self.ctx.route.idle_timeout, write)).await
+                let held = held_while(&self.tabs.holders, &mut self.charge, unwritten);
+                let r = Box::pin(tokio::time::timeout(self.ctx.route.idle_timeout, write)).await;
+                self.tabs
+                    .holders
+                    .budget
+                    .set(&mut self.charge, held, || Box::new(|| {}));
+                r
             }
         };
         match written {
@@ -715,4 +785,17 @@ impl<'c> Session<'c> {
             self.ctx.metrics.dropped("tab_left_during_outage", orphaned);
         }
     }
+}
+
+/// Reports `unwritten` bytes more held by the session while its upstream
+/// write waits; returns what it held before, to report once the write is
+/// done. (A verdict to close the session is acted on by the next turn's
+/// report, or by the command the budget sends.)
+#[cold]
+fn held_while(holders: &Holders, charge: &mut Charge, unwritten: usize) -> usize {
+    let before = charge.bytes();
+    let _ = holders.budget.set(charge, before + unwritten, || {
+        holders.evictor(Holder::Session)
+    });
+    before
 }

@@ -26,6 +26,19 @@ pub(super) enum Command {
     Attach(Box<Tab>),
     /// A member's handshake was not completed: its connection never came.
     Leave(TabId),
+    /// The buffer budget is spent and this holder holds the most: close it
+    /// (1013 "memory budget").
+    Evict(Holder),
+}
+
+/// Who holds bytes of the buffer budget in a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Holder {
+    /// One tab: its queue, unwritten bytes, partly received message.
+    Tab(TabId),
+    /// The session: its reconnect buffer and its upstream's unwritten
+    /// messages (its tabs' together).
+    Session,
 }
 
 /// Why a tab could not join.

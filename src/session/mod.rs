@@ -47,6 +47,8 @@ pub struct SessionContext {
     pub metrics: Arc<RouteMetrics>,
     /// Its sender is dropped when the proxy shuts down.
     pub shutdown: watch::Receiver<()>,
+    /// The process's buffer budget.
+    pub budget: Arc<crate::budget::Budget>,
 }
 
 #[cfg(test)]
@@ -63,8 +65,9 @@ mod tests {
     #[test]
     fn a_tab_slot_stays_small() {
         let size = tabs::slot_size();
-        // 464 since a tab holds its client address for per-address limits.
-        assert!(size <= 480, "a tab's slot is {size} bytes");
+        // 496 since a tab holds its client address (per-address limits),
+        // its share of the buffer budget, and its partial-message count.
+        assert!(size <= 512, "a tab's slot is {size} bytes");
     }
 
     /// A session's task is allocated whole for the session's life: what is
@@ -85,6 +88,7 @@ mod tests {
             metrics: Arc::new(crate::metrics::Metrics::default().route(&route.path)),
             route,
             shutdown,
+            budget: crate::budget::Budget::new(1 << 20),
         };
         let (tx, rx) = mpsc::channel(1);
         let stats = Arc::new(SessionStats {
@@ -111,6 +115,8 @@ mod tests {
             stats,
         );
         let size = std::mem::size_of_val(&task);
-        assert!(size <= 2560, "a session's task is {size} bytes");
+        // 2616 since a session holds its limits' permit, its linger time
+        // and its share of the buffer budget.
+        assert!(size <= 2688, "a session's task is {size} bytes");
     }
 }

@@ -301,7 +301,7 @@ pub(super) async fn run(
                 let _ = reply.send(Err(late.clone()));
             }
             cmd @ Command::Attach(_) => going_away(cmd),
-            Command::Leave(_) => {}
+            Command::Leave(_) | Command::Evict(_) => {}
         }
     }
     ctx.metrics.sessions_active.dec();

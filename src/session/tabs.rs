@@ -10,12 +10,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use rustc_hash::FxHashMap;
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, info, warn};
 
 use super::key::SessionKey;
+use super::link::{Command, Holder};
 use super::ready::{Ready, TabWake};
 use super::SessionContext;
+use crate::budget::{Budget, Charge, Evictor, Verdict};
 use crate::cause::{Cause, Side};
 use crate::envelope::{Effect, Effects, FrameError, JoinInfo, Saving, TabId, Target};
 use crate::metrics::RouteMetrics;
@@ -38,6 +41,8 @@ pub(super) struct TabSlot {
     /// Its query and headers, for its envelope (the `open` event sent again
     /// after a redial).
     pub info: JoinInfo,
+    /// What it holds of the buffer budget, as last reported.
+    charge: Charge,
 }
 
 impl TabSlot {
@@ -77,8 +82,42 @@ impl TabSlot {
     }
 }
 
+/// The buffer budget as a session's holders report to it, and the way to
+/// close one of them (a command to the session itself).
+pub(super) struct Holders {
+    pub budget: Arc<Budget>,
+    pub commands: mpsc::Sender<Command>,
+}
+
+impl Holders {
+    /// How the budget closes `holder`: a command to this session, sent
+    /// from whichever task found the budget spent.
+    pub fn evictor(&self, holder: Holder) -> Evictor {
+        let tx = self.commands.clone();
+        Box::new(move || {
+            if let Err(mpsc::error::TrySendError::Full(cmd)) = tx.try_send(Command::Evict(holder)) {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        let _ = tx.send(cmd).await;
+                    });
+                }
+            }
+        })
+    }
+
+    /// Reports what `slot` holds; true if the tab must close because the
+    /// budget is spent and nothing bigger can be closed instead.
+    #[inline]
+    fn account(&self, tab: TabId, slot: &mut TabSlot) -> bool {
+        let held = slot.outbox.bytes() + slot.conn.as_ref().map_or(0, Tab::held);
+        let verdict = self
+            .budget
+            .set(&mut slot.charge, held, || self.evictor(Holder::Tab(tab)));
+        verdict == Verdict::CloseSelf
+    }
+}
+
 /// The tab table of a session, and what its turn decided about tabs.
-#[derive(Default)]
 pub(super) struct Tabs {
     /// Keyed by ids tabmux assigns, so a fast non-keyed hash is safe here.
     pub map: FxHashMap<TabId, Box<TabSlot>>,
@@ -99,9 +138,45 @@ pub(super) struct Tabs {
     /// Tabs to leave, with why, once the effect or flush that decided it is
     /// done (the session tells the envelope of each).
     pub leaving: Vec<(TabId, Cause)>,
+    /// The buffer budget, which every slot reports to.
+    pub holders: Holders,
+}
+
+impl Drop for Tabs {
+    /// However the session ends, its tabs' shares of the budget are given
+    /// back.
+    fn drop(&mut self) {
+        for slot in self.map.values_mut() {
+            self.holders.budget.release(&mut slot.charge);
+        }
+    }
 }
 
 impl Tabs {
+    pub fn new(holders: Holders) -> Tabs {
+        Tabs {
+            map: FxHashMap::default(),
+            ready: Arc::default(),
+            woken: Vec::new(),
+            dirty: Vec::new(),
+            closed_early: FxHashMap::default(),
+            last_id: 0,
+            greeting: 0,
+            leaving: Vec::new(),
+            holders,
+        }
+    }
+
+    /// Reports what the tab holds to the buffer budget (after its socket
+    /// was read or written); a tab that must close for it is listed.
+    #[inline]
+    pub fn account(&mut self, tab: TabId) {
+        if let Some(slot) = self.map.get_mut(&tab) {
+            if self.holders.account(tab, slot) {
+                self.leaving.push((tab, Cause::MemoryBudget));
+            }
+        }
+    }
     /// Number of member tabs.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -124,6 +199,7 @@ impl Tabs {
                 wake,
                 dirty: false,
                 info,
+                charge: Charge::default(),
             }),
         );
         tab
@@ -149,16 +225,20 @@ impl Tabs {
     /// A broadcast walks the tab table itself: no list of ids, no lookups.
     fn deliver(&mut self, to: Target, msg: Message, len: usize, ctx: &SessionContext) {
         let limit = self.outbox_limit(ctx.route.tab_queue);
+        let bytes_limit = ctx.route.tab_queue_bytes;
         let mut delivered = 0;
-        let (dirty, leaving) = (&mut self.dirty, &mut self.leaving);
+        let (dirty, leaving, holders) = (&mut self.dirty, &mut self.leaving, &self.holders);
         let mut offer = |tab: TabId, slot: &mut TabSlot| {
-            if slot.outbox.len() >= limit {
-                info!(tab = %tab, "slow consumer: tab queue full");
+            if !slot.outbox.is_empty() && slow(tab, slot, limit, bytes_limit, msg.len()) {
                 leaving.push((tab, Cause::SlowConsumer));
                 return;
             }
             delivered += 1;
             slot.send(tab, msg.clone(), dirty);
+            // Only a tab whose messages wait holds anything.
+            if !slot.outbox.is_empty() && holders.account(tab, slot) {
+                leaving.push((tab, Cause::MemoryBudget));
+            }
         };
         let broadcast = to == Target::All;
         match to {
@@ -211,6 +291,8 @@ impl Tabs {
                 slot.drive(|conn, cx, outbox| conn.poll_write(cx, outbox))
             {
                 self.leaving.push((tab, cause));
+            } else if self.holders.account(tab, slot) {
+                self.leaving.push((tab, Cause::MemoryBudget));
             }
         }
         dirty.clear();
@@ -224,13 +306,17 @@ impl Tabs {
     /// not a member.
     pub fn remove(&mut self, tab: TabId, cause: &Cause, tab_queue: usize) -> bool {
         let limit = self.outbox_limit(tab_queue);
-        let Some(slot) = self.map.remove(&tab) else {
+        let Some(mut slot) = self.map.remove(&tab) else {
             return false;
         };
+        self.holders.budget.release(&mut slot.charge);
         let TabSlot {
             conn, mut outbox, ..
         } = *slot;
-        if outbox.len() >= limit || cause.row().side == Side::Tab {
+        // What waits for a tab that is not reading (or is gone) is dropped,
+        // and its close frame goes at once.
+        let unread = matches!(cause, Cause::SlowConsumer | Cause::MemoryBudget);
+        if unread || outbox.len() >= limit || cause.row().side == Side::Tab {
             outbox.clear();
         }
         match conn {
@@ -243,6 +329,24 @@ impl Tabs {
         }
         true
     }
+}
+
+/// Whether a tab whose messages already wait has no room for `len` more
+/// bytes: more than `tab_queue` messages, or more than `tab_queue_bytes`
+/// bytes, would then wait for it.
+#[cold]
+#[inline(never)]
+fn slow(tab: TabId, slot: &TabSlot, limit: usize, bytes_limit: usize, len: usize) -> bool {
+    let full = slot.outbox.len() >= limit || slot.outbox.bytes() + len > bytes_limit;
+    if full {
+        info!(
+            tab = %tab,
+            messages = slot.outbox.len(),
+            bytes = slot.outbox.bytes(),
+            "slow consumer: tab queue full"
+        );
+    }
+    full
 }
 
 /// The member tabs among `to`; ids of tabs that left (or never existed)
