@@ -216,6 +216,40 @@ impl Budget {
     }
 }
 
+/// A share that leaves its holder's table with it (a closing tab's
+/// connection, whose buffers live until its close handshake is done): given
+/// back when dropped.
+pub struct Held {
+    budget: Arc<Budget>,
+    charge: Charge,
+}
+
+impl Budget {
+    /// `charge`, to be given back when the returned value is dropped.
+    pub fn hold(self: &Arc<Self>, charge: Charge) -> Held {
+        Held {
+            budget: self.clone(),
+            charge,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.release(&mut self.charge);
+    }
+}
+
+/// The bytes a buffer holding `n` bytes of one message takes, if it grew
+/// by doubling as it was filled (tungstenite's read and write buffers do):
+/// the budget counts what is allocated, not only what is used.
+pub fn allocated(n: usize) -> usize {
+    match n {
+        0 => 0,
+        n => n.checked_next_power_of_two().unwrap_or(n),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

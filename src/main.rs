@@ -58,6 +58,12 @@ fn out(text: &str) {
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
+/// `--features jemalloc`: the allocator BENCHMARKS.md compares glibc's
+/// with (not the default).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     tabmux::memory::configure();
     let cli = Cli::parse();

@@ -38,6 +38,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig, WebSocketC
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, Instrument};
 
+use crate::budget::{allocated, Held};
 use crate::cause::Cause;
 use crate::config::Route;
 use crate::envelope::TabId;
@@ -233,7 +234,8 @@ impl Tab {
         } else {
             0
         };
-        unwritten + self.partial.held()
+        // As allocated: tungstenite's buffers grow by doubling.
+        allocated(unwritten) + allocated(self.partial.held())
     }
 
     fn io<'a, 'b>(stream: &'a mut TabSocket, cx: &'a mut Context<'b>) -> PollIo<'a, 'b, TabSocket> {
@@ -381,15 +383,46 @@ impl Tab {
     /// tab's), waiting briefly for the tab in a task of its own. A vanished
     /// connection is just dropped. Dropping the tab closes the socket and
     /// frees its slot.
-    pub fn finish(self, cause: Cause, outbox: Outbox) {
+    ///
+    /// `held` is the tab's share of the buffer budget: given back once its
+    /// buffers are. A tab closed for the budget itself gives them back at
+    /// once: its close frame is written if the socket takes it, and the
+    /// rest of the close is done on the bare socket.
+    pub fn finish(self, cause: Cause, outbox: Outbox, held: Option<Held>) {
         if cause == Cause::TabVanished {
             debug!(tab = %self.id, "tab connection gone");
             return;
         }
-        tokio::spawn(self.close(cause, outbox).in_current_span());
+        if cause == Cause::MemoryBudget {
+            drop(outbox);
+            self.abandon(cause, held);
+            return;
+        }
+        tokio::spawn(self.close(cause, outbox, held).in_current_span());
     }
 
-    async fn close(mut self, cause: Cause, mut outbox: Outbox) {
+    /// Writes the close frame if the socket has room now, frees the tab's
+    /// buffers (and its share of the budget), and ends the connection on
+    /// the bare socket: its write side shut, what the tab still sends read
+    /// and dropped (so the close reaches it instead of a reset), for at most
+    /// the close grace.
+    fn abandon(mut self, cause: Cause, held: Option<Held>) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut io = Self::io(&mut self.io, &mut cx);
+        if self.ws.close(&mut io, cause.close_frame()).is_ok() {
+            let _ = self.ws.flush(&mut io);
+        }
+        let Tab {
+            io, ws, _permit, ..
+        } = self;
+        drop(ws);
+        drop(held);
+        tokio::spawn(drain(io, _permit).in_current_span());
+    }
+
+    async fn close(mut self, cause: Cause, mut outbox: Outbox, held: Option<Held>) {
+        // Given back when the close is done, with the buffers.
+        let _held = held;
         let code = cause.code();
         let mut frame = cause.close_frame();
         let _ = tokio::time::timeout(
@@ -432,6 +465,18 @@ impl Tab {
             }
         }
     }
+}
+
+/// The end of a connection whose WebSocket state is gone: shut the write
+/// side, read and drop until the peer closes (or the grace passes).
+async fn drain(mut io: TabSocket, _permit: TabPermit) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        let _ = io.shutdown().await;
+        let mut sink = [0u8; 2048];
+        while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -82,6 +82,59 @@ fn check_reports_every_problem_with_its_place_and_exits_2() {
     assert!(err.contains("use ws:// or wss://"), "{err}");
 }
 
+/// What can only fail at run time is refused by `check`, every problem in
+/// one run, and promptly: a device named as a certificate is not read.
+#[test]
+fn check_refuses_what_would_fail_at_run_time() {
+    let bad = r#"
+[server]
+listen = "127.0.0.1:8080"
+tls = { cert = "/dev/zero", key = "/dev/zero" }
+[admin]
+listen = "127.0.0.1:8080"
+[log]
+level = "nonsense"
+[[route]]
+path = "/wś"
+upstream = "ws://user:hunter2@127.0.0.1:99999/ws"
+allowed_origins = ["http://localhost:8080"]
+[[route]]
+path = "/other"
+upstream = "ws://127.0.0.1:99999/ws"
+allowed_origins = ["http://localhost:8080"]
+"#;
+    let path = scratch("runtime.toml", bad);
+    let started = std::time::Instant::now();
+    let out = tabmux()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "/dev/zero is not a regular file",
+        "overlaps server.listen",
+        "does not end in a level",
+        "no request path can",
+        "holds credentials",
+        "port is out of range",
+    ] {
+        assert!(err.contains(expected), "{expected}: {err}");
+    }
+    assert!(!err.contains("hunter2"), "the password is shown: {err}");
+    // Not a timing assertion on the proxy: a guard that /dev/zero was not
+    // read (it used to hang, growing 800 MB/s).
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    // The configuration file itself is bounded too.
+    let out = tabmux()
+        .args(["check", "--config", "/dev/zero"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a regular file"));
+}
+
 #[test]
 fn a_missing_file_or_bad_flag_exits_2() {
     let out = tabmux()

@@ -510,6 +510,40 @@ async fn past_the_budget_the_biggest_holder_is_closed_and_the_rest_go_on() {
     assert_eq!(got["data"].as_str().map(str::len), Some(1_600_000 - 2));
 }
 
+/// A message sent in fragments counts while it arrives, and no longer once
+/// its last fragment is in (the backend then gets it whole).
+#[tokio::test]
+async fn a_fragmented_message_counts_while_it_arrives() {
+    let mock = Mock::start().await;
+    let proxy = proxy()
+        .route(route("/ws", &mock).max_message_size("2MiB"))
+        .start()
+        .await;
+    let mut s = raw_tab(proxy.addr, "frag").await;
+    let body = format!("\"{}\"", "z".repeat(1_000_000));
+    let (first, rest) = body.as_bytes().split_at(600_000);
+    s.write_all(&frame(false, 0x1, first, true)).await.unwrap();
+    guard("the first fragment held", async {
+        while held_bytes(&proxy).await < 600_000.0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    s.write_all(&frame(true, 0x9, b"ping", true)).await.unwrap();
+    s.write_all(&frame(true, 0x0, rest, true)).await.unwrap();
+    let up = mock.upstream_for("frag").await;
+    let got = up
+        .find("the whole message", |v| v.get("data").is_some())
+        .await;
+    assert_eq!(got["data"].as_str().map(str::len), Some(1_000_000));
+    guard("the account to empty", async {
+        while held_bytes(&proxy).await != 0.0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
+
 /// Resident memory of a process, in MiB.
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

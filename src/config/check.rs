@@ -113,11 +113,10 @@ impl Checker<'_> {
         let admin = self.admin(root.get("admin"));
         let log = self.log(root.get("log"));
         let routes = self.routes(root.get("route"));
-        let (server, admin) = (server?, admin?);
-        self.listeners(root, &server, &admin);
+        self.listeners(root);
         Some(Config {
-            server,
-            admin,
+            server: server?,
+            admin: admin?,
             log: log?,
             routes: routes?,
         })
@@ -126,11 +125,21 @@ impl Checker<'_> {
     /// What only fails at run time: the two listeners on one address (the
     /// second bind fails, or one steals the other's connections), and an
     /// unauthenticated admin listener reachable from other machines.
-    fn listeners(&mut self, root: &dyn TableLike, server: &Server, admin: &Admin) {
-        let span = root
+    /// Checked from the addresses alone, so that it is reported whatever
+    /// else is wrong in their tables.
+    fn listeners(&mut self, root: &dyn TableLike) {
+        let public = root
             .get("admin")
-            .and_then(|a| a.as_table_like()?.get("listen")?.span());
-        let (a, b) = (server.listen, admin.listen);
+            .and_then(|a| a.as_table_like()?.get("public")?.as_bool())
+            .unwrap_or(false);
+        let listen = |table: &str| {
+            let item = root.get(table)?.as_table_like()?.get("listen")?;
+            let addr = item.as_str()?.parse::<SocketAddr>().ok()?;
+            Some((addr, item.span()))
+        };
+        let (Some((a, _)), Some((b, span))) = (listen("server"), listen("admin")) else {
+            return;
+        };
         let overlap = a.port() == b.port()
             && a.port() != 0
             && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified());
@@ -140,7 +149,7 @@ impl Checker<'_> {
                 format!("admin.listen {b} overlaps server.listen {a}: they need different ports"),
             );
         }
-        if !b.ip().is_loopback() && !admin.public {
+        if !b.ip().is_loopback() && !public {
             self.at(
                 span,
                 format!("admin.listen {b} is not a loopback address: the admin listener has no authentication, so set `public = true` in [admin] if it must be reachable from other machines"),

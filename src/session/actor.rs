@@ -443,9 +443,9 @@ impl<'c> Session<'c> {
             slot.conn = Some(*conn);
             slot.wake.schedule();
         } else if let Some((outbox, cause)) = self.tabs.closed_early.remove(&id) {
-            conn.finish(cause, outbox);
+            conn.finish(cause, outbox, None);
         } else {
-            conn.finish(Cause::Shutdown, Outbox::default());
+            conn.finish(Cause::Shutdown, Outbox::default(), None);
         }
     }
 
@@ -503,6 +503,10 @@ impl<'c> Session<'c> {
             cx.waker().wake_by_ref();
             Ok(None)
         });
+        // What it holds now (part of a message, say), for the budget.
+        if self.tabs.holders.account(id, slot) {
+            self.tabs.leaving.push((id, Cause::MemoryBudget));
+        }
         if !self.deferred.is_empty() {
             self.apply_deferred();
         }
@@ -510,11 +514,7 @@ impl<'c> Session<'c> {
         match served {
             Some(Ok(Some(cause))) => self.leave(id, cause),
             Some(Err(end)) => Err(end),
-            Some(Ok(None)) | None => {
-                // What it holds now (part of a message, say).
-                self.tabs.account(id);
-                self.leave_listed()
-            }
+            Some(Ok(None)) | None => self.leave_listed(),
         }
     }
 

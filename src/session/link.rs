@@ -120,7 +120,7 @@ impl TabLink {
 /// Closes the connection of an `Attach` the session did not take.
 pub(super) fn going_away(cmd: Command) {
     if let Command::Attach(conn) = cmd {
-        conn.finish(Cause::Shutdown, Outbox::default());
+        conn.finish(Cause::Shutdown, Outbox::default(), None);
     }
 }
 

@@ -108,7 +108,7 @@ impl Holders {
     /// Reports what `slot` holds; true if the tab must close because the
     /// budget is spent and nothing bigger can be closed instead.
     #[inline]
-    fn account(&self, tab: TabId, slot: &mut TabSlot) -> bool {
+    pub fn account(&self, tab: TabId, slot: &mut TabSlot) -> bool {
         let held = slot.outbox.bytes() + slot.conn.as_ref().map_or(0, Tab::held);
         let verdict = self
             .budget
@@ -167,16 +167,6 @@ impl Tabs {
         }
     }
 
-    /// Reports what the tab holds to the buffer budget (after its socket
-    /// was read or written); a tab that must close for it is listed.
-    #[inline]
-    pub fn account(&mut self, tab: TabId) {
-        if let Some(slot) = self.map.get_mut(&tab) {
-            if self.holders.account(tab, slot) {
-                self.leaving.push((tab, Cause::MemoryBudget));
-            }
-        }
-    }
     /// Number of member tabs.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -306,13 +296,18 @@ impl Tabs {
     /// not a member.
     pub fn remove(&mut self, tab: TabId, cause: &Cause, tab_queue: usize) -> bool {
         let limit = self.outbox_limit(tab_queue);
-        let Some(mut slot) = self.map.remove(&tab) else {
+        let Some(slot) = self.map.remove(&tab) else {
             return false;
         };
-        self.holders.budget.release(&mut slot.charge);
         let TabSlot {
-            conn, mut outbox, ..
+            conn,
+            mut outbox,
+            charge,
+            ..
         } = *slot;
+        // The share leaves with the connection, and is given back with its
+        // buffers (at once if there is none).
+        let held = self.holders.budget.hold(charge);
         // What waits for a tab that is not reading (or is gone) is dropped,
         // and its close frame goes at once.
         let unread = matches!(cause, Cause::SlowConsumer | Cause::MemoryBudget);
@@ -320,7 +315,7 @@ impl Tabs {
             outbox.clear();
         }
         match conn {
-            Some(conn) => conn.finish(cause.clone(), outbox),
+            Some(conn) => conn.finish(cause.clone(), outbox, Some(held)),
             // The tab will be closed as soon as its connection arrives.
             None if cause.row().side != Side::Tab => {
                 self.closed_early.insert(tab, (outbox, cause.clone()));

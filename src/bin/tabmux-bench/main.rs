@@ -17,6 +17,7 @@
 
 mod backend;
 mod floor;
+mod hostile;
 mod load;
 mod procs;
 mod pusher;
@@ -106,7 +107,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Scenarios to run: memory, latency, cpu, fanout, storm, and (asked for
-    /// by name; it needs sockudo) pusher.
+    /// by name) pusher (it needs sockudo) and hostile (tabmux only).
     #[arg(
         long,
         value_delimiter = ',',
@@ -442,6 +443,8 @@ struct Sizes {
     pusher_sessions: usize,
     pusher_rate: u32,
     pusher_secs: u64,
+    /// `hostile`: the attackers and the calm tab's round trips.
+    hostile: hostile::Sizes,
 }
 
 const FULL: Sizes = Sizes {
@@ -456,6 +459,11 @@ const FULL: Sizes = Sizes {
     pusher_sessions: 50,
     pusher_rate: 20,
     pusher_secs: 5,
+    hostile: hostile::Sizes {
+        holders: 200,
+        floods: 50,
+        samples: 5_000,
+    },
 };
 
 const QUICK: Sizes = Sizes {
@@ -470,6 +478,11 @@ const QUICK: Sizes = Sizes {
     pusher_sessions: 5,
     pusher_rate: 10,
     pusher_secs: 1,
+    hostile: hostile::Sizes {
+        holders: 20,
+        floods: 5,
+        samples: 500,
+    },
 };
 
 async fn scenario_once(plan: &Plan, scenario: &str, c: Contender) -> anyhow::Result<Figures> {
@@ -590,6 +603,15 @@ async fn scenario_once(plan: &Plan, scenario: &str, c: Contender) -> anyhow::Res
             drop(tabs);
         }
         "pusher" => pusher_once(plan, c, &mut f).await?,
+        "hostile" => match c {
+            Contender::Tabmux => hostile::run(&plan.tabmux, &sizes.hostile, &mut f).await?,
+            Contender::Other => {
+                let exe = plan.other.as_deref().context("no --other binary")?;
+                hostile::run(exe, &sizes.hostile, &mut f).await?
+            }
+            // No budget to hold them to.
+            Contender::Direct | Contender::Nginx => {}
+        },
         other => anyhow::bail!("unknown scenario {other}"),
     }
     Ok(f)

@@ -253,6 +253,21 @@ pub fn start_tabmux_route(
     route: &str,
     tls: Option<&TlsFiles>,
 ) -> std::io::Result<Running> {
+    start_tabmux_config(core, exe, ONE_ADDRESS, route, tls)
+}
+
+/// Every tab of the benchmark comes from 127.0.0.1: the per-address limits
+/// (1,000 tabs and 100 sessions by default) are lifted to the process's.
+const ONE_ADDRESS: &str = "per_ip = { tabs = 100000, sessions = 50000 }\n";
+
+/// The same, with more `[server]` keys (`server`, one per line).
+pub fn start_tabmux_config(
+    core: usize,
+    exe: &Path,
+    server: &str,
+    route: &str,
+    tls: Option<&TlsFiles>,
+) -> std::io::Result<Running> {
     let dir = TempDir::new("tabmux")?;
     let port = free_port();
     let tls = tls.map_or(String::new(), |t| {
@@ -265,7 +280,7 @@ pub fn start_tabmux_route(
     let config = format!(
         r#"[server]
 listen = "127.0.0.1:{port}"
-{tls}[admin]
+{server}{tls}[admin]
 listen = "127.0.0.1:0"
 [log]
 level = "warn"
