@@ -164,7 +164,10 @@ async fn admit_steps(
     let (session_key, own) = session_key(shared, rt, req.headers(), &protocols, &query)?;
     let span = tracing::Span::current();
     span.record("session", field::display(session_key.name()));
-    let permit = shared.limits.tab(client.ip()).map_err(Refused::Limit)?;
+    let permit = shared
+        .limits
+        .tab(client.limit_key())
+        .map_err(Refused::Limit)?;
     let new = NewSession {
         dial: dial_params(shared, route, req.headers(), client, &protocols, &query),
         linger: if own {
@@ -173,7 +176,7 @@ async fn admit_steps(
             route.linger
         },
         limits: shared.limits.clone(),
-        client: client.ip(),
+        client: client.limit_key(),
     };
     let info = join_info(route, req.headers(), query);
     let joined = shared

@@ -213,6 +213,19 @@ impl Partial {
     /// Follows `bytes`, the next bytes of the stream.
     pub fn feed(&mut self, mut bytes: &[u8]) {
         while let Some(&first) = bytes.first() {
+            if self.step == Step::First {
+                if let Some(header) = self.whole_header(bytes) {
+                    // The common case: a frame's header read whole.
+                    if self.flags & DATA != 0 {
+                        self.held = self.held.saturating_add(header as u32);
+                    }
+                    bytes = &bytes[header..];
+                    if self.left == 0 {
+                        self.frame_done();
+                    }
+                    continue;
+                }
+            }
             let n = if self.step == Step::Payload {
                 let n = bytes.len().min(self.left as usize);
                 self.left -= n as u32;
@@ -228,13 +241,49 @@ impl Partial {
             }
             bytes = &bytes[n..];
             if self.step == Step::Payload && self.left == 0 {
-                // The frame is complete; so is its message if it was final.
-                self.step = Step::First;
-                if self.flags & (DATA | FINAL) == DATA | FINAL {
-                    self.held = 0;
-                }
+                self.frame_done();
             }
         }
+    }
+
+    /// The frame is complete; so is its message if it was final.
+    fn frame_done(&mut self) {
+        self.step = Step::First;
+        if self.flags & (DATA | FINAL) == DATA | FINAL {
+            self.held = 0;
+        }
+    }
+
+    /// At a frame's start with its whole header in `bytes`: takes the
+    /// header in one step (the payload is next) and returns its length.
+    #[inline]
+    fn whole_header(&mut self, bytes: &[u8]) -> Option<usize> {
+        let (&b0, &b1) = (bytes.first()?, bytes.get(1)?);
+        let (extended, left) = match b1 & 0x7f {
+            126 => (
+                2,
+                u32::from(u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?])),
+            ),
+            127 => {
+                let raw: [u8; 8] = bytes.get(2..10)?.try_into().ok()?;
+                (
+                    8,
+                    u32::try_from(u64::from_be_bytes(raw)).unwrap_or(u32::MAX),
+                )
+            }
+            n => (0, u32::from(n)),
+        };
+        let masked = b1 & 0x80 != 0;
+        let header = 2 + extended + if masked { 4 } else { 0 };
+        if bytes.len() < header {
+            return None;
+        }
+        let data = if b0 & 0x0f < 8 { DATA } else { 0 };
+        let last = if b0 & 0x80 != 0 { FINAL } else { 0 };
+        self.flags = data | last | if masked { MASKED } else { 0 };
+        self.left = left;
+        self.step = Step::Payload;
+        Some(header)
     }
 
     fn header_byte(&mut self, b: u8) {
@@ -431,6 +480,41 @@ mod tests {
         p.feed(&big[big.len() / 2..]);
         assert_eq!(p.held(), 0);
         assert_eq!(std::mem::size_of::<Partial>(), 12);
+    }
+
+    proptest::proptest! {
+        /// However a stream of frames is cut into reads, the count after
+        /// each read is what following it byte by byte gives.
+        #[test]
+        fn any_cut_of_the_stream_counts_alike(
+            frames in proptest::collection::vec((proptest::bool::ANY, 0u8..3, 0usize..70_000), 1..6),
+            cuts in proptest::collection::vec(1usize..9_000, 1..40),
+        ) {
+            let stream: Vec<u8> = frames
+                .iter()
+                .flat_map(|&(fin, kind, len)| {
+                    let opcode = [0x0, 0x1, 0x9][kind as usize];
+                    let len = if opcode == 0x9 { len % 126 } else { len };
+                    client_frame(fin || opcode == 0x9, opcode, len)
+                })
+                .collect();
+            let mut byte_by_byte = Vec::with_capacity(stream.len() + 1);
+            let mut p = Partial::default();
+            byte_by_byte.push(p.held());
+            for b in &stream {
+                p.feed(std::slice::from_ref(b));
+                byte_by_byte.push(p.held());
+            }
+            let mut p = Partial::default();
+            let (mut at, mut i) = (0, 0);
+            while at < stream.len() {
+                let n = cuts[i % cuts.len()].min(stream.len() - at);
+                p.feed(&stream[at..at + n]);
+                at += n;
+                i += 1;
+                proptest::prop_assert_eq!(p.held(), byte_by_byte[at], "at byte {}", at);
+            }
+        }
     }
 
     #[test]

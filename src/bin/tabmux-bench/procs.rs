@@ -287,9 +287,25 @@ level = "warn"
 {route}"#
     );
     let path = dir.path().join("proxy.toml");
-    std::fs::write(&path, config)?;
+    std::fs::write(&path, &config)?;
+    if server == ONE_ADDRESS && !accepts(exe, &path) {
+        // A tabmux from before per-address limits (a "before" binary in a
+        // comparison) knows no `per_ip`, and has no such limit to lift.
+        std::fs::write(&path, config.replace(ONE_ADDRESS, ""))?;
+    }
     let child = spawn_pinned(core, exe, &["--config".into(), path.display().to_string()])?;
     finish_start(child, port, Some(dir))
+}
+
+/// Whether `tabmux check` accepts the file.
+fn accepts(exe: &Path, config: &Path) -> bool {
+    Command::new(exe)
+        .args(["check", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Starts nginx (one worker unless `workers` says more) in front of
