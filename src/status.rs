@@ -93,6 +93,15 @@ pub fn status_json(shared: &Shared) -> Value {
         "now": unix_ms(),
         "uptime_s": shared.started.elapsed().as_secs(),
         "total": total,
+        "limits": {
+            "tabs": shared.limits.tabs_open(),
+            "max_tabs": shared.server.max_tabs,
+            "sessions": shared.limits.sessions_alive(),
+            "max_sessions": shared.server.max_sessions,
+            "client_addresses": shared.limits.addresses(),
+            "buffer_held_bytes": shared.budget.held(),
+            "buffer_budget_bytes": shared.budget.limit(),
+        },
         "routes": routes,
         "history": history,
     })

@@ -8,6 +8,15 @@ fn tabmux() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tabmux"))
 }
 
+/// `tabmux check --config PATH`.
+fn check(path: &std::path::Path) -> std::process::Output {
+    tabmux()
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 fn scratch(name: &str, text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tabmux-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -30,11 +39,7 @@ allowed_origins = ["http://localhost:8080"]
 #[test]
 fn check_accepts_a_valid_file() {
     let path = scratch("good.toml", GOOD);
-    let out = tabmux()
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -64,11 +69,7 @@ fn check_reports_every_problem_with_its_place_and_exits_2() {
         )
         .replace("ws://127.0.0.1:9/ws", "http://127.0.0.1:9/ws");
     let path = scratch("bad.toml", &bad);
-    let out = tabmux()
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     let name = path.display().to_string();
@@ -105,11 +106,7 @@ allowed_origins = ["http://localhost:8080"]
 "#;
     let path = scratch("runtime.toml", bad);
     let started = std::time::Instant::now();
-    let out = tabmux()
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     for expected in [
@@ -127,10 +124,7 @@ allowed_origins = ["http://localhost:8080"]
     // read (it used to hang, growing 800 MB/s).
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
     // The configuration file itself is bounded too.
-    let out = tabmux()
-        .args(["check", "--config", "/dev/zero"])
-        .output()
-        .unwrap();
+    let out = check(std::path::Path::new("/dev/zero"));
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a regular file"));
 }

@@ -421,11 +421,7 @@ async fn held_bytes(proxy: &TestProxy) -> f64 {
 }
 
 async fn closes(proxy: &TestProxy, reason: &str) -> Option<f64> {
-    let text = admin_get(proxy.admin, "/metrics").await.1;
-    metric(
-        &text,
-        &format!("tabmux_tab_closes_total{{route=\"/ws\",reason=\"{reason}\"}}"),
-    )
+    reason_count(proxy, "tabmux_tab_closes_total", reason).await
 }
 
 /// A tab that sends to an echo backend and never reads is closed once

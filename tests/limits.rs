@@ -10,11 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 async fn refused_count(proxy: &TestProxy, reason: &str) -> Option<f64> {
-    let text = admin_get(proxy.admin, "/metrics").await.1;
-    metric(
-        &text,
-        &format!("tabmux_admissions_refused_total{{route=\"/ws\",reason=\"{reason}\"}}"),
-    )
+    reason_count(proxy, "tabmux_admissions_refused_total", reason).await
 }
 
 /// Each new cookie is a paid upstream: past `max_sessions` a tab that

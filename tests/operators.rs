@@ -83,6 +83,11 @@ async fn three_sessions_of_four_tabs_and_a_broadcast() {
     assert_eq!(s["total"]["upstreams"], 3);
     assert_eq!(s["total"]["connections_avoided"], 9);
     assert_eq!(s["total"]["messages_avoided"], 3);
+    // The limits, as the process counts them (one client address, 127.0.0.1).
+    assert_eq!(s["limits"]["tabs"], 12);
+    assert_eq!(s["limits"]["sessions"], 3);
+    assert_eq!(s["limits"]["client_addresses"], 1);
+    assert_eq!(s["limits"]["buffer_budget_bytes"], 512 << 20);
     let route = &s["routes"][0];
     assert_eq!(route["path"], "/ws");
     let top = route["top_sessions"].as_array().unwrap();

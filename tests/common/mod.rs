@@ -22,6 +22,7 @@ pub use mock::{Behavior, Conn, Mock, Upstream};
 pub use proxy::{
     admin_get, metric, proxy, proxy_for, raw_http, route, route_to, start_proxy, tabmux_bin,
     ProxyConfig, Raw, RouteConfig, TestProxy,
+    reason_count,
 };
 pub use tab::{ClientIo, LiveTab, Tab, TabSpec};
 

@@ -426,6 +426,15 @@ pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String) {
     (status, body)
 }
 
+/// A route's counter with a `reason` label (`/ws` route), scraped now.
+pub async fn reason_count(proxy: &TestProxy, name: &str, reason: &str) -> Option<f64> {
+    let text = admin_get(proxy.admin, "/metrics").await.1;
+    metric(
+        &text,
+        &format!("{name}{{route=\"/ws\",reason=\"{reason}\"}}"),
+    )
+}
+
 /// The value of one metric line (exact label set) in a Prometheus scrape.
 pub fn metric(scrape: &str, name_and_labels: &str) -> Option<f64> {
     scrape.lines().find_map(|l| {
