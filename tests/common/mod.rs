@@ -20,9 +20,8 @@ use std::time::Duration;
 pub use json::{echo, to_json};
 pub use mock::{Behavior, Conn, Mock, Upstream};
 pub use proxy::{
-    admin_get, metric, proxy, proxy_for, raw_http, route, route_to, start_proxy, tabmux_bin,
-    ProxyConfig, Raw, RouteConfig, TestProxy,
-    reason_count,
+    admin_get, metric, proxy, proxy_for, raw_http, reason_count, route, route_to, start_proxy,
+    tabmux_bin, ProxyConfig, Raw, RouteConfig, TestProxy,
 };
 pub use tab::{ClientIo, LiveTab, Tab, TabSpec};
 
