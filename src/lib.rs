@@ -57,6 +57,7 @@ pub mod listener;
 pub mod logging;
 pub mod memory;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod queue;
 pub mod reconnect;
 pub mod server;

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::client::Client;
+use crate::proxy_protocol;
 use crate::shared::Shared;
 use crate::upgrade;
 
@@ -25,17 +26,34 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
         .tls
         .clone()
         .map(tokio_rustls::TlsAcceptor::from);
-    while let Some((stream, peer)) = accept(&listener, &mut stop).await {
+    while let Some((mut stream, peer)) = accept(&listener, &mut stop).await {
         let shared = shared.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
+            let timeout = shared.server.handshake_timeout;
+            // The handshake timeout covers the PROXY header and TLS, each.
+            let client = if shared.server.proxy_protocol {
+                let header = proxy_protocol::read_header(&mut stream);
+                match tokio::time::timeout(timeout, header).await {
+                    Ok(Ok(source)) => Client::direct(source.unwrap_or(peer)),
+                    Ok(Err(e)) => {
+                        debug!(%peer, error = %e, "connection closed: PROXY protocol header");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%peer, "connection closed: no PROXY protocol header in time");
+                        return;
+                    }
+                }
+            } else {
+                Client::direct(peer)
+            };
             match acceptor {
-                None => serve_http(stream, shared, peer).await,
+                None => serve_http(stream, shared, client).await,
                 Some(acceptor) => {
-                    let timeout = shared.server.handshake_timeout;
                     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => serve_http(tls, shared, peer).await,
+                        Ok(Ok(tls)) => serve_http(tls, shared, client).await,
                         Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => debug!(%peer, "TLS handshake timed out"),
                     }
@@ -67,13 +85,13 @@ pub async fn accept(
 }
 
 /// Serves HTTP/1.1 on one connection; upgraded requests become tabs.
-async fn serve_http<I>(io: I, shared: Arc<Shared>, peer: SocketAddr)
+async fn serve_http<I>(io: I, shared: Arc<Shared>, client: Client)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let timeout = shared.server.handshake_timeout;
     let max_header_size = shared.server.max_header_size;
-    let client = Client::direct(peer);
+    let peer = client.peer;
     let service = service_fn(move |req| upgrade::handle(req, shared.clone(), client));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())

@@ -63,6 +63,7 @@ impl Proxy {
                     metrics: Arc::new(metrics.route(&route.path)),
                     shutdown: stopped.clone(),
                     budget: budget.clone(),
+                    drain_spread: config.server.drain_spread,
                 },
             })
             .collect();
@@ -129,11 +130,14 @@ impl Proxy {
         }
         let admin_addr = admin.local_addr().ok();
         let tab_task = tokio::spawn(listener::serve(tabs, shared.clone(), stopped.clone()));
+        // The admin listener serves through the drain (`/readyz` answers
+        // 503 then), and stops once it is over.
+        let (admin_stop, admin_stopped) = watch::channel(());
         let admin_task = tokio::spawn(admin::serve(
             admin,
             shared.clone(),
             shared.admin.max_connections,
-            stopped.clone(),
+            admin_stopped,
         ));
         tokio::spawn(memory::trim_after_bursts(
             shared.budget.clone(),
@@ -160,6 +164,7 @@ impl Proxy {
         info!(
             tabs = shared.limits.tabs_open(),
             sessions = shared.registry.len(),
+            drain_spread = ?shared.server.drain_spread,
             "shutting down: closing tabs (1001) and upstreams (1000) within {budget:?}"
         );
         shared.ready.store(false, Ordering::Release);
@@ -173,6 +178,7 @@ impl Proxy {
                 "shutdown_timeout passed with connections still open; exiting anyway"
             );
         }
+        drop(admin_stop);
         let _ = tokio::join!(tab_task, admin_task);
     }
 }

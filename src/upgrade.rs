@@ -45,6 +45,7 @@ pub async fn handle(
             "no WebSocket route at this path",
         ));
     };
+    let client = client.behind(&shared.server.trusted_proxies, req.headers());
     let span = tracing::info_span!(
         "tab",
         route = %rt.route.path,

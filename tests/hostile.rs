@@ -5,93 +5,12 @@ mod common;
 
 use std::net::SocketAddr;
 
+use common::raw::*;
 use common::*;
 use http::StatusCode;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Opens a tab by hand and returns the raw socket after the 101.
-async fn raw_tab(addr: SocketAddr, session: &str) -> TcpStream {
-    handshake(TcpStream::connect(addr).await.unwrap(), session).await
-}
-
-/// A tab's opening handshake on `s`, checked for its 101.
-async fn handshake(mut s: TcpStream, session: &str) -> TcpStream {
-    let req = format!(
-        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Cookie: sessionid={session}\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        guard("the 101", s.read_exact(&mut byte)).await.unwrap();
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    s
-}
-
-/// A client frame: masked (unless `masked` is false), with the given opcode.
-fn frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-    let mut out = vec![(u8::from(fin) << 7) | opcode];
-    let mask_bit = if masked { 0x80 } else { 0 };
-    match payload.len() {
-        n if n < 126 => out.push(mask_bit | n as u8),
-        n if n < 65536 => {
-            out.push(mask_bit | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(mask_bit | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    if masked {
-        let key = [0x12, 0x34, 0x56, 0x78];
-        out.extend_from_slice(&key);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    } else {
-        out.extend_from_slice(payload);
-    }
-    out
-}
-
-/// Reads server frames until a close frame; returns its code.
-async fn read_close(s: &mut TcpStream) -> u16 {
-    let payload = read_until(s, 0x8, "a close frame").await;
-    u16::from_be_bytes([payload[0], payload[1]])
-}
-
-/// Reads server frames until one with `opcode`; returns its payload.
-async fn read_until(s: &mut TcpStream, opcode: u8, what: &str) -> Vec<u8> {
-    guard(what, async {
-        loop {
-            let mut h = [0u8; 2];
-            s.read_exact(&mut h)
-                .await
-                .expect("connection ended before the frame");
-            let mut len = u64::from(h[1] & 0x7f);
-            if len == 126 {
-                len = u64::from(s.read_u16().await.unwrap());
-            } else if len == 127 {
-                len = s.read_u64().await.unwrap();
-            }
-            let mut payload = vec![0u8; len as usize];
-            s.read_exact(&mut payload).await.unwrap();
-            if h[0] & 0x0f == opcode {
-                return payload;
-            }
-        }
-    })
-    .await
-}
 
 /// A tab's ping is answered at once, though nothing else moves (tungstenite
 /// queues the pong; tabmux has it sent).

@@ -312,6 +312,68 @@ async fn sigterm_drain(server: ProxyConfig) {
     exits_0(child).await;
 }
 
+/// With `drain_spread`, SIGTERM turns `/readyz` to 503 at once, while the
+/// tabs are still open, and their closes (1001) come spread over the
+/// window, session by session: when the first tab is closed, most of the
+/// others are not yet. Every upstream closes (1000) and the process exits 0.
+#[tokio::test]
+async fn sigterm_spreads_tab_closes_over_drain_spread() {
+    const SESSIONS: usize = 12;
+    let mock = Mock::start().await;
+    let (child, proxy) = proxy()
+        .shutdown_timeout("10s")
+        .server("drain_spread", "3s")
+        .route(route("/ws", &mock))
+        .spawn();
+    let mut tabs = Vec::new();
+    for i in 0..SESSIONS {
+        tabs.push(
+            TabSpec::new(&format!("drain-{i}"))
+                .connect(&proxy)
+                .await
+                .live(),
+        );
+    }
+    mock.wait("every upstream", |c| (c.len() == SESSIONS).then_some(()))
+        .await;
+    sigterm(&child);
+    guard("/readyz to answer 503", async {
+        while admin_get(proxy.admin, "/readyz").await.0 != 503 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let open = tabs.iter_mut().map(|t| t.is_open()).filter(|&o| o).count();
+    assert!(
+        open >= SESSIONS / 2,
+        "{open} of {SESSIONS} tabs open when /readyz said 503"
+    );
+    // The first close, then the others still open.
+    guard("a first close", async {
+        while tabs.iter_mut().all(|t| t.is_open()) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let open = tabs.iter_mut().map(|t| t.is_open()).filter(|&o| o).count();
+    assert!(
+        open >= SESSIONS / 2,
+        "{open} of {SESSIONS} still open at the first close"
+    );
+    for tab in &mut tabs {
+        assert_eq!(tab.closed().await, 1001);
+    }
+    for i in 0..SESSIONS {
+        let frame = mock
+            .upstream(i)
+            .closed()
+            .await
+            .expect("a close frame upstream");
+        assert_eq!(u16::from(frame.code), 1000);
+    }
+    exits_0(child).await;
+}
+
 /// A session forwarding a stream of tab messages when the shutdown comes
 /// drains like an idle one. (The session also checks for the shutdown at
 /// the top of every turn, for a stream that never pauses; a test cannot

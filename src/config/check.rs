@@ -28,7 +28,10 @@ const SERVER_KEYS: &[&str] = &[
     "max_sessions",
     "per_ip",
     "buffer_budget",
+    "proxy_protocol",
+    "trusted_proxies",
     "shutdown_timeout",
+    "drain_spread",
     "handshake_timeout",
     "max_header_size",
     "worker_threads",
@@ -183,12 +186,26 @@ impl Checker<'_> {
             Self::per_ip,
         );
         let buffer_budget = self.optional(t, "buffer_budget", 512 << 20, Self::size);
+        let proxy_protocol = self.optional(t, "proxy_protocol", false, Self::boolean);
+        let trusted_proxies = self.optional(t, "trusted_proxies", Vec::new(), Self::networks);
         let shutdown_timeout = self.optional(
             t,
             "shutdown_timeout",
             Duration::from_secs(10),
             Self::duration,
         );
+        let drain_spread = self.optional(t, "drain_spread", Duration::ZERO, Self::duration_or_zero);
+        if let (Some(spread), Some(budget)) = (drain_spread, shutdown_timeout) {
+            if spread > budget {
+                let span = t.get("drain_spread").and_then(Item::span);
+                self.at(
+                    span,
+                    format!(
+                        "drain_spread ({spread:?}) must be at most shutdown_timeout ({budget:?})"
+                    ),
+                );
+            }
+        }
         let handshake_timeout = self.optional(
             t,
             "handshake_timeout",
@@ -224,7 +241,10 @@ impl Checker<'_> {
             max_sessions: max_sessions? as usize,
             per_ip: per_ip?,
             buffer_budget: buffer_budget?,
+            proxy_protocol: proxy_protocol?,
+            trusted_proxies: trusted_proxies?,
             shutdown_timeout: shutdown_timeout?,
+            drain_spread: drain_spread?,
             handshake_timeout: handshake_timeout?,
             max_header_size: max_header_size?,
             worker_threads: worker_threads?,
@@ -402,6 +422,29 @@ impl Checker<'_> {
                 None
             }
         }
+    }
+
+    /// A list of networks (`"10.0.0.0/8"`, `"2001:db8::/32"`) or single
+    /// addresses (`"192.0.2.7"`).
+    pub(super) fn networks(&mut self, item: &Item) -> Option<Vec<ipnet::IpNet>> {
+        let mut out = Vec::new();
+        for s in self.string_list(item)? {
+            let net = s
+                .parse::<ipnet::IpNet>()
+                .ok()
+                .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from));
+            match net {
+                Some(net) => out.push(net.trunc()),
+                None => {
+                    self.at(
+                        item.span(),
+                        format!("`{s}` is not a network like \"10.0.0.0/8\" or an address"),
+                    );
+                    return None;
+                }
+            }
+        }
+        Some(out)
     }
 
     pub(super) fn boolean(&mut self, item: &Item) -> Option<bool> {

@@ -55,7 +55,15 @@ pub struct Server {
     /// All message bytes the process may hold (tab queues, partly received
     /// messages, reconnect buffers, pending upstream writes).
     pub buffer_budget: usize,
+    /// Every tab connection starts with a PROXY protocol (v1 or v2) header,
+    /// whose source address is the client's.
+    pub proxy_protocol: bool,
+    /// Peers believed about `X-Forwarded-For`.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub shutdown_timeout: Duration,
+    /// On shutdown, tab closes are spread evenly over this window (at most
+    /// `shutdown_timeout`).
+    pub drain_spread: Duration,
     /// How long a new connection may take to send its HTTP request headers
     /// (added key; a connection that sends nothing is dropped after this).
     pub handshake_timeout: Duration,
@@ -305,6 +313,15 @@ impl Config {
             "max_sessions {}, per address {} tabs and {} sessions, buffer_budget {} B",
             s.max_sessions, s.per_ip.tabs, s.per_ip.sessions, s.buffer_budget
         );
+        if s.proxy_protocol || !s.trusted_proxies.is_empty() {
+            let nets: Vec<String> = s.trusted_proxies.iter().map(|n| n.to_string()).collect();
+            let _ = writeln!(
+                out,
+                "behind a load balancer: PROXY protocol {}, trusted proxies [{}]",
+                if s.proxy_protocol { "required" } else { "off" },
+                nets.join(", ")
+            );
+        }
         for r in &self.routes {
             let origins = match &r.allowed_origins {
                 Origins::Any => "any origin (*)".to_string(),
@@ -502,6 +519,38 @@ allowed_origins = ["http://localhost:8080"]
             "listen = \"127.0.0.1:8080\"\ntls = { cert = \"/dev/zero\", key = \"/dev/zero\" }",
         );
         assert!(problem(&cert).contains("/dev/zero is not a regular file"));
+    }
+
+    #[test]
+    fn load_balancer_keys() {
+        let c = parse(MINIMAL).unwrap();
+        assert!(!c.server.proxy_protocol);
+        assert!(c.server.trusted_proxies.is_empty());
+        let text = MINIMAL.replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\nproxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]",
+        );
+        let c = parse(&text).unwrap();
+        assert!(c.server.proxy_protocol);
+        let nets: Vec<String> = c
+            .server
+            .trusted_proxies
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
+        let bad = text.replace("\"192.0.2.7\"", "\"10.0.0.0/33\"");
+        assert!(problem(&bad).contains("is not a network"));
+        let spread = MINIMAL.replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\ndrain_spread = \"20s\"",
+        );
+        assert!(problem(&spread).contains("at most shutdown_timeout"));
+        let spread = spread.replace("20s", "5s");
+        assert_eq!(
+            parse(&spread).unwrap().server.drain_spread,
+            Duration::from_secs(5)
+        );
     }
 
     #[test]

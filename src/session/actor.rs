@@ -123,6 +123,9 @@ pub(super) struct Session<'c> {
     linger: Option<Pin<Box<Sleep>>>,
     /// What the session itself holds of the buffer budget.
     charge: Charge,
+    /// The proxy is shutting down and this session waits for its turn to
+    /// close its tabs (`server.drain_spread`; the linger timer holds it).
+    draining: bool,
     /// How long the session outlives its last tab: the route's `linger`,
     /// or none for a session of its own (`missing_cookie = "direct"`).
     pub(super) linger_for: Duration,
@@ -192,6 +195,7 @@ impl<'c> Session<'c> {
             linger: None,
             linger_for: ctx.route.linger,
             charge: Charge::default(),
+            draining: false,
             outage: None,
             keepalive,
             upstream_alive: Liveness::new(),
@@ -218,7 +222,7 @@ impl<'c> Session<'c> {
         let stopping = shutdown.changed();
         tokio::pin!(stopping);
         let end = loop {
-            let event = if !matches!(self.shutdown.has_changed(), Ok(false)) {
+            let event = if !self.draining && !matches!(self.shutdown.has_changed(), Ok(false)) {
                 Event::Shutdown
             } else {
                 tokio::select! {
@@ -229,11 +233,11 @@ impl<'c> Session<'c> {
                     result = redial(&mut self.outage, self.ctx) => Event::Redialed(Box::new(result)),
                     _ = self.keepalive.tick() => Event::Tick,
                     () = expire(&mut self.linger) => Event::Linger,
-                    _ = &mut stopping => Event::Shutdown,
+                    _ = &mut stopping, if !self.draining => Event::Shutdown,
                 }
             };
             let outcome = match event {
-                Event::Shutdown => Err(SessionEnd::Shutdown),
+                Event::Shutdown => self.begin_shutdown(),
                 // The registry holds a sender, so the channel cannot close
                 // while the session is listed.
                 Event::Command(None) => Err(SessionEnd::Linger),
@@ -263,6 +267,8 @@ impl<'c> Session<'c> {
                 },
                 Event::Tabs => self.serve_tabs(),
                 Event::Tick => self.tick(),
+                // While draining, the linger timer is the session's turn.
+                Event::Linger if self.draining => Err(SessionEnd::Shutdown),
                 Event::Linger => Err(SessionEnd::Linger),
             };
             let outcome = outcome.and_then(|()| self.flush_tabs());
@@ -339,6 +345,27 @@ impl<'c> Session<'c> {
         }
     }
 
+    /// The proxy is shutting down: the session closes its tabs (1001) now,
+    /// or, with `server.drain_spread`, at its own moment in that window
+    /// (the session key's hash spreads sessions evenly over it), so that
+    /// the clients' reconnects reach the fleet's other processes
+    /// gradually. Its upstream closes once its tabs have.
+    #[cold]
+    fn begin_shutdown(&mut self) -> Result<(), SessionEnd> {
+        let spread = self.ctx.drain_spread;
+        if spread.is_zero() || self.tabs.is_empty() {
+            return Err(SessionEnd::Shutdown);
+        }
+        let wait = self.key.share_of(spread);
+        debug!(
+            ?wait,
+            "shutting down: the tabs close after this share of drain_spread"
+        );
+        self.draining = true;
+        self.linger = Some(Box::pin(tokio::time::sleep_until(Instant::now() + wait)));
+        Ok(())
+    }
+
     /// The buffer budget is spent and `holder` holds the most: it closes.
     #[cold]
     fn evict(&mut self, holder: Holder) -> Result<(), SessionEnd> {
@@ -406,6 +433,10 @@ impl<'c> Session<'c> {
     // ---- tabs joining, sending, leaving
 
     fn join(&mut self, info: JoinInfo, reply: oneshot::Sender<Result<Joined, Refusal>>) {
+        if self.draining {
+            let _ = reply.send(Err(Refusal::Gone));
+            return;
+        }
         if self.tabs.len() >= self.ctx.route.max_tabs_per_session {
             let _ = reply.send(Err(Refusal::SessionFull));
             return;
@@ -578,6 +609,9 @@ impl<'c> Session<'c> {
                 let now = Instant::now().into_std();
                 self.envelope.tab_left(tab, row.code, now, apply!(self));
                 if self.tabs.is_empty() {
+                    if self.draining {
+                        return Err(SessionEnd::Shutdown);
+                    }
                     if self.outage.is_some() {
                         debug!("the last tab left during an outage; ending the session");
                         return Err(SessionEnd::LostIdle);

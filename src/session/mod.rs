@@ -49,6 +49,9 @@ pub struct SessionContext {
     pub shutdown: watch::Receiver<()>,
     /// The process's buffer budget.
     pub budget: Arc<crate::budget::Budget>,
+    /// `server.drain_spread`: the window over which sessions close their
+    /// tabs on shutdown.
+    pub drain_spread: std::time::Duration,
 }
 
 #[cfg(test)]
@@ -89,6 +92,7 @@ mod tests {
             route,
             shutdown,
             budget: crate::budget::Budget::new(1 << 20),
+            drain_spread: std::time::Duration::ZERO,
         };
         let (tx, rx) = mpsc::channel(1);
         let stats = Arc::new(SessionStats {

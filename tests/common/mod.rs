@@ -12,6 +12,7 @@ pub mod json;
 pub mod mock;
 pub mod proxy;
 pub mod pusher;
+pub mod raw;
 pub mod sockudo;
 pub mod tab;
 

@@ -225,6 +225,27 @@ impl LiveTab {
         }
     }
 
+    /// Whether the tab has not been closed yet, from what it has received
+    /// so far (no waiting).
+    pub fn is_open(&mut self) -> bool {
+        if self.held.iter().any(|m| matches!(m, Message::Close(_))) {
+            return false;
+        }
+        loop {
+            match self.rx.try_recv() {
+                // Kept for `closed`.
+                Ok(m @ Message::Close(_)) => {
+                    self.held.push_back(m);
+                    return false;
+                }
+                Ok(Message::Ping(_)) => {}
+                Ok(m) => self.held.push_back(m),
+                Err(mpsc::error::TryRecvError::Empty) => return true,
+                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
     /// Waits until the tab has received `n` pings (and answered them).
     pub async fn wait_pings(&mut self, n: usize) {
         let mut seen = 0;
