@@ -40,7 +40,10 @@ fn haproxy(bind: SocketAddr, fleet: &[&TestProxy]) -> Haproxy {
         .stderr(Stdio::null());
     for (i, p) in fleet.iter().enumerate() {
         cmd.env(format!("TABMUX_{}", i + 1), p.addr.to_string());
-        cmd.env(format!("TABMUX_{}_ADMIN_PORT", i + 1), p.admin.port().to_string());
+        cmd.env(
+            format!("TABMUX_{}_ADMIN_PORT", i + 1),
+            p.admin.port().to_string(),
+        );
     }
     Haproxy(cmd.spawn().expect("haproxy (apt-get install haproxy)"))
 }
@@ -94,8 +97,10 @@ async fn haproxy_keeps_one_upstream_per_session_across_the_fleet() {
         }
     }
     // Exactly one upstream per session, fleet-wide.
-    mock.wait("an upstream per session", |c| (c.len() >= SESSIONS).then_some(()))
-        .await;
+    mock.wait("an upstream per session", |c| {
+        (c.len() >= SESSIONS).then_some(())
+    })
+    .await;
     let before = dials(&mock);
     assert_eq!(before.len(), SESSIONS);
     assert!(before.values().all(|&n| n == 1), "{before:?}");
@@ -111,7 +116,10 @@ async fn haproxy_keeps_one_upstream_per_session_across_the_fleet() {
         held.push(sessions_of(p).await);
     }
     assert_eq!(held.iter().sum::<u64>(), SESSIONS as u64, "{held:?}");
-    assert!(held.iter().all(|&n| n > 0), "all on some processes: {held:?}");
+    assert!(
+        held.iter().all(|&n| n > 0),
+        "all on some processes: {held:?}"
+    );
 
     // One process goes away; its tabs reconnect through haproxy at once.
     let victim = held.iter().position(|&n| n > 0).unwrap();
@@ -120,7 +128,13 @@ async fn haproxy_keeps_one_upstream_per_session_across_the_fleet() {
     let _ = child.wait();
     let lost = held[victim] as usize * TABS_PER_SESSION;
     guard("the victim's tabs to be cut", async {
-        while tabs.iter_mut().map(|(_, t)| !t.is_open()).filter(|&c| c).count() < lost {
+        while tabs
+            .iter_mut()
+            .map(|(_, t)| !t.is_open())
+            .filter(|&c| c)
+            .count()
+            < lost
+        {
             tokio::task::yield_now().await;
         }
     })

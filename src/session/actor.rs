@@ -21,12 +21,11 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn};
 
 use super::key::SessionKey;
-use super::link::Holder;
 use super::link::{Command, Joined, Refusal, TabLink};
 use super::outage::{expire, next_frame, normal_close, pass_on, redial, DialResult, Outage};
 use super::tabs::{Apply, Holders, Tabs};
 use super::SessionContext;
-use crate::budget::{Charge, Verdict};
+use crate::budget::Charge;
 use crate::cause::{Cause, Lost, Side};
 use crate::envelope::{Effect, Effects, JoinInfo, Machine, TabId};
 use crate::queue::Outbox;
@@ -34,6 +33,10 @@ use crate::reconnect::{self, Backoff};
 use crate::tab::Tab;
 use crate::upstream::{DialError, DialParams, UpstreamSocket};
 use crate::wsio::Liveness;
+
+mod edge;
+
+use edge::held_while;
 
 /// Commands, or upstream frames, handled before the writes are flushed.
 const BATCH: usize = 64;
@@ -343,66 +346,6 @@ impl<'c> Session<'c> {
                 Ok(())
             }
         }
-    }
-
-    /// The proxy is shutting down: the session closes its tabs (1001) now,
-    /// or, with `server.drain_spread`, at its own moment in that window
-    /// (the session key's hash spreads sessions evenly over it), so that
-    /// the clients' reconnects reach the fleet's other processes
-    /// gradually. Its upstream closes once its tabs have.
-    #[cold]
-    fn begin_shutdown(&mut self) -> Result<(), SessionEnd> {
-        let spread = self.ctx.drain_spread;
-        if spread.is_zero() || self.tabs.is_empty() {
-            return Err(SessionEnd::Shutdown);
-        }
-        let wait = self.key.share_of(spread);
-        debug!(
-            ?wait,
-            "shutting down: the tabs close after this share of drain_spread"
-        );
-        self.draining = true;
-        self.linger = Some(Box::pin(tokio::time::sleep_until(Instant::now() + wait)));
-        Ok(())
-    }
-
-    /// The buffer budget is spent and `holder` holds the most: it closes.
-    #[cold]
-    fn evict(&mut self, holder: Holder) -> Result<(), SessionEnd> {
-        let budget = &self.ctx.budget;
-        match holder {
-            Holder::Tab(tab) => {
-                info!(tab = %tab, held = budget.held(), budget = budget.limit(), "buffer budget spent: closing the tab that holds the most");
-                self.leave(tab, Cause::MemoryBudget)
-            }
-            Holder::Session => {
-                info!(
-                    held = budget.held(),
-                    budget = budget.limit(),
-                    "buffer budget spent: closing the session that holds the most"
-                );
-                Err(SessionEnd::MemoryBudget)
-            }
-        }
-    }
-
-    /// Reports the session's own holdings to the buffer budget: its
-    /// reconnect buffer, and `unwritten` bytes its upstream has not taken.
-    fn account(&mut self, unwritten: usize) -> Result<(), SessionEnd> {
-        match self.report(unwritten) {
-            Verdict::Fine => Ok(()),
-            Verdict::CloseSelf => self.evict(Holder::Session),
-        }
-    }
-
-    fn report(&mut self, unwritten: usize) -> Verdict {
-        let buffered = self.outage.as_ref().map_or(0, |o| o.buffer.bytes());
-        let holders = &self.tabs.holders;
-        holders
-            .budget
-            .set(&mut self.charge, buffered + unwritten, || {
-                holders.evictor(Holder::Session)
-            })
     }
 
     /// Closes what is left when the session ends.
@@ -819,17 +762,4 @@ impl<'c> Session<'c> {
             self.ctx.metrics.dropped("tab_left_during_outage", orphaned);
         }
     }
-}
-
-/// Reports `unwritten` bytes more held by the session while its upstream
-/// write waits; returns what it held before, to report once the write is
-/// done. (A verdict to close the session is acted on by the next turn's
-/// report, or by the command the budget sends.)
-#[cold]
-fn held_while(holders: &Holders, charge: &mut Charge, unwritten: usize) -> usize {
-    let before = charge.bytes();
-    let _ = holders.budget.set(charge, before + unwritten, || {
-        holders.evictor(Holder::Session)
-    });
-    before
 }

@@ -16,6 +16,7 @@
 #![allow(clippy::result_large_err)]
 
 mod backend;
+mod fleet;
 mod floor;
 mod hostile;
 mod load;
@@ -107,7 +108,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Scenarios to run: memory, latency, cpu, fanout, storm, and (asked for
-    /// by name) pusher (it needs sockudo) and hostile (tabmux only).
+    /// by name) pusher (it needs sockudo), hostile (tabmux only) and fleet
+    /// (tabmux behind haproxy).
     #[arg(
         long,
         value_delimiter = ',',
@@ -445,6 +447,8 @@ struct Sizes {
     pusher_secs: u64,
     /// `hostile`: the attackers and the calm tab's round trips.
     hostile: hostile::Sizes,
+    /// `fleet`: browsers (of two tabs) behind haproxy.
+    fleet: fleet::Sizes,
 }
 
 const FULL: Sizes = Sizes {
@@ -464,6 +468,7 @@ const FULL: Sizes = Sizes {
         floods: 50,
         samples: 5_000,
     },
+    fleet: fleet::Sizes { sessions: 600 },
 };
 
 const QUICK: Sizes = Sizes {
@@ -483,6 +488,7 @@ const QUICK: Sizes = Sizes {
         floods: 5,
         samples: 500,
     },
+    fleet: fleet::Sizes { sessions: 60 },
 };
 
 async fn scenario_once(plan: &Plan, scenario: &str, c: Contender) -> anyhow::Result<Figures> {
@@ -610,6 +616,14 @@ async fn scenario_once(plan: &Plan, scenario: &str, c: Contender) -> anyhow::Res
                 hostile::run(exe, &sizes.hostile, &mut f).await?
             }
             // No budget to hold them to.
+            Contender::Direct | Contender::Nginx => {}
+        },
+        "fleet" => match c {
+            Contender::Tabmux => fleet::run(&plan.tabmux, &sizes.fleet, &mut f).await?,
+            Contender::Other => {
+                let exe = plan.other.as_deref().context("no --other binary")?;
+                fleet::run(exe, &sizes.fleet, &mut f).await?
+            }
             Contender::Direct | Contender::Nginx => {}
         },
         other => anyhow::bail!("unknown scenario {other}"),

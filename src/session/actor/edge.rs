@@ -1,0 +1,86 @@
+//! The session at the edge's limits: its share of the buffer budget, the
+//! budget's verdicts, and its turn in a drain (`server.drain_spread`).
+
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use super::{Session, SessionEnd};
+use crate::budget::{Charge, Verdict};
+use crate::cause::Cause;
+use crate::session::link::Holder;
+use crate::session::tabs::Holders;
+
+impl Session<'_> {
+    /// The proxy is shutting down: the session closes its tabs (1001) now,
+    /// or, with `server.drain_spread`, at its own moment in that window
+    /// (the session key's hash spreads sessions evenly over it), so that
+    /// the clients' reconnects reach the fleet's other processes
+    /// gradually. Its upstream closes once its tabs have.
+    #[cold]
+    pub(super) fn begin_shutdown(&mut self) -> Result<(), SessionEnd> {
+        let spread = self.ctx.drain_spread;
+        if spread.is_zero() || self.tabs.is_empty() {
+            return Err(SessionEnd::Shutdown);
+        }
+        let wait = self.key.share_of(spread);
+        debug!(
+            ?wait,
+            "shutting down: the tabs close after this share of drain_spread"
+        );
+        self.draining = true;
+        self.linger = Some(Box::pin(tokio::time::sleep_until(Instant::now() + wait)));
+        Ok(())
+    }
+
+    /// The buffer budget is spent and `holder` holds the most: it closes.
+    #[cold]
+    pub(super) fn evict(&mut self, holder: Holder) -> Result<(), SessionEnd> {
+        let budget = &self.ctx.budget;
+        match holder {
+            Holder::Tab(tab) => {
+                info!(tab = %tab, held = budget.held(), budget = budget.limit(), "buffer budget spent: closing the tab that holds the most");
+                self.leave(tab, Cause::MemoryBudget)
+            }
+            Holder::Session => {
+                info!(
+                    held = budget.held(),
+                    budget = budget.limit(),
+                    "buffer budget spent: closing the session that holds the most"
+                );
+                Err(SessionEnd::MemoryBudget)
+            }
+        }
+    }
+
+    /// Reports the session's own holdings to the buffer budget: its
+    /// reconnect buffer, and `unwritten` bytes its upstream has not taken.
+    pub(super) fn account(&mut self, unwritten: usize) -> Result<(), SessionEnd> {
+        match self.report(unwritten) {
+            Verdict::Fine => Ok(()),
+            Verdict::CloseSelf => self.evict(Holder::Session),
+        }
+    }
+
+    fn report(&mut self, unwritten: usize) -> Verdict {
+        let buffered = self.outage.as_ref().map_or(0, |o| o.buffer.bytes());
+        let holders = &self.tabs.holders;
+        holders
+            .budget
+            .set(&mut self.charge, buffered + unwritten, || {
+                holders.evictor(Holder::Session)
+            })
+    }
+}
+
+/// Reports `unwritten` bytes more held by the session while its upstream
+/// write waits; returns what it held before, to report once the write is
+/// done. (A verdict to close the session is acted on by the next turn's
+/// report, or by the command the budget sends.)
+#[cold]
+pub(super) fn held_while(holders: &Holders, charge: &mut Charge, unwritten: usize) -> usize {
+    let before = charge.bytes();
+    let _ = holders.budget.set(charge, before + unwritten, || {
+        holders.evictor(Holder::Session)
+    });
+    before
+}
