@@ -32,7 +32,7 @@ pub async fn serve(
     mut stop: watch::Receiver<()>,
 ) {
     let slots = Arc::new(Semaphore::new(max_connections));
-    let timeout = shared.server.handshake_timeout;
+    let timeout = shared.live().server.handshake_timeout;
     loop {
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => match slot {

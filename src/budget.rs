@@ -43,7 +43,7 @@ struct Big {
 /// The process's account.
 pub struct Budget {
     held: AtomicUsize,
-    limit: usize,
+    limit: AtomicUsize,
     /// Bytes of holders told to close and not yet gone: they are not
     /// counted again when deciding whether another must close.
     evicting: AtomicUsize,
@@ -80,7 +80,7 @@ impl Budget {
     pub fn new(limit: usize) -> Arc<Budget> {
         Arc::new(Budget {
             held: AtomicUsize::new(0),
-            limit,
+            limit: AtomicUsize::new(limit),
             evicting: AtomicUsize::new(0),
             big: Mutex::new(FxHashMap::default()),
             next_id: AtomicU32::new(1),
@@ -93,7 +93,12 @@ impl Budget {
     }
 
     pub fn limit(&self) -> usize {
-        self.limit
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// A reloaded `buffer_budget` (what is held already stays).
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Relaxed);
     }
 
     fn list(&self) -> MutexGuard<'_, FxHashMap<u32, Big>> {
@@ -157,7 +162,7 @@ impl Budget {
                 entry.bytes = new;
             }
         }
-        if new > old && total > self.limit {
+        if new > old && total > self.limit() {
             return self.over(charge.id);
         }
         Verdict::Fine
@@ -180,7 +185,7 @@ impl Budget {
         let counted = self
             .held()
             .saturating_sub(self.evicting.load(Ordering::Acquire));
-        if counted <= self.limit {
+        if counted <= self.limit() {
             return Verdict::Fine;
         }
         let biggest = list

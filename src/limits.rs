@@ -18,7 +18,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
-use crate::config::{PerIp, Server};
+use crate::config::Server;
 
 /// Which limit refused a tab: its metric label and its plain-text body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,21 +58,22 @@ impl Limit {
 /// A count against a maximum.
 struct Count {
     held: AtomicUsize,
-    max: usize,
+    max: AtomicUsize,
 }
 
 impl Count {
     fn new(max: usize) -> Count {
         Count {
             held: AtomicUsize::new(0),
-            max,
+            max: AtomicUsize::new(max),
         }
     }
 
     fn try_take(&self) -> bool {
+        let max = self.max.load(Ordering::Relaxed);
         self.held
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                (n < self.max).then_some(n + 1)
+                (n < max).then_some(n + 1)
             })
             .is_ok()
     }
@@ -93,7 +94,8 @@ struct Held {
 pub struct Limits {
     tabs: Count,
     sessions: Count,
-    per_ip: PerIp,
+    per_ip_tabs: AtomicUsize,
+    per_ip_sessions: AtomicUsize,
     /// Addresses that hold something; an address is removed once it holds
     /// nothing, so the table is as large as the addresses connected.
     addresses: DashMap<IpAddr, Held>,
@@ -107,10 +109,24 @@ impl Limits {
         Arc::new(Limits {
             tabs: Count::new(server.max_tabs),
             sessions: Count::new(server.max_sessions),
-            per_ip: server.per_ip,
+            per_ip_tabs: AtomicUsize::new(server.per_ip.tabs),
+            per_ip_sessions: AtomicUsize::new(server.per_ip.sessions),
             addresses: DashMap::new(),
             released: Notify::new(),
         })
+    }
+
+    /// Reloaded maxima: they apply to what is admitted from now on (what
+    /// is held already stays, even above a lower maximum).
+    pub fn configure(&self, server: &Server) {
+        self.tabs.max.store(server.max_tabs, Ordering::Relaxed);
+        self.sessions
+            .max
+            .store(server.max_sessions, Ordering::Relaxed);
+        self.per_ip_tabs
+            .store(server.per_ip.tabs, Ordering::Relaxed);
+        self.per_ip_sessions
+            .store(server.per_ip.sessions, Ordering::Relaxed);
     }
 
     /// Tabs open (or being admitted) right now.
@@ -149,17 +165,19 @@ impl Limits {
     /// Takes one of the process's `kind` and one of the address's.
     fn take(&self, ip: IpAddr, kind: Limit) -> Result<(), Limit> {
         let (process, address, per_ip) = match kind {
-            Limit::Tabs | Limit::AddressTabs => (&self.tabs, Limit::AddressTabs, self.per_ip.tabs),
-            Limit::Sessions | Limit::AddressSessions => {
-                (&self.sessions, Limit::AddressSessions, self.per_ip.sessions)
-            }
+            Limit::Tabs | Limit::AddressTabs => (&self.tabs, Limit::AddressTabs, &self.per_ip_tabs),
+            Limit::Sessions | Limit::AddressSessions => (
+                &self.sessions,
+                Limit::AddressSessions,
+                &self.per_ip_sessions,
+            ),
         };
         let mut held = self.addresses.entry(ip).or_default();
         let count = match address {
             Limit::AddressTabs => &mut held.tabs,
             _ => &mut held.sessions,
         };
-        if *count >= per_ip {
+        if *count >= per_ip.load(Ordering::Relaxed) {
             drop(held);
             self.forget_if_empty(ip);
             return Err(address);

@@ -21,19 +21,17 @@ use crate::upgrade;
 
 /// Accepts connections until `stop`'s sender is dropped.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<()>) {
-    let acceptor = shared
-        .server
-        .tls
-        .clone()
-        .map(tokio_rustls::TlsAcceptor::from);
     while let Some((mut stream, peer)) = accept(&listener, &mut stop).await {
         let shared = shared.clone();
-        let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
-            let timeout = shared.server.handshake_timeout;
+            // The configuration in force when the connection came (its
+            // certificate, its timeouts).
+            let live = shared.live();
+            let acceptor = live.server.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+            let timeout = live.server.handshake_timeout;
             // The handshake timeout covers the PROXY header and TLS, each.
-            let client = if shared.server.proxy_protocol {
+            let client = if live.server.proxy_protocol {
                 let header = proxy_protocol::read_header(&mut stream);
                 match tokio::time::timeout(timeout, header).await {
                     Ok(Ok(source)) => Client::direct(source.unwrap_or(peer)),
@@ -89,8 +87,9 @@ async fn serve_http<I>(io: I, shared: Arc<Shared>, client: Client)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let timeout = shared.server.handshake_timeout;
-    let max_header_size = shared.server.max_header_size;
+    let live = shared.live();
+    let timeout = live.server.handshake_timeout;
+    let max_header_size = live.server.max_header_size;
     let peer = client.peer;
     let service = service_fn(move |req| upgrade::handle(req, shared.clone(), client));
     let conn = http1::Builder::new()

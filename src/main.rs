@@ -155,7 +155,7 @@ fn run(path: &std::path::Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_logging(config.log.format, &config.log.level);
+    let log = init_logging(config.log.format, &config.log.level);
     let runtime = match runtime(config.server.worker_threads) {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -165,6 +165,10 @@ fn run(path: &std::path::Path) -> ExitCode {
             Ok(s) => s,
             Err(code) => return code,
         };
+        let hangups = match hangups() {
+            Ok(h) => h,
+            Err(code) => return code,
+        };
         let proxy = match Proxy::bind(config).await {
             Ok(p) => p,
             Err(e) => {
@@ -172,6 +176,12 @@ fn run(path: &std::path::Path) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        tokio::spawn(reload_on_hangup(
+            hangups,
+            proxy.shared(),
+            path.to_path_buf(),
+            log,
+        ));
         proxy
             .run(async move {
                 signals.next().await;
@@ -254,6 +264,76 @@ impl Signals {
     }
 }
 
-fn init_logging(format: LogFormat, level: &str) {
-    tabmux::logging::init(format, level);
+fn init_logging(format: LogFormat, level: &str) -> Option<tabmux::logging::LogHandle> {
+    tabmux::logging::init(format, level)
+}
+
+/// SIGHUP, registered before the listeners bind (its default action would
+/// end the process).
+#[cfg(unix)]
+type Hangups = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Hangups = ();
+
+fn hangups() -> Result<Hangups, ExitCode> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        signal(SignalKind::hangup()).map_err(|e| {
+            eprintln!("tabmux: cannot install the SIGHUP handler: {e}");
+            ExitCode::from(1)
+        })
+    }
+    #[cfg(not(unix))]
+    Ok(())
+}
+
+/// On each SIGHUP, re-reads the configuration file: a valid one is put in
+/// force for what arrives from then on (PROTOCOL.md, "Lifetime"); one with
+/// problems changes nothing, and each problem is logged at its
+/// `file:line:column`.
+#[cfg_attr(not(unix), allow(unused_variables, unused_mut))]
+async fn reload_on_hangup(
+    mut hangups: Hangups,
+    shared: std::sync::Arc<tabmux::shared::Shared>,
+    path: std::path::PathBuf,
+    log: Option<tabmux::logging::LogHandle>,
+) {
+    #[cfg(unix)]
+    while hangups.recv().await.is_some() {
+        let result = match tabmux::Config::load(&path) {
+            Ok(config) => {
+                let level = config.log.level.clone();
+                match shared.reload(config) {
+                    Ok(()) => {
+                        if let Some(log) = &log {
+                            log.set_level(&level);
+                        }
+                        Ok(())
+                    }
+                    Err(problems) => Err(problems
+                        .into_iter()
+                        .map(|p| format!("{}: {p}", path.display()))
+                        .collect::<Vec<_>>()),
+                }
+            }
+            Err(e) => Err(e.problems.iter().map(ToString::to_string).collect()),
+        };
+        match result {
+            Ok(()) => {
+                shared.metrics.reloaded("ok");
+                tracing::info!(file = %path.display(), "configuration reloaded: it applies to what arrives from now on");
+            }
+            Err(problems) => {
+                shared.metrics.reloaded("error");
+                for p in &problems {
+                    tracing::error!("{p}");
+                }
+                tracing::error!(
+                    problems = problems.len(),
+                    "configuration not reloaded: the running one stays"
+                );
+            }
+        }
+    }
 }

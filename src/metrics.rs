@@ -27,6 +27,7 @@ pub const FRAMES_DROPPED: &str = "tabmux_frames_dropped";
 pub const TAB_CLOSES: &str = "tabmux_tab_closes";
 pub const TASKS_ALIVE: &str = "tabmux_runtime_tasks_alive";
 pub const BUFFER_HELD: &str = "tabmux_buffer_held_bytes";
+pub const RELOADS: &str = "tabmux_config_reloads";
 pub const BUFFER_BUDGET: &str = "tabmux_buffer_budget_bytes";
 pub const MESSAGES: &str = "tabmux_messages";
 pub const BYTES: &str = "tabmux_bytes";
@@ -58,6 +59,11 @@ pub struct DirectionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub route: String,
     pub reason: &'static str,
@@ -77,6 +83,7 @@ pub struct Metrics {
     tasks_alive: Gauge,
     buffer_held: Gauge,
     buffer_budget: Gauge,
+    reloads: Family<ResultLabel, Counter>,
     messages: Family<DirectionLabel, Counter>,
     bytes: Family<DirectionLabel, Counter>,
     broadcast_deliveries: Family<RouteLabel, Counter>,
@@ -108,6 +115,7 @@ impl Default for Metrics {
             tasks_alive: Gauge::default(),
             buffer_held: Gauge::default(),
             buffer_budget: Gauge::default(),
+            reloads: Family::default(),
             messages: Family::default(),
             bytes: Family::default(),
             broadcast_deliveries: Family::default(),
@@ -161,6 +169,11 @@ impl Metrics {
             TASKS_ALIVE,
             "Tasks alive in the async runtime (sampled at each scrape)",
             m.tasks_alive.clone(),
+        );
+        registry.register(
+            RELOADS,
+            "Configuration reloads on SIGHUP, by result (ok, error: the running configuration stayed)",
+            m.reloads.clone(),
         );
         registry.register(
             BUFFER_HELD,
@@ -230,6 +243,11 @@ impl Metrics {
 
     /// Samples process-wide values that are read, not counted: call before
     /// encoding a scrape.
+    /// Counts a configuration reload by result.
+    pub fn reloaded(&self, result: &'static str) {
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
+    }
+
     pub fn sample(&self, budget: &crate::budget::Budget) {
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.buffer_held.set(gauge(budget.held()));

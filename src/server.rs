@@ -6,20 +6,17 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::budget::Budget;
 use crate::config::{Config, Origins};
-use crate::history::{History, SAMPLE_EVERY};
-use crate::limits::Limits;
+use crate::history::SAMPLE_EVERY;
 use crate::metrics::Metrics;
-use crate::session::{Registry, SessionContext, SessionHasher};
-use crate::shared::{RouteRuntime, Shared};
+use crate::shared::Shared;
 use crate::{admin, listener, memory, status};
 
 /// A bound, not yet serving, proxy.
@@ -47,40 +44,8 @@ impl Proxy {
         let admin = listen("admin.listen", config.admin.listen)?;
         let mut metrics_registry = prometheus_client::registry::Registry::default();
         let metrics = Metrics::new(&mut metrics_registry);
-        let registry = Arc::new(Registry::default());
         let (stop, stopped) = watch::channel(());
-        let budget = Budget::new(config.server.buffer_budget);
-        let routes = config
-            .routes
-            .iter()
-            .enumerate()
-            .map(|(index, route)| RouteRuntime {
-                index,
-                route: route.clone(),
-                ctx: SessionContext {
-                    index,
-                    route: route.clone(),
-                    metrics: Arc::new(metrics.route(&route.path)),
-                    shutdown: stopped.clone(),
-                    budget: budget.clone(),
-                    drain_spread: config.server.drain_spread,
-                },
-            })
-            .collect();
-        let shared = Arc::new(Shared {
-            limits: Limits::new(&config.server),
-            budget,
-            server: config.server,
-            admin: config.admin,
-            routes,
-            hasher: SessionHasher::new(),
-            registry,
-            ready: AtomicBool::new(false),
-            metrics_registry,
-            metrics,
-            history: History::default(),
-            started: std::time::Instant::now(),
-        });
+        let shared = Arc::new(Shared::new(config, metrics_registry, metrics, stopped));
         Ok(Proxy {
             shared,
             tabs,
@@ -123,7 +88,8 @@ impl Proxy {
             "ws"
         };
         let tab_addr = tabs.local_addr().ok();
-        for rt in &shared.routes {
+        let live = shared.live();
+        for rt in &live.routes {
             if rt.route.allowed_origins == Origins::Any {
                 warn!(route = %rt.route.path, "allowed_origins = [\"*\"]: any web site may open tabs on this route");
             }
@@ -146,7 +112,7 @@ impl Proxy {
         tokio::spawn(sample_history(shared.clone(), stopped));
         shared.ready.store(true, Ordering::Release);
         if let Some(addr) = tab_addr {
-            let routes: Vec<String> = shared
+            let routes: Vec<String> = live
                 .routes
                 .iter()
                 .map(|r| format!("{} -> {}", r.route.path, r.route.upstream.uri))
@@ -160,11 +126,11 @@ impl Proxy {
             info!("admin: listening on http://{addr} (/healthz, /readyz, /metrics, /)");
         }
         shutdown.await;
-        let budget = shared.server.shutdown_timeout;
+        let budget = shared.live().server.shutdown_timeout;
         info!(
             tabs = shared.limits.tabs_open(),
             sessions = shared.registry.len(),
-            drain_spread = ?shared.server.drain_spread,
+            drain_spread = ?shared.live().server.drain_spread,
             "shutting down: closing tabs (1001) and upstreams (1000) within {budget:?}"
         );
         shared.ready.store(false, Ordering::Release);

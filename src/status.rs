@@ -18,7 +18,7 @@ const TOP_SESSIONS: usize = 10;
 
 /// Tabs and upstream connections open, over all routes.
 pub fn totals(shared: &Shared) -> (i64, i64) {
-    shared.routes.iter().fold((0, 0), |(t, u), r| {
+    shared.live().routes.iter().fold((0, 0), |(t, u), r| {
         let m = &r.ctx.metrics;
         (t + m.tabs_open.get(), u + m.upstreams_open.get())
     })
@@ -26,18 +26,19 @@ pub fn totals(shared: &Shared) -> (i64, i64) {
 
 /// The document `/status.json` serves.
 pub fn status_json(shared: &Shared) -> Value {
-    let mut by_route: HashMap<usize, Vec<_>> = HashMap::new();
+    let mut by_route: HashMap<std::sync::Arc<str>, Vec<_>> = HashMap::new();
     for s in shared.registry.snapshot() {
-        by_route.entry(s.route).or_default().push(s);
+        by_route.entry(s.route.clone()).or_default().push(s);
     }
+    let live = shared.live();
     let mut total = json!({
         "tabs": 0, "sessions": 0, "upstreams": 0,
         "connections_avoided": 0, "connection_seconds_avoided": 0.0, "messages_avoided": 0,
     });
     let mut routes = Vec::new();
-    for rt in &shared.routes {
+    for rt in &live.routes {
         let m = &rt.ctx.metrics;
-        let mut sessions = by_route.remove(&rt.index).unwrap_or_default();
+        let mut sessions = by_route.remove(rt.route.path.as_str()).unwrap_or_default();
         sessions.sort_by(|a, b| b.tabs.cmp(&a.tabs).then(a.name.cmp(&b.name)));
         let top: Vec<Value> = sessions
             .iter()
@@ -93,11 +94,12 @@ pub fn status_json(shared: &Shared) -> Value {
         "now": unix_ms(),
         "uptime_s": shared.started.elapsed().as_secs(),
         "total": total,
+        "config_loaded": live.loaded_ms,
         "limits": {
             "tabs": shared.limits.tabs_open(),
-            "max_tabs": shared.server.max_tabs,
+            "max_tabs": live.server.max_tabs,
             "sessions": shared.limits.sessions_alive(),
-            "max_sessions": shared.server.max_sessions,
+            "max_sessions": live.server.max_sessions,
             "client_addresses": shared.limits.addresses(),
             "buffer_held_bytes": shared.budget.held(),
             "buffer_budget_bytes": shared.budget.limit(),

@@ -26,7 +26,7 @@ use crate::client::Client;
 use crate::config::{MissingCookie, Route};
 use crate::limits::{Limit, TabPermit};
 use crate::session::{JoinInfo, Joined, NewSession, Refusal, SessionKey};
-use crate::shared::{RouteRuntime, Shared};
+use crate::shared::{Live, RouteRuntime, Shared};
 use crate::tab::Tab;
 use crate::upstream::DialParams;
 
@@ -39,13 +39,14 @@ pub async fn handle(
     shared: Arc<Shared>,
     client: Client,
 ) -> Result<HttpResponse, Infallible> {
-    let Some(rt) = shared.route(req.uri().path()) else {
+    let live = shared.live();
+    let Some(rt) = live.route(req.uri().path()) else {
         return Ok(refuse(
             StatusCode::NOT_FOUND,
             "no WebSocket route at this path",
         ));
     };
-    let client = client.behind(&shared.server.trusted_proxies, req.headers());
+    let client = client.behind(&live.server.trusted_proxies, req.headers());
     let span = tracing::info_span!(
         "tab",
         route = %rt.route.path,
@@ -53,7 +54,9 @@ pub async fn handle(
         session = field::Empty,
         tab = field::Empty
     );
-    Ok(admit(req, &shared, rt, client).instrument(span).await)
+    Ok(admit(req, &shared, &live, rt, client)
+        .instrument(span)
+        .await)
 }
 
 /// Why a tab's handshake was refused: each row gives the HTTP status, the
@@ -142,10 +145,11 @@ impl Refused {
 async fn admit(
     req: Request<Incoming>,
     shared: &Shared,
+    live: &Live,
     rt: &RouteRuntime,
     client: Client,
 ) -> HttpResponse {
-    match admit_steps(req, shared, rt, client).await {
+    match admit_steps(req, shared, live, rt, client).await {
         Ok(switching) => switching,
         Err(refused) => refused.answer(rt),
     }
@@ -154,6 +158,7 @@ async fn admit(
 async fn admit_steps(
     mut req: Request<Incoming>,
     shared: &Shared,
+    live: &Live,
     rt: &RouteRuntime,
     client: Client,
 ) -> Result<HttpResponse, Refused> {
@@ -170,7 +175,7 @@ async fn admit_steps(
         .tab(client.limit_key())
         .map_err(Refused::Limit)?;
     let new = NewSession {
-        dial: dial_params(shared, route, req.headers(), client, &protocols, &query),
+        dial: dial_params(live, route, req.headers(), client, &protocols, &query),
         linger: if own {
             std::time::Duration::ZERO
         } else {
@@ -243,7 +248,7 @@ fn session_key(
         Some(value) => {
             let keyed_query = if route.forward_query { query } else { "" };
             let key = shared.hasher.shared(
-                rt.index,
+                &route.path,
                 value.as_bytes(),
                 protocols.as_bytes(),
                 keyed_query.as_bytes(),
@@ -258,7 +263,7 @@ fn session_key(
 /// What the tab contributes to the upstream handshake, if it opens the
 /// session.
 fn dial_params(
-    shared: &Shared,
+    live: &Live,
     route: &Route,
     headers: &HeaderMap,
     client: Client,
@@ -270,7 +275,7 @@ fn dial_params(
         user_agent: headers.get(header::USER_AGENT).and_then(copied),
         origin: headers.get(header::ORIGIN).and_then(copied),
         forwarded_for: forwarded_for(headers, client.peer),
-        forwarded_proto: if shared.server.tls.is_some() {
+        forwarded_proto: if live.server.tls.is_some() {
             "https"
         } else {
             "http"

@@ -46,8 +46,8 @@ const TAB_BURST: usize = 16;
 /// What the status page may read about a live session. Its task keeps it
 /// current; readers only load.
 pub struct SessionStats {
-    /// The route's position in the configuration.
-    pub route: usize,
+    /// The route's path.
+    pub route: Arc<str>,
     pub tabs: AtomicUsize,
     /// Whether its upstream is up (false while dialling or redialling).
     pub connected: AtomicBool,
@@ -324,8 +324,12 @@ impl<'c> Session<'c> {
 
     fn command(&mut self, cmd: Command) -> Result<(), SessionEnd> {
         match cmd {
-            Command::Join { info, reply } => {
-                self.join(*info, reply);
+            Command::Join {
+                info,
+                reply,
+                max_tabs,
+            } => {
+                self.join(*info, reply, max_tabs);
                 Ok(())
             }
             Command::Attach(conn) => {
@@ -375,12 +379,17 @@ impl<'c> Session<'c> {
 
     // ---- tabs joining, sending, leaving
 
-    fn join(&mut self, info: JoinInfo, reply: oneshot::Sender<Result<Joined, Refusal>>) {
+    fn join(
+        &mut self,
+        info: JoinInfo,
+        reply: oneshot::Sender<Result<Joined, Refusal>>,
+        max_tabs: usize,
+    ) {
         if self.draining {
             let _ = reply.send(Err(Refusal::Gone));
             return;
         }
-        if self.tabs.len() >= self.ctx.route.max_tabs_per_session {
+        if self.tabs.len() >= max_tabs {
             let _ = reply.send(Err(Refusal::SessionFull));
             return;
         }

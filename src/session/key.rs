@@ -60,17 +60,12 @@ impl SessionHasher {
 
     /// The key of a shared session. Each part is length-prefixed, so no two
     /// different identities can produce the same input.
-    pub fn shared(
-        &self,
-        route: usize,
-        cookie: &[u8],
-        protocols: &[u8],
-        query: &[u8],
-    ) -> SessionKey {
+    /// The route is named by its path, so that a session keeps its key
+    /// when a reload reorders the routes.
+    pub fn shared(&self, route: &str, cookie: &[u8], protocols: &[u8], query: &[u8]) -> SessionKey {
         let mut ctx = ring::hmac::Context::with_key(&self.key);
         ctx.update(b"S");
-        ctx.update(&(route as u64).to_be_bytes());
-        for part in [cookie, protocols, query] {
+        for part in [route.as_bytes(), cookie, protocols, query] {
             ctx.update(&(part.len() as u64).to_be_bytes());
             ctx.update(part);
         }
@@ -123,14 +118,16 @@ mod tests {
     #[test]
     fn session_names_are_16_hex_digits_and_keyed() {
         let a = SessionHasher::new();
-        let name = a.shared(0, b"cookie", b"", b"").name();
+        let name = a.shared("/ws", b"cookie", b"", b"").name();
         assert_eq!(name.len(), 16);
         assert!(name.bytes().all(|c| c.is_ascii_hexdigit()));
         // Same identity, same key: same name; another process key: another.
-        assert_eq!(name, a.shared(0, b"cookie", b"", b"").name());
+        assert_eq!(name, a.shared("/ws", b"cookie", b"", b"").name());
         assert_ne!(
             name,
-            SessionHasher::new().shared(0, b"cookie", b"", b"").name()
+            SessionHasher::new()
+                .shared("/ws", b"cookie", b"", b"")
+                .name()
         );
     }
 }

@@ -20,6 +20,9 @@ pub(super) enum Command {
     Join {
         info: Box<JoinInfo>,
         reply: oneshot::Sender<Result<Joined, Refusal>>,
+        /// `max_tabs_per_session` in force when the tab came (a reload
+        /// applies to tabs that join existing sessions too).
+        max_tabs: usize,
     },
     /// A member's connection, once its handshake is answered: the session
     /// serves it from now on.

@@ -40,8 +40,6 @@ use crate::metrics::RouteMetrics;
 /// metrics, and the shutdown signal.
 #[derive(Clone)]
 pub struct SessionContext {
-    /// The route's position in the configuration.
-    pub index: usize,
     pub route: Arc<Route>,
     /// Shared by the route's sessions and tabs.
     pub metrics: Arc<RouteMetrics>,
@@ -85,9 +83,9 @@ mod tests {
         let config = crate::Config::from_toml(toml, "test", std::path::Path::new(".")).unwrap();
         let route = config.routes[0].clone();
         let route_linger = route.linger;
+        let route_path: Arc<str> = route.path.as_str().into();
         let (_stop, shutdown) = watch::channel(());
         let ctx = SessionContext {
-            index: 0,
             metrics: Arc::new(crate::metrics::Metrics::default().route(&route.path)),
             route,
             shutdown,
@@ -96,7 +94,7 @@ mod tests {
         };
         let (tx, rx) = mpsc::channel(1);
         let stats = Arc::new(SessionStats {
-            route: 0,
+            route: route_path.clone(),
             tabs: AtomicUsize::new(0),
             connected: AtomicBool::new(false),
             started: std::time::Instant::now(),

@@ -36,7 +36,8 @@ const JOIN_TRIES: usize = 3;
 pub struct SessionSnapshot {
     /// The session's public name (a keyed hash, never the cookie).
     pub name: String,
-    pub route: usize,
+    /// Its route's path.
+    pub route: Arc<str>,
     pub tabs: usize,
     pub connected: bool,
     pub age: std::time::Duration,
@@ -112,7 +113,7 @@ impl Registry {
                 let st = &entry.value().stats;
                 SessionSnapshot {
                     name: entry.key().name(),
-                    route: st.route,
+                    route: st.route.clone(),
                     tabs: st.tabs.load(Ordering::Relaxed),
                     connected: st.connected.load(Ordering::Relaxed),
                     age: st.started.elapsed(),
@@ -182,6 +183,7 @@ impl Registry {
             let cmd = Command::Join {
                 info: Box::new(info.clone()),
                 reply,
+                max_tabs: ctx.route.max_tabs_per_session,
             };
             if handle.tx.send(cmd).await.is_err() {
                 // The session ended after we found it; make sure it is unlisted.
@@ -206,7 +208,7 @@ impl Registry {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let stats = Arc::new(SessionStats {
-            route: ctx.index,
+            route: ctx.route.path.as_str().into(),
             tabs: AtomicUsize::new(0),
             connected: AtomicBool::new(false),
             started: std::time::Instant::now(),

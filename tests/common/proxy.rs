@@ -171,6 +171,13 @@ impl ProxyConfig {
     /// Runs the real binary with this configuration; returns the child and
     /// where it listens, read from its log.
     pub fn spawn(&self) -> (std::process::Child, TestProxy) {
+        let (child, proxy, _) = spawn_tabmux(&self.toml());
+        (child, proxy)
+    }
+
+    /// Like [`ProxyConfig::spawn`], also returning the configuration
+    /// file's path (to rewrite it and send SIGHUP).
+    pub fn spawn_file(&self) -> (std::process::Child, TestProxy, std::path::PathBuf) {
         spawn_tabmux(&self.toml())
     }
 }
@@ -353,7 +360,7 @@ pub fn tabmux_bin() -> std::path::PathBuf {
 
 /// Runs the real binary with this configuration (which should listen on
 /// port 0); returns the child and where it listens, read from its log.
-fn spawn_tabmux(toml: &str) -> (std::process::Child, TestProxy) {
+fn spawn_tabmux(toml: &str) -> (std::process::Child, TestProxy, std::path::PathBuf) {
     use std::io::{BufRead, BufReader};
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
@@ -385,12 +392,24 @@ fn spawn_tabmux(toml: &str) -> (std::process::Child, TestProxy) {
             .next()
             .expect("tabmux exited before listening")
             .unwrap();
-        tabs = tabs.or_else(|| addr_after(&line, "tabs: listening on ws://"));
+        tabs = tabs
+            .or_else(|| addr_after(&line, "tabs: listening on ws://"))
+            .or_else(|| addr_after(&line, "tabs: listening on wss://"));
         admin = admin.or_else(|| addr_after(&line, "admin: listening on http://"));
     }
-    // Keep draining its output so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, TestProxy::at(tabs.unwrap(), admin.unwrap()))
+    // Keep draining its output so the child never blocks on a full pipe,
+    // into `log.txt` beside the configuration (tests read it).
+    let log_path = dir.join("log.txt");
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let Ok(mut log) = std::fs::File::create(log_path) else {
+            return;
+        };
+        for line in lines.map_while(Result::ok) {
+            let _ = writeln!(log, "{line}");
+        }
+    });
+    (child, TestProxy::at(tabs.unwrap(), admin.unwrap()), path)
 }
 
 /// A plain HTTP GET to the admin listener; returns status and body.
