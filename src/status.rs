@@ -164,7 +164,8 @@ async function poll() {
     $('upstreams').textContent = fmt(t.upstreams); $('avoided').textContent = fmt(t.connections_avoided);
     $('hours').textContent = (t.connection_seconds_avoided / 3600).toFixed(2);
     $('msgs').textContent = fmt(t.messages_avoided);
-    $('up').textContent = 'up ' + s.uptime_s + ' s';
+    $('up').textContent = 'up ' + s.uptime_s + ' s, configuration loaded '
+      + new Date(s.config_loaded).toLocaleString();
     live.push({t: s.now, tabs: t.tabs, upstreams: t.upstreams});
     live = live.filter((p) => p.t > s.now - 600000);
     const hist = s.history.filter((p) => p.t < (live[0] ? live[0].t : s.now));

@@ -292,6 +292,7 @@ async fn the_status_page_is_served() {
         body.contains("status.json") && body.contains("<svg"),
         "{body}"
     );
+    assert!(body.contains("configuration loaded"), "when it was loaded");
     assert!(
         !body.contains("http://") && !body.contains("https://"),
         "no external resources"
