@@ -304,6 +304,11 @@ async fn reload_on_hangup(
         let result = match tabmux::Config::load(&path) {
             Ok(config) => {
                 let level = config.log.level.clone();
+                if config.server.worker_threads != shared.server.worker_threads {
+                    tracing::warn!(
+                        "server.worker_threads changed: it applies at the next start, not on reload"
+                    );
+                }
                 match shared.reload(config) {
                     Ok(()) => {
                         if let Some(log) = &log {
