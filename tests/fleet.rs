@@ -48,6 +48,21 @@ fn haproxy(bind: SocketAddr, fleet: &[&TestProxy]) -> Haproxy {
     Haproxy(cmd.spawn().expect("haproxy (apt-get install haproxy)"))
 }
 
+/// A tab of browser `s` through haproxy, tried until it is answered (a
+/// process just started or just gone is not yet known to haproxy).
+async fn through(front: &TestProxy, s: usize) -> Tab {
+    let spec = TabSpec::new(&format!("browser-{s}")).from("127.0.0.2");
+    guard("a tab through haproxy", async {
+        loop {
+            if let Ok(tab) = spec.try_connect(front).await {
+                break tab;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}
+
 /// Sessions each process holds, from its status page.
 async fn sessions_of(p: &TestProxy) -> u64 {
     let body = admin_get(p.admin, "/status.json").await.1;
@@ -78,22 +93,12 @@ async fn haproxy_keeps_one_upstream_per_session_across_the_fleet() {
     let lb = free_addr();
     let _haproxy = haproxy(lb, &fleet.iter().map(|(_, p)| p).collect::<Vec<_>>());
     let front = TestProxy::at(lb, fleet[0].1.admin);
-    // haproxy marks a server up after one good check: wait until it
-    // answers for all (a tab through it succeeds, for every cookie below).
-    let spec = |s: usize| TabSpec::new(&format!("browser-{s}")).from("127.0.0.2");
+    // haproxy marks a server up after one good check: `through` waits
+    // until it answers.
     let mut tabs: Vec<(usize, LiveTab)> = Vec::new();
     for s in 0..SESSIONS {
         for _ in 0..TABS_PER_SESSION {
-            let tab = guard("a tab through haproxy", async {
-                loop {
-                    if let Ok(tab) = spec(s).try_connect(&front).await {
-                        break tab;
-                    }
-                    tokio::task::yield_now().await;
-                }
-            })
-            .await;
-            tabs.push((s, tab.live()));
+            tabs.push((s, through(&front, s).await.live()));
         }
     }
     // Exactly one upstream per session, fleet-wide.
@@ -150,16 +155,7 @@ async fn haproxy_keeps_one_upstream_per_session_across_the_fleet() {
     let mut back = Vec::new();
     for &s in &affected {
         for _ in 0..TABS_PER_SESSION {
-            let tab = guard("a reconnect through haproxy", async {
-                loop {
-                    if let Ok(tab) = spec(s).try_connect(&front).await {
-                        break tab;
-                    }
-                    tokio::task::yield_now().await;
-                }
-            })
-            .await;
-            back.push(tab);
+            back.push(through(&front, s).await);
         }
     }
     // Each affected session dialled exactly once more, on a survivor; the

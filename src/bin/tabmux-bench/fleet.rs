@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 use crate::backend;
-use crate::procs::{self, Running};
+use crate::procs;
 use crate::Figures;
 
 /// The scenario's sizes.
@@ -173,25 +173,6 @@ fn haproxy(bind: SocketAddr, members: &[&Member]) -> anyhow::Result<Haproxy> {
     Ok(Haproxy { child, _dir: dir })
 }
 
-/// The bench backend (envelope echo; counts accepted connections).
-fn backend() -> anyhow::Result<(Running, SocketAddr)> {
-    let listen = SocketAddr::from(([127, 0, 0, 1], procs::free_port()));
-    let control = SocketAddr::from(([127, 0, 0, 1], procs::free_port()));
-    let args: Vec<String> = [
-        "backend",
-        "--listen",
-        &listen.to_string(),
-        "--control",
-        &control.to_string(),
-        "--envelope",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let child = procs::spawn_pinned(0, &std::env::current_exe()?, &args)?;
-    Ok((Running::new(child, listen)?, control))
-}
-
 async fn accepted(control: SocketAddr) -> anyhow::Result<u64> {
     let line = backend::command(control, "stats").await?;
     let v: serde_json::Value = serde_json::from_str(&line)?;
@@ -276,7 +257,7 @@ fn fleet_of(
 /// 3 → 4: the sessions that get a second upstream when their next tab
 /// arrives after the fourth process joins.
 async fn join(exe: &Path, sessions: usize) -> anyhow::Result<f64> {
-    let (_backend, control) = backend()?;
+    let (_backend, control) = procs::envelope_backend()?;
     let backend_addr = _backend.addr;
     let members = fleet_of(exe, backend_addr, 4, "0s")?;
     let lb3 = SocketAddr::from(([127, 0, 0, 1], procs::free_port()));
@@ -306,7 +287,7 @@ async fn join(exe: &Path, sessions: usize) -> anyhow::Result<f64> {
 /// A rolling restart of three processes: dials beyond the first, and the
 /// peak dials in any 1 s window.
 async fn rolling_restart(exe: &Path, sessions: usize, spread: &str) -> anyhow::Result<(u64, u64)> {
-    let (_backend, control) = backend()?;
+    let (_backend, control) = procs::envelope_backend()?;
     let mut members = fleet_of(exe, _backend.addr, 3, spread)?;
     let lb = SocketAddr::from(([127, 0, 0, 1], procs::free_port()));
     let _h = haproxy(lb, &members.iter().collect::<Vec<_>>())?;

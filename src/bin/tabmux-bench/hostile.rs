@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::load::{self, Target};
-use crate::procs::{self, Running};
+use crate::procs;
 use crate::report::percentile;
 use crate::Figures;
 
@@ -56,21 +56,8 @@ struct Seen {
 }
 
 pub async fn run(exe: &Path, sizes: &Sizes, f: &mut Figures) -> anyhow::Result<()> {
-    let listen = SocketAddr::from(([127, 0, 0, 1], procs::free_port()));
-    let control = SocketAddr::from(([127, 0, 0, 1], procs::free_port()));
-    let args: Vec<String> = [
-        "backend",
-        "--listen",
-        &listen.to_string(),
-        "--control",
-        &control.to_string(),
-        "--envelope",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let backend = procs::spawn_pinned(0, &std::env::current_exe()?, &args)?;
-    let _backend = Running::new(backend, listen)?;
+    let (_backend, _) = procs::envelope_backend()?;
+    let listen = _backend.addr;
     let server = "buffer_budget = \"64MiB\"\nper_ip = { tabs = 5000, sessions = 1000 }\n";
     let route = format!(
         "[[route]]\npath = \"/ws\"\nupstream = \"ws://{listen}/ws\"\nsession_cookie = \"sid\"\n\

@@ -225,6 +225,26 @@ pub fn rss_kib(pids: &[u32]) -> u64 {
         .sum()
 }
 
+/// The bench's backend speaking the envelope (see backend.rs), on core 0;
+/// also returns its control address.
+pub fn envelope_backend() -> std::io::Result<(Running, SocketAddr)> {
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let control = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let args: Vec<String> = [
+        "backend",
+        "--listen",
+        &listen.to_string(),
+        "--control",
+        &control.to_string(),
+        "--envelope",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let child = spawn_pinned(0, &std::env::current_exe()?, &args)?;
+    Ok((Running::new(child, listen)?, control))
+}
+
 /// Starts the tabmux binary `exe` in front of `backend`, pinned to `core`.
 pub fn start_tabmux(
     core: usize,
