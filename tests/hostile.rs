@@ -377,7 +377,10 @@ async fn a_tab_that_never_reads_is_a_slow_consumer_by_bytes() {
         }
     })
     .await;
-    assert_eq!(read_close(&mut s).await, 1008);
+    // The close frame comes behind megabytes the tab never read; a tab
+    // that reads them too slowly may see the connection reset instead.
+    let code = close_or_reset(&mut s).await;
+    assert!(matches!(code, None | Some(1008)), "{code:?}");
     still_works(&mut other, &other_up).await;
     // Nothing is left held for it.
     guard("the account to empty", async {

@@ -75,6 +75,30 @@ pub async fn read_close(s: &mut TcpStream) -> u16 {
     u16::from_be_bytes([payload[0], payload[1]])
 }
 
+/// Reads server frames until a close frame, and returns its code; None if
+/// the connection ends first (a proxy that gave up waiting for a tab that
+/// does not read may reset the connection, and a reset discards what was
+/// not read yet).
+pub async fn close_or_reset(s: &mut TcpStream) -> Option<u16> {
+    guard("a close frame or the end", async {
+        loop {
+            let mut h = [0u8; 2];
+            s.read_exact(&mut h).await.ok()?;
+            let len = match h[1] & 0x7f {
+                126 => u64::from(s.read_u16().await.ok()?),
+                127 => s.read_u64().await.ok()?,
+                n => u64::from(n),
+            };
+            let mut payload = vec![0u8; len as usize];
+            s.read_exact(&mut payload).await.ok()?;
+            if h[0] & 0x0f == 0x8 {
+                return payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+            }
+        }
+    })
+    .await
+}
+
 /// Reads server frames until one with `opcode`; returns its payload.
 pub async fn read_until(s: &mut TcpStream, opcode: u8, what: &str) -> Vec<u8> {
     guard(what, async {
