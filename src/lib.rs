@@ -36,8 +36,16 @@
 //!   table; why an upstream was lost.
 //! - [`queue`]: a tab's outbox, what waits while its socket is full.
 //! - [`reconnect`]: the redial backoff (full jitter) and reconnect buffer.
-//! - [`limits`]: process-wide limits, counted with RAII permits.
-//! - [`shared`]: the state every connection task shares.
+//! - [`limits`]: tabs and sessions, per process and per client address,
+//!   counted with RAII permits; [`client`]: who a connection is from (the
+//!   TCP peer, a PROXY header's source, or a trusted proxy's
+//!   `X-Forwarded-For`); [`proxy_protocol`]: the PROXY v1/v2 header.
+//! - [`budget`]: the one account of message bytes held (`buffer_budget`);
+//!   [`memory`]: freed memory given back to the system.
+//! - [`shared`]: the state every connection task shares, with the
+//!   configuration in force (replaced whole on SIGHUP).
+//! - [`logging`]: the log, its reloadable level, and the lines kept out of
+//!   it (a cookie never reaches it).
 //! - [`metrics`], [`admin`], [`status`], [`history`]: Prometheus metrics,
 //!   the admin endpoints, the live status page and its chart's history.
 //! - [`server`]: binds the listeners and runs them until shutdown.

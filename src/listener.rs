@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::client::Client;
+use crate::config::Server;
 use crate::proxy_protocol;
 use crate::shared::Shared;
 use crate::upgrade;
@@ -48,10 +49,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
                 Client::direct(peer)
             };
             match acceptor {
-                None => serve_http(stream, shared, client).await,
+                None => serve_http(stream, shared, client, &live.server).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => serve_http(tls, shared, client).await,
+                        Ok(Ok(tls)) => serve_http(tls, shared, client, &live.server).await,
                         Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => debug!(%peer, "TLS handshake timed out"),
                     }
@@ -82,14 +83,14 @@ pub async fn accept(
     }
 }
 
-/// Serves HTTP/1.1 on one connection; upgraded requests become tabs.
-async fn serve_http<I>(io: I, shared: Arc<Shared>, client: Client)
+/// Serves HTTP/1.1 on one connection, under `server`'s timeouts (the
+/// configuration in force when it came); upgraded requests become tabs.
+async fn serve_http<I>(io: I, shared: Arc<Shared>, client: Client, server: &Server)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let live = shared.live();
-    let timeout = live.server.handshake_timeout;
-    let max_header_size = live.server.max_header_size;
+    let timeout = server.handshake_timeout;
+    let max_header_size = server.max_header_size;
     let peer = client.peer;
     let service = service_fn(move |req| upgrade::handle(req, shared.clone(), client));
     let conn = http1::Builder::new()

@@ -82,16 +82,8 @@ pub async fn read_close(s: &mut TcpStream) -> u16 {
 pub async fn close_or_reset(s: &mut TcpStream) -> Option<u16> {
     guard("a close frame or the end", async {
         loop {
-            let mut h = [0u8; 2];
-            s.read_exact(&mut h).await.ok()?;
-            let len = match h[1] & 0x7f {
-                126 => u64::from(s.read_u16().await.ok()?),
-                127 => s.read_u64().await.ok()?,
-                n => u64::from(n),
-            };
-            let mut payload = vec![0u8; len as usize];
-            s.read_exact(&mut payload).await.ok()?;
-            if h[0] & 0x0f == 0x8 {
+            let (opcode, payload) = next_frame(s).await.ok()?;
+            if opcode == 0x8 {
                 return payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
             }
         }
@@ -103,22 +95,27 @@ pub async fn close_or_reset(s: &mut TcpStream) -> Option<u16> {
 pub async fn read_until(s: &mut TcpStream, opcode: u8, what: &str) -> Vec<u8> {
     guard(what, async {
         loop {
-            let mut h = [0u8; 2];
-            s.read_exact(&mut h)
+            let (op, payload) = next_frame(s)
                 .await
                 .expect("connection ended before the frame");
-            let mut len = u64::from(h[1] & 0x7f);
-            if len == 126 {
-                len = u64::from(s.read_u16().await.unwrap());
-            } else if len == 127 {
-                len = s.read_u64().await.unwrap();
-            }
-            let mut payload = vec![0u8; len as usize];
-            s.read_exact(&mut payload).await.unwrap();
-            if h[0] & 0x0f == opcode {
+            if op == opcode {
                 return payload;
             }
         }
     })
     .await
+}
+
+/// The next frame from the server (unmasked): its opcode and payload.
+async fn next_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h).await?;
+    let len = match h[1] & 0x7f {
+        126 => u64::from(s.read_u16().await?),
+        127 => s.read_u64().await?,
+        n => u64::from(n),
+    };
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload).await?;
+    Ok((h[0] & 0x0f, payload))
 }
