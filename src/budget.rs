@@ -43,6 +43,10 @@ struct Big {
 /// The process's account.
 pub struct Budget {
     held: AtomicUsize,
+    /// The highest `held` since [`Budget::take_peak`] last reset it: kept
+    /// at every report, so a burst that comes and goes between two looks of
+    /// [`crate::memory`] is still seen.
+    peak: AtomicUsize,
     limit: AtomicUsize,
     /// Bytes of holders told to close and not yet gone: they are not
     /// counted again when deciding whether another must close.
@@ -80,6 +84,7 @@ impl Budget {
     pub fn new(limit: usize) -> Arc<Budget> {
         Arc::new(Budget {
             held: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
             limit: AtomicUsize::new(limit),
             evicting: AtomicUsize::new(0),
             big: Mutex::new(FxHashMap::default()),
@@ -90,6 +95,12 @@ impl Budget {
     /// Bytes held in the whole process.
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
+    }
+
+    /// The highest account since the last call, which starts the next
+    /// period at the account as it is now.
+    pub fn take_peak(&self) -> usize {
+        self.peak.swap(self.held(), Ordering::Relaxed)
     }
 
     pub fn limit(&self) -> usize {
@@ -133,7 +144,9 @@ impl Budget {
         let (old, new) = (charge.bytes as usize, bytes as usize);
         charge.bytes = bytes;
         let total = if new > old {
-            self.held.fetch_add(new - old, Ordering::AcqRel) + (new - old)
+            let total = self.held.fetch_add(new - old, Ordering::AcqRel) + (new - old);
+            self.peak.fetch_max(total, Ordering::Relaxed);
+            total
         } else {
             self.held.fetch_sub(old - new, Ordering::AcqRel) - (old - new)
         };

@@ -11,9 +11,19 @@
 //!   threshold at 128 KiB, which also turns the adjustment off;
 //! - smaller blocks freed in the middle of a heap stay resident until
 //!   `malloc_trim` gives their pages back. [`trim_after_bursts`] calls it
-//!   once a second when the buffer budget's account has fallen by at least
-//!   [`TRIM_AFTER`] since the last call (a burst is over), and never while
-//!   nothing was freed.
+//!   once a burst is over: when the buffer budget's account has fallen by
+//!   at least [`TRIM_AFTER`] from its highest point since the last trim,
+//!   and has stopped falling. Never while nothing was freed, so an idle or
+//!   steady process is not trimmed.
+//!
+//! The highest point is kept by the account itself at every report
+//! ([`Budget::take_peak`]). It used to be sampled here once a second, and
+//! a burst that came and went between two samples (a flood that filled
+//! the queues of tabs that then vanished, within the second) was never
+//! seen: its memory stayed in the allocator until the next burst.
+//! Waiting until the account stops falling lets the memory freed with it
+//! (a closing tab's buffers, just after its share is given back) reach the
+//! allocator before the trim, so one trim returns the whole burst.
 //!
 //! The choice against an allocator with its own decay (jemalloc) is
 //! measured in BENCHMARKS.md ("Eighth pass"). Elsewhere than glibc both are
@@ -28,11 +38,16 @@ use crate::budget::Budget;
 
 /// Allocations of this size or more get their own mapping.
 pub const MMAP_THRESHOLD: usize = 128 * 1024;
-/// How far the account must fall before the heap is trimmed.
-pub const TRIM_AFTER: usize = 1 << 20;
+/// How far the account must fall from its highest point before the heap
+/// is trimmed: enough that a trim is worth its cost (34 ms for 1 GiB
+/// freed, 44 ms for 1 GiB half freed, 3 ms when nothing is free, measured
+/// by `examples/trim_cost.rs`, BENCHMARKS.md), and rare under steady
+/// traffic.
+pub const TRIM_AFTER: usize = 16 << 20;
+/// Still falling: the account fell by more than this since the last look.
+const SETTLING: usize = 1 << 20;
 /// How often the account is looked at.
 const EVERY: Duration = Duration::from_secs(1);
-
 /// Sets the allocator up for a long-running proxy; call once, first thing.
 pub fn configure() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -52,22 +67,86 @@ pub fn trim() {
     }
 }
 
+/// When to trim, from one look at the account a second.
+#[derive(Debug, Default)]
+pub struct Trimmer {
+    /// The account's highest point since the last trim.
+    peak: usize,
+    /// The account at the last look.
+    last: usize,
+}
+
+impl Trimmer {
+    /// One look: `peak` is the account's highest point since the last look,
+    /// `now` the account now. True when a burst is over: trim.
+    pub fn look(&mut self, peak: usize, now: usize) -> bool {
+        self.peak = self.peak.max(peak).max(now);
+        let fallen = self.peak - now;
+        let settling = self.last.saturating_sub(now) > SETTLING;
+        self.last = now;
+        if fallen >= TRIM_AFTER && !settling {
+            self.peak = now;
+            return true;
+        }
+        false
+    }
+}
+
 /// Trims the heap after each burst of held bytes, until `stop` fires.
 pub async fn trim_after_bursts(budget: Arc<Budget>, mut stop: watch::Receiver<()>) {
     let mut every = tokio::time::interval(EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut peak = budget.held();
+    let mut trimmer = Trimmer::default();
     loop {
         tokio::select! {
             _ = every.tick() => {}
             _ = stop.changed() => return,
         }
-        let now = budget.held();
-        peak = peak.max(now);
-        if peak - now >= TRIM_AFTER {
+        let peak = budget.take_peak();
+        if trimmer.look(peak, budget.held()) {
             // Off the runtime's threads: a large heap takes a while.
-            let _ = tokio::task::spawn_blocking(trim).await;
-            peak = now;
+            let took = tokio::task::spawn_blocking(|| {
+                let start = std::time::Instant::now();
+                trim();
+                start.elapsed()
+            })
+            .await;
+            tracing::debug!(?took, "heap trimmed after a burst");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    #[test]
+    fn a_burst_between_two_looks_is_trimmed_once_it_is_over() {
+        let mut t = Trimmer::default();
+        assert!(!t.look(0, 0));
+        // Up to 200 MiB and back to nothing, all within one second.
+        assert!(t.look(200 * MIB, 0));
+        // Nothing more to give back.
+        assert!(!t.look(0, 0));
+    }
+
+    #[test]
+    fn no_trim_while_the_account_is_still_falling() {
+        let mut t = Trimmer::default();
+        assert!(!t.look(200 * MIB, 200 * MIB));
+        assert!(!t.look(200 * MIB, 120 * MIB), "still falling");
+        assert!(!t.look(120 * MIB, 40 * MIB), "still falling");
+        assert!(t.look(40 * MIB, 40 * MIB), "settled: trim");
+    }
+
+    #[test]
+    fn steady_or_rising_accounts_are_never_trimmed() {
+        let mut t = Trimmer::default();
+        for n in 0..50 {
+            // Small ups and downs under traffic, and growth.
+            assert!(!t.look(n * MIB + 3 * MIB, n * MIB));
         }
     }
 }

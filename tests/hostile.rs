@@ -552,3 +552,57 @@ async fn memory_stays_within_the_budget_and_is_returned() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The shape that once kept memory: five tabs that never read, each sent
+/// 640 messages of 64 KiB by the backend (200 MiB held, under a budget and
+/// queue bound that allow it), then gone. Once the account is empty the
+/// process gives the memory back: RSS returns to within 64 MiB of idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_held_for_non_readers_is_returned_after_they_go() {
+    let mock = Mock::start().await;
+    let (mut child, proxy) = proxy()
+        .server("buffer_budget", "1GiB")
+        .route(
+            route("/ws", &mock)
+                .tab_queue(100_000)
+                .set("tab_queue_bytes", "256MiB"),
+        )
+        .spawn();
+    let pid = child.id();
+    let idle = rss_mib(pid);
+    let body = json!("m".repeat(64 * 1024 - 2));
+    let mut tabs = Vec::new();
+    for n in 0..5 {
+        let session = format!("hold-{n}");
+        let s = raw_tab_small_buffer(proxy.addr, &session).await;
+        let up = mock.upstream_for(&session).await;
+        let open = up.nth_open(0).await;
+        for _ in 0..640 {
+            up.send_json(json!({"tab": open["tab"], "data": body}));
+        }
+        tabs.push(s);
+    }
+    guard("150 MiB held for the non-readers", async {
+        while held_bytes(&proxy).await < (150u64 << 20) as f64 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+
+    assert!(rss_mib(pid) > idle + 150.0, "the bytes are resident");
+    drop(tabs);
+    guard("the account to empty", async {
+        while held_bytes(&proxy).await != 0.0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    guard("the memory to be returned", async {
+        while rss_mib(pid) > idle + 64.0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+}
