@@ -249,7 +249,7 @@ fn session_key(
             let keyed_query = if route.forward_query { query } else { "" };
             let key = shared.hasher.shared(
                 &route.path,
-                value.as_bytes(),
+                &value,
                 protocols.as_bytes(),
                 keyed_query.as_bytes(),
             );
@@ -271,7 +271,7 @@ fn dial_params(
     query: &str,
 ) -> DialParams {
     DialParams {
-        cookie: joined_header(headers, header::COOKIE, "; "),
+        cookie: forwarded_cookie(headers),
         user_agent: headers.get(header::USER_AGENT).and_then(copied),
         origin: headers.get(header::ORIGIN).and_then(copied),
         forwarded_for: forwarded_for(headers, client.peer),
@@ -386,17 +386,50 @@ pub fn check_handshake(
     Ok(key.as_bytes().to_vec())
 }
 
-/// The value of the session cookie, if the request has a non-empty one
-/// (the first, when several Cookie headers or pairs carry it).
-pub fn find_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+/// The session cookie's identity: every value the request gives it, in
+/// order, length-prefixed, or None when it has no non-empty value.
+///
+/// A request may carry the cookie more than once (`sessionid=ATT;
+/// sessionid=VIC`: a sibling subdomain can plant the second). Backends
+/// differ in which one they read, and the upstream is sent the whole
+/// header, so the session is keyed by all of them: a tab that sends only
+/// one of the values never joins the session the pair opened.
+pub fn find_cookie(headers: &HeaderMap, name: &str) -> Option<Vec<u8>> {
+    let mut identity = Vec::new();
+    let mut any = false;
+    for (_, c) in cookie_pairs(headers).filter(|(_, c)| c.name() == name) {
+        let value = c.value_trimmed();
+        any |= !value.is_empty();
+        identity.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        identity.extend_from_slice(value.as_bytes());
+    }
+    any.then_some(identity)
+}
+
+/// The request's cookie pairs that parse, each with its text as sent.
+fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&str, cookie::Cookie<'_>)> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| std::str::from_utf8(v.as_bytes()).ok())
-        .flat_map(cookie::Cookie::split_parse)
-        .filter_map(Result::ok)
-        .find(|c| c.name() == name && !c.value_trimmed().is_empty())
-        .map(|c| c.value_trimmed().to_string())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter_map(|pair| Some((pair, cookie::Cookie::parse(pair).ok()?)))
+}
+
+/// The `Cookie` header for the upstream: the pairs that [`find_cookie`]
+/// reads, as the tab sent them, and nothing it could not read (a header
+/// that is not UTF-8, a pair without `=`), so the backend sees exactly the
+/// session cookie values the session was keyed by.
+fn forwarded_cookie(headers: &HeaderMap) -> Option<HeaderValue> {
+    let mut out = String::new();
+    for (pair, _) in cookie_pairs(headers) {
+        if !out.is_empty() {
+            out.push_str("; ");
+        }
+        out.push_str(pair);
+    }
+    (!out.is_empty()).then(|| HeaderValue::from_str(&out).ok())?
 }
 
 /// The requested subprotocols, in the tab's order, as one `a, b` list.
@@ -474,14 +507,51 @@ mod tests {
 
     #[test]
     fn cookie_is_found_among_others_and_must_be_non_empty() {
+        let one = |v: &str| {
+            let mut out = (v.len() as u32).to_be_bytes().to_vec();
+            out.extend_from_slice(v.as_bytes());
+            out
+        };
         let h = headers(&[("cookie", "a=1; sessionid=abc; b=2")]);
-        assert_eq!(find_cookie(&h, "sessionid").as_deref(), Some("abc"));
+        assert_eq!(find_cookie(&h, "sessionid"), Some(one("abc")));
         let h = headers(&[("cookie", "a=1"), ("cookie", "sessionid=\"q\"")]);
-        assert_eq!(find_cookie(&h, "sessionid").as_deref(), Some("q"));
+        assert_eq!(find_cookie(&h, "sessionid"), Some(one("q")));
         let h = headers(&[("cookie", "sessionid=; other=x")]);
         assert_eq!(find_cookie(&h, "sessionid"), None);
         let h = headers(&[("cookie", "xsessionid=1")]);
         assert_eq!(find_cookie(&h, "sessionid"), None);
+    }
+
+    #[test]
+    fn the_upstream_gets_the_cookie_pairs_the_key_was_made_of() {
+        let mut h = headers(&[("cookie", "a=1;sessionid=ATT ; sessionid; b=\"2\"")]);
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_bytes(b"sessionid=\xffVIC").unwrap(),
+        );
+        let sent = forwarded_cookie(&h).unwrap();
+        assert_eq!(sent, "a=1; sessionid=ATT; b=\"2\"");
+        assert_eq!(forwarded_cookie(&headers(&[("cookie", "junk")])), None);
+    }
+
+    #[test]
+    fn a_cookie_given_twice_is_keyed_by_all_its_values_in_order() {
+        let id = |c: &str| find_cookie(&headers(&[("cookie", c)]), "sessionid");
+        let pair = id("sessionid=ATT; sessionid=VIC");
+        assert!(pair.is_some());
+        assert_ne!(pair, id("sessionid=ATT"));
+        assert_ne!(pair, id("sessionid=VIC"));
+        assert_ne!(pair, id("sessionid=VIC; sessionid=ATT"));
+        // Not a concatenation: "AT" + "TVIC" is another identity.
+        assert_ne!(pair, id("sessionid=AT; sessionid=TVIC"));
+        // An empty value counts where it stands.
+        assert_ne!(id("sessionid=; sessionid=VIC"), id("sessionid=VIC"));
+        // Over two headers, as over two pairs of one.
+        let two = find_cookie(
+            &headers(&[("cookie", "sessionid=ATT"), ("cookie", "sessionid=VIC")]),
+            "sessionid",
+        );
+        assert_eq!(two, pair);
     }
 
     #[test]
