@@ -64,6 +64,12 @@ async fn answer(
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into()));
     }
+    if !host_allowed(&req, &shared.live().admin.allowed_hosts) {
+        return Ok(text(
+            StatusCode::MISDIRECTED_REQUEST,
+            "this Host is not served here (admin.allowed_hosts)\n".into(),
+        ));
+    }
     Ok(match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" if shared.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n".into()),
@@ -102,6 +108,34 @@ async fn answer(
     })
 }
 
+/// Whether the request names this listener by an IP address, `localhost`
+/// or a name in `allowed`, or names nothing (an HTTP/1.0 health check).
+///
+/// A web page on `evil.example` whose name is made to resolve to 127.0.0.1
+/// (DNS rebinding) could otherwise read the admin listener from the
+/// victim's browser: the browser sends `Host: evil.example`.
+fn host_allowed<B>(req: &Request<B>, allowed: &[String]) -> bool {
+    // An absolute-form target names the host itself, and wins over Host.
+    let named = match req.uri().authority() {
+        Some(a) => a.host().to_string(),
+        None => match req.headers().get(header::HOST) {
+            None => return true,
+            Some(v) => match v
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<http::uri::Authority>().ok())
+            {
+                Some(a) => a.host().to_string(),
+                None => return false,
+            },
+        },
+    };
+    let host = named.trim_start_matches('[').trim_end_matches(']');
+    host.parse::<std::net::IpAddr>().is_ok()
+        || host.eq_ignore_ascii_case("localhost")
+        || allowed.iter().any(|a| a.eq_ignore_ascii_case(host))
+}
+
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     typed(status, "text/plain; charset=utf-8", body)
 }
@@ -113,4 +147,48 @@ fn typed(status: StatusCode, content_type: &'static str, body: String) -> Respon
         .header(header::CACHE_CONTROL, "no-store")
         .body(Full::new(Bytes::from(body)))
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(target: &str, host: Option<&str>) -> Request<()> {
+        let mut b = Request::get(target);
+        if let Some(h) = host {
+            b = b.header(header::HOST, h);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn only_addresses_localhost_and_allowed_names_are_answered() {
+        let allowed = vec!["tabmux-admin.internal".to_string()];
+        for ok in [
+            "127.0.0.1:9090",
+            "10.1.2.3",
+            "[::1]:9090",
+            "localhost:9090",
+            "LOCALHOST",
+            "tabmux-admin.internal:9090",
+            "TABMUX-ADMIN.internal",
+        ] {
+            assert!(host_allowed(&req("/metrics", Some(ok)), &allowed), "{ok}");
+        }
+        for no in [
+            "evil.example",
+            "evil.example:9090",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+            "",
+            "a b",
+        ] {
+            assert!(!host_allowed(&req("/metrics", Some(no)), &allowed), "{no}");
+        }
+        // No Host at all: an HTTP/1.0 health check.
+        assert!(host_allowed(&req("/healthz", None), &allowed));
+        // An absolute-form target is the name that counts.
+        let absolute = req("http://evil.example/metrics", Some("127.0.0.1"));
+        assert!(!host_allowed(&absolute, &allowed));
+    }
 }

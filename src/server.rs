@@ -115,7 +115,7 @@ impl Proxy {
             let routes: Vec<String> = live
                 .routes
                 .iter()
-                .map(|r| format!("{} -> {}", r.route.path, r.route.upstream.uri))
+                .map(|r| format!("{} -> {}", r.route.path, r.route.upstream))
                 .collect();
             info!(
                 "tabs: listening on {scheme}://{addr} ({})",

@@ -26,6 +26,8 @@ pub struct RouteRuntime {
 /// from now on is admitted and served under.
 pub struct Live {
     pub server: Server,
+    /// `[admin]` as reloaded (its `listen` cannot change: [`Shared::admin`]).
+    pub admin: Admin,
     pub routes: Vec<Arc<RouteRuntime>>,
     /// When this configuration was loaded (Unix milliseconds).
     pub loaded_ms: u64,
@@ -79,6 +81,7 @@ impl Shared {
         let live = Live {
             routes: route_runtimes(&config, &metrics, None, &shutdown, &budget),
             server: config.server.clone(),
+            admin: config.admin.clone(),
             loaded_ms: unix_ms(),
         };
         Shared {
@@ -141,6 +144,7 @@ impl Shared {
                 &self.budget,
             ),
             server: config.server,
+            admin: config.admin,
             loaded_ms: unix_ms(),
         };
         self.limits.configure(&live.server);

@@ -54,7 +54,7 @@ pub fn status_json(shared: &Shared) -> Value {
             .collect();
         let route = json!({
             "path": rt.route.path,
-            "upstream": rt.route.upstream.uri.to_string(),
+            "upstream": rt.route.upstream.to_string(),
             "envelope": rt.route.envelope.header_value(),
             "tabs": m.tabs_open.get(),
             "sessions": m.sessions_active.get(),

@@ -150,7 +150,7 @@ async fn the_admin_listener_is_bounded() {
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut s = TcpStream::connect(proxy.admin).await.unwrap();
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             .await
             .unwrap();
         let n = guard("an answer", s.read(&mut buf)).await.unwrap();
@@ -161,7 +161,7 @@ async fn the_admin_listener_is_bounded() {
     // cannot be waited for) ...
     let mut third = TcpStream::connect(proxy.admin).await.unwrap();
     third
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let early =

@@ -194,19 +194,36 @@ async fn refusals_are_counted_by_reason() {
 /// The cookie value must not appear in logs (even at debug, even in JSON),
 /// metrics, or the status page.
 #[tokio::test]
-async fn the_session_cookie_appears_nowhere() {
+async fn the_session_cookie_and_upstream_query_values_appear_nowhere() {
     const SECRET: &str = "S3CR3T-COOKIE-VALUE-7f3a";
+    const API_KEY: &str = "AP1-K3Y-VALUE-91c2";
     let mock = Mock::start().await;
     let up = mock.upstream(0);
     let dir = std::env::temp_dir().join(format!("tabmux-logs-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let log_path = dir.join("log.jsonl");
+    let upstream = format!("ws://{}/backend?api_key={API_KEY}&v=2", mock.addr);
     let toml = proxy()
         .log("json", "trace")
-        .route(route("/ws", &mock))
+        .route(route("/ws", &mock).upstream(&upstream))
         .toml();
     let path = dir.join("proxy.toml");
     std::fs::write(&path, &toml).unwrap();
+    // `check` prints the routes, and quotes a bad upstream URL.
+    let check = |path: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tabmux"))
+            .args(["check", "--config"])
+            .arg(path)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let checked = check(&path);
+    assert!(checked.contains("?api_key=…&v=…"), "{checked}");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, toml.replace("ws://", "http://")).unwrap();
+    let refused = check(&bad);
+    assert!(refused.contains("use ws://"), "{refused}");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tabmux"))
         .arg("--config")
@@ -252,8 +269,15 @@ async fn the_session_cookie_appears_nowhere() {
         .origin(Some("https://evil.example"))
         .refused(&proxy)
         .await;
+    assert_eq!(
+        up.path().await,
+        format!("/backend?api_key={API_KEY}&v=2"),
+        "the backend gets the key"
+    );
     let metrics = scrape(&proxy).await;
     let status = admin_get(proxy.admin, "/status.json").await.1;
+    assert!(status.contains("?api_key=…&v=…"), "{status}");
+    let page = admin_get(proxy.admin, "/").await.1;
     let _ = child.kill();
     let _ = child.wait();
     let logs = std::fs::read_to_string(&log_path).unwrap();
@@ -269,15 +293,25 @@ async fn the_session_cookie_appears_nowhere() {
         logs.contains("\"session\":\""),
         "lines carry the session hash"
     );
-    for (what, text) in [("logs", &logs), ("metrics", &metrics), ("status", &status)] {
-        assert!(
-            !text.contains(SECRET),
-            "the cookie value leaked into the {what}: {}",
-            text.lines()
-                .filter(|l| l.contains(SECRET))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
+    let texts = [
+        ("logs", &logs),
+        ("metrics", &metrics),
+        ("status", &status),
+        ("page", &page),
+        ("check", &checked),
+        ("check's refusal", &refused),
+    ];
+    for (what, text) in texts {
+        for secret in [SECRET, API_KEY] {
+            assert!(
+                !text.contains(secret),
+                "{secret} leaked into the {what}: {}",
+                text.lines()
+                    .filter(|l| l.contains(secret))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
     }
     std::fs::remove_dir_all(&dir).ok();
 }

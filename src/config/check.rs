@@ -38,7 +38,7 @@ const SERVER_KEYS: &[&str] = &[
 ];
 const TLS_KEYS: &[&str] = &["cert", "key"];
 const PER_IP_KEYS: &[&str] = &["tabs", "sessions"];
-const ADMIN_KEYS: &[&str] = &["listen", "public", "max_connections"];
+const ADMIN_KEYS: &[&str] = &["listen", "public", "max_connections", "allowed_hosts"];
 /// The levels a log filter directive may name.
 const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
 const LOG_KEYS: &[&str] = &["format", "level"];
@@ -274,10 +274,12 @@ impl Checker<'_> {
         let listen = self.required(t, "listen", "[admin]", Self::addr);
         let public = self.optional(t, "public", false, Self::boolean);
         let max_connections = self.optional(t, "max_connections", 64, Self::positive);
+        let allowed_hosts = self.optional(t, "allowed_hosts", Vec::new(), Self::host_names);
         Some(Admin {
             listen: listen?,
             public: public?,
             max_connections: max_connections? as usize,
+            allowed_hosts: allowed_hosts?,
         })
     }
 
@@ -383,6 +385,27 @@ impl Checker<'_> {
                 None
             }
         }
+    }
+
+    /// DNS names (`admin.allowed_hosts`), lower-cased; no port, no
+    /// wildcard: each is answered exactly.
+    fn host_names(&mut self, item: &Item) -> Option<Vec<String>> {
+        let mut names = Vec::new();
+        for s in self.string_list(item)? {
+            let valid = !s.is_empty()
+                && s.len() <= 253
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if !valid {
+                self.at(
+                    item.span(),
+                    format!("`{s}` is not a host name (letters, digits, `-` and `.`; no port)"),
+                );
+                return None;
+            }
+            names.push(s.to_ascii_lowercase());
+        }
+        Some(names)
     }
 
     pub(super) fn string_list(&mut self, item: &Item) -> Option<Vec<String>> {

@@ -93,6 +93,9 @@ pub struct Admin {
     pub public: bool,
     /// Admin connections served at once; more wait to be accepted.
     pub max_connections: usize,
+    /// Host names answered besides IP addresses and `localhost`, lower
+    /// case (others get 421: DNS rebinding).
+    pub allowed_hosts: Vec<String>,
 }
 
 /// `[log]`.
@@ -175,13 +178,56 @@ pub struct Reconnect {
 }
 
 /// A validated `ws://` or `wss://` upstream address.
-#[derive(Debug, Clone)]
+///
+/// Displayed (and debug-printed) with its query values hidden, since API
+/// keys travel there: logs, `check`, the status page and `/status.json`
+/// show `?api_key=…`. Only the dial uses [`UpstreamUrl::uri`] itself.
+#[derive(Clone)]
 pub struct UpstreamUrl {
     /// The full URL as written (used as the request target).
     pub uri: Uri,
     pub tls: bool,
     pub host: String,
     pub port: u16,
+}
+
+impl std::fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redacted(&self.uri.to_string()))
+    }
+}
+
+impl std::fmt::Debug for UpstreamUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UpstreamUrl({self})")
+    }
+}
+
+/// `url` with the value of every query parameter (and any fragment)
+/// replaced by `…`: `wss://h/p?api_key=…&v=…`. Works on any string, a URL
+/// that does not parse included, so an error message can quote it.
+pub fn redacted(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_string();
+    };
+    let query = query.split('#').next().unwrap_or("");
+    let mut out = String::with_capacity(url.len());
+    out.push_str(base);
+    out.push('?');
+    for (i, param) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        match param.split_once('=') {
+            Some((name, _)) => {
+                out.push_str(name);
+                out.push_str("=…");
+            }
+            None if param.is_empty() => {}
+            None => out.push('…'),
+        }
+    }
+    out
 }
 
 /// One `[[route]]`.
@@ -327,7 +373,7 @@ impl Config {
                 Origins::Any => "any origin (*)".to_string(),
                 Origins::List(l) => l.join(", "),
             };
-            let _ = writeln!(out, "route {} -> {}", r.path, r.upstream.uri);
+            let _ = writeln!(out, "route {} -> {}", r.path, r.upstream);
             let _ = writeln!(
                 out,
                 "  envelope {}{}, cookie `{}` (missing: {}), origins: {origins}",
@@ -420,6 +466,26 @@ pub fn parse_size(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_query_values_are_never_shown() {
+        assert_eq!(
+            redacted("wss://h:1/p?api_key=SECRET&v=2"),
+            "wss://h:1/p?api_key=…&v=…"
+        );
+        assert_eq!(redacted("ws://h/p?SECRET"), "ws://h/p?…");
+        assert_eq!(redacted("ws://h/p?a=1#SECRET"), "ws://h/p?a=…");
+        assert_eq!(redacted("ws://h/p"), "ws://h/p");
+        let url: Uri = "ws://h/p?token=SECRET".parse().unwrap();
+        let u = UpstreamUrl {
+            uri: url,
+            tls: false,
+            host: "h".into(),
+            port: 80,
+        };
+        assert_eq!(u.to_string(), "ws://h/p?token=…");
+        assert!(!format!("{u:?}").contains("SECRET"));
+    }
 
     const MINIMAL: &str = r#"
 [server]

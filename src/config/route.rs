@@ -342,7 +342,8 @@ impl Checker<'_> {
     fn upstream_url(&mut self, item: &Item) -> Option<UpstreamUrl> {
         let s = self.string(item)?;
         let bad = |c: &mut Self, why: &str| {
-            c.at(item.span(), format!("upstream `{s}`: {why}"));
+            let shown = super::redacted(&s);
+            c.at(item.span(), format!("upstream `{shown}`: {why}"));
             None
         };
         let Ok(uri) = s.parse::<Uri>() else {

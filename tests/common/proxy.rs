@@ -416,7 +416,7 @@ fn spawn_tabmux(toml: &str) -> (std::process::Child, TestProxy, std::path::PathB
 pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
     raw_http(
         admin,
-        &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"),
+        &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
     )
     .await
 }
