@@ -36,6 +36,14 @@ impl Client {
         }
     }
 
+    /// Whether the peer is one of `trusted`: then who the client is comes
+    /// only with the request's `X-Forwarded-For`.
+    pub fn peer_is_trusted(&self, trusted: &[IpNet]) -> bool {
+        trusted
+            .iter()
+            .any(|net| net.contains(&canonical(self.peer.ip())))
+    }
+
     /// The client behind `trusted` proxies, from the request's
     /// `X-Forwarded-For` (only when the peer is itself trusted).
     pub fn behind(self, trusted: &[IpNet], headers: &HeaderMap) -> Client {

@@ -2,6 +2,10 @@
 //! with RAII permits: a permit is given back when it is dropped, however its
 //! holder ends (a panic or an early return cannot leak a slot).
 //!
+//! - a connection in its handshake holds a [`HandshakePermit`]: one of its
+//!   address's `server.per_ip.tabs`, so one address cannot hold the
+//!   process's file descriptors with half-sent requests. Once admitted, it
+//!   becomes the tab's [`TabPermit`] (the address's slot carries over);
 //! - a tab holds a [`TabPermit`]: one of `server.max_tabs`, and one of its
 //!   client address's `server.per_ip.tabs`;
 //! - a session holds a [`SessionPermit`] from its dial to its end (linger
@@ -19,6 +23,43 @@ use dashmap::DashMap;
 use tokio::sync::Notify;
 
 use crate::config::Server;
+
+/// The process's open-file limit as found at start, and as set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenFiles {
+    pub found: u64,
+    pub set: u64,
+    pub hard: u64,
+}
+
+/// Raises the open-file soft limit to the hard limit (PROTOCOL.md,
+/// "Limits"): every tab and upstream is a descriptor, and a soft limit of
+/// 1,024 (a common default) would refuse connections long before
+/// `max_tabs`. Call once at start, and log what it returns.
+pub fn raise_open_files() -> std::io::Result<OpenFiles> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write `lim`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let found = lim.rlim_cur as u64;
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(OpenFiles {
+            found,
+            set: lim.rlim_cur as u64,
+            hard: lim.rlim_max as u64,
+        })
+    }
+}
 
 /// Which limit refused a tab: its metric label and its plain-text body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +194,40 @@ impl Limits {
         }))
     }
 
+    /// A connection's slot among its address's `per_ip.tabs` while it
+    /// makes its handshake, or the limit that refuses it.
+    pub fn handshake(self: &Arc<Self>, ip: IpAddr) -> Result<HandshakePermit, Limit> {
+        let mut held = self.addresses.entry(ip).or_default();
+        if held.tabs >= self.per_ip_tabs.load(Ordering::Relaxed) {
+            drop(held);
+            self.forget_if_empty(ip);
+            return Err(Limit::AddressTabs);
+        }
+        held.tabs += 1;
+        Ok(HandshakePermit(Some(Slot {
+            limits: self.clone(),
+            ip,
+        })))
+    }
+
+    /// A tab's slot for a connection that made its handshake holding
+    /// `handshake`: if both are the same address, the address's slot
+    /// carries over and only the process's is taken.
+    pub fn tab_after(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        handshake: Option<HandshakePermit>,
+    ) -> Result<TabPermit, Limit> {
+        let Some(mut handshake) = handshake.filter(|h| h.ip() == Some(ip)) else {
+            return self.tab(ip);
+        };
+        if !self.tabs.try_take() {
+            return Err(Limit::Tabs);
+        }
+        let slot = handshake.0.take().expect("filtered on its address");
+        Ok(TabPermit(slot))
+    }
+
     /// A new session's slot, or the limit that refuses it.
     pub fn session(self: &Arc<Self>, ip: IpAddr) -> Result<SessionPermit, Limit> {
         self.take(ip, Limit::Sessions)?;
@@ -195,21 +270,22 @@ impl Limits {
         Ok(())
     }
 
-    fn give_back(&self, ip: IpAddr, tab: bool) {
+    fn give_back(&self, ip: IpAddr, kind: Kind) {
         if let Some(mut held) = self.addresses.get_mut(&ip) {
-            let count = if tab {
-                &mut held.tabs
-            } else {
-                &mut held.sessions
+            let count = match kind {
+                Kind::Handshake | Kind::Tab => &mut held.tabs,
+                Kind::Session => &mut held.sessions,
             };
             *count = count.saturating_sub(1);
         }
         self.forget_if_empty(ip);
-        if tab {
-            self.tabs.give_back();
-            self.released.notify_waiters();
-        } else {
-            self.sessions.give_back();
+        match kind {
+            Kind::Handshake => {}
+            Kind::Tab => {
+                self.tabs.give_back();
+                self.released.notify_waiters();
+            }
+            Kind::Session => self.sessions.give_back(),
         }
     }
 
@@ -217,6 +293,17 @@ impl Limits {
         self.addresses
             .remove_if(&ip, |_, h| h.tabs == 0 && h.sessions == 0);
     }
+}
+
+/// Which counts a permit holds.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// The address's `per_ip.tabs` only.
+    Handshake,
+    /// `max_tabs` and the address's `per_ip.tabs`.
+    Tab,
+    /// `max_sessions` and the address's `per_ip.sessions`.
+    Session,
 }
 
 /// What a permit gives back.
@@ -230,7 +317,44 @@ pub struct TabPermit(Slot);
 
 impl Drop for TabPermit {
     fn drop(&mut self) {
-        self.0.limits.give_back(self.0.ip, true);
+        self.0.limits.give_back(self.0.ip, Kind::Tab);
+    }
+}
+
+/// A connection's slot among its address's tabs while it makes its
+/// handshake, given back when dropped (None once it became a tab's).
+pub struct HandshakePermit(Option<Slot>);
+
+/// A connection's [`HandshakePermit`], if it holds one, shared between the
+/// connection's task and the request that becomes its tab.
+#[derive(Clone, Default)]
+pub struct Handshake(Arc<std::sync::Mutex<Option<HandshakePermit>>>);
+
+impl Handshake {
+    pub fn new(permit: Option<HandshakePermit>) -> Handshake {
+        Handshake(Arc::new(std::sync::Mutex::new(permit)))
+    }
+
+    /// The permit, for the request that becomes the tab.
+    pub fn take(&self) -> Option<HandshakePermit> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
+}
+
+impl HandshakePermit {
+    fn ip(&self) -> Option<IpAddr> {
+        self.0.as_ref().map(|s| s.ip)
+    }
+}
+
+impl Drop for HandshakePermit {
+    fn drop(&mut self) {
+        if let Some(slot) = &self.0 {
+            slot.limits.give_back(slot.ip, Kind::Handshake);
+        }
     }
 }
 
@@ -239,7 +363,7 @@ pub struct SessionPermit(Slot);
 
 impl Drop for SessionPermit {
     fn drop(&mut self) {
-        self.0.limits.give_back(self.0.ip, false);
+        self.0.limits.give_back(self.0.ip, Kind::Session);
     }
 }
 
@@ -287,6 +411,29 @@ mod tests {
         drop(held);
         drop(other);
         // An address that holds nothing is forgotten.
+        assert_eq!(limits.addresses(), 0);
+        assert_eq!(limits.tabs_open(), 0);
+    }
+
+    #[test]
+    fn handshakes_count_against_the_address_and_carry_over_to_the_tab() {
+        let limits = limits(10, 2, 10, 10);
+        let first = limits.handshake(A).unwrap();
+        let second = limits.handshake(A).unwrap();
+        assert_eq!(limits.handshake(A).err(), Some(Limit::AddressTabs));
+        assert_eq!(limits.tabs_open(), 0, "not tabs yet");
+        // Admitted: the address's slot carries over, nothing counted twice.
+        let tab = limits.tab_after(A, Some(first)).unwrap();
+        assert_eq!(limits.tabs_open(), 1);
+        assert_eq!(limits.handshake(A).err(), Some(Limit::AddressTabs));
+        drop(second);
+        let third = limits.handshake(A).unwrap();
+        // A tab whose client turned out to be another address (a trusted
+        // proxy's X-Forwarded-For) takes that address's slot instead.
+        let other = limits.tab_after(B, Some(third)).unwrap();
+        assert_eq!(limits.tabs_open(), 2);
+        assert!(limits.handshake(A).is_ok(), "A's handshake slot is back");
+        drop((tab, other));
         assert_eq!(limits.addresses(), 0);
         assert_eq!(limits.tabs_open(), 0);
     }

@@ -156,6 +156,17 @@ fn run(path: &std::path::Path) -> ExitCode {
         Err(code) => return code,
     };
     let log = init_logging(config.log.format, &config.log.level);
+    match tabmux::limits::raise_open_files() {
+        Ok(f) => tracing::info!(
+            found = f.found,
+            set = f.set,
+            hard = f.hard,
+            "open-file limit: {} found, {} set (the hard limit)",
+            f.found,
+            f.set
+        ),
+        Err(e) => tracing::warn!(error = %e, "open-file limit could not be read or raised"),
+    }
     let runtime = match runtime(config.server.worker_threads) {
         Ok(rt) => rt,
         Err(code) => return code,

@@ -262,6 +262,18 @@ impl Metrics {
         }
     }
 
+    /// Counts a connection refused before its request named a route (at
+    /// accept: `per_ip_tabs` for an address whose handshakes fill its
+    /// share); its `route` label is empty.
+    pub fn refused_before_route(&self, reason: &'static str) {
+        self.admissions_refused
+            .get_or_create(&ReasonLabel {
+                route: String::new(),
+                reason,
+            })
+            .inc();
+    }
+
     /// The handles one route uses, resolved once.
     pub fn route(&self, path: &str) -> RouteMetrics {
         let label = RouteLabel {

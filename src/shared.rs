@@ -14,7 +14,7 @@ use crate::config::{Admin, Config, Route, Server};
 use crate::history::History;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::session::{Registry, SessionContext, SessionHasher};
+use crate::session::{DrainOrder, Registry, SessionContext, SessionHasher};
 
 /// One route with the runtime state its sessions share.
 pub struct RouteRuntime {
@@ -55,6 +55,8 @@ pub struct Shared {
     pub limits: Arc<Limits>,
     /// Every message byte held, against `server.buffer_budget`.
     pub budget: Arc<Budget>,
+    /// The order of the shutdown drain, shared by every session.
+    pub drain_order: Arc<DrainOrder>,
     pub registry: Arc<Registry>,
     /// True once every listener accepts connections, until the drain
     /// starts (`/readyz`).
@@ -78,8 +80,9 @@ impl Shared {
     ) -> Shared {
         let budget = Budget::new(config.server.buffer_budget);
         let limits = Limits::new(&config.server);
+        let drain_order = Arc::new(DrainOrder::default());
         let live = Live {
-            routes: route_runtimes(&config, &metrics, None, &shutdown, &budget),
+            routes: route_runtimes(&config, &metrics, None, &shutdown, &budget, &drain_order),
             server: config.server.clone(),
             admin: config.admin.clone(),
             loaded_ms: unix_ms(),
@@ -91,6 +94,7 @@ impl Shared {
             hasher: SessionHasher::new(),
             limits,
             budget,
+            drain_order,
             registry: Arc::new(Registry::default()),
             ready: AtomicBool::new(false),
             metrics_registry,
@@ -142,6 +146,7 @@ impl Shared {
                 Some(&old),
                 &self.shutdown,
                 &self.budget,
+                &self.drain_order,
             ),
             server: config.server,
             admin: config.admin,
@@ -166,6 +171,7 @@ fn route_runtimes(
     old: Option<&Live>,
     shutdown: &watch::Receiver<()>,
     budget: &Arc<Budget>,
+    drain_order: &Arc<DrainOrder>,
 ) -> Vec<Arc<RouteRuntime>> {
     config
         .routes
@@ -183,6 +189,7 @@ fn route_runtimes(
                     shutdown: shutdown.clone(),
                     budget: budget.clone(),
                     drain_spread: config.server.drain_spread,
+                    drain_order: drain_order.clone(),
                 },
             })
         })

@@ -24,7 +24,7 @@ use tracing::{debug, field, info, Instrument};
 
 use crate::client::Client;
 use crate::config::{MissingCookie, Route};
-use crate::limits::{Limit, TabPermit};
+use crate::limits::{Handshake, Limit, TabPermit};
 use crate::session::{JoinInfo, Joined, NewSession, Refusal, SessionKey};
 use crate::shared::{Live, RouteRuntime, Shared};
 use crate::tab::Tab;
@@ -38,6 +38,7 @@ pub async fn handle(
     req: Request<Incoming>,
     shared: Arc<Shared>,
     client: Client,
+    handshake: Handshake,
 ) -> Result<HttpResponse, Infallible> {
     let live = shared.live();
     let Some(rt) = live.route(req.uri().path()) else {
@@ -54,7 +55,7 @@ pub async fn handle(
         session = field::Empty,
         tab = field::Empty
     );
-    Ok(admit(req, &shared, &live, rt, client)
+    Ok(admit(req, &shared, &live, rt, client, handshake)
         .instrument(span)
         .await)
 }
@@ -148,8 +149,9 @@ async fn admit(
     live: &Live,
     rt: &RouteRuntime,
     client: Client,
+    handshake: Handshake,
 ) -> HttpResponse {
-    match admit_steps(req, shared, live, rt, client).await {
+    match admit_steps(req, shared, live, rt, client, handshake).await {
         Ok(switching) => switching,
         Err(refused) => refused.answer(rt),
     }
@@ -161,6 +163,7 @@ async fn admit_steps(
     live: &Live,
     rt: &RouteRuntime,
     client: Client,
+    handshake: Handshake,
 ) -> Result<HttpResponse, Refused> {
     let route = &rt.route;
     let key = websocket_key(&req)?;
@@ -170,9 +173,10 @@ async fn admit_steps(
     let (session_key, own) = session_key(shared, rt, req.headers(), &protocols, &query)?;
     let span = tracing::Span::current();
     span.record("session", field::display(session_key.name()));
+    // The connection's handshake slot becomes the tab's.
     let permit = shared
         .limits
-        .tab(client.limit_key())
+        .tab_after(client.limit_key(), handshake.take())
         .map_err(Refused::Limit)?;
     let new = NewSession {
         dial: dial_params(live, route, req.headers(), client, &protocols, &query),

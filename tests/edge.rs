@@ -7,6 +7,8 @@ mod common;
 
 use common::*;
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// The upstream connection whose handshake carried exactly this Cookie.
 async fn upstream_with_cookie(mock: &Mock, cookie: &str) -> Upstream {
@@ -91,4 +93,163 @@ async fn the_admin_listener_answers_only_its_own_names() {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The log the spawned binary wrote (beside its configuration file).
+fn child_log(config: &std::path::Path) -> String {
+    std::fs::read_to_string(config.with_file_name("log.txt")).unwrap_or_default()
+}
+
+/// Opens `n` connections from `from`, each sending half a request head
+/// and nothing more; returns them (held open).
+async fn half_sent_heads(addr: std::net::SocketAddr, from: &str, n: usize) -> Vec<TcpStream> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(std::net::SocketAddr::new(from.parse().unwrap(), 0))
+            .unwrap();
+        let Ok(mut s) = socket.connect(addr).await else {
+            continue;
+        };
+        let _ = s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n").await;
+        held.push(s);
+    }
+    held
+}
+
+/// 1,100 half-sent request heads from one address, at an open-file limit
+/// of 1,024: handshakes count against `per_ip.tabs` (1,000), so the rest
+/// are refused at accept with a 429 naming the limit, the process keeps
+/// descriptors to spare, and a real tab from another address is admitted
+/// while the 1,100 are still held. The open-file limit is logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_heads_from_one_address_cannot_take_the_descriptors() {
+    let mock = Mock::behaving(echo()).await;
+    let (mut child, proxy, config) = proxy()
+        .open_files(1024)
+        .handshake_timeout("60s")
+        .route(route("/ws", &mock))
+        .spawn_file();
+    let mut held = half_sent_heads(proxy.addr, "127.0.0.1", 1100).await;
+    guard("the connections past per_ip.tabs to be refused", async {
+        loop {
+            let text = admin_get(proxy.admin, "/metrics").await.1;
+            let refused = metric(
+                &text,
+                r#"tabmux_admissions_refused_total{route="",reason="per_ip_tabs"}"#,
+            );
+            if refused >= Some(100.0) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    // One of the refused ones got the answer that names the limit.
+    let mut answers = 0;
+    for s in held.iter_mut().rev().take(50) {
+        let mut buf = vec![0u8; 512];
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(std::time::Duration::from_millis(1), s.read(&mut buf)).await
+        {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if n > 0 {
+                assert!(text.starts_with("HTTP/1.1 429"), "{text}");
+                assert!(text.contains("per_ip.tabs"), "{text}");
+                answers += 1;
+            }
+        }
+    }
+    assert!(answers > 0, "a refused connection was told why");
+    let mut tab = TabSpec::new("real").from("127.0.0.2").connect(&proxy).await;
+    tab.send_text("\"still served\"").await;
+    assert_eq!(tab.recv_text().await, "\"still served\"");
+    let log = child_log(&config);
+    assert!(
+        log.contains("open-file limit: 1024 found, 1024 set"),
+        "the limits are logged: {log}"
+    );
+    drop(held);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A process out of descriptors (a flood from many addresses, at a small
+/// open-file limit) keeps serving the tabs it has; once the flood is gone
+/// it accepts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_connected_tabs_go_on() {
+    let mock = Mock::behaving(echo()).await;
+    let (mut child, proxy, config) = proxy()
+        .open_files(64)
+        .handshake_timeout("60s")
+        .route(route("/ws", &mock))
+        .spawn_file();
+    let mut tab = TabSpec::new("before").connect(&proxy).await;
+    let mut flood = Vec::new();
+    for n in 2..6 {
+        flood.extend(half_sent_heads(proxy.addr, &format!("127.0.0.{n}"), 40).await);
+    }
+    // Accepts fail (EMFILE) once the descriptors are gone.
+    guard("accepts to fail at the open-file limit", async {
+        while !child_log(&config).contains("accept failed") {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    for n in 0..5 {
+        let text = format!("\"{n}\"");
+        tab.send_text(&text).await;
+        assert_eq!(tab.recv_text().await, text, "the connected tab goes on");
+    }
+    drop(flood);
+    let mut after = TabSpec::new("after").connect(&proxy).await;
+    after.send_text("\"back\"").await;
+    assert_eq!(after.recv_text().await, "\"back\"");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// One deadline covers the PROXY header and the request head: a header
+/// sent late and a head dribbled a byte at a time do not get a timeout
+/// each. In paused time: closed 2 s after the connection, not 2 s after
+/// the PROXY header.
+#[tokio::test(start_paused = true)]
+async fn one_deadline_covers_the_proxy_header_and_the_request_head() {
+    use std::time::Duration;
+    let mock = Mock::start().await;
+    let proxy = proxy()
+        .handshake_timeout("2s")
+        .server("proxy_protocol", true)
+        .route(route("/ws", &mock))
+        .start()
+        .await;
+    let start = tokio::time::Instant::now();
+    let s = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut read, mut write) = s.into_split();
+    let closed = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let _ = read.read_to_end(&mut buf).await;
+        tokio::time::Instant::now()
+    });
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    write
+        .write_all(b"PROXY TCP4 192.0.2.1 192.0.2.2 1234 80\r\n")
+        .await
+        .unwrap();
+    let head = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n";
+    for byte in head {
+        if closed.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = write.write_all(&[*byte]).await;
+    }
+    let closed_at = closed.await.unwrap();
+    let took = closed_at - start;
+    assert!(
+        took <= Duration::from_millis(2100),
+        "closed {took:?} after connecting, under a 2 s handshake_timeout"
+    );
 }

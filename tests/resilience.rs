@@ -374,6 +374,50 @@ async fn sigterm_spreads_tab_closes_over_drain_spread() {
     exits_0(child).await;
 }
 
+/// `drain_spread` spaces sessions by rank: five sessions over 2 s close
+/// their tabs 0.4 s apart (at 1/5, 2/5, ... of the window), each at least
+/// 0.3 s after the one before. (A hash of the session key used to pick the
+/// moments: five sessions then closed within 0.46 s of each other.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_spread_spaces_even_a_few_sessions_evenly() {
+    const SESSIONS: usize = 5;
+    let mock = Mock::start().await;
+    let (child, proxy) = proxy()
+        .shutdown_timeout("10s")
+        .server("drain_spread", "2s")
+        .route(route("/ws", &mock))
+        .spawn();
+    let mut closes = Vec::new();
+    for i in 0..SESSIONS {
+        let mut tab = TabSpec::new(&format!("rank-{i}"))
+            .connect(&proxy)
+            .await
+            .live();
+        closes.push(tokio::spawn(async move {
+            let code = tab.closed().await;
+            (code, std::time::Instant::now())
+        }));
+    }
+    mock.wait("every upstream", |c| (c.len() == SESSIONS).then_some(()))
+        .await;
+    sigterm(&child);
+    let mut at = Vec::new();
+    for close in closes {
+        let (code, when) = guard("a tab's close", close).await.unwrap();
+        assert_eq!(code, 1001);
+        at.push(when);
+    }
+    at.sort();
+    for pair in at.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= std::time::Duration::from_millis(300),
+            "closes {gap:?} apart: {at:?}"
+        );
+    }
+    exits_0(child).await;
+}
+
 /// A session forwarding a stream of tab messages when the shutdown comes
 /// drains like an idle one. (The session also checks for the shutdown at
 /// the top of every turn, for a stream that never pauses; a test cannot

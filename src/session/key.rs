@@ -89,15 +89,6 @@ impl Default for SessionHasher {
 }
 
 impl SessionKey {
-    /// A share of `window` that this key hashes to, evenly spread over
-    /// keys (the key is a keyed hash).
-    pub fn share_of(&self, window: std::time::Duration) -> std::time::Duration {
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&self.0[..8]);
-        let fraction = u64::from_be_bytes(first) as f64 / (u64::MAX as f64 + 1.0);
-        window.mul_f64(fraction)
-    }
-
     fn from_tag(tag: ring::hmac::Tag) -> SessionKey {
         let mut out = [0u8; 32];
         out.copy_from_slice(tag.as_ref());

@@ -89,6 +89,8 @@ pub struct ProxyConfig {
     log: String,
     admin: String,
     routes: Vec<RouteConfig>,
+    /// The open-file limit (soft and hard) the spawned binary starts with.
+    open_files: Option<u64>,
 }
 
 /// A configuration to build on.
@@ -106,6 +108,13 @@ impl ProxyConfig {
     /// Any `[admin]` key.
     pub fn admin(mut self, key: &str, value: impl Toml) -> Self {
         self.admin += &line(key, value);
+        self
+    }
+
+    /// Spawns the binary with this open-file limit, soft and hard (so it
+    /// cannot raise it).
+    pub fn open_files(mut self, n: u64) -> Self {
+        self.open_files = Some(n);
         self
     }
 
@@ -171,14 +180,14 @@ impl ProxyConfig {
     /// Runs the real binary with this configuration; returns the child and
     /// where it listens, read from its log.
     pub fn spawn(&self) -> (std::process::Child, TestProxy) {
-        let (child, proxy, _) = spawn_tabmux(&self.toml());
+        let (child, proxy, _) = spawn_tabmux(&self.toml(), self.open_files);
         (child, proxy)
     }
 
     /// Like [`ProxyConfig::spawn`], also returning the configuration
     /// file's path (to rewrite it and send SIGHUP).
     pub fn spawn_file(&self) -> (std::process::Child, TestProxy, std::path::PathBuf) {
-        spawn_tabmux(&self.toml())
+        spawn_tabmux(&self.toml(), self.open_files)
     }
 }
 
@@ -360,8 +369,12 @@ pub fn tabmux_bin() -> std::path::PathBuf {
 
 /// Runs the real binary with this configuration (which should listen on
 /// port 0); returns the child and where it listens, read from its log.
-fn spawn_tabmux(toml: &str) -> (std::process::Child, TestProxy, std::path::PathBuf) {
+fn spawn_tabmux(
+    toml: &str,
+    open_files: Option<u64>,
+) -> (std::process::Child, TestProxy, std::path::PathBuf) {
     use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
@@ -372,26 +385,44 @@ fn spawn_tabmux(toml: &str) -> (std::process::Child, TestProxy, std::path::PathB
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("proxy.toml");
     std::fs::write(&path, toml).unwrap();
-    let mut child = std::process::Command::new(tabmux_bin())
+    let mut command = std::process::Command::new(tabmux_bin());
+    command
         .arg("--config")
         .arg(&path)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(std::process::Stdio::null());
+    if let Some(n) = open_files {
+        let lim = libc::rlimit {
+            rlim_cur: n as libc::rlim_t,
+            rlim_max: n as libc::rlim_t,
+        };
+        // SAFETY: setrlimit is async-signal-safe, as pre_exec requires.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let mut child = command.spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let addr_after = |line: &str, marker: &str| -> Option<SocketAddr> {
         let rest = line.split(marker).nth(1)?;
         rest.split_whitespace().next()?.parse().ok()
     };
     let (mut tabs, mut admin) = (None, None);
+    let mut early = Vec::new();
     while tabs.is_none() || admin.is_none() {
         let line = lines
             .next()
             .expect("tabmux exited before listening")
             .unwrap();
+        early.push(line.clone());
         tabs = tabs
             .or_else(|| addr_after(&line, "tabs: listening on ws://"))
             .or_else(|| addr_after(&line, "tabs: listening on wss://"));
@@ -405,6 +436,9 @@ fn spawn_tabmux(toml: &str) -> (std::process::Child, TestProxy, std::path::PathB
         let Ok(mut log) = std::fs::File::create(log_path) else {
             return;
         };
+        for line in early {
+            let _ = writeln!(log, "{line}");
+        }
         for line in lines.map_while(Result::ok) {
             let _ = writeln!(log, "{line}");
         }

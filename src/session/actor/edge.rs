@@ -12,17 +12,17 @@ use crate::session::tabs::Holders;
 
 impl Session<'_> {
     /// The proxy is shutting down: the session closes its tabs (1001) now,
-    /// or, with `server.drain_spread`, at its own moment in that window
-    /// (the session key's hash spreads sessions evenly over it), so that
-    /// the clients' reconnects reach the fleet's other processes
-    /// gradually. Its upstream closes once its tabs have.
+    /// or, with `server.drain_spread`, at its rank's moment in that window
+    /// ([`crate::session::DrainOrder`]: evenly spaced), so that the
+    /// clients' reconnects reach the fleet's other processes gradually. Its
+    /// upstream closes once its tabs have.
     #[cold]
     pub(super) fn begin_shutdown(&mut self) -> Result<(), SessionEnd> {
         let spread = self.ctx.drain_spread;
         if spread.is_zero() || self.tabs.is_empty() {
             return Err(SessionEnd::Shutdown);
         }
-        let wait = self.key.share_of(spread);
+        let wait = self.ctx.drain_order.next_moment(spread);
         debug!(
             ?wait,
             "shutting down: the tabs close after this share of drain_spread"
