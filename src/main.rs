@@ -327,10 +327,7 @@ async fn reload_on_hangup(
                         }
                         Ok(())
                     }
-                    Err(problems) => Err(problems
-                        .into_iter()
-                        .map(|p| format!("{}: {p}", path.display()))
-                        .collect::<Vec<_>>()),
+                    Err(problems) => Err(problems),
                 }
             }
             Err(e) => Err(e.problems.iter().map(ToString::to_string).collect()),

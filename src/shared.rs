@@ -121,18 +121,30 @@ impl Shared {
     /// Puts a validated configuration in force for what arrives from now
     /// on; tabs and sessions stay as they are. Refused (nothing changes)
     /// if it moves a listener, which only a restart can do.
+    /// Problems are `file:line:column: message`, at the `listen` key.
     pub fn reload(&self, config: Config) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
+        let moved = |what: &str, at: &crate::config::Problem, old, new| {
+            let mut p = at.clone();
+            p.message = format!(
+                "{what} cannot change on reload ({old} is in use; {new} asked): restart to move it"
+            );
+            p.to_string()
+        };
         if config.server.listen != self.server.listen {
-            problems.push(format!(
-                "server.listen cannot change on reload ({} is in use; {} asked): restart to move it",
-                self.server.listen, config.server.listen
+            problems.push(moved(
+                "server.listen",
+                &config.server.listen_at,
+                self.server.listen,
+                config.server.listen,
             ));
         }
         if config.admin.listen != self.admin.listen {
-            problems.push(format!(
-                "admin.listen cannot change on reload ({} is in use; {} asked): restart to move it",
-                self.admin.listen, config.admin.listen
+            problems.push(moved(
+                "admin.listen",
+                &config.admin.listen_at,
+                self.admin.listen,
+                config.admin.listen,
             ));
         }
         if !problems.is_empty() {

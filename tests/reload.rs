@@ -114,7 +114,9 @@ async fn a_file_with_problems_changes_nothing_and_is_logged_with_its_place() {
         loop {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             let unknown = log.contains(&format!("{name}:")) && log.contains("unknown key `colour`");
-            if unknown && log.contains("server.listen cannot change on reload") {
+            // At the `listen` key: line 2, column 10 of the file.
+            let moved = format!("{name}:2:10: server.listen cannot change on reload");
+            if unknown && log.contains(&moved) {
                 break;
             }
             tokio::task::yield_now().await;

@@ -63,16 +63,29 @@ impl Checker<'_> {
 
     /// Records a problem at a byte span (line and column count from 1).
     pub(super) fn at(&mut self, span: Span, message: String) {
+        let problem = self.problem(span, message);
+        self.problems.push(problem);
+    }
+
+    /// A problem at `span` (its file, line and column), not yet reported.
+    pub(super) fn problem(&self, span: Span, message: String) -> Problem {
         let offset = span.map(|s| s.start).unwrap_or(0).min(self.text.len());
         let before = &self.text[..offset];
         let line = before.matches('\n').count() + 1;
         let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        self.problems.push(Problem {
+        Problem {
             file: self.file.to_string(),
             line,
             column,
             message,
-        });
+        }
+    }
+
+    /// Where `key` of `t` stands, for a problem found after parsing (a
+    /// listener moved on reload).
+    fn place_of(&self, t: &dyn TableLike, key: &str) -> Problem {
+        let span = t.get(key).and_then(Item::span);
+        self.problem(span, String::new())
     }
 
     /// Checks that `item` is a table, reports its unknown keys, and returns it.
@@ -170,6 +183,7 @@ impl Checker<'_> {
         };
         let t = self.table(item, "[server]", SERVER_KEYS)?;
         let listen = self.required(t, "listen", "[server]", Self::addr);
+        let listen_at = self.place_of(t, "listen");
         let tls = match t.get("tls") {
             None => Some(None),
             Some(item) => self.server_tls(item).map(Some),
@@ -236,6 +250,7 @@ impl Checker<'_> {
         });
         Some(Server {
             listen: listen?,
+            listen_at,
             tls: tls?,
             max_tabs: max_tabs? as usize,
             max_sessions: max_sessions? as usize,
@@ -272,11 +287,13 @@ impl Checker<'_> {
         };
         let t = self.table(item, "[admin]", ADMIN_KEYS)?;
         let listen = self.required(t, "listen", "[admin]", Self::addr);
+        let listen_at = self.place_of(t, "listen");
         let public = self.optional(t, "public", false, Self::boolean);
         let max_connections = self.optional(t, "max_connections", 64, Self::positive);
         let allowed_hosts = self.optional(t, "allowed_hosts", Vec::new(), Self::host_names);
         Some(Admin {
             listen: listen?,
+            listen_at,
             public: public?,
             max_connections: max_connections? as usize,
             allowed_hosts: allowed_hosts?,

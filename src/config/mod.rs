@@ -44,6 +44,9 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct Server {
     pub listen: SocketAddr,
+    /// Where `listen` stands in the file (a moved listener on reload is
+    /// reported there); its message is empty.
+    pub listen_at: Problem,
     /// Present when `tls` is set: tabs connect with `wss://`.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub max_tabs: usize,
@@ -88,6 +91,8 @@ pub struct PerIp {
 #[derive(Debug, Clone)]
 pub struct Admin {
     pub listen: SocketAddr,
+    /// Where `listen` stands in the file; its message is empty.
+    pub listen_at: Problem,
     /// Whether a non-loopback `listen` address is intended (the admin
     /// listener has no authentication).
     pub public: bool,
