@@ -45,6 +45,9 @@ pub enum Cause {
     /// The process's `buffer_budget` was spent and the tab (or its
     /// session) held the most.
     MemoryBudget,
+    /// The tab sent more than `server.tab_rate` for longer than
+    /// `idle_timeout` (held back all that time).
+    RateLimit,
     /// The tab was silent (not even a pong) for `idle_timeout`.
     Idle,
     /// The proxy is shutting down.
@@ -86,6 +89,7 @@ impl Cause {
             Cause::ProtocolError => (1002, "protocol error", "protocol_error", Proxy),
             Cause::SlowConsumer => (1008, "slow consumer", "slow_consumer", Proxy),
             Cause::MemoryBudget => (1013, "memory budget", "memory_budget", Proxy),
+            Cause::RateLimit => (1008, "rate limit", "rate_limit", Proxy),
             Cause::Idle => (1001, "idle timeout", "idle", Proxy),
             Cause::Shutdown => (1001, "going away", "shutdown", Proxy),
             Cause::UpstreamUnavailable => (1011, "upstream unavailable", "upstream_lost", Proxy),

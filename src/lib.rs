@@ -37,7 +37,8 @@
 //! - [`queue`]: a tab's outbox, what waits while its socket is full.
 //! - [`reconnect`]: the redial backoff (full jitter) and reconnect buffer.
 //! - [`limits`]: tabs and sessions, per process and per client address,
-//!   counted with RAII permits; [`client`]: who a connection is from (the
+//!   counted with RAII permits; [`rate`]: what one tab may send a second;
+//!   [`client`]: who a connection is from (the
 //!   TCP peer, a PROXY header's source, or a trusted proxy's
 //!   `X-Forwarded-For`); [`proxy_protocol`]: the PROXY v1/v2 header.
 //! - [`budget`]: the one account of message bytes held (`buffer_budget`);
@@ -67,6 +68,7 @@ pub mod memory;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod queue;
+pub mod rate;
 pub mod reconnect;
 pub mod server;
 pub mod session;

@@ -27,9 +27,9 @@ use crate::config::Server;
 /// The process's open-file limit as found at start, and as set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OpenFiles {
-    pub found: u64,
-    pub set: u64,
-    pub hard: u64,
+    pub found: libc::rlim_t,
+    pub set: libc::rlim_t,
+    pub hard: libc::rlim_t,
 }
 
 /// Raises the open-file soft limit to the hard limit (PROTOCOL.md,
@@ -46,7 +46,7 @@ pub fn raise_open_files() -> std::io::Result<OpenFiles> {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let found = lim.rlim_cur as u64;
+        let found = lim.rlim_cur;
         if lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
             if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
@@ -55,8 +55,8 @@ pub fn raise_open_files() -> std::io::Result<OpenFiles> {
         }
         Ok(OpenFiles {
             found,
-            set: lim.rlim_cur as u64,
-            hard: lim.rlim_max as u64,
+            set: lim.rlim_cur,
+            hard: lim.rlim_max,
         })
     }
 }

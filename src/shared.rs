@@ -202,6 +202,7 @@ fn route_runtimes(
                     budget: budget.clone(),
                     drain_spread: config.server.drain_spread,
                     drain_order: drain_order.clone(),
+                    tab_rate: config.server.tab_rate,
                 },
             })
         })

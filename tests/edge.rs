@@ -253,3 +253,96 @@ async fn one_deadline_covers_the_proxy_header_and_the_request_head() {
         "closed {took:?} after connecting, under a 2 s handshake_timeout"
     );
 }
+
+/// `server.tab_rate`: a tab that floods its session is not read past its
+/// rate (TCP pushes back on it, so the backend gets far less than it
+/// wrote), its sibling tab of the same session is served meanwhile, and it
+/// is closed with 1008 `rate limit` once the excess has lasted longer
+/// than `idle_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tab_past_its_rate_is_held_back_then_closed() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let mock = Mock::start().await;
+    let up = mock.upstream(0);
+    let (mut child, proxy) = proxy()
+        .server("tab_rate", Raw(r#"{ messages = 20, bytes = "1MiB" }"#))
+        .route(
+            route("/ws", &mock)
+                .ping_interval("500ms")
+                .idle_timeout("1s"),
+        )
+        .spawn();
+    let (mut calm, calm_id) = up.join(&proxy, &TabSpec::new("shared")).await;
+    let mut flood = common::raw::raw_tab(proxy.addr, "shared").await;
+    let flood_id = up.nth_open(1).await["tab"].as_str().unwrap().to_string();
+    let written = Arc::new(AtomicUsize::new(0));
+    let count = written.clone();
+    let frame = common::raw::frame(true, 0x1, b"{\"flood\":1}", true);
+    let flood_socket = &mut flood;
+    let writer = async move {
+        // Until the proxy closes it: its socket fills once it is not read.
+        while flood_socket.write_all(&frame).await.is_ok() {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    let checks = async {
+        // The sibling is served while the flood goes on.
+        guard("the flood to fill the socket", async {
+            while written.load(Ordering::Relaxed) < 500 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        up.send_json(json!({"tab": calm_id, "data": "still here"}));
+        assert_eq!(calm.recv_text().await, "\"still here\"");
+        calm.send_text("\"calm\"").await;
+        up.find("the calm tab's message", |v| v["data"] == "calm")
+            .await;
+        guard("the rate-limit close", async {
+            while reason_count(&proxy, "tabmux_tab_closes_total", "rate_limit").await != Some(1.0) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+    };
+    tokio::select! {
+        () = writer => {
+            // The connection ended: the checks must still hold.
+        }
+        () = checks => {}
+    }
+    guard("the rate-limit close", async {
+        while reason_count(&proxy, "tabmux_tab_closes_total", "rate_limit").await != Some(1.0) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let got = up.now(|c| {
+        c.frames
+            .iter()
+            .map(to_json)
+            .filter(|v| v["tab"] == flood_id.as_str() && v.get("data").is_some())
+            .count()
+    });
+    let sent = written.load(Ordering::Relaxed);
+    let got = got.unwrap_or(0);
+    assert!(
+        got * 4 < sent,
+        "the backend got {got} of the {sent} messages written: the rest waited in the socket"
+    );
+    // Its close event says why.
+    let close = up
+        .find("the flooder's close event", |v| {
+            v["tab"] == flood_id.as_str() && v["event"] == "close"
+        })
+        .await;
+    assert_eq!(close["code"], 1008);
+    let code = common::raw::close_or_reset(&mut flood).await;
+    assert!(matches!(code, None | Some(1008)), "{code:?}");
+    calm.send_text("\"after\"").await;
+    up.find("the calm tab after", |v| v["data"] == "after")
+        .await;
+    let _ = child.kill();
+    let _ = child.wait();
+}

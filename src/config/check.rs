@@ -27,6 +27,7 @@ const SERVER_KEYS: &[&str] = &[
     "max_tabs",
     "max_sessions",
     "per_ip",
+    "tab_rate",
     "buffer_budget",
     "proxy_protocol",
     "trusted_proxies",
@@ -38,6 +39,7 @@ const SERVER_KEYS: &[&str] = &[
 ];
 const TLS_KEYS: &[&str] = &["cert", "key"];
 const PER_IP_KEYS: &[&str] = &["tabs", "sessions"];
+const TAB_RATE_KEYS: &[&str] = &["messages", "bytes"];
 const ADMIN_KEYS: &[&str] = &["listen", "public", "max_connections", "allowed_hosts"];
 /// The levels a log filter directive may name.
 const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
@@ -199,6 +201,7 @@ impl Checker<'_> {
             },
             Self::per_ip,
         );
+        let tab_rate = self.optional(t, "tab_rate", TabRate::default(), Self::tab_rate);
         let buffer_budget = self.optional(t, "buffer_budget", 512 << 20, Self::size);
         let proxy_protocol = self.optional(t, "proxy_protocol", false, Self::boolean);
         let trusted_proxies = self.optional(t, "trusted_proxies", Vec::new(), Self::networks);
@@ -255,6 +258,7 @@ impl Checker<'_> {
             max_tabs: max_tabs? as usize,
             max_sessions: max_sessions? as usize,
             per_ip: per_ip?,
+            tab_rate: tab_rate?,
             buffer_budget: buffer_budget?,
             proxy_protocol: proxy_protocol?,
             trusted_proxies: trusted_proxies?,
@@ -307,6 +311,18 @@ impl Checker<'_> {
         Some(PerIp {
             tabs: tabs? as usize,
             sessions: sessions? as usize,
+        })
+    }
+
+    fn tab_rate(&mut self, item: &Item) -> Option<TabRate> {
+        let t = self.table(item, "[server] tab_rate", TAB_RATE_KEYS)?;
+        let default = TabRate::default();
+        let messages = self.optional(t, "messages", default.messages.into(), Self::positive);
+        let bytes = self.optional(t, "bytes", default.bytes as usize, Self::size);
+        let (messages, bytes) = (messages?, bytes?);
+        Some(TabRate {
+            messages: u32::try_from(messages).unwrap_or(u32::MAX),
+            bytes: u64::try_from(bytes).unwrap_or(u64::MAX),
         })
     }
 

@@ -55,6 +55,8 @@ pub struct Server {
     pub max_sessions: usize,
     /// Limits per client address.
     pub per_ip: PerIp,
+    /// What one tab may send a second.
+    pub tab_rate: TabRate,
     /// All message bytes the process may hold (tab queues, partly received
     /// messages, reconnect buffers, pending upstream writes).
     pub buffer_budget: usize,
@@ -85,6 +87,29 @@ pub struct PerIp {
     pub tabs: usize,
     /// Sessions opened from the address and still alive.
     pub sessions: usize,
+}
+
+/// `server.tab_rate`: what one tab may send a second. A burst of two
+/// seconds of it is allowed; beyond, tabmux stops reading from the tab
+/// until it is back under (TCP pushes back on it), and closes it with 1008
+/// `rate limit` only if that lasts longer than the route's `idle_timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TabRate {
+    /// Messages a second.
+    pub messages: u32,
+    /// Payload bytes a second.
+    pub bytes: u64,
+}
+
+impl Default for TabRate {
+    /// What a busy collaborative page never reaches: a thousand messages
+    /// and 4 MiB a second, from one tab.
+    fn default() -> Self {
+        TabRate {
+            messages: 1000,
+            bytes: 4 << 20,
+        }
+    }
 }
 
 /// `[admin]`: health, readiness, metrics and status.

@@ -23,12 +23,14 @@ use tracing::{debug, info, warn};
 use super::key::SessionKey;
 use super::link::{Command, Joined, Refusal, TabLink};
 use super::outage::{expire, next_frame, normal_close, pass_on, redial, DialResult, Outage};
+use super::ready::TabWake;
 use super::tabs::{Apply, Holders, Tabs};
 use super::SessionContext;
 use crate::budget::Charge;
 use crate::cause::{Cause, Lost, Side};
 use crate::envelope::{Effect, Effects, JoinInfo, Machine, TabId};
 use crate::queue::Outbox;
+use crate::rate::Verdict;
 use crate::reconnect::{self, Backoff};
 use crate::tab::Tab;
 use crate::upstream::{DialError, DialParams, UpstreamSocket};
@@ -42,6 +44,23 @@ use edge::held_while;
 const BATCH: usize = 64;
 /// Messages read from one tab before the session turns to the others.
 const TAB_BURST: usize = 16;
+/// Payload bytes read from one tab before the session turns to the others
+/// (the work a message costs grows with its size: 16 messages of 1 MiB
+/// would be a long turn for the tabs waiting behind it).
+const TAB_BURST_BYTES: usize = 256 * 1024;
+
+/// A tab past its rate is served again after `wait`, by a timer of its
+/// own: its socket is not read meanwhile, so nothing else would wake it.
+/// Only tabs past their rate pay for the task, about ten times a second.
+#[cold]
+#[inline(never)]
+fn hold_back(wake: &Arc<TabWake>, wait: std::time::Duration) {
+    let wake = wake.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(wait).await;
+        wake.schedule();
+    });
+}
 
 /// What the status page may read about a live session. Its task keeps it
 /// current; readers only load.
@@ -395,7 +414,7 @@ impl<'c> Session<'c> {
         }
         // The slot first (a greeting is queued in it), its details after
         // the envelope has read them.
-        let tab = self.tabs.add(JoinInfo::default());
+        let tab = self.tabs.add(JoinInfo::default(), &self.ctx.tab_rate);
         let joined = Joined {
             tab,
             protocol: self.protocol.clone(),
@@ -452,13 +471,25 @@ impl<'c> Session<'c> {
     }
 
     /// Writes what waits for one tab, then hands what it sent to the
-    /// envelope, and on to the upstream (a burst at most; the tab is served
-    /// again next turn if it has more).
+    /// envelope, and on to the upstream (a burst at most, in messages and
+    /// bytes; the tab is served again next turn if it has more), as far as
+    /// its rate allows (`server.tab_rate`: beyond, it is not read from
+    /// until it is back under, and its socket holds what it sends).
     fn serve_tab(&mut self, id: TabId) -> Result<(), SessionEnd> {
+        let now = self.tabs.now_ms();
         let Some(slot) = self.tabs.map.get_mut(&id) else {
             return Ok(());
         };
         slot.wake.served();
+        let rate = &self.ctx.tab_rate;
+        let may_read = match slot.rate.check(rate, now, self.ctx.route.idle_timeout) {
+            Verdict::Read => true,
+            Verdict::Hold(wait) => {
+                hold_back(&slot.wake, wait);
+                false
+            }
+            Verdict::Close => return self.leave(id, Cause::RateLimit),
+        };
         let (envelope, outage, to_upstream, ctx, deferred) = (
             &mut self.envelope,
             &mut self.outage,
@@ -466,18 +497,38 @@ impl<'c> Session<'c> {
             self.ctx,
             &mut self.deferred,
         );
+        let mut bucket = slot.rate;
         let served = slot.drive(|conn, cx, outbox| {
             if let Poll::Ready(Err(cause)) = conn.poll_write(cx, outbox) {
                 return Ok(Some(cause));
             }
+            if !may_read {
+                return Ok(None);
+            }
+            let mut bytes = 0;
             for _ in 0..TAB_BURST {
                 match conn.poll_message(cx) {
-                    Poll::Pending => return Ok(None),
-                    Poll::Ready(Ok(msg)) => match envelope.tab_sent(id, msg, deferred) {
-                        Ok(Some(forward)) => pass_on(ctx, outage, to_upstream, id, forward)?,
-                        Ok(None) => {}
-                        Err(cause) => return Ok(Some(cause)),
-                    },
+                    Poll::Pending => {
+                        bucket.drained();
+                        return Ok(None);
+                    }
+                    Poll::Ready(Ok(msg)) => {
+                        let len = msg.len();
+                        bucket.charge(len);
+                        match envelope.tab_sent(id, msg, deferred) {
+                            Ok(Some(forward)) => pass_on(ctx, outage, to_upstream, id, forward)?,
+                            Ok(None) => {}
+                            Err(cause) => return Ok(Some(cause)),
+                        }
+                        bytes += len;
+                        // Out of its rate, or its share of this turn: the
+                        // next look decides (now, or once it is back under).
+                        if bytes >= TAB_BURST_BYTES
+                            || bucket.check(rate, now, ctx.route.idle_timeout) != Verdict::Read
+                        {
+                            break;
+                        }
+                    }
                     Poll::Ready(Err(cause)) => return Ok(Some(cause)),
                 }
             }
@@ -486,6 +537,7 @@ impl<'c> Session<'c> {
             cx.waker().wake_by_ref();
             Ok(None)
         });
+        slot.rate = bucket;
         // What it holds now (part of a message, say), for the budget.
         if self.tabs.holders.account(id, slot) {
             self.tabs.leaving.push((id, Cause::MemoryBudget));

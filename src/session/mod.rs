@@ -52,6 +52,8 @@ pub struct SessionContext {
     pub drain_spread: std::time::Duration,
     /// The drain's order, shared by every session of the process.
     pub drain_order: Arc<DrainOrder>,
+    /// `server.tab_rate`: what one tab may send a second.
+    pub tab_rate: crate::config::TabRate,
 }
 
 /// The order in which sessions close their tabs on shutdown, spaced
@@ -111,7 +113,8 @@ mod tests {
     fn a_tab_slot_stays_small() {
         let size = tabs::slot_size();
         // 496 since a tab holds its client address (per-address limits),
-        // its share of the buffer budget, and its partial-message count.
+        // its share of the buffer budget, and its partial-message count;
+        // 512 since it holds its rate's buckets (`server.tab_rate`).
         assert!(size <= 512, "a tab's slot is {size} bytes");
     }
 
@@ -136,6 +139,7 @@ mod tests {
             budget: crate::budget::Budget::new(1 << 20),
             drain_spread: std::time::Duration::ZERO,
             drain_order: Arc::default(),
+            tab_rate: Default::default(),
         };
         let (tx, rx) = mpsc::channel(1);
         let stats = Arc::new(SessionStats {
@@ -163,7 +167,8 @@ mod tests {
         );
         let size = std::mem::size_of_val(&task);
         // 2616 since a session holds its limits' permit, its linger time
-        // and its share of the buffer budget.
-        assert!(size <= 2688, "a session's task is {size} bytes");
+        // and its share of the buffer budget; 2696 since its context holds
+        // the tab rate and the drain's order, and its tabs a clock.
+        assert!(size <= 2752, "a session's task is {size} bytes");
     }
 }

@@ -20,10 +20,13 @@ use super::ready::{Ready, TabWake};
 use super::SessionContext;
 use crate::budget::{Budget, Charge, Evictor, Verdict};
 use crate::cause::{Cause, Side};
+use crate::config::TabRate;
 use crate::envelope::{Effect, Effects, FrameError, JoinInfo, Saving, TabId, Target};
 use crate::metrics::RouteMetrics;
 use crate::queue::Outbox;
+use crate::rate::Bucket;
 use crate::tab::{Tab, Tick};
+use tokio::time::Instant;
 
 /// One member tab, as its session sees it (boxed in the tab table, so
 /// that the table's spare capacity costs a pointer per entry).
@@ -43,6 +46,8 @@ pub(super) struct TabSlot {
     pub info: JoinInfo,
     /// What it holds of the buffer budget, as last reported.
     charge: Charge,
+    /// What it may still send (`server.tab_rate`).
+    pub rate: Bucket,
 }
 
 impl TabSlot {
@@ -140,6 +145,9 @@ pub(super) struct Tabs {
     pub leaving: Vec<(TabId, Cause)>,
     /// The buffer budget, which every slot reports to.
     pub holders: Holders,
+    /// The start of the session's clock for rates (in ms, see
+    /// [`Tabs::now_ms`]).
+    epoch: Instant,
 }
 
 impl Drop for Tabs {
@@ -155,6 +163,7 @@ impl Drop for Tabs {
 impl Tabs {
     pub fn new(holders: Holders) -> Tabs {
         Tabs {
+            epoch: Instant::now(),
             map: FxHashMap::default(),
             ready: Arc::default(),
             woken: Vec::new(),
@@ -177,7 +186,7 @@ impl Tabs {
     }
 
     /// A new member, not yet connected (its handshake is being answered).
-    pub fn add(&mut self, info: JoinInfo) -> TabId {
+    pub fn add(&mut self, info: JoinInfo, rate: &TabRate) -> TabId {
         self.last_id += 1;
         let tab = TabId(self.last_id);
         let wake = TabWake::new(tab, self.ready.clone());
@@ -190,9 +199,17 @@ impl Tabs {
                 dirty: false,
                 info,
                 charge: Charge::default(),
+                rate: Bucket::new(rate, self.now_ms()),
             }),
         );
         tab
+    }
+
+    /// Milliseconds on the session's clock for rates (wraps after 49 days;
+    /// only differences are taken).
+    #[inline]
+    pub fn now_ms(&self) -> u32 {
+        self.epoch.elapsed().as_millis() as u32
     }
 
     /// The member tabs in join order.
