@@ -8,7 +8,9 @@
 //! mmap threshold keeps them on the heap), then frees them in three shapes
 //! and times the trim that follows each: all freed, every other block freed
 //! (the worst case: every free page sits between two used ones), and
-//! nothing freed (the trim finds nothing to give back).
+//! nothing freed (the trim finds nothing to give back). It also times one
+//! look at the allocator's figures (`mallinfo2`), which the trimmer takes
+//! once a second.
 
 use std::time::{Duration, Instant};
 
@@ -41,6 +43,12 @@ fn timed_trim() -> Duration {
     start.elapsed()
 }
 
+fn timed_in_use() -> Duration {
+    let start = Instant::now();
+    std::hint::black_box(tabmux::memory::in_use());
+    start.elapsed()
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -52,9 +60,11 @@ fn main() {
     let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
     tabmux::memory::configure();
     let (mut all, mut half, mut none) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut look_full, mut look_half) = (Vec::new(), Vec::new());
     let (mut all_rss, mut half_rss) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         let blocks = fill(mib);
+        look_full.push(timed_in_use());
         let before = rss_mib();
         drop(blocks);
         all.push(timed_trim());
@@ -67,6 +77,7 @@ fn main() {
             n += 1;
             n % 2 == 0
         });
+        look_half.push(timed_in_use());
         half.push(timed_trim());
         half_rss.push(before - rss_mib());
         none.push(timed_trim());
@@ -89,4 +100,9 @@ fn main() {
         mid(&mut half_rss)
     );
     println!("  nothing to free:   trim {:?}", median(none));
+    println!(
+        "  a look at the allocator's figures (mallinfo2): {:?} on the full heap, {:?} on the half-freed one",
+        median(look_full),
+        median(look_half)
+    );
 }

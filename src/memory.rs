@@ -11,10 +11,10 @@
 //!   threshold at 128 KiB, which also turns the adjustment off;
 //! - smaller blocks freed in the middle of a heap stay resident until
 //!   `malloc_trim` gives their pages back. [`trim_after_bursts`] calls it
-//!   once a burst is over: when the buffer budget's account has fallen by
-//!   at least [`TRIM_AFTER`] from its highest point since the last trim,
-//!   and has stopped falling. Never while nothing was freed, so an idle or
-//!   steady process is not trimmed.
+//!   once a burst is over: when the buffer budget's account, or the
+//!   allocator's bytes in use, has fallen by at least [`TRIM_AFTER`] from
+//!   its highest point since the last trim, and has stopped falling. Never
+//!   while nothing was freed, so an idle or steady process is not trimmed.
 //!
 //! The highest point is kept by the account itself at every report
 //! ([`Budget::take_peak`]). It used to be sampled here once a second, and
@@ -58,6 +58,22 @@ pub fn configure() {
     }
 }
 
+/// Bytes the allocator has handed out and not had back (glibc's
+/// `mallinfo2`: heap chunks in use plus their own mappings), or None where
+/// the allocator does not say.
+pub fn in_use() -> Option<usize> {
+    #[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "jemalloc")))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's statistics.
+        let info = unsafe { libc::mallinfo2() };
+        Some(info.uordblks + info.hblkhd)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu", not(feature = "jemalloc"))))]
+    {
+        None
+    }
+}
+
 /// Gives freed heap pages back to the system.
 pub fn trim() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -67,25 +83,52 @@ pub fn trim() {
     }
 }
 
-/// When to trim, from one look at the account a second.
+/// When to trim, from one look a second at two figures: the buffer
+/// budget's account (its highest point kept exactly, see
+/// [`Budget::take_peak`]) and the allocator's bytes in use ([`in_use`],
+/// sampled), which also sees what is freed outside the account (the state
+/// a session keeps, buffers of tabs that closed).
 #[derive(Debug, Default)]
 pub struct Trimmer {
-    /// The account's highest point since the last trim.
+    account: Fall,
+    in_use: Fall,
+}
+
+/// One figure's highest point since the last trim, and its last value.
+#[derive(Debug, Default)]
+struct Fall {
     peak: usize,
-    /// The account at the last look.
     last: usize,
+}
+
+impl Fall {
+    /// Takes a look; returns how far the figure has fallen from its peak,
+    /// and whether it is still falling: by more than [`SETTLING`] and more
+    /// than an eighth of that fall since the last look (traffic's small ups
+    /// and downs do not hold a trim back).
+    fn look(&mut self, peak: usize, now: usize) -> (usize, bool) {
+        self.peak = self.peak.max(peak).max(now);
+        let fallen = self.peak - now;
+        let step = self.last.saturating_sub(now);
+        self.last = now;
+        (fallen, step > SETTLING && step > fallen / 8)
+    }
 }
 
 impl Trimmer {
     /// One look: `peak` is the account's highest point since the last look,
-    /// `now` the account now. True when a burst is over: trim.
-    pub fn look(&mut self, peak: usize, now: usize) -> bool {
-        self.peak = self.peak.max(peak).max(now);
-        let fallen = self.peak - now;
-        let settling = self.last.saturating_sub(now) > SETTLING;
-        self.last = now;
-        if fallen >= TRIM_AFTER && !settling {
-            self.peak = now;
+    /// `now` the account now, `in_use` the allocator's figure if it gives
+    /// one. True when a burst is over: trim.
+    pub fn look(&mut self, peak: usize, now: usize, in_use: Option<usize>) -> bool {
+        let (account_fallen, account_falling) = self.account.look(peak, now);
+        let (used_fallen, used_falling) = match in_use {
+            Some(used) => self.in_use.look(used, used),
+            None => (0, false),
+        };
+        let fallen = account_fallen.max(used_fallen);
+        if fallen >= TRIM_AFTER && !account_falling && !used_falling {
+            self.account.peak = now;
+            self.in_use.peak = in_use.unwrap_or(0);
             return true;
         }
         false
@@ -103,7 +146,10 @@ pub async fn trim_after_bursts(budget: Arc<Budget>, mut stop: watch::Receiver<()
             _ = stop.changed() => return,
         }
         let peak = budget.take_peak();
-        if trimmer.look(peak, budget.held()) {
+        // Off the runtime's threads too: the allocator's figures take up
+        // to 2 ms on a fragmented heap (examples/trim_cost.rs).
+        let used = tokio::task::spawn_blocking(in_use).await.ok().flatten();
+        if trimmer.look(peak, budget.held(), used) {
             // Off the runtime's threads: a large heap takes a while.
             let took = tokio::task::spawn_blocking(|| {
                 let start = std::time::Instant::now();
@@ -125,28 +171,42 @@ mod tests {
     #[test]
     fn a_burst_between_two_looks_is_trimmed_once_it_is_over() {
         let mut t = Trimmer::default();
-        assert!(!t.look(0, 0));
+        assert!(!t.look(0, 0, None));
         // Up to 200 MiB and back to nothing, all within one second.
-        assert!(t.look(200 * MIB, 0));
+        assert!(t.look(200 * MIB, 0, None));
         // Nothing more to give back.
-        assert!(!t.look(0, 0));
+        assert!(!t.look(0, 0, None));
     }
 
     #[test]
     fn no_trim_while_the_account_is_still_falling() {
         let mut t = Trimmer::default();
-        assert!(!t.look(200 * MIB, 200 * MIB));
-        assert!(!t.look(200 * MIB, 120 * MIB), "still falling");
-        assert!(!t.look(120 * MIB, 40 * MIB), "still falling");
-        assert!(t.look(40 * MIB, 40 * MIB), "settled: trim");
+        assert!(!t.look(200 * MIB, 200 * MIB, None));
+        assert!(!t.look(200 * MIB, 120 * MIB, None), "still falling");
+        assert!(!t.look(120 * MIB, 40 * MIB, None), "still falling");
+        assert!(t.look(40 * MIB, 40 * MIB, None), "settled: trim");
     }
 
     #[test]
-    fn steady_or_rising_accounts_are_never_trimmed() {
+    fn steady_or_rising_figures_are_never_trimmed() {
         let mut t = Trimmer::default();
         for n in 0..50 {
             // Small ups and downs under traffic, and growth.
-            assert!(!t.look(n * MIB + 3 * MIB, n * MIB));
+            let used = Some(100 * MIB + n * MIB + (n % 2) * 3 * MIB);
+            assert!(!t.look(n * MIB + 3 * MIB, n * MIB, used));
         }
+    }
+
+    #[test]
+    fn memory_freed_outside_the_account_is_trimmed_too() {
+        let mut t = Trimmer::default();
+        // Sessions' state grows to 250 MiB; the account never moves.
+        assert!(!t.look(0, 0, Some(10 * MIB)));
+        assert!(!t.look(0, 0, Some(250 * MIB)));
+        // The sessions end: their state is freed.
+        assert!(!t.look(0, 0, Some(90 * MIB)), "still falling");
+        // Traffic wobbles on; the fall is over.
+        assert!(t.look(0, 0, Some(12 * MIB)) || t.look(0, 0, Some(11 * MIB)));
+        assert!(!t.look(0, 0, Some(12 * MIB)), "nothing more to give back");
     }
 }

@@ -462,17 +462,6 @@ async fn a_fragmented_message_counts_while_it_arrives() {
     .await;
 }
 
-/// Resident memory of a process, in MiB.
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib / 1024.0
-}
-
 /// The real binary under a memory attack: tabs holding half-sent messages
 /// and tabs that never read what an echo backend floods them with. Its
 /// resident memory stays within `buffer_budget` + 32 MiB of its idle

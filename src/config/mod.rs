@@ -389,6 +389,11 @@ impl Config {
             "max_sessions {}, per address {} tabs and {} sessions, buffer_budget {} B",
             s.max_sessions, s.per_ip.tabs, s.per_ip.sessions, s.buffer_budget
         );
+        let _ = writeln!(
+            out,
+            "per tab at most {} messages and {} B a second (burst: 2 s of it)",
+            s.tab_rate.messages, s.tab_rate.bytes
+        );
         if s.proxy_protocol || !s.trusted_proxies.is_empty() {
             let nets: Vec<String> = s.trusted_proxies.iter().map(|n| n.to_string()).collect();
             let _ = writeln!(

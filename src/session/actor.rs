@@ -47,7 +47,12 @@ const TAB_BURST: usize = 16;
 /// Payload bytes read from one tab before the session turns to the others
 /// (the work a message costs grows with its size: 16 messages of 1 MiB
 /// would be a long turn for the tabs waiting behind it).
-const TAB_BURST_BYTES: usize = 256 * 1024;
+const TAB_BURST_BYTES: usize = 64 * 1024;
+/// Payload bytes a session reads (from its tabs and its upstream) in one
+/// turn before it lets the other tasks of its worker run: the tabs it did
+/// not get to wait for its next turn, and it yields. One busy session then
+/// delays another by about a turn of this size, however many tabs it has.
+const TURN_BYTES: usize = 256 * 1024;
 
 /// A tab past its rate is served again after `wait`, by a timer of its
 /// own: its socket is not read meanwhile, so nothing else would wake it.
@@ -172,6 +177,8 @@ pub(super) struct Session<'c> {
     stats: Arc<SessionStats>,
     /// The most tabs this session had at once.
     peak: usize,
+    /// Payload bytes read this turn (see [`TURN_BYTES`]).
+    turn_bytes: usize,
 }
 
 /// The effects sink over the session's tabs and upstream queue. (A macro,
@@ -227,6 +234,7 @@ impl<'c> Session<'c> {
             deferred: Vec::new(),
             stats,
             peak: 0,
+            turn_bytes: 0,
         }
     }
 
@@ -266,6 +274,7 @@ impl<'c> Session<'c> {
                 Event::Command(Some(cmd)) => self.commands_batch(cmd, rx),
                 Event::Upstream(Some(Ok(msg))) => {
                     self.upstream_alive.heard();
+                    self.turn_bytes += msg.len();
                     let more = match self.upstream_frame(msg) {
                         Ok(()) => self.more_upstream_frames().await,
                         ended => ended,
@@ -308,6 +317,11 @@ impl<'c> Session<'c> {
                 if let Err(end) = self.lose(lost) {
                     break end;
                 }
+            }
+            // A full turn: the worker's other tasks (other sessions, and
+            // this session's own tabs put back) come first.
+            if std::mem::take(&mut self.turn_bytes) >= TURN_BYTES {
+                tokio::task::yield_now().await;
             }
         };
         self.finish(end).await;
@@ -461,10 +475,22 @@ impl<'c> Session<'c> {
         }
     }
 
-    /// Serves the tabs whose sockets woke the session (listed in `woken`).
+    /// Serves the tabs whose sockets woke the session (listed in `woken`),
+    /// until the turn has read [`TURN_BYTES`]: the others are listed again,
+    /// for the next turn.
     fn serve_tabs(&mut self) -> Result<(), SessionEnd> {
         let mut woken = std::mem::take(&mut self.tabs.woken);
-        let served = woken.iter().try_for_each(|&tab| self.serve_tab(tab));
+        let mut served = Ok(());
+        for (n, &tab) in woken.iter().enumerate() {
+            if self.turn_bytes >= TURN_BYTES {
+                self.tabs.ready.put_back(&woken[n..]);
+                break;
+            }
+            served = self.serve_tab(tab);
+            if served.is_err() {
+                break;
+            }
+        }
         woken.clear();
         self.tabs.woken = woken;
         served
@@ -498,6 +524,7 @@ impl<'c> Session<'c> {
             &mut self.deferred,
         );
         let mut bucket = slot.rate;
+        let turn_bytes = &mut self.turn_bytes;
         let served = slot.drive(|conn, cx, outbox| {
             if let Poll::Ready(Err(cause)) = conn.poll_write(cx, outbox) {
                 return Ok(Some(cause));
@@ -521,6 +548,7 @@ impl<'c> Session<'c> {
                             Err(cause) => return Ok(Some(cause)),
                         }
                         bytes += len;
+                        *turn_bytes += len;
                         // Out of its rate, or its share of this turn: the
                         // next look decides (now, or once it is back under).
                         if bytes >= TAB_BURST_BYTES
@@ -653,7 +681,7 @@ impl<'c> Session<'c> {
     /// batch, so that a burst from the backend reaches each tab as one write.
     async fn more_upstream_frames(&mut self) -> Result<(), SessionEnd> {
         for _ in 1..BATCH {
-            if !self.upstream_buffered {
+            if !self.upstream_buffered || self.turn_bytes >= TURN_BYTES {
                 break;
             }
             let Some(up) = self.upstream.as_mut() else {
@@ -664,6 +692,7 @@ impl<'c> Session<'c> {
                 Poll::Pending => break,
                 Poll::Ready(Some(Ok(msg))) => {
                     self.upstream_alive.heard();
+                    self.turn_bytes += msg.len();
                     self.upstream_frame(msg)?;
                 }
                 Poll::Ready(Some(Err(e))) => return self.lose(Lost::Failed(e)),

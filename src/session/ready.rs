@@ -54,6 +54,14 @@ impl Ready {
     }
 }
 
+impl Ready {
+    /// Lists again tabs taken but not served this turn (they are still
+    /// marked listed, so their wakers will not list them twice).
+    pub fn put_back(&self, tabs: &[TabId]) {
+        self.lock().tabs.extend_from_slice(tabs);
+    }
+}
+
 /// One tab's waker, registered with its socket.
 pub struct TabWake {
     tab: TabId,

@@ -495,3 +495,14 @@ pub fn metric(scrape: &str, name_and_labels: &str) -> Option<f64> {
         (k == name_and_labels).then(|| v.parse().ok())?
     })
 }
+
+/// Resident memory of a process (the spawned binary), in MiB.
+pub fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024.0
+}

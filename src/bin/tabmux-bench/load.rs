@@ -133,9 +133,25 @@ pub async fn idle_tabs(
 
 /// Scenario 2: one tab, closed loop; round-trip times in nanoseconds.
 pub async fn latency(target: &Target, warmup: usize, samples: usize) -> anyhow::Result<Vec<u64>> {
+    latency_paced(target, warmup, samples, Duration::ZERO).await
+}
+
+/// Like [`latency`], a message at most every `every` (a tab within the
+/// default `tab_rate`, as a page is: 2 ms is 500 messages a second).
+pub async fn latency_paced(
+    target: &Target,
+    warmup: usize,
+    samples: usize,
+    every: Duration,
+) -> anyhow::Result<Vec<u64>> {
     let mut ws = connect(target, 0).await?;
     let mut rtts = Vec::with_capacity(samples);
+    let mut next = tokio::time::Instant::now();
     for i in 0..(warmup + samples) {
+        if !every.is_zero() {
+            next += every;
+            tokio::time::sleep_until(next).await;
+        }
         let start = Instant::now();
         ws.send(Message::text(message(i as u64))).await?;
         next_data(&mut ws).await?;
