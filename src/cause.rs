@@ -165,9 +165,9 @@ impl fmt::Display for Cause {
 /// Why a session's upstream connection was lost.
 #[derive(Debug)]
 pub enum Lost {
-    /// The backend closed the connection (with this close code, if its
-    /// close frame had one).
-    Closed(Option<u16>),
+    /// The backend closed the connection (with its close frame, if it
+    /// sent one).
+    Closed(Option<Closing>),
     /// Reading or writing failed.
     Failed(WsError),
     /// Nothing came from the backend, not even a pong, for `idle_timeout`.
@@ -177,10 +177,29 @@ pub enum Lost {
     Stalled,
 }
 
+/// The backend's close frame: its code (1005 when it carried none) and
+/// its reason, which some envelopes pass on to the tabs (a Pusher server's
+/// 4009 "You got disconnected by the app.").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closing {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl Closing {
+    /// A close frame with `code` and no reason.
+    pub fn code(code: u16) -> Closing {
+        Closing {
+            code,
+            reason: String::new(),
+        }
+    }
+}
+
 impl fmt::Display for Lost {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Lost::Closed(Some(code)) => write!(f, "the backend closed the connection ({code})"),
+            Lost::Closed(Some(c)) => write!(f, "the backend closed the connection ({})", c.code),
             Lost::Closed(None) => write!(f, "the backend closed the connection"),
             Lost::Failed(e) => write!(f, "{e}"),
             Lost::Silent => write!(

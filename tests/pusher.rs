@@ -223,8 +223,11 @@ async fn a_server_close_code_reaches_every_tab_and_a_lost_connection_is_4200() {
         code: CloseCode::from(4004),
         reason: "Over connection quota".into(),
     })));
-    assert_eq!(a.closed().await.0, 4004);
-    assert_eq!(b.closed().await.0, 4004);
+    // With the server's own words: the client's close event shows them.
+    for tab in [&mut a, &mut b] {
+        let (code, reason) = tab.closed().await;
+        assert_eq!((code, reason.as_str()), (4004, "Over connection quota"));
+    }
 
     // The clients reconnect: their new session dials once; a lost
     // connection then closes them with 4200, "reconnect at once".
@@ -455,6 +458,75 @@ async fn channel_state_is_returned_when_the_sessions_end() {
         }
     })
     .await;
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The route's deadlines fire on time whatever `ping_interval` is (30 s
+/// here, the default): a channel left without unsubscribing is
+/// unsubscribed upstream `linger` after its last tab left, not at the next
+/// keepalive tick. Through the real binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_is_unsubscribed_linger_after_its_last_tab_left() {
+    use std::time::{Duration, Instant};
+    let mock = Mock::behaving(pusher_server()).await;
+    let path = format!("/app/{APP_KEY}");
+    let (mut child, proxy) = proxy()
+        .route(route(&path, &mock).envelope("pusher").linger("1s"))
+        .spawn();
+    let up = mock.upstream(0);
+    let mut tab = connected(&proxy, "b").await;
+    subscribed(&mut tab, "private-a").await;
+    let left = Instant::now();
+    tab.close(1000).await;
+    up.wait("the upstream unsubscribe", |c| {
+        c.frames
+            .iter()
+            .any(|m| m.to_text().unwrap_or("").contains("pusher:unsubscribe"))
+            .then_some(())
+    })
+    .await;
+    let after = left.elapsed();
+    assert!(
+        after >= Duration::from_millis(900) && after <= Duration::from_millis(1500),
+        "unsubscribed {after:?} after the tab left, with linger 1s"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A server that announces a 2 s activity timeout and then says nothing is
+/// pinged within it (at half of it), not at the next 30 s keepalive tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_is_pinged_within_its_short_activity_timeout() {
+    use std::time::{Duration, Instant};
+    let data = json!({"socket_id": SOCKET_ID, "activity_timeout": 2}).to_string();
+    let greeting = json!({"event": "pusher:connection_established", "data": data});
+    let mock = Mock::behaving(Behavior {
+        greeting: vec![Message::text(greeting.to_string())],
+        ..Default::default()
+    })
+    .await;
+    let path = format!("/app/{APP_KEY}");
+    let (mut child, proxy) = proxy()
+        .route(route(&path, &mock).envelope("pusher"))
+        .spawn();
+    let up = mock.upstream(0);
+    let mut tab = pusher_tab("b").connect(&proxy).await;
+    let greeted = Instant::now();
+    tab.recv_text().await;
+    up.wait("a pusher:ping", |c| {
+        c.frames
+            .iter()
+            .any(|m| m.to_text().unwrap_or("").contains("pusher:ping"))
+            .then_some(())
+    })
+    .await;
+    let after = greeted.elapsed();
+    assert!(
+        after <= Duration::from_secs(2),
+        "pinged {after:?} after the greeting, with activity_timeout 2"
+    );
     let _ = child.kill();
     let _ = child.wait();
 }

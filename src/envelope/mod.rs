@@ -249,6 +249,24 @@ impl Machine {
         }
     }
 
+    /// When the machine next needs the time, if it keeps any (`pusher`: its
+    /// upstream's keepalive, a channel's linger); the session wakes it then
+    /// with [`Machine::on_timeout`], whatever `ping_interval` is. `now` is
+    /// called only by a machine that keeps time, so `json` and `none` cost
+    /// no clock read.
+    #[inline]
+    pub fn next_deadline(&mut self, now: impl FnOnce() -> Instant) -> Option<Instant> {
+        match self {
+            Machine::Json(_) | Machine::None(_) => None,
+            Machine::Pusher(m) => m.next_deadline(now()),
+        }
+    }
+
+    /// A deadline given by [`Machine::next_deadline`] has come, at `now`.
+    pub fn on_timeout(&mut self, now: Instant, out: &mut impl Effects) {
+        self.tick(now, out);
+    }
+
     /// A keepalive tick of the session (every `ping_interval`), at `now`.
     /// Neither `json` nor `none` keeps time; `pusher` pings its upstream
     /// with `pusher:ping` and unsubscribes channels left past `linger`.

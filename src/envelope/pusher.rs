@@ -169,6 +169,9 @@ pub struct Pusher {
     /// Since when the upstream has been silent, as of the last tick.
     silent_since: Option<Instant>,
     linger: Duration,
+    /// Some channel's tabs have all left: it lingers (its deadline is
+    /// looked for only while this is set).
+    lingering: bool,
 }
 
 impl Pusher {
@@ -187,6 +190,7 @@ impl Pusher {
             heard: false,
             silent_since: None,
             linger,
+            lingering: false,
         }
     }
 
@@ -473,6 +477,7 @@ impl Pusher {
             ch.waiting.retain(|&t| t != tab);
             if ch.is_empty() {
                 ch.orphaned = Some(now);
+                self.lingering = true;
             }
         }
         match &mut self.sign_in {
@@ -661,18 +666,46 @@ impl Pusher {
 
     /// The upstream is gone: what its tabs are closed with. A code the
     /// client must act on (4000–4199, 4300 and above: refused, back off)
-    /// passes through, so that each client applies the policy it would on
-    /// a direct connection; any other loss is 4200, "reconnect at once".
+    /// passes through with the server's reason, so that each client applies
+    /// the policy it would on a direct connection and its close event says
+    /// what the server said; any other loss is 4200, "reconnect at once".
     pub fn upstream_lost(&self, lost: &Lost) -> Cause {
         match lost {
-            Lost::Closed(Some(code)) if (4000..4200).contains(code) || *code >= 4300 => {
+            Lost::Closed(Some(c)) if (4000..4200).contains(&c.code) || c.code >= 4300 => {
                 Cause::Backend {
-                    code: *code,
-                    reason: "closed by the Pusher server".into(),
+                    code: c.code,
+                    reason: c.reason.clone(),
                 }
             }
             _ => Cause::Reconnect,
         }
+    }
+
+    /// When the machine next needs the time: half the upstream's activity
+    /// timeout after it was last heard from (its keepalive), or when the
+    /// first lingering channel's linger ends.
+    pub fn next_deadline(&mut self, now: Instant) -> Option<Instant> {
+        if std::mem::take(&mut self.heard) || self.silent_since.is_none() {
+            self.silent_since = Some(now);
+        }
+        let keepalive = self
+            .established
+            .as_ref()
+            .and(self.silent_since)
+            .map(|since| since + self.activity_timeout / 2);
+        let linger = if self.lingering {
+            let first = self
+                .channels
+                .values()
+                .filter(|ch| ch.is_empty())
+                .filter_map(|ch| ch.orphaned)
+                .min();
+            self.lingering = first.is_some();
+            first.map(|t| t + self.linger)
+        } else {
+            None
+        };
+        keepalive.into_iter().chain(linger).min()
     }
 
     /// A keepalive tick: the upstream is pinged when it has been silent for

@@ -7,7 +7,7 @@
 //! the envelope's effects, then flushes every tab written to and the
 //! upstream once. No lock is needed for routing: one task owns it all.
 
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use http::HeaderValue;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::key::SessionKey;
 use super::link::{Command, Joined, Refusal, TabLink};
@@ -27,7 +27,7 @@ use super::ready::TabWake;
 use super::tabs::{Apply, Holders, Tabs};
 use super::SessionContext;
 use crate::budget::Charge;
-use crate::cause::{Cause, Lost, Side};
+use crate::cause::{Cause, Closing, Lost, Side};
 use crate::envelope::{Effect, Effects, JoinInfo, Machine, TabId};
 use crate::queue::Outbox;
 use crate::rate::Verdict;
@@ -123,6 +123,8 @@ enum Event {
     /// Tabs woke the session (listed in `Tabs::woken`).
     Tabs,
     Tick,
+    /// The envelope's deadline came.
+    Deadline,
     Linger,
 }
 
@@ -148,6 +150,9 @@ pub(super) struct Session<'c> {
     to_upstream: Vec<Message>,
     /// Armed while the session has no tabs.
     linger: Option<Pin<Box<Sleep>>>,
+    /// The envelope's own timer, set to its next deadline (a Pusher
+    /// channel's linger, the upstream's keepalive); None once it fired.
+    deadline: Option<Pin<Box<Sleep>>>,
     /// What the session itself holds of the buffer budget.
     charge: Charge,
     /// The proxy is shutting down and this session waits for its turn to
@@ -166,7 +171,7 @@ pub(super) struct Session<'c> {
     /// [`UpstreamSocket::poll_next`]).
     upstream_buffered: bool,
     /// The code of the close frame the backend sent, once it sent one.
-    upstream_close: Option<u16>,
+    upstream_close: Option<Box<Closing>>,
     /// Why the tabs are closed when the envelope does not redial a lost
     /// upstream (boxed: set once, at the end).
     gone: Option<Box<Cause>>,
@@ -193,6 +198,9 @@ macro_rules! apply {
         }
     };
 }
+
+// After the macro: the upstream half uses it too.
+mod uplink;
 
 impl<'c> Session<'c> {
     pub(super) fn new(
@@ -222,6 +230,7 @@ impl<'c> Session<'c> {
             shutdown: ctx.shutdown.clone(),
             to_upstream: Vec::new(),
             linger: None,
+            deadline: None,
             linger_for: ctx.route.linger,
             charge: Charge::default(),
             draining: false,
@@ -262,6 +271,7 @@ impl<'c> Session<'c> {
                     () = poll_fn(|cx| self.tabs.ready.poll_take(cx, &mut self.tabs.woken)) => Event::Tabs,
                     result = redial(&mut self.outage, self.ctx) => Event::Redialed(Box::new(result)),
                     _ = self.keepalive.tick() => Event::Tick,
+                    () = expire(&mut self.deadline) => Event::Deadline,
                     () = expire(&mut self.linger) => Event::Linger,
                     _ = &mut stopping, if !self.draining => Event::Shutdown,
                 }
@@ -288,7 +298,10 @@ impl<'c> Session<'c> {
                     }
                 }
                 Event::Upstream(Some(Err(e))) => self.lose(Lost::Failed(e)),
-                Event::Upstream(None) => self.lose(Lost::Closed(self.upstream_close)),
+                Event::Upstream(None) => {
+                    let close = self.upstream_close.take().map(|c| *c);
+                    self.lose(Lost::Closed(close))
+                }
                 Event::Redialed(result) => match *result {
                     Ok((socket, protocol)) => {
                         self.restored(socket, protocol);
@@ -298,6 +311,7 @@ impl<'c> Session<'c> {
                 },
                 Event::Tabs => self.serve_tabs(),
                 Event::Tick => self.tick(),
+                Event::Deadline => self.on_deadline(),
                 // While draining, the linger timer is the session's turn.
                 Event::Linger if self.draining => Err(SessionEnd::Shutdown),
                 Event::Linger => Err(SessionEnd::Linger),
@@ -318,6 +332,7 @@ impl<'c> Session<'c> {
                     break end;
                 }
             }
+            self.rearm_deadline();
             // A full turn: the worker's other tasks (other sessions, and
             // this session's own tabs put back) come first.
             if std::mem::take(&mut self.turn_bytes) >= TURN_BYTES {
@@ -654,202 +669,5 @@ impl<'c> Session<'c> {
             }
         }
         Ok(())
-    }
-
-    // ---- the upstream
-
-    /// An upstream frame: data goes to the envelope, and the tabs its
-    /// effects closed leave.
-    fn upstream_frame(&mut self, msg: Message) -> Result<(), SessionEnd> {
-        match msg {
-            Message::Text(_) | Message::Binary(_) => {
-                self.envelope.upstream_frame(msg, apply!(self));
-                self.tabs.greeting = self.envelope.greeting_len();
-                return self.leave_listed();
-            }
-            // The stream ends on the next read; its code says why.
-            Message::Close(frame) => {
-                self.upstream_close = Some(frame.map_or(1005, |f| u16::from(f.code)));
-            }
-            // Pings are answered by tungstenite.
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-        }
-        Ok(())
-    }
-
-    /// Handles the upstream frames tungstenite already holds, up to a
-    /// batch, so that a burst from the backend reaches each tab as one write.
-    async fn more_upstream_frames(&mut self) -> Result<(), SessionEnd> {
-        for _ in 1..BATCH {
-            if !self.upstream_buffered || self.turn_bytes >= TURN_BYTES {
-                break;
-            }
-            let Some(up) = self.upstream.as_mut() else {
-                break;
-            };
-            let buffered = &mut self.upstream_buffered;
-            match poll_fn(|cx| Poll::Ready(up.poll_next(cx, buffered))).await {
-                Poll::Pending => break,
-                Poll::Ready(Some(Ok(msg))) => {
-                    self.upstream_alive.heard();
-                    self.turn_bytes += msg.len();
-                    self.upstream_frame(msg)?;
-                }
-                Poll::Ready(Some(Err(e))) => return self.lose(Lost::Failed(e)),
-                Poll::Ready(None) => return self.lose(Lost::Closed(self.upstream_close)),
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes what is pending to the upstream. A write that cannot finish
-    /// within `idle_timeout` (the backend stopped reading) is a loss.
-    async fn flush_upstream(&mut self) -> Result<(), Lost> {
-        let Some(up) = self.upstream.as_mut() else {
-            self.to_upstream.clear();
-            return Ok(());
-        };
-        if self.to_upstream.is_empty() {
-            return Ok(());
-        }
-        let pending = std::mem::take(&mut self.to_upstream);
-        let unwritten: usize = pending.iter().map(Message::len).sum();
-        let write = up.send_all(pending);
-        tokio::pin!(write);
-        // Nearly every write completes at once; only one that has to wait
-        // pays for a timer, and holds its messages against the budget
-        // meanwhile (the session reads no tab until it is done).
-        let written = match poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
-            Poll::Ready(r) => Ok(r),
-            Poll::Pending => {
-                let held = held_while(&self.tabs.holders, &mut self.charge, unwritten);
-                let r = Box::pin(tokio::time::timeout(self.ctx.route.idle_timeout, write)).await;
-                self.tabs
-                    .holders
-                    .budget
-                    .set(&mut self.charge, held, || Box::new(|| {}));
-                r
-            }
-        };
-        match written {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Lost::Failed(e)),
-            Err(_) => Err(Lost::Stalled),
-        }
-    }
-
-    /// Keepalive: every tab is pinged (or leaves if it went silent); a
-    /// silent upstream is lost, otherwise pinged. One timer per session,
-    /// none per tab.
-    fn tick(&mut self) -> Result<(), SessionEnd> {
-        let idle = self.ctx.route.idle_timeout;
-        self.tabs.tick(idle);
-        self.envelope.tick(Instant::now().into_std(), apply!(self));
-        self.leave_listed()?;
-        if self.upstream.is_none() {
-            return Ok(());
-        }
-        if self.upstream_alive.silent_for(idle) {
-            return self.lose(Lost::Silent);
-        }
-        self.to_upstream.push(Message::Ping(Default::default()));
-        Ok(())
-    }
-
-    // ---- losing and regaining the upstream
-
-    /// The upstream is gone: start redialling, unless no tab needs it.
-    fn lose(&mut self, why: Lost) -> Result<(), SessionEnd> {
-        if self.upstream.take().is_none() {
-            return Ok(());
-        }
-        self.ctx.metrics.upstream_down();
-        self.to_upstream.clear();
-        self.upstream_close = None;
-        if let Some(cause) = self.envelope.upstream_lost(&why) {
-            // This envelope's clients reconnect themselves: no redial.
-            info!(reason = %why, tabs = self.tabs.len(), cause = %cause, "upstream lost; closing its tabs");
-            self.gone = Some(Box::new(cause));
-            return Err(SessionEnd::UpstreamGone);
-        }
-        if self.tabs.is_empty() {
-            debug!(reason = %why, "upstream lost while no tab was connected; ending the session");
-            return Err(SessionEnd::LostIdle);
-        }
-        warn!(reason = %why, tabs = self.tabs.len(), "upstream lost; redialling");
-        let mut backoff = Backoff::new(self.ctx.route.reconnect);
-        let Some(delay) = backoff.next_delay() else {
-            return Err(SessionEnd::BudgetSpent);
-        };
-        self.outage = Some(Box::new(Outage {
-            backoff,
-            wait: Box::pin(tokio::time::sleep(delay)),
-            dialing: None,
-            buffer: reconnect::Buffer::new(self.ctx.route.reconnect_buffer),
-            params: self.dial.clone(),
-        }));
-        Ok(())
-    }
-
-    fn redial_failed(&mut self, e: &DialError) -> Result<(), SessionEnd> {
-        self.ctx.metrics.redial(e.label());
-        let Some(outage) = self.outage.as_mut() else {
-            return Ok(());
-        };
-        outage.dialing = None;
-        match outage.backoff.next_delay() {
-            Some(delay) => {
-                info!(error = %e, attempt = outage.backoff.made() - 1, "redial failed");
-                outage.wait.as_mut().reset(Instant::now() + delay);
-                Ok(())
-            }
-            None => {
-                warn!(error = %e, "redial failed; reconnect budget spent");
-                Err(SessionEnd::BudgetSpent)
-            }
-        }
-    }
-
-    /// The upstream is back: the envelope announces the tabs still
-    /// connected, in join order, then what they sent meanwhile goes, in
-    /// order.
-    fn restored(&mut self, socket: UpstreamSocket, protocol: Option<HeaderValue>) {
-        let Some(mut outage) = self.outage.take() else {
-            return;
-        };
-        self.ctx.metrics.redial("ok");
-        self.ctx.metrics.upstream_up();
-        info!(after = outage.backoff.made(), "upstream re-established");
-        if protocol != self.protocol {
-            warn!(
-                "the upstream chose a different subprotocol after the redial; tabs keep the first"
-            );
-        }
-        self.upstream = Some(socket);
-        // Bytes that followed the handshake may already be buffered.
-        self.upstream_buffered = true;
-        self.upstream_alive = Liveness::new();
-        let ids = self.tabs.ids();
-        let map = &self.tabs.map;
-        let members = ids.iter().filter_map(|id| Some((*id, &map.get(id)?.info)));
-        let mut opens = Vec::new();
-        self.envelope.upstream_restored(members, &mut opens);
-        for effect in opens {
-            Effects::effect(apply!(self), effect);
-        }
-        self.tabs.greeting = self.envelope.greeting_len();
-        let mut orphaned = 0;
-        for (tab, msg, payload) in outage.buffer.drain() {
-            if self.tabs.map.contains_key(&tab) {
-                self.ctx.metrics.to_upstream(payload);
-                self.to_upstream.push(msg);
-            } else {
-                orphaned += 1;
-            }
-        }
-        if orphaned > 0 {
-            // Their tabs left during the outage; the backend never saw them go.
-            self.ctx.metrics.dropped("tab_left_during_outage", orphaned);
-        }
     }
 }

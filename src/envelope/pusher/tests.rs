@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::*;
+use crate::cause::Closing;
 use crate::envelope::Saving;
 
 const GREETING: &str = r#"{"event":"pusher:connection_established","data":"{\"socket_id\":\"123.456\",\"activity_timeout\":30}"}"#;
@@ -439,15 +440,23 @@ fn a_loss_closes_tabs_with_4200_unless_the_server_gave_a_code_to_act_on() {
     let m = session(1);
     for lost in [
         Lost::Closed(None),
-        Lost::Closed(Some(1006)),
-        Lost::Closed(Some(4201)),
+        Lost::Closed(Some(Closing::code(1006))),
+        Lost::Closed(Some(Closing::code(4201))),
         Lost::Silent,
     ] {
         assert_eq!(m.upstream_lost(&lost).code(), 4200, "{lost}");
     }
     for code in [4004, 4100, 4301] {
-        assert_eq!(m.upstream_lost(&Lost::Closed(Some(code))).code(), code);
+        let lost = Lost::Closed(Some(Closing::code(code)));
+        assert_eq!(m.upstream_lost(&lost).code(), code);
     }
+    // The server's own words reach the tabs.
+    let lost = Lost::Closed(Some(Closing {
+        code: 4009,
+        reason: "You got disconnected by the app.".into(),
+    }));
+    let cause = m.upstream_lost(&lost);
+    assert_eq!(cause.row().reason, "You got disconnected by the app.");
 }
 
 #[test]
@@ -478,4 +487,88 @@ fn other_events_from_a_tab_go_upstream_unchanged() {
     let (fwd, out) = from_tab(&mut m, 1, custom.clone());
     assert_eq!(fwd.unwrap().frame, text(custom));
     assert_eq!(out, []);
+}
+
+/// The deadlines, on a fake clock: what the session waits for instead of
+/// its keepalive tick.
+mod deadlines {
+    use super::*;
+
+    const SHORT: &str = r#"{"event":"pusher:connection_established","data":"{\"socket_id\":\"1.2\",\"activity_timeout\":2}"}"#;
+
+    fn unsubscribes(out: &[Effect]) -> usize {
+        out.iter()
+            .filter(|e| matches!(e, Effect::Upstream(m) if m.to_text().unwrap_or("").contains("pusher:unsubscribe")))
+            .count()
+    }
+
+    fn pings(out: &[Effect]) -> usize {
+        out.iter()
+            .filter(|e| matches!(e, Effect::Upstream(m) if m.to_text().unwrap_or("").contains("pusher:ping")))
+            .count()
+    }
+
+    #[test]
+    fn a_channel_lingers_exactly_linger_after_its_last_tab_left() {
+        let start = Instant::now();
+        let mut m = session(1);
+        subscribed(&mut m, "private-a");
+        let keepalive = m.next_deadline(start).unwrap();
+        m.tab_left(t(1), start);
+        // The linger (10 s) ends before the keepalive (15 s).
+        assert_eq!(
+            m.next_deadline(start),
+            Some(start + Duration::from_secs(10))
+        );
+        assert!(keepalive >= start + Duration::from_secs(15));
+        let mut out = Vec::new();
+        m.tick(start + Duration::from_secs(10), &mut out);
+        assert_eq!(unsubscribes(&out), 1, "{out:?}");
+        // Nothing lingers any more: only the keepalive is left.
+        assert_eq!(
+            m.next_deadline(start + Duration::from_secs(10)),
+            Some(keepalive)
+        );
+    }
+
+    #[test]
+    fn a_silent_upstream_is_pinged_at_half_its_activity_timeout() {
+        let start = Instant::now();
+        let mut m = Pusher::new(Duration::from_secs(10));
+        let mut out = Vec::new();
+        m.upstream_frame(Message::text(SHORT), &mut out);
+        let due = m.next_deadline(start).unwrap();
+        assert_eq!(due, start + Duration::from_secs(1), "half of 2 s");
+        m.tick(due, &mut out);
+        assert_eq!(pings(&out), 1);
+        // And again a second after that, while it stays silent.
+        assert_eq!(m.next_deadline(due), Some(due + Duration::from_secs(1)));
+        // A frame from it moves the deadline.
+        let later = due + Duration::from_millis(700);
+        from_upstream(&mut m, json!({"event": "pusher:pong", "data": {}}));
+        assert_eq!(m.next_deadline(later), Some(later + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_tab_back_within_linger_takes_the_deadline_away() {
+        let start = Instant::now();
+        let mut m = session(1);
+        subscribed(&mut m, "private-a");
+        m.tab_left(t(1), start);
+        assert_eq!(
+            m.next_deadline(start),
+            Some(start + Duration::from_secs(10))
+        );
+        let mut out = Vec::new();
+        m.tab_joined(t(2), &mut out);
+        from_tab(&mut m, 2, subscribe("private-a"));
+        let next = m.next_deadline(start + Duration::from_secs(1)).unwrap();
+        assert!(
+            next > start + Duration::from_secs(10),
+            "only the keepalive: {next:?}"
+        );
+        let mut out = Vec::new();
+        m.tick(start + Duration::from_secs(10), &mut out);
+        assert_eq!(unsubscribes(&out), 0);
+    }
 }
