@@ -530,12 +530,7 @@ async fn memory_stays_within_the_budget_and_is_returned() {
     );
     drop(holders);
     drop(floods);
-    guard("the memory to be returned", async {
-        while rss_mib(pid) > idle + 16.0 {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    memory_returned(pid, idle + 16.0).await;
     calm.send_text("3").await;
     assert_eq!(calm.recv_text().await, "3");
     let _ = child.kill();
@@ -586,12 +581,7 @@ async fn memory_held_for_non_readers_is_returned_after_they_go() {
         }
     })
     .await;
-    guard("the memory to be returned", async {
-        while rss_mib(pid) > idle + 64.0 {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    memory_returned(pid, idle + 64.0).await;
     let _ = child.kill();
     let _ = child.wait();
 }

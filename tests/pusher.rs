@@ -385,13 +385,7 @@ async fn the_first_sign_in_goes_upstream_and_a_later_tab_gets_its_answer() {
 
 #[tokio::test]
 async fn a_silent_upstream_is_pinged_within_its_activity_timeout() {
-    let data = json!({"socket_id": SOCKET_ID, "activity_timeout": 1}).to_string();
-    let greeting = json!({"event": "pusher:connection_established", "data": data});
-    let mock = Mock::behaving(Behavior {
-        greeting: vec![Message::text(greeting.to_string())],
-        ..Default::default()
-    })
-    .await;
+    let mock = Mock::behaving(quiet_server(1)).await;
     let path = format!("/app/{APP_KEY}");
     let fast = route(&path, &mock)
         .envelope("pusher")
@@ -452,12 +446,7 @@ async fn channel_state_is_returned_when_the_sessions_end() {
         (c.len() == 4 && c.iter().all(|c| c.closed.is_some())).then_some(())
     })
     .await;
-    guard("the memory to be returned", async {
-        while rss_mib(pid) > idle + 64.0 {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    memory_returned(pid, idle + 64.0).await;
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -500,13 +489,7 @@ async fn a_channel_is_unsubscribed_linger_after_its_last_tab_left() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_server_is_pinged_within_its_short_activity_timeout() {
     use std::time::{Duration, Instant};
-    let data = json!({"socket_id": SOCKET_ID, "activity_timeout": 2}).to_string();
-    let greeting = json!({"event": "pusher:connection_established", "data": data});
-    let mock = Mock::behaving(Behavior {
-        greeting: vec![Message::text(greeting.to_string())],
-        ..Default::default()
-    })
-    .await;
+    let mock = Mock::behaving(quiet_server(2)).await;
     let path = format!("/app/{APP_KEY}");
     let (mut child, proxy) = proxy()
         .route(route(&path, &mock).envelope("pusher"))

@@ -21,8 +21,8 @@ use std::time::Duration;
 pub use json::{echo, to_json};
 pub use mock::{Behavior, Conn, Mock, Upstream};
 pub use proxy::{
-    admin_get, metric, proxy, proxy_for, raw_http, reason_count, route, route_to, rss_mib,
-    start_proxy, tabmux_bin, ProxyConfig, Raw, RouteConfig, TestProxy,
+    admin_get, memory_returned, metric, proxy, proxy_for, raw_http, reason_count, route, route_to,
+    rss_mib, start_proxy, tabmux_bin, ProxyConfig, Raw, RouteConfig, TestProxy,
 };
 pub use tab::{ClientIo, LiveTab, Tab, TabSpec};
 

@@ -506,3 +506,13 @@ pub fn rss_mib(pid: u32) -> f64 {
         .unwrap();
     kib / 1024.0
 }
+
+/// Waits until the process's resident memory is at most `mib`.
+pub async fn memory_returned(pid: u32, mib: f64) {
+    super::guard("the memory to be returned", async {
+        while rss_mib(pid) > mib {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}

@@ -32,6 +32,17 @@ pub fn established() -> String {
     json!({"event": "pusher:connection_established", "data": data}).to_string()
 }
 
+/// A backend that greets like a Pusher server announcing `activity_timeout`
+/// seconds, then answers nothing.
+pub fn quiet_server(activity_timeout: u64) -> Behavior {
+    let data = json!({"socket_id": SOCKET_ID, "activity_timeout": activity_timeout}).to_string();
+    let greeting = json!({"event": "pusher:connection_established", "data": data});
+    Behavior {
+        greeting: vec![Message::text(greeting.to_string())],
+        ..Default::default()
+    }
+}
+
 /// A backend that greets like a Pusher server, confirms every subscribe
 /// (a presence channel with the subscriber as its one member) and answers
 /// pings, as sockudo does.
