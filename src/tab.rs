@@ -64,6 +64,12 @@ pub fn ws_config(route: &Route) -> WebSocketConfig {
         .max_frame_size(Some(route.max_message_size))
 }
 
+/// Bytes read from a tab's socket in one call for its next message, at
+/// most (about): a large message, or a half-sent one, is read over several
+/// turns of its session, so that one tab's bytes cannot make a long turn
+/// for the tabs and sessions waiting behind it.
+pub const TAB_READ_CAP: usize = 16 * 1024;
+
 /// Bytes tungstenite reads from a tab's socket at a time.
 pub const TAB_READ_BUFFER: usize = 512;
 
@@ -320,16 +326,20 @@ impl Tab {
     /// tab ends (it closed, broke the protocol, vanished); or Pending once
     /// nothing more can be read now. Pings and pongs are answered here, and
     /// count as signs of life.
-    pub fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Result<Message, Cause>> {
+    ///
+    /// `fed` grows by the bytes read from the socket (the session's turn
+    /// counts them, whole messages or part of one).
+    pub fn poll_message(
+        &mut self,
+        cx: &mut Context<'_>,
+        fed: &mut usize,
+    ) -> Poll<Result<Message, Cause>> {
         loop {
             if !self.read_buffered && self.io.poll_read_hint(cx).is_pending() {
                 return Poll::Pending;
             }
-            let msg = match self.poll_read(cx) {
-                Poll::Pending => {
-                    self.read_buffered = false;
-                    return Poll::Pending;
-                }
+            let msg = match self.poll_read(cx, fed) {
+                Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(msg)) => msg,
                 Poll::Ready(Err(e)) => {
                     debug!(tab = %self.id, error = %e, "tab read failed");
@@ -349,13 +359,36 @@ impl Tab {
         }
     }
 
-    /// The next message from the tab's socket, or Pending.
-    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Message, WsError>> {
-        let mut io = PollIo::tracking(&mut self.io, cx, &mut self.partial);
+    /// Whether bytes may be left to read without the socket waking the
+    /// session (tungstenite holds some, or the last read stopped at its
+    /// cap).
+    #[inline]
+    pub fn more_to_read(&self) -> bool {
+        self.read_buffered
+    }
+
+    /// The next message from the tab's socket, or Pending: nothing more
+    /// to read now (the socket will wake the session), or [`TAB_READ_CAP`]
+    /// bytes read this call (the tab wakes itself, to be read again next
+    /// turn).
+    fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        fed: &mut usize,
+    ) -> Poll<Result<Message, WsError>> {
+        let mut io = PollIo::tracking(&mut self.io, cx, &mut self.partial).capped_at(TAB_READ_CAP);
         let read = self.ws.read(&mut io);
+        let capped = io.capped;
         self.unread.fed(io.fed);
+        *fed += io.fed;
         match read {
-            Err(e) if would_block(&e) => Poll::Pending,
+            Err(e) if would_block(&e) => {
+                self.read_buffered = capped;
+                if capped {
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending
+            }
             Ok(msg) => {
                 // A browser's frames are masked.
                 self.read_buffered = self.unread.read_again(&msg, true);
@@ -458,7 +491,7 @@ impl Tab {
             Ok(()) => {}
         }
         loop {
-            match self.poll_read(cx) {
+            match self.poll_read(cx, &mut 0) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(_)) => return Poll::Ready(()),

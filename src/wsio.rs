@@ -33,6 +33,12 @@ pub struct PollIo<'a, 'b, S> {
     pub fed: usize,
     /// Follows the frames read, when the caller counts partial messages.
     partial: Option<&'a mut Partial>,
+    /// Bytes this adapter may read before it says "would block" without
+    /// asking the stream (see [`PollIo::capped`]).
+    cap: usize,
+    /// The cap was reached: the stream may hold more, and no waker was
+    /// registered for it.
+    pub capped: bool,
 }
 
 impl<'a, 'b, S: AsyncRead + AsyncWrite + Unpin> PollIo<'a, 'b, S> {
@@ -42,7 +48,17 @@ impl<'a, 'b, S: AsyncRead + AsyncWrite + Unpin> PollIo<'a, 'b, S> {
             cx,
             fed: 0,
             partial: None,
+            cap: usize::MAX,
+            capped: false,
         }
+    }
+
+    /// Reads at most about `cap` bytes (the read that crosses it is kept
+    /// whole), then says "would block" with [`PollIo::capped`] set: the
+    /// caller comes back for the rest (a bounded amount of work per poll).
+    pub fn capped_at(mut self, cap: usize) -> Self {
+        self.cap = cap;
+        self
     }
 
     /// Like [`PollIo::new`], with what is read fed to `partial`.
@@ -52,12 +68,18 @@ impl<'a, 'b, S: AsyncRead + AsyncWrite + Unpin> PollIo<'a, 'b, S> {
             cx,
             fed: 0,
             partial: Some(partial),
+            cap: usize::MAX,
+            capped: false,
         }
     }
 }
 
 impl<S: AsyncRead + Unpin> Read for PollIo<'_, '_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.fed >= self.cap {
+            self.capped = true;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         let mut buf = ReadBuf::new(buf);
         match Pin::new(&mut *self.stream).poll_read(self.cx, &mut buf) {
             Poll::Ready(Ok(())) => {

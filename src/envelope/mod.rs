@@ -262,6 +262,13 @@ impl Machine {
         }
     }
 
+    /// Whether the machine has deadlines at all (`json` and `none` have
+    /// none).
+    #[inline]
+    pub fn keeps_time(&self) -> bool {
+        matches!(self, Machine::Pusher(_))
+    }
+
     /// A deadline given by [`Machine::next_deadline`] has come, at `now`.
     pub fn on_timeout(&mut self, now: Instant, out: &mut impl Effects) {
         self.tick(now, out);

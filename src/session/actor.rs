@@ -47,12 +47,12 @@ const TAB_BURST: usize = 16;
 /// Payload bytes read from one tab before the session turns to the others
 /// (the work a message costs grows with its size: 16 messages of 1 MiB
 /// would be a long turn for the tabs waiting behind it).
-const TAB_BURST_BYTES: usize = 64 * 1024;
+const TAB_BURST_BYTES: usize = 16 * 1024;
 /// Payload bytes a session reads (from its tabs and its upstream) in one
 /// turn before it lets the other tasks of its worker run: the tabs it did
 /// not get to wait for its next turn, and it yields. One busy session then
 /// delays another by about a turn of this size, however many tabs it has.
-const TURN_BYTES: usize = 256 * 1024;
+const TURN_BYTES: usize = 32 * 1024;
 
 /// A tab past its rate is served again after `wait`, by a timer of its
 /// own: its socket is not read meanwhile, so nothing else would wake it.
@@ -271,7 +271,7 @@ impl<'c> Session<'c> {
                     () = poll_fn(|cx| self.tabs.ready.poll_take(cx, &mut self.tabs.woken)) => Event::Tabs,
                     result = redial(&mut self.outage, self.ctx) => Event::Redialed(Box::new(result)),
                     _ = self.keepalive.tick() => Event::Tick,
-                    () = expire(&mut self.deadline) => Event::Deadline,
+                    () = expire(&mut self.deadline), if self.deadline.is_some() => Event::Deadline,
                     () = expire(&mut self.linger) => Event::Linger,
                     _ = &mut stopping, if !self.draining => Event::Shutdown,
                 }
@@ -517,7 +517,8 @@ impl<'c> Session<'c> {
     /// its rate allows (`server.tab_rate`: beyond, it is not read from
     /// until it is back under, and its socket holds what it sends).
     fn serve_tab(&mut self, id: TabId) -> Result<(), SessionEnd> {
-        let now = self.tabs.now_ms();
+        let epoch = self.tabs.epoch();
+        let now = || super::tabs::ms_since(epoch);
         let Some(slot) = self.tabs.map.get_mut(&id) else {
             return Ok(());
         };
@@ -549,21 +550,27 @@ impl<'c> Session<'c> {
             }
             let mut bytes = 0;
             for _ in 0..TAB_BURST {
-                match conn.poll_message(cx) {
+                // What was read counts, whole messages or part of one.
+                let mut fed = 0;
+                let polled = conn.poll_message(cx, &mut fed);
+                bytes += fed;
+                *turn_bytes += fed;
+                match polled {
                     Poll::Pending => {
-                        bucket.drained();
+                        // Nothing more waits (not a read that stopped at its
+                        // cap): the tab is within its rate again.
+                        if !conn.more_to_read() {
+                            bucket.drained();
+                        }
                         return Ok(None);
                     }
                     Poll::Ready(Ok(msg)) => {
-                        let len = msg.len();
-                        bucket.charge(len);
+                        bucket.charge(msg.len());
                         match envelope.tab_sent(id, msg, deferred) {
                             Ok(Some(forward)) => pass_on(ctx, outage, to_upstream, id, forward)?,
                             Ok(None) => {}
                             Err(cause) => return Ok(Some(cause)),
                         }
-                        bytes += len;
-                        *turn_bytes += len;
                         // Out of its rate, or its share of this turn: the
                         // next look decides (now, or once it is back under).
                         if bytes >= TAB_BURST_BYTES

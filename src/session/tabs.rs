@@ -207,9 +207,13 @@ impl Tabs {
 
     /// Milliseconds on the session's clock for rates (wraps after 49 days;
     /// only differences are taken).
-    #[inline]
     pub fn now_ms(&self) -> u32 {
-        self.epoch.elapsed().as_millis() as u32
+        ms_since(self.epoch)
+    }
+
+    /// The start of that clock.
+    pub fn epoch(&self) -> Instant {
+        self.epoch
     }
 
     /// The member tabs in join order.
@@ -341,6 +345,11 @@ impl Tabs {
         }
         true
     }
+}
+
+/// Milliseconds since `epoch`, wrapping (see [`Tabs::now_ms`]).
+pub(super) fn ms_since(epoch: Instant) -> u32 {
+    epoch.elapsed().as_millis() as u32
 }
 
 /// Whether a tab whose messages already wait has no room for `len` more

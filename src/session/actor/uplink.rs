@@ -226,9 +226,18 @@ impl Session<'_> {
 
     /// Sets the envelope's timer to its next deadline, if that moved (the
     /// timer is kept and reset, not made anew). Only an envelope that keeps
-    /// time reads the clock.
+    /// time reads the clock; for the others this is one check, inline (the
+    /// hot code's size is measured, BENCHMARKS.md).
     #[inline]
     pub(super) fn rearm_deadline(&mut self) {
+        if self.envelope.keeps_time() {
+            self.rearm_deadline_now();
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn rearm_deadline_now(&mut self) {
         let next = self
             .envelope
             .next_deadline(|| Instant::now().into_std())
