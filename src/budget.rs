@@ -1,5 +1,5 @@
 //! `server.buffer_budget`: one account of every message byte the process
-//! holds for its clients (PROTOCOL.md, "Limits").
+//! holds for its clients (docs/protocol.md, "Limits").
 //!
 //! Holders report what they hold with [`Budget::set`]; a report that takes
 //! the total past the budget closes the biggest holder (1013 "memory

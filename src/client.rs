@@ -1,5 +1,5 @@
 //! Who a tab's connection is from: the one place the client's address is
-//! decided (PROTOCOL.md, "Behind a load balancer"). Per-address limits, the
+//! decided (docs/protocol.md, "Behind a load balancer"). Per-address limits, the
 //! log's `client` field and the `X-Forwarded-For` sent upstream all read it
 //! from here.
 //!

@@ -1,4 +1,4 @@
-//! Process-wide and per-address limits (PROTOCOL.md, "Limits"), counted
+//! Process-wide and per-address limits (docs/protocol.md, "Limits"), counted
 //! with RAII permits: a permit is given back when it is dropped, however its
 //! holder ends (a panic or an early return cannot leak a slot).
 //!
@@ -32,7 +32,7 @@ pub struct OpenFiles {
     pub hard: libc::rlim_t,
 }
 
-/// Raises the open-file soft limit to the hard limit (PROTOCOL.md,
+/// Raises the open-file soft limit to the hard limit (docs/protocol.md,
 /// "Limits"): every tab and upstream is a descriptor, and a soft limit of
 /// 1,024 (a common default) would refuse connections long before
 /// `max_tabs`. Call once at start, and log what it returns.

@@ -3,7 +3,7 @@
 //! while running ([`LogHandle::set_level`], on SIGHUP).
 //!
 //! Whatever the filter, lines that would carry a session cookie never reach
-//! the output (PROTOCOL.md, "Guarantees"). tabmux's own lines name sessions
+//! the output (docs/protocol.md, "Guarantees"). tabmux's own lines name sessions
 //! by their keyed hash; the one library line known to carry request headers
 //! is tungstenite's trace of the upstream handshake request (the first tab's
 //! `Cookie` header included), which is dropped here at every level of

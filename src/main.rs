@@ -300,7 +300,7 @@ fn hangups() -> Result<Hangups, ExitCode> {
 }
 
 /// On each SIGHUP, re-reads the configuration file: a valid one is put in
-/// force for what arrives from then on (PROTOCOL.md, "Lifetime"); one with
+/// force for what arrives from then on (docs/protocol.md, "Lifetime"); one with
 /// problems changes nothing, and each problem is logged at its
 /// `file:line:column`.
 #[cfg_attr(not(unix), allow(unused_variables, unused_mut))]

@@ -1,4 +1,4 @@
-//! Memory returned to the system after a burst (PROTOCOL.md, "Limits").
+//! Memory returned to the system after a burst (docs/protocol.md, "Limits").
 //!
 //! With glibc's allocator (Rust's default on Linux) two things kept freed
 //! memory in the process after a burst of large messages (issue 15: 340 MB

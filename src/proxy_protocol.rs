@@ -1,6 +1,6 @@
 //! The PROXY protocol header (v1 text, v2 binary) a load balancer puts in
 //! front of each connection (`server.proxy_protocol`): its source address
-//! is the client's (PROTOCOL.md, "Behind a load balancer").
+//! is the client's (docs/protocol.md, "Behind a load balancer").
 //!
 //! The header is framed here, so that not one byte past it is read (what
 //! follows is the client's TLS or HTTP), and parsed and checked by the

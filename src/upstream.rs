@@ -1,7 +1,7 @@
 //! Dialling the one upstream WebSocket of a session.
 //!
 //! [`dial`] connects (TCP, then TLS for `wss://`), sends the WebSocket
-//! handshake with the headers PROTOCOL.md lists, and maps every failure to a
+//! handshake with the headers docs/protocol.md lists, and maps every failure to a
 //! [`DialError`] that knows which HTTP status the waiting tab gets. The whole
 //! dial runs under the route's `dial_timeout`.
 

@@ -14,8 +14,9 @@
 //!    missing key file and the proxy core only ever sees ready-to-use types:
 //!    `SocketAddr`, `Duration`, byte counts, `rustls` configs.
 //!
-//! The key names and defaults are the contract in `shared/CONFIG.md`; the keys
-//! this project adds are documented in `proxy.toml` and the README.
+//! Operators' files rely on the key names and defaults: some are fixed (a
+//! contract with the operators, marked "contract" in `proxy.toml`), and
+//! every key is documented in `proxy.toml` and the README.
 
 mod check;
 mod route;
@@ -152,7 +153,7 @@ pub enum MissingCookie {
 }
 
 /// What the upstream speaks: the tab-id envelope, nothing tabmux reads,
-/// or the Pusher Channels protocol (PROTOCOL.md).
+/// or the Pusher Channels protocol (docs/protocol.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Envelope {
     Json,

@@ -1,4 +1,4 @@
-//! The `json/1` envelope (PROTOCOL.md, "Envelope `json`"): the state machine
+//! The `json/1` envelope (docs/protocol.md, "The `json` envelope"): the state machine
 //! and the encoders of what tabmux sends the backend.
 //!
 //! A tab's JSON payload is embedded **byte for byte**: validated, never

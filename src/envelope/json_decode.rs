@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 use super::{TabId, Target, Utf8Bytes};
 use crate::config::Payload;
 
-/// Whether `s` has the syntax PROTOCOL.md gives tab ids: 1 to 32 characters
+/// Whether `s` has the syntax docs/protocol.md gives tab ids: 1 to 32 characters
 /// from `[A-Za-z0-9_-]`.
 pub fn is_valid_tab_id(s: &str) -> bool {
     (1..=32).contains(&s.len())

@@ -1,6 +1,6 @@
 //! Envelopes: what a session does with frames, as pure state machines.
 //!
-//! Each envelope of PROTOCOL.md is one state machine that owns no socket and
+//! Each envelope of docs/protocol.md is one state machine that owns no socket and
 //! no clock. Its session feeds it events (a tab joined, sent, left; the
 //! upstream sent a frame, was lost, was restored; a keepalive tick) and it
 //! answers with [`Effect`]s (send upstream, deliver to these tabs, answer one

@@ -1,4 +1,4 @@
-//! `envelope = "none"` (PROTOCOL.md, "Envelope `none`"): for backends that
+//! `envelope = "none"` (docs/protocol.md, "The `none` envelope"): for backends that
 //! cannot be changed. Tab frames go upstream unchanged, every upstream frame
 //! goes to every tab, and the first `replay_first` upstream frames (a
 //! protocol's greeting) are replayed, in order, to each tab that joins later.

@@ -1,4 +1,4 @@
-//! `envelope = "pusher"` (PROTOCOL.md, "Envelope `pusher`"): one Pusher
+//! `envelope = "pusher"` (docs/protocol.md, "The `pusher` envelope"): one Pusher
 //! Channels connection (protocol 7) per session, multiplexed at the level of
 //! the protocol's channels, so that to each tab the session looks like a
 //! Pusher connection of its own.

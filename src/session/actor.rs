@@ -25,7 +25,7 @@ use super::link::{Command, Joined, Refusal, TabLink};
 use super::outage::{expire, next_frame, normal_close, pass_on, redial, DialResult, Outage};
 use super::ready::TabWake;
 use super::tabs::{Apply, Holders, Tabs};
-use super::SessionContext;
+use super::{SessionContext, SessionEnd};
 use crate::budget::Charge;
 use crate::cause::{Cause, Closing, Lost, Side};
 use crate::envelope::{Effect, Effects, JoinInfo, Machine, TabId};
@@ -76,41 +76,6 @@ pub struct SessionStats {
     /// Whether its upstream is up (false while dialling or redialling).
     pub connected: AtomicBool,
     pub started: std::time::Instant,
-}
-
-/// Why a session stops serving. Plain data (no heap, no drop code in the
-/// session's loop); [`SessionEnd::tab_cause`] says what its tabs are
-/// closed with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum SessionEnd {
-    /// The linger time after the last tab passed.
-    Linger,
-    /// The upstream was lost with no tab left to keep it for.
-    LostIdle,
-    /// The proxy is shutting down.
-    Shutdown,
-    /// The upstream was lost and every redial of the budget failed.
-    BudgetSpent,
-    /// Tabs sent more than `reconnect_buffer` while the upstream was down.
-    BufferFull,
-    /// The buffer budget is spent and the session holds the most.
-    MemoryBudget,
-    /// The upstream was lost and the envelope closes the tabs instead of
-    /// redialling (the cause is in `Session::gone`).
-    UpstreamGone,
-}
-
-impl SessionEnd {
-    /// The cause the session's remaining tabs are closed with, if any.
-    fn tab_cause(self) -> Option<Cause> {
-        match self {
-            SessionEnd::Linger | SessionEnd::LostIdle | SessionEnd::UpstreamGone => None,
-            SessionEnd::Shutdown => Some(Cause::Shutdown),
-            SessionEnd::BudgetSpent => Some(Cause::UpstreamUnavailable),
-            SessionEnd::BufferFull => Some(Cause::ReconnectBufferFull),
-            SessionEnd::MemoryBudget => Some(Cause::MemoryBudget),
-        }
-    }
 }
 
 /// One turn of the session loop.

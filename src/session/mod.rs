@@ -33,8 +33,44 @@ pub use key::{hex, SessionHasher, SessionKey};
 pub use link::{Joined, Refusal, TabLink};
 pub use registry::{NewSession, Registry, SessionSnapshot};
 
+use crate::cause::Cause;
 use crate::config::Route;
 use crate::metrics::RouteMetrics;
+
+/// Why a session stops serving. Plain data (no heap, no drop code in the
+/// session's loop); [`SessionEnd::tab_cause`] says what its tabs are
+/// closed with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SessionEnd {
+    /// The linger time after the last tab passed.
+    Linger,
+    /// The upstream was lost with no tab left to keep it for.
+    LostIdle,
+    /// The proxy is shutting down.
+    Shutdown,
+    /// The upstream was lost and every redial of the budget failed.
+    BudgetSpent,
+    /// Tabs sent more than `reconnect_buffer` while the upstream was down.
+    BufferFull,
+    /// The buffer budget is spent and the session holds the most.
+    MemoryBudget,
+    /// The upstream was lost and the envelope closes the tabs instead of
+    /// redialling (the cause is in `Session::gone`).
+    UpstreamGone,
+}
+
+impl SessionEnd {
+    /// The cause the session's remaining tabs are closed with, if any.
+    pub(crate) fn tab_cause(self) -> Option<Cause> {
+        match self {
+            SessionEnd::Linger | SessionEnd::LostIdle | SessionEnd::UpstreamGone => None,
+            SessionEnd::Shutdown => Some(Cause::Shutdown),
+            SessionEnd::BudgetSpent => Some(Cause::UpstreamUnavailable),
+            SessionEnd::BufferFull => Some(Cause::ReconnectBufferFull),
+            SessionEnd::MemoryBudget => Some(Cause::MemoryBudget),
+        }
+    }
+}
 
 /// What a session task needs from the proxy: its route and the route's
 /// metrics, and the shutdown signal.

@@ -12,8 +12,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::warn;
 
-use super::actor::SessionEnd;
-use super::SessionContext;
+use super::{SessionContext, SessionEnd};
 use crate::envelope::{Forward, TabId};
 use crate::reconnect::{self, Backoff};
 use crate::upstream::{self, DialError, DialParams, UpstreamSocket};

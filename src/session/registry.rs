@@ -86,7 +86,7 @@ const LOSSES_KEPT: usize = 10_000;
 pub struct Registry {
     sessions: DashMap<SessionKey, SessionHandle>,
     /// Keys whose sessions lost their upstream and were not redialled
-    /// (PROTOCOL.md, `pusher`: the clients reconnect, and their new session
+    /// (docs/protocol.md, "The `pusher` envelope": the clients reconnect, and their new session
     /// waits out the route's backoff before it dials).
     losses: DashMap<SessionKey, Loss>,
     next_id: AtomicU64,

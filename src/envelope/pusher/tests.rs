@@ -1,4 +1,4 @@
-//! The `pusher` state machine against PROTOCOL.md's table, row by row,
+//! The `pusher` state machine against docs/protocol.md's table, row by row,
 //! with plain values: frames in, effects out.
 
 use std::time::{Duration, Instant};

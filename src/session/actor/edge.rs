@@ -4,11 +4,12 @@
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::{Session, SessionEnd};
+use super::Session;
 use crate::budget::{Charge, Verdict};
 use crate::cause::Cause;
 use crate::session::link::Holder;
 use crate::session::tabs::Holders;
+use crate::session::SessionEnd;
 
 impl Session<'_> {
     /// The proxy is shutting down: the session closes its tabs (1001) now,
