@@ -468,13 +468,7 @@ async fn a_channel_is_unsubscribed_linger_after_its_last_tab_left() {
     subscribed(&mut tab, "private-a").await;
     let left = Instant::now();
     tab.close(1000).await;
-    up.wait("the upstream unsubscribe", |c| {
-        c.frames
-            .iter()
-            .any(|m| m.to_text().unwrap_or("").contains("pusher:unsubscribe"))
-            .then_some(())
-    })
-    .await;
+    up.wait_event("pusher:unsubscribe").await;
     let after = left.elapsed();
     assert!(
         after >= Duration::from_millis(900) && after <= Duration::from_millis(1500),
@@ -498,13 +492,7 @@ async fn a_silent_server_is_pinged_within_its_short_activity_timeout() {
     let mut tab = pusher_tab("b").connect(&proxy).await;
     let greeted = Instant::now();
     tab.recv_text().await;
-    up.wait("a pusher:ping", |c| {
-        c.frames
-            .iter()
-            .any(|m| m.to_text().unwrap_or("").contains("pusher:ping"))
-            .then_some(())
-    })
-    .await;
+    up.wait_event("pusher:ping").await;
     let after = greeted.elapsed();
     assert!(
         after <= Duration::from_secs(2),

@@ -110,6 +110,18 @@ impl Tab {
 }
 
 impl Upstream {
+    /// Waits until the server has received an event named `name`.
+    pub async fn wait_event(&self, name: &str) {
+        self.wait(&format!("a {name} at the server"), |c| {
+            c.frames
+                .iter()
+                .filter_map(|m| serde_json::from_str::<Value>(m.to_text().ok()?).ok())
+                .any(|v| v["event"] == name)
+                .then_some(())
+        })
+        .await
+    }
+
     /// The Pusher events the server received so far named `name`.
     pub fn events_named(&self, name: &str) -> Vec<Value> {
         self.now(|c| {
