@@ -233,7 +233,7 @@ async fn one_deadline_covers_the_proxy_header_and_the_request_head() {
         let _ = read.read_to_end(&mut buf).await;
         tokio::time::Instant::now()
     });
-    tokio::time::sleep(Duration::from_millis(1800)).await;
+    tokio::time::sleep(Duration::from_millis(1800)).await; // paused clock: no real wait
     write
         .write_all(b"PROXY TCP4 192.0.2.1 192.0.2.2 1234 80\r\n")
         .await
@@ -243,7 +243,7 @@ async fn one_deadline_covers_the_proxy_header_and_the_request_head() {
         if closed.is_finished() {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await; // paused clock
         let _ = write.write_all(&[*byte]).await;
     }
     let closed_at = closed.await.unwrap();
