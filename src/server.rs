@@ -134,7 +134,8 @@ impl Proxy {
             "shutting down: closing tabs (1001) and upstreams (1000) within {budget:?}"
         );
         shared.ready.store(false, Ordering::Release);
-        shared.drain_order.begin(shared.registry.len());
+        // Ranked: the sessions that have tabs (a lingering one ends at once).
+        shared.drain_order.begin(shared.registry.with_tabs());
         // The signal: accept loops stop, sessions close their tabs and upstream.
         drop(stop);
         let drained = tokio::time::timeout(budget, drained(&shared)).await;

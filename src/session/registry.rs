@@ -105,6 +105,15 @@ impl Registry {
         self.sessions.is_empty()
     }
 
+    /// Sessions that have tabs right now (lingering ones have none): the
+    /// shutdown drain ranks these.
+    pub fn with_tabs(&self) -> usize {
+        self.sessions
+            .iter()
+            .filter(|entry| entry.value().stats.tabs.load(Ordering::Relaxed) > 0)
+            .count()
+    }
+
     /// The live sessions, as the status page shows them.
     pub fn snapshot(&self) -> Vec<SessionSnapshot> {
         self.sessions
