@@ -89,7 +89,7 @@ async fn haproxy_keeps_one_upstream_per_session_across_the_fleet() {
     let config = proxy()
         .server("proxy_protocol", true)
         .route(route("/ws", &mock).linger("0s"));
-    let mut fleet: Vec<(Child, TestProxy)> = (0..3).map(|_| config.spawn()).collect();
+    let mut fleet: Vec<(Spawned, TestProxy)> = (0..3).map(|_| config.spawn()).collect();
     let lb = free_addr();
     let _haproxy = haproxy(lb, &fleet.iter().map(|(_, p)| p).collect::<Vec<_>>());
     let front = TestProxy::at(lb, fleet[0].1.admin);

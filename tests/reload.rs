@@ -47,9 +47,9 @@ async fn loaded_at(proxy: &TestProxy) -> u64 {
     v["config_loaded"].as_u64().unwrap()
 }
 
-fn stop(mut child: std::process::Child) {
-    let _ = child.kill();
-    let _ = child.wait();
+fn stop(child: Spawned) {
+    // Killed and waited for on drop.
+    drop(child);
 }
 
 #[tokio::test]

@@ -473,7 +473,8 @@ fn sigterm(child: &std::process::Child) {
 }
 
 /// Waits for the proxy process to end; it must exit with status 0.
-async fn exits_0(mut child: std::process::Child) {
+async fn exits_0(child: Spawned) {
+    let mut child = child.into_inner();
     let code = tokio::task::spawn_blocking(move || child.wait().unwrap().code())
         .await
         .unwrap();

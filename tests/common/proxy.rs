@@ -179,14 +179,14 @@ impl ProxyConfig {
 
     /// Runs the real binary with this configuration; returns the child and
     /// where it listens, read from its log.
-    pub fn spawn(&self) -> (std::process::Child, TestProxy) {
+    pub fn spawn(&self) -> (Spawned, TestProxy) {
         let (child, proxy, _) = spawn_tabmux(&self.toml(), self.open_files);
         (child, proxy)
     }
 
     /// Like [`ProxyConfig::spawn`], also returning the configuration
     /// file's path (to rewrite it and send SIGHUP).
-    pub fn spawn_file(&self) -> (std::process::Child, TestProxy, std::path::PathBuf) {
+    pub fn spawn_file(&self) -> (Spawned, TestProxy, std::path::PathBuf) {
         spawn_tabmux(&self.toml(), self.open_files)
     }
 }
@@ -369,10 +369,40 @@ pub fn tabmux_bin() -> std::path::PathBuf {
 
 /// Runs the real binary with this configuration (which should listen on
 /// port 0); returns the child and where it listens, read from its log.
-fn spawn_tabmux(
-    toml: &str,
-    open_files: Option<u64>,
-) -> (std::process::Child, TestProxy, std::path::PathBuf) {
+/// A spawned tabmux, killed when dropped: a test that fails half-way
+/// leaves no process behind.
+pub struct Spawned(Option<std::process::Child>);
+
+impl Spawned {
+    /// The child itself, no longer killed on drop (to wait for its exit).
+    pub fn into_inner(mut self) -> std::process::Child {
+        self.0.take().expect("a spawned child")
+    }
+}
+
+impl std::ops::Deref for Spawned {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        self.0.as_ref().expect("a spawned child")
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        self.0.as_mut().expect("a spawned child")
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn spawn_tabmux(toml: &str, open_files: Option<u64>) -> (Spawned, TestProxy, std::path::PathBuf) {
     use std::io::{BufRead, BufReader};
     use std::os::unix::process::CommandExt;
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -443,7 +473,11 @@ fn spawn_tabmux(
             let _ = writeln!(log, "{line}");
         }
     });
-    (child, TestProxy::at(tabs.unwrap(), admin.unwrap()), path)
+    (
+        Spawned(Some(child)),
+        TestProxy::at(tabs.unwrap(), admin.unwrap()),
+        path,
+    )
 }
 
 /// A plain HTTP GET to the admin listener; returns status and body.
