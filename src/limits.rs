@@ -187,7 +187,7 @@ impl Limits {
 
     /// A tab's slot, or the limit that refuses it.
     pub fn tab(self: &Arc<Self>, ip: IpAddr) -> Result<TabPermit, Limit> {
-        self.take(ip, Limit::Tabs)?;
+        self.take(ip, Kind::Tab)?;
         Ok(TabPermit(Slot {
             limits: self.clone(),
             ip,
@@ -197,13 +197,7 @@ impl Limits {
     /// A connection's slot among its address's `per_ip.tabs` while it
     /// makes its handshake, or the limit that refuses it.
     pub fn handshake(self: &Arc<Self>, ip: IpAddr) -> Result<HandshakePermit, Limit> {
-        let mut held = self.addresses.entry(ip).or_default();
-        if held.tabs >= self.per_ip_tabs.load(Ordering::Relaxed) {
-            drop(held);
-            self.forget_if_empty(ip);
-            return Err(Limit::AddressTabs);
-        }
-        held.tabs += 1;
+        self.take(ip, Kind::Handshake)?;
         Ok(HandshakePermit(Some(Slot {
             limits: self.clone(),
             ip,
@@ -230,7 +224,7 @@ impl Limits {
 
     /// A new session's slot, or the limit that refuses it.
     pub fn session(self: &Arc<Self>, ip: IpAddr) -> Result<SessionPermit, Limit> {
-        self.take(ip, Limit::Sessions)?;
+        self.take(ip, Kind::Session)?;
         Ok(SessionPermit(Slot {
             limits: self.clone(),
             ip,
@@ -238,33 +232,37 @@ impl Limits {
     }
 
     /// Takes one of the process's `kind` and one of the address's.
-    fn take(&self, ip: IpAddr, kind: Limit) -> Result<(), Limit> {
+    fn take(&self, ip: IpAddr, kind: Kind) -> Result<(), Limit> {
+        // The address's count, and the process's (none for a handshake).
         let (process, address, per_ip) = match kind {
-            Limit::Tabs | Limit::AddressTabs => (&self.tabs, Limit::AddressTabs, &self.per_ip_tabs),
-            Limit::Sessions | Limit::AddressSessions => (
-                &self.sessions,
+            Kind::Handshake => (None, Limit::AddressTabs, &self.per_ip_tabs),
+            Kind::Tab => (
+                Some((&self.tabs, Limit::Tabs)),
+                Limit::AddressTabs,
+                &self.per_ip_tabs,
+            ),
+            Kind::Session => (
+                Some((&self.sessions, Limit::Sessions)),
                 Limit::AddressSessions,
                 &self.per_ip_sessions,
             ),
         };
         let mut held = self.addresses.entry(ip).or_default();
-        let count = match address {
-            Limit::AddressTabs => &mut held.tabs,
-            _ => &mut held.sessions,
+        let count = match kind {
+            Kind::Handshake | Kind::Tab => &mut held.tabs,
+            Kind::Session => &mut held.sessions,
         };
         if *count >= per_ip.load(Ordering::Relaxed) {
             drop(held);
             self.forget_if_empty(ip);
             return Err(address);
         }
-        if !process.try_take() {
-            drop(held);
-            self.forget_if_empty(ip);
-            return Err(if address == Limit::AddressTabs {
-                Limit::Tabs
-            } else {
-                Limit::Sessions
-            });
+        if let Some((process, limit)) = process {
+            if !process.try_take() {
+                drop(held);
+                self.forget_if_empty(ip);
+                return Err(limit);
+            }
         }
         *count += 1;
         Ok(())

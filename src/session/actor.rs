@@ -249,7 +249,6 @@ impl<'c> Session<'c> {
                 Event::Command(Some(cmd)) => self.commands_batch(cmd, rx),
                 Event::Upstream(Some(Ok(msg))) => {
                     self.upstream_alive.heard();
-                    self.turn_bytes += msg.len();
                     let more = match self.upstream_frame(msg) {
                         Ok(()) => self.more_upstream_frames().await,
                         ended => ended,
@@ -263,10 +262,7 @@ impl<'c> Session<'c> {
                     }
                 }
                 Event::Upstream(Some(Err(e))) => self.lose(Lost::Failed(e)),
-                Event::Upstream(None) => {
-                    let close = self.upstream_close.take().map(|c| *c);
-                    self.lose(Lost::Closed(close))
-                }
+                Event::Upstream(None) => self.lose_closed(),
                 Event::Redialed(result) => match *result {
                     Ok((socket, protocol)) => {
                         self.restored(socket, protocol);

@@ -145,8 +145,7 @@ pub(super) struct Tabs {
     pub leaving: Vec<(TabId, Cause)>,
     /// The buffer budget, which every slot reports to.
     pub holders: Holders,
-    /// The start of the session's clock for rates (in ms, see
-    /// [`Tabs::now_ms`]).
+    /// The start of the session's clock for rates (see [`ms_since`]).
     epoch: Instant,
 }
 
@@ -199,19 +198,13 @@ impl Tabs {
                 dirty: false,
                 info,
                 charge: Charge::default(),
-                rate: Bucket::new(rate, self.now_ms()),
+                rate: Bucket::new(rate, ms_since(self.epoch)),
             }),
         );
         tab
     }
 
-    /// Milliseconds on the session's clock for rates (wraps after 49 days;
-    /// only differences are taken).
-    pub fn now_ms(&self) -> u32 {
-        ms_since(self.epoch)
-    }
-
-    /// The start of that clock.
+    /// The start of the session's clock for rates (see [`ms_since`]).
     pub fn epoch(&self) -> Instant {
         self.epoch
     }
@@ -347,7 +340,8 @@ impl Tabs {
     }
 }
 
-/// Milliseconds since `epoch`, wrapping (see [`Tabs::now_ms`]).
+/// Milliseconds since `epoch`: the session's clock for rates (wraps after
+/// 49 days; only differences are taken).
 pub(super) fn ms_since(epoch: Instant) -> u32 {
     epoch.elapsed().as_millis() as u32
 }

@@ -14,8 +14,9 @@ use super::*;
 
 impl Session<'_> {
     /// An upstream frame: data goes to the envelope, and the tabs its
-    /// effects closed leave.
+    /// effects closed leave. Its bytes count toward the session's turn.
     pub(super) fn upstream_frame(&mut self, msg: Message) -> Result<(), SessionEnd> {
+        self.turn_bytes += msg.len();
         match msg {
             Message::Text(_) | Message::Binary(_) => {
                 self.envelope.upstream_frame(msg, apply!(self));
@@ -51,14 +52,10 @@ impl Session<'_> {
                 Poll::Pending => break,
                 Poll::Ready(Some(Ok(msg))) => {
                     self.upstream_alive.heard();
-                    self.turn_bytes += msg.len();
                     self.upstream_frame(msg)?;
                 }
                 Poll::Ready(Some(Err(e))) => return self.lose(Lost::Failed(e)),
-                Poll::Ready(None) => {
-                    let close = self.upstream_close.take().map(|c| *c);
-                    return self.lose(Lost::Closed(close));
-                }
+                Poll::Ready(None) => return self.lose_closed(),
             }
         }
         Ok(())
@@ -119,6 +116,13 @@ impl Session<'_> {
     }
 
     // ---- losing and regaining the upstream
+
+    /// The upstream's stream ended: lost, with the close frame it sent, if
+    /// any.
+    pub(super) fn lose_closed(&mut self) -> Result<(), SessionEnd> {
+        let close = self.upstream_close.take().map(|c| *c);
+        self.lose(Lost::Closed(close))
+    }
 
     /// The upstream is gone: start redialling, unless no tab needs it.
     pub(super) fn lose(&mut self, why: Lost) -> Result<(), SessionEnd> {
