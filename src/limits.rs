@@ -7,7 +7,8 @@
 //!   process's file descriptors with half-sent requests. Once admitted, it
 //!   becomes the tab's [`TabPermit`] (the address's slot carries over);
 //! - a tab holds a [`TabPermit`]: one of `server.max_tabs`, and one of its
-//!   client address's `server.per_ip.tabs`;
+//!   client address's `server.per_ip.tabs`; through it, the tab reaches its
+//!   address's shared allowance ([`crate::rate::Pool`], `per_ip.rate`);
 //! - a session holds a [`SessionPermit`] from its dial to its end (linger
 //!   included): one of `server.max_sessions`, and one of `per_ip.sessions`
 //!   of the address whose tab opened it.
@@ -17,12 +18,13 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
-use crate::config::Server;
+use crate::config::{Server, TabRate};
+use crate::rate::Pool;
 
 /// The process's open-file limit as found at start, and as set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,10 +127,20 @@ impl Count {
 }
 
 /// What one client address holds.
-#[derive(Default, Clone, Copy)]
 struct Held {
     tabs: usize,
     sessions: usize,
+    /// What its tabs' permits share.
+    address: Arc<Address>,
+}
+
+/// One client address, shared by its tabs' permits: the limits they give
+/// their slots back to, and the allowance they share (`per_ip.rate`). One
+/// pointer in each tab, where the limits and the address would take four.
+pub struct Address {
+    limits: Arc<Limits>,
+    ip: IpAddr,
+    pool: Pool,
 }
 
 /// The limits of the process and of each client address.
@@ -137,8 +149,12 @@ pub struct Limits {
     sessions: Count,
     per_ip_tabs: AtomicUsize,
     per_ip_sessions: AtomicUsize,
+    /// `per_ip.rate`, for the pools of addresses seen from now on.
+    per_ip_rate: Mutex<TabRate>,
     /// Addresses that hold something; an address is removed once it holds
-    /// nothing, so the table is as large as the addresses connected.
+    /// nothing and its allowance is whole again (so closing every tab does
+    /// not buy a fresh one), so the table is as large as the addresses
+    /// connected in the last few seconds.
     addresses: DashMap<IpAddr, Held>,
     /// Notified each time a tab's slot is given back (the shutdown drain
     /// waits on it).
@@ -152,6 +168,7 @@ impl Limits {
             sessions: Count::new(server.max_sessions),
             per_ip_tabs: AtomicUsize::new(server.per_ip.tabs),
             per_ip_sessions: AtomicUsize::new(server.per_ip.sessions),
+            per_ip_rate: Mutex::new(server.per_ip.rate),
             addresses: DashMap::new(),
             released: Notify::new(),
         })
@@ -168,6 +185,10 @@ impl Limits {
             .store(server.per_ip.tabs, Ordering::Relaxed);
         self.per_ip_sessions
             .store(server.per_ip.sessions, Ordering::Relaxed);
+        *lock(&self.per_ip_rate) = server.per_ip.rate;
+        for held in self.addresses.iter() {
+            held.address.pool.configure(&server.per_ip.rate);
+        }
     }
 
     /// Tabs open (or being admitted) right now.
@@ -182,16 +203,23 @@ impl Limits {
 
     /// Client addresses holding a tab or a session right now.
     pub fn addresses(&self) -> usize {
-        self.addresses.len()
+        self.addresses
+            .iter()
+            .filter(|h| h.tabs != 0 || h.sessions != 0)
+            .count()
+    }
+
+    /// Forgets the addresses that hold nothing and whose allowance is whole
+    /// again (called every few seconds).
+    pub fn forget_idle(&self) {
+        let now = crate::rate::clock_ms();
+        self.addresses
+            .retain(|_, h| h.tabs != 0 || h.sessions != 0 || !h.address.pool.is_full(now));
     }
 
     /// A tab's slot, or the limit that refuses it.
     pub fn tab(self: &Arc<Self>, ip: IpAddr) -> Result<TabPermit, Limit> {
-        self.take(ip, Kind::Tab)?;
-        Ok(TabPermit(Slot {
-            limits: self.clone(),
-            ip,
-        }))
+        Ok(TabPermit(self.take(ip, Kind::Tab)?))
     }
 
     /// A connection's slot among its address's `per_ip.tabs` while it
@@ -218,8 +246,14 @@ impl Limits {
         if !self.tabs.try_take() {
             return Err(Limit::Tabs);
         }
-        let slot = handshake.0.take().expect("filtered on its address");
-        Ok(TabPermit(slot))
+        // The address's slot carries over: the handshake's permit no longer
+        // gives it back. The address holds that slot, so it is listed.
+        handshake.0.take();
+        let address = match self.addresses.get(&ip) {
+            Some(held) => held.address.clone(),
+            None => self.address(ip),
+        };
+        Ok(TabPermit(address))
     }
 
     /// A new session's slot, or the limit that refuses it.
@@ -231,8 +265,17 @@ impl Limits {
         }))
     }
 
-    /// Takes one of the process's `kind` and one of the address's.
-    fn take(&self, ip: IpAddr, kind: Kind) -> Result<(), Limit> {
+    fn address(self: &Arc<Self>, ip: IpAddr) -> Arc<Address> {
+        Arc::new(Address {
+            limits: self.clone(),
+            ip,
+            pool: Pool::new(&lock(&self.per_ip_rate)),
+        })
+    }
+
+    /// Takes one of the process's `kind` and one of the address's; the
+    /// address.
+    fn take(self: &Arc<Self>, ip: IpAddr, kind: Kind) -> Result<Arc<Address>, Limit> {
         // The address's count, and the process's (none for a handshake).
         let (process, address, per_ip) = match kind {
             Kind::Handshake => (None, Limit::AddressTabs, &self.per_ip_tabs),
@@ -247,7 +290,11 @@ impl Limits {
                 &self.per_ip_sessions,
             ),
         };
-        let mut held = self.addresses.entry(ip).or_default();
+        let mut held = self.addresses.entry(ip).or_insert_with(|| Held {
+            tabs: 0,
+            sessions: 0,
+            address: self.address(ip),
+        });
         let count = match kind {
             Kind::Handshake | Kind::Tab => &mut held.tabs,
             Kind::Session => &mut held.sessions,
@@ -265,7 +312,7 @@ impl Limits {
             }
         }
         *count += 1;
-        Ok(())
+        Ok(held.address.clone())
     }
 
     fn give_back(&self, ip: IpAddr, kind: Kind) {
@@ -288,9 +335,14 @@ impl Limits {
     }
 
     fn forget_if_empty(&self, ip: IpAddr) {
-        self.addresses
-            .remove_if(&ip, |_, h| h.tabs == 0 && h.sessions == 0);
+        self.addresses.remove_if(&ip, |_, h| {
+            h.tabs == 0 && h.sessions == 0 && h.address.pool.is_full(crate::rate::clock_ms())
+        });
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Which counts a permit holds.
@@ -310,8 +362,17 @@ struct Slot {
     ip: IpAddr,
 }
 
-/// A tab's slot (process and address), given back when dropped.
-pub struct TabPermit(Slot);
+/// A tab's slot (process and address), given back when dropped, and its
+/// address's allowance.
+pub struct TabPermit(Arc<Address>);
+
+impl TabPermit {
+    /// The tab's address's allowance (`per_ip.rate`).
+    #[inline]
+    pub fn pool(&self) -> &Pool {
+        &self.0.pool
+    }
+}
 
 impl Drop for TabPermit {
     fn drop(&mut self) {
@@ -411,6 +472,37 @@ mod tests {
         // An address that holds nothing is forgotten.
         assert_eq!(limits.addresses(), 0);
         assert_eq!(limits.tabs_open(), 0);
+    }
+
+    #[test]
+    fn an_address_s_tabs_share_one_allowance_that_closing_them_does_not_renew() {
+        let limits = limits(10, 5, 10, 10);
+        let (a1, a2, b) = (
+            limits.tab(A).unwrap(),
+            limits.tab(A).unwrap(),
+            limits.tab(B).unwrap(),
+        );
+        assert!(std::ptr::eq(a1.pool(), a2.pool()), "one pool per address");
+        assert!(!std::ptr::eq(a1.pool(), b.pool()));
+        // A spends its allowance (two seconds of 32 MiB), then closes every
+        // tab and comes back: the allowance it spent is still spent.
+        a1.pool().charge(0, 64 << 20);
+        assert!(!a1.pool().is_full(crate::rate::clock_ms()));
+        drop((a1, a2));
+        assert_eq!(limits.addresses(), 1, "B only holds something");
+        let again = limits.tab(A).unwrap();
+        assert!(!again.pool().is_full(crate::rate::clock_ms()));
+        drop(again);
+        // Sweeping keeps it while it is not whole again.
+        limits.forget_idle();
+        assert_eq!(limits.addresses.len(), 2);
+        drop(b);
+        limits.forget_idle();
+        assert_eq!(
+            limits.addresses.len(),
+            1,
+            "B's whole allowance is forgotten"
+        );
     }
 
     #[test]

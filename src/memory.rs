@@ -102,31 +102,38 @@ struct Fall {
 }
 
 impl Fall {
-    /// Takes a look; returns how far the figure has fallen from its peak,
-    /// and whether it is still falling: by more than [`SETTLING`] and more
-    /// than an eighth of that fall since the last look (traffic's small ups
-    /// and downs do not hold a trim back).
+    /// Takes a look (`peak` is the figure's highest point since the last
+    /// look, `now` its value); returns how far it has fallen from its
+    /// highest point since the last trim, and whether it still moves: it
+    /// rose since the last look, or is still falling, by more than
+    /// [`SETTLING`] and more than an eighth of its fall (traffic's small ups
+    /// and downs hold no trim back). A figure that rose is in a burst, or
+    /// an attack that keeps reusing what it frees: trimming then would be
+    /// wasted, and it takes the allocator's lock for milliseconds.
     fn look(&mut self, peak: usize, now: usize) -> (usize, bool) {
+        let rose = peak.max(now).saturating_sub(self.last);
         self.peak = self.peak.max(peak).max(now);
         let fallen = self.peak - now;
         let step = self.last.saturating_sub(now);
         self.last = now;
-        (fallen, step > SETTLING && step > fallen / 8)
+        let moved = |by: usize| by > SETTLING && by > fallen / 8;
+        (fallen, moved(step) || moved(rose))
     }
 }
 
 impl Trimmer {
     /// One look: `peak` is the account's highest point since the last look,
     /// `now` the account now, `in_use` the allocator's figure if it gives
-    /// one. True when a burst is over: trim.
+    /// one. True when a burst is over (both figures have fallen, and
+    /// neither moved since the last look): trim.
     pub fn look(&mut self, peak: usize, now: usize, in_use: Option<usize>) -> bool {
-        let (account_fallen, account_falling) = self.account.look(peak, now);
-        let (used_fallen, used_falling) = match in_use {
+        let (account_fallen, account_moving) = self.account.look(peak, now);
+        let (used_fallen, used_moving) = match in_use {
             Some(used) => self.in_use.look(used, used),
             None => (0, false),
         };
         let fallen = account_fallen.max(used_fallen);
-        if fallen >= TRIM_AFTER && !account_falling && !used_falling {
+        if fallen >= TRIM_AFTER && !account_moving && !used_moving {
             self.account.peak = now;
             self.in_use.peak = in_use.unwrap_or(0);
             return true;
@@ -172,8 +179,10 @@ mod tests {
     fn a_burst_between_two_looks_is_trimmed_once_it_is_over() {
         let mut t = Trimmer::default();
         assert!(!t.look(0, 0, None));
-        // Up to 200 MiB and back to nothing, all within one second.
-        assert!(t.look(200 * MIB, 0, None));
+        // Up to 200 MiB and back to nothing, all within one second: trimmed
+        // at the next look, when nothing rose since.
+        assert!(!t.look(200 * MIB, 0, None));
+        assert!(t.look(0, 0, None));
         // Nothing more to give back.
         assert!(!t.look(0, 0, None));
     }
@@ -195,6 +204,22 @@ mod tests {
             let used = Some(100 * MIB + n * MIB + (n % 2) * 3 * MIB);
             assert!(!t.look(n * MIB + 3 * MIB, n * MIB, used));
         }
+    }
+
+    #[test]
+    fn an_attack_that_keeps_reusing_what_it_frees_is_not_trimmed_until_it_ends() {
+        let mut t = Trimmer::default();
+        // The account at its budget, evictions freeing 16 MiB and more each
+        // second, refilled at once.
+        for n in 0..20 {
+            assert!(
+                !t.look(64 * MIB, 44 * MIB + (n % 3) * MIB, None),
+                "look {n}"
+            );
+        }
+        // The attack ends.
+        assert!(!t.look(64 * MIB, 0, None));
+        assert!(t.look(0, 0, None));
     }
 
     #[test]

@@ -1,9 +1,12 @@
-//! `server.tab_rate`: what one tab may send a second (docs/protocol.md,
+//! `server.tab_rate` and `server.per_ip.rate`: what one tab, and all the
+//! tabs of one client address, may send a second (docs/protocol.md,
 //! "Limits").
 //!
-//! Each tab has two token buckets, messages and payload bytes, each holding
-//! two seconds of its rate (the burst allowed). A message is read while
-//! both hold something, and charged once read (so one message larger than
+//! Each tab has two token buckets, messages and bytes, each holding two
+//! seconds of its rate (the burst allowed). A message is read while both
+//! hold something; bytes are charged as they are read from the socket
+//! (frame headers included, and the part of a message that is left
+//! hanging), and the message once it is whole (so one message larger than
 //! what is left still goes, and the tab then waits longer). When either is
 //! empty the session stops reading from the tab: the tab's bytes stay in
 //! its socket, and TCP pushes back on the sender, which is how one tab is
@@ -13,12 +16,27 @@
 //! message). A tab still sending more than its rate after the route's
 //! `idle_timeout` of being held back is closed with 1008 `rate limit`.
 //!
-//! Pure arithmetic over a clock the session gives in milliseconds, so it is
-//! unit-tested with plain numbers. The buckets are refilled lazily, when one
-//! runs empty, so a tab within its rate costs no clock read per message. The state is 16 bytes per tab: it lives
-//! in every tab's slot, whose size is a headline memory figure.
+//! A client address has one more allowance, [`Pool`], shared by all of its
+//! tabs whatever their sessions (`server.per_ip.rate`): a tab is read while
+//! both its own buckets and its address's pool hold something, so an
+//! address that keeps opening tabs, each with a fresh burst, is held to its
+//! address's rate all the same. The pool is one atomic count of allowance,
+//! in picoseconds of the rate: a message costs a second's share of the
+//! message rate plus its bytes' share of the byte rate. Its tabs are read
+//! again once a hundredth of a second of it is back: they wake together,
+//! so that is what they read at once.
+//!
+//! A tab's buckets are pure arithmetic over a clock the session gives in
+//! milliseconds, and a pool's refill takes its time as an argument, so both
+//! are unit-tested with plain numbers. Both are refilled lazily, when one
+//! runs empty, so a tab within its rates costs no clock read per message
+//! (one atomic subtraction from its address's pool). A tab's state is 16
+//! bytes: it lives in every tab's slot, whose size is a headline memory
+//! figure; its pool is reached through its permit.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use crate::config::TabRate;
 
@@ -32,7 +50,7 @@ const BURST: f32 = 2.0;
 pub struct Bucket {
     /// Messages left (below zero: owed, after a large charge).
     messages: f32,
-    /// Payload bytes left.
+    /// Bytes left.
     bytes: f32,
     /// When they were last refilled (ms on the session's clock; wraps
     /// after 49 days, and only differences are taken).
@@ -63,18 +81,6 @@ impl Bucket {
             at: now,
             held_since: 0,
         }
-    }
-
-    /// Decides whether to read. While both buckets hold something that is
-    /// all (no clock is read on the way of every message); only an empty
-    /// one is refilled, for the time since its last refill (`now` is the
-    /// session's clock, read then).
-    #[inline]
-    pub fn check(&mut self, rate: &TabRate, now: impl FnOnce() -> u32, idle: Duration) -> Verdict {
-        if self.messages > 0.0 && self.bytes > 0.0 {
-            return Verdict::Read;
-        }
-        self.refill(rate, now(), idle)
     }
 
     #[cold]
@@ -112,11 +118,58 @@ impl Bucket {
         Verdict::Hold(Duration::from_millis(ms as u64))
     }
 
-    /// A message of `len` payload bytes was read.
+    /// `messages` (0 or 1) and `bytes` were read: bytes as they are read,
+    /// a message once it is whole (so a message sent in part, and held,
+    /// is charged for what was read of it).
     #[inline]
-    pub fn charge(&mut self, len: usize) {
-        self.messages -= 1.0;
-        self.bytes -= len as f32;
+    pub fn charge(&mut self, messages: u32, bytes: usize) {
+        self.messages -= messages as f32;
+        self.bytes -= bytes as f32;
+    }
+
+    /// Decides whether to read: while both buckets and the address's pool
+    /// hold something that is all (no clock is read on the way of every
+    /// message); only an empty one is refilled, for the time since its last
+    /// refill (`now` is the session's clock, read then). A tab held by its
+    /// address alone is held back, and closed after `idle` of it, as one
+    /// held by its own rate; held by both, it waits the longer of the two.
+    #[inline]
+    pub fn check(
+        &mut self,
+        rate: &TabRate,
+        pool: &Pool,
+        now: impl FnOnce() -> u32,
+        idle: Duration,
+    ) -> Verdict {
+        if self.messages > 0.0 && self.bytes > 0.0 && pool.has_room() {
+            return Verdict::Read;
+        }
+        self.pooled(rate, pool, now(), idle)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn pooled(&mut self, rate: &TabRate, pool: &Pool, now: u32, idle: Duration) -> Verdict {
+        let own = self.refill(rate, now, idle);
+        match (own, pool.refill(clock_ms())) {
+            (Verdict::Close, _) => Verdict::Close,
+            (Verdict::Read, None) => Verdict::Read,
+            (Verdict::Hold(own), None) => Verdict::Hold(own),
+            (Verdict::Read, Some(wait)) => self.hold_for(wait, now, idle),
+            (Verdict::Hold(own), Some(wait)) => Verdict::Hold(own.max(wait)),
+        }
+    }
+
+    /// Held by the address alone: counted as held back all the same.
+    fn hold_for(&mut self, wait: Duration, now: u32, idle: Duration) -> Verdict {
+        if self.held_since == 0 {
+            self.held_since = now.wrapping_add(1).max(1);
+        } else if u64::from(now.wrapping_sub(self.held_since.wrapping_sub(1)))
+            > idle.as_millis() as u64
+        {
+            return Verdict::Close;
+        }
+        Verdict::Hold(wait)
     }
 
     /// The tab had nothing more to send: it is within its rate again.
@@ -124,6 +177,121 @@ impl Bucket {
     pub fn drained(&mut self) {
         self.held_since = 0;
     }
+}
+
+/// Picoseconds in a second: the pool's unit is a picosecond of its rate.
+const PS: u64 = 1_000_000_000_000;
+
+/// One client address's allowance, shared by its tabs (`server.per_ip.rate`).
+#[derive(Debug)]
+pub struct Pool {
+    /// Allowance left, in picoseconds of the rate (below zero: owed, after
+    /// messages read by several tabs at once or a large one).
+    left: AtomicI64,
+    /// When it was last refilled, in ms of [`clock_ms`].
+    at: AtomicU64,
+    /// What a message costs, and each byte read (picoseconds);
+    /// a reload sets them anew.
+    per_message: AtomicU64,
+    per_byte: AtomicU64,
+}
+
+impl Pool {
+    /// A full pool (a new address may start with its burst).
+    pub fn new(rate: &TabRate) -> Pool {
+        Pool::at(rate, clock_ms())
+    }
+
+    fn at(rate: &TabRate, now: u64) -> Pool {
+        let pool = Pool {
+            left: AtomicI64::new(burst()),
+            at: AtomicU64::new(now),
+            per_message: AtomicU64::new(0),
+            per_byte: AtomicU64::new(0),
+        };
+        pool.set_rate(rate);
+        pool
+    }
+
+    fn set_rate(&self, rate: &TabRate) {
+        let per = |n: u64| PS / n.max(1);
+        let (m, b) = (per(rate.messages.into()), per(rate.bytes));
+        self.per_message.store(m, Ordering::Relaxed);
+        self.per_byte.store(b, Ordering::Relaxed);
+    }
+
+    #[inline]
+    fn has_room(&self) -> bool {
+        self.left.load(Ordering::Relaxed) > 0
+    }
+
+    /// `messages` and `bytes` were read from one of the address's tabs
+    /// (as [`Bucket::charge`]). One charge costs at most two bursts (so
+    /// what is owed stays far from the count's bounds however many tabs
+    /// read at once).
+    #[inline]
+    pub fn charge(&self, messages: u32, bytes: usize) {
+        let cost = (u64::from(messages) * self.per_message.load(Ordering::Relaxed))
+            .saturating_add((bytes as u64).saturating_mul(self.per_byte.load(Ordering::Relaxed)));
+        let cost = cost.min(2 * burst() as u64) as i64;
+        self.left.fetch_sub(cost, Ordering::Relaxed);
+    }
+
+    /// Refills the pool for the time since its last refill (by whichever
+    /// tab of the address comes first: the others then find nothing more
+    /// to add). None if it has room now; else how long until a tenth of a
+    /// second of the rate is back.
+    fn refill(&self, now: u64) -> Option<Duration> {
+        let elapsed = now.saturating_sub(self.at.swap(now, Ordering::Relaxed));
+        let add = i64::try_from(elapsed.saturating_mul(PS / 1000)).unwrap_or(i64::MAX);
+        let left = match self
+            .left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                Some(left.saturating_add(add).min(burst()))
+            }) {
+            Ok(was) | Err(was) => was.saturating_add(add).min(burst()),
+        };
+        if left > 0 {
+            return None;
+        }
+        // A hundredth of a second of the rate: the tabs held by an address
+        // wake together, so what they read at once is what came back.
+        let short = POOL_RESUME - left;
+        Some(Duration::from_millis(
+            (short as u64).div_ceil(PS / 1000).max(1),
+        ))
+    }
+
+    /// Whether it holds its whole burst again at `now` (what it would hold
+    /// if refilled then).
+    pub fn is_full(&self, now: u64) -> bool {
+        let elapsed = now.saturating_sub(self.at.load(Ordering::Relaxed));
+        let add = i64::try_from(elapsed.saturating_mul(PS / 1000)).unwrap_or(i64::MAX);
+        self.left.load(Ordering::Relaxed).saturating_add(add) >= burst()
+    }
+
+    /// Applies a reloaded rate.
+    pub fn configure(&self, rate: &TabRate) {
+        self.set_rate(rate);
+    }
+}
+
+/// A held address's tabs are read again once this much of its rate is
+/// back (a hundredth of a second, in picoseconds): its tabs wake together,
+/// so this is what they read at once, and a small share keeps that from
+/// stalling the sessions beside them.
+const POOL_RESUME: i64 = (PS / 100) as i64;
+
+/// The pool's capacity: two seconds of its rate.
+fn burst() -> i64 {
+    (PS as f64 * f64::from(BURST)) as i64
+}
+
+/// Milliseconds on a process-wide clock, for the pools (shared between
+/// sessions, so not on any session's clock).
+pub fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 #[cfg(test)]
@@ -136,13 +304,21 @@ mod tests {
     };
     const IDLE: Duration = Duration::from_secs(5);
 
+    /// An address's pool that never runs out in these tests.
+    fn roomy() -> Pool {
+        Pool::new(&TabRate {
+            messages: u32::MAX,
+            bytes: u64::MAX,
+        })
+    }
+
     /// Reads messages of `len` bytes at `now` until held; returns how many.
     fn read_until_held(b: &mut Bucket, now: u32, len: usize) -> (usize, Verdict) {
         let mut n = 0;
         loop {
-            match b.check(&RATE, || now, IDLE) {
+            match b.check(&RATE, &roomy(), || now, IDLE) {
                 Verdict::Read => {
-                    b.charge(len);
+                    b.charge(1, len);
                     n += 1;
                 }
                 v => return (n, v),
@@ -167,15 +343,15 @@ mod tests {
         // 20,000 bytes of burst: one 30,000-byte message still goes ...
         assert_eq!(read_until_held(&mut b, 0, 30_000).0, 1);
         // ... and the tab then waits for the 10,000 owed and a tenth more.
-        match b.check(&RATE, || 0, IDLE) {
+        match b.check(&RATE, &roomy(), || 0, IDLE) {
             Verdict::Hold(d) => assert_eq!(d.as_millis(), 1100),
             v => panic!("{v:?}"),
         }
         assert_eq!(
-            b.check(&RATE, || 1000, IDLE),
+            b.check(&RATE, &roomy(), || 1000, IDLE),
             Verdict::Hold(Duration::from_millis(100))
         );
-        assert_eq!(b.check(&RATE, || 1101, IDLE), Verdict::Read);
+        assert_eq!(b.check(&RATE, &roomy(), || 1101, IDLE), Verdict::Read);
     }
 
     #[test]
@@ -210,5 +386,64 @@ mod tests {
         let mut b = Bucket::new(&RATE, u32::MAX - 50);
         read_until_held(&mut b, u32::MAX - 50, 1);
         assert_eq!(read_until_held(&mut b, 49, 1).0, 10);
+    }
+
+    #[test]
+    fn an_address_s_tabs_share_its_pool() {
+        // One message a second for the whole address: a burst of two,
+        // whichever tabs send them, and however fresh their own buckets.
+        let pool = Pool::new(&TabRate {
+            messages: 1,
+            bytes: u64::MAX,
+        });
+        let mut read = 0;
+        for _ in 0..10 {
+            let mut tab = Bucket::new(&RATE, 0);
+            while tab.check(&RATE, &pool, || 0, IDLE) == Verdict::Read {
+                tab.charge(1, 1);
+                pool.charge(1, 1);
+                read += 1;
+            }
+        }
+        // Two, and a third only if this test stalled for half a second.
+        assert!((2..=3).contains(&read), "{read} read from ten fresh tabs");
+    }
+
+    #[test]
+    fn a_pool_refills_at_its_rate_and_says_how_long_to_wait() {
+        let rate = TabRate {
+            messages: 10,
+            bytes: 1000,
+        };
+        let pool = Pool::at(&rate, 0);
+        // A message of 100 bytes costs 0.1 s + 0.1 s of the rate: a burst of
+        // two seconds is ten of them.
+        let mut n = 0;
+        while pool.refill(0).is_none() {
+            pool.charge(1, 100);
+            n += 1;
+        }
+        assert_eq!(n, 10);
+        assert_eq!(pool.refill(0), Some(Duration::from_millis(10)));
+        // A hundredth of a second later: room again, for one more.
+        assert_eq!(pool.refill(10), None);
+        assert!(!pool.is_full(10));
+        pool.charge(1, 100);
+        assert_eq!(pool.refill(10), Some(Duration::from_millis(200)));
+        // Never more than the burst, however long it was idle; a large
+        // message is owed, at most two bursts of it.
+        assert_eq!(pool.refill(1_000_000), None);
+        assert!(pool.is_full(1_000_000));
+        pool.charge(1, usize::MAX);
+        assert_eq!(pool.refill(1_000_000), Some(Duration::from_millis(2010)));
+        assert!(!pool.is_full(1_003_999) && pool.is_full(1_004_000));
+        // A reload applies at once.
+        pool.configure(&TabRate {
+            messages: 1000,
+            bytes: u64::MAX,
+        });
+        assert_eq!(pool.refill(1_003_000), None);
+        pool.charge(1, 0);
+        assert!(pool.has_room(), "a thousandth of a second per message now");
     }
 }

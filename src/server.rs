@@ -159,6 +159,7 @@ async fn sample_history(shared: Arc<Shared>, mut stop: watch::Receiver<()>) {
             _ = every.tick() => {
                 let (tabs, upstreams) = status::totals(&shared);
                 shared.history.sample(tabs, upstreams);
+                shared.limits.forget_idle();
             }
             _ = stop.changed() => return,
         }

@@ -164,7 +164,7 @@ pub struct Tab {
     unwritten: u32,
     /// The message the tab is part way through sending.
     partial: Partial,
-    _permit: TabPermit,
+    permit: TabPermit,
 }
 
 /// What a keepalive tick did to a tab.
@@ -222,7 +222,7 @@ impl Tab {
             broken: false,
             unwritten: 0,
             partial,
-            _permit: permit,
+            permit,
         }
     }
 
@@ -359,7 +359,14 @@ impl Tab {
         }
     }
 
-    /// Whether bytes may be left to read without the socket waking the
+    /// The allowance the tab shares with its address's other tabs
+    /// (`server.per_ip.rate`).
+    #[inline]
+    pub fn pool(&self) -> &crate::rate::Pool {
+        self.permit.pool()
+    }
+
+    /// Whether more of what the tab sent may be waiting to be read by the
     /// session (tungstenite holds some, or the last read stopped at its
     /// cap).
     #[inline]
@@ -445,12 +452,10 @@ impl Tab {
         if self.ws.close(&mut io, cause.close_frame()).is_ok() {
             let _ = self.ws.flush(&mut io);
         }
-        let Tab {
-            io, ws, _permit, ..
-        } = self;
+        let Tab { io, ws, permit, .. } = self;
         drop(ws);
         drop(held);
-        tokio::spawn(drain(io, _permit).in_current_span());
+        tokio::spawn(drain(io, permit).in_current_span());
     }
 
     async fn close(mut self, cause: Cause, mut outbox: Outbox, held: Option<Held>) {

@@ -346,3 +346,78 @@ async fn a_tab_past_its_rate_is_held_back_then_closed() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `server.per_ip.rate`: the tabs of one client address share one
+/// allowance, whatever their sessions, so opening more tabs buys no more;
+/// a tab from another address is not held back by theirs; and what the
+/// address's tabs sent beyond it is read later, not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_s_tabs_share_one_rate_and_other_addresses_are_not_held() {
+    let mock = Mock::start().await;
+    let (mut child, proxy) = proxy()
+        .server(
+            "per_ip",
+            Raw(r#"{ tabs = 100, sessions = 100, rate = { messages = 20, bytes = "1MiB" } }"#),
+        )
+        .route(route("/ws", &mock))
+        .spawn();
+    // Two sessions from 127.0.0.2 (two session tasks), one from 127.0.0.1.
+    let (mut a, _) = mock
+        .upstream(0)
+        .join(&proxy, &TabSpec::new("att-a").from("127.0.0.2"))
+        .await;
+    let (mut b, _) = mock
+        .upstream(1)
+        .join(&proxy, &TabSpec::new("att-b").from("127.0.0.2"))
+        .await;
+    let calm_up = mock.upstream(2);
+    let (mut calm, _) = calm_up.join(&proxy, &TabSpec::new("calm")).await;
+    let data = |up: &Upstream| up.now(|c| data_frames(c)).unwrap_or(0);
+    let start = std::time::Instant::now();
+    for i in 0..30 {
+        a.send_text(&format!("{i}")).await;
+        b.send_text(&format!("{i}")).await;
+    }
+    for i in 0..30 {
+        calm.send_text(&format!("{i}")).await;
+    }
+    calm_up
+        .wait("the calm tab's 30 messages", |c| {
+            (data_frames(c) == 30).then_some(())
+        })
+        .await;
+    // By then the address has had its burst (2 s of 20 a second) and what
+    // came back since: not the 60 its two tabs sent.
+    let elapsed = start.elapsed().as_secs_f64();
+    let got = data(&mock.upstream(0)) + data(&mock.upstream(1));
+    let allowed = 40.0 + 20.0 * elapsed + 1.0;
+    assert!(
+        (got as f64) <= allowed,
+        "{got} of the address's messages read in {elapsed:.2} s: at most {allowed:.0} allowed"
+    );
+    // The rest is read as the allowance comes back: nothing is lost, and
+    // neither tab is closed for it.
+    for n in [0, 1] {
+        mock.upstream(n)
+            .wait("all 30 of the held tab's messages", |c| {
+                (data_frames(c) == 30).then_some(())
+            })
+            .await;
+    }
+    let closed = |up: &Upstream| {
+        up.now(|c| c.frames.iter().map(to_json).any(|v| v["event"] == "close"))
+            .unwrap_or(false)
+    };
+    assert!(!closed(&mock.upstream(0)) && !closed(&mock.upstream(1)));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The `data` frames an upstream connection got.
+fn data_frames(c: &Conn) -> usize {
+    c.frames
+        .iter()
+        .map(to_json)
+        .filter(|v| v.get("data").is_some())
+        .count()
+}

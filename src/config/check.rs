@@ -38,7 +38,7 @@ const SERVER_KEYS: &[&str] = &[
     "worker_threads",
 ];
 const TLS_KEYS: &[&str] = &["cert", "key"];
-const PER_IP_KEYS: &[&str] = &["tabs", "sessions"];
+const PER_IP_KEYS: &[&str] = &["tabs", "sessions", "rate"];
 const TAB_RATE_KEYS: &[&str] = &["messages", "bytes"];
 const ADMIN_KEYS: &[&str] = &["listen", "public", "max_connections", "allowed_hosts"];
 /// The levels a log filter directive may name.
@@ -198,6 +198,7 @@ impl Checker<'_> {
             PerIp {
                 tabs: 1000,
                 sessions: 100,
+                rate: TabRate::ADDRESS,
             },
             Self::per_ip,
         );
@@ -308,15 +309,24 @@ impl Checker<'_> {
         let t = self.table(item, "[server] per_ip", PER_IP_KEYS)?;
         let tabs = self.optional(t, "tabs", 1000, Self::positive);
         let sessions = self.optional(t, "sessions", 100, Self::positive);
+        let rate = self.optional(t, "rate", TabRate::ADDRESS, |c, item| {
+            c.rate(item, "[server] per_ip.rate", TabRate::ADDRESS)
+        });
         Some(PerIp {
             tabs: tabs? as usize,
             sessions: sessions? as usize,
+            rate: rate?,
         })
     }
 
     fn tab_rate(&mut self, item: &Item) -> Option<TabRate> {
-        let t = self.table(item, "[server] tab_rate", TAB_RATE_KEYS)?;
-        let default = TabRate::default();
+        self.rate(item, "[server] tab_rate", TabRate::default())
+    }
+
+    /// A rate's table (`tab_rate`, `per_ip.rate`): messages and bytes a
+    /// second, each defaulting to `default`'s.
+    fn rate(&mut self, item: &Item, name: &str, default: TabRate) -> Option<TabRate> {
+        let t = self.table(item, name, TAB_RATE_KEYS)?;
         let messages = self.optional(t, "messages", default.messages.into(), Self::positive);
         let bytes = self.optional(t, "bytes", default.bytes as usize, Self::size);
         let (messages, bytes) = (messages?, bytes?);

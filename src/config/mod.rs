@@ -88,6 +88,8 @@ pub struct PerIp {
     pub tabs: usize,
     /// Sessions opened from the address and still alive.
     pub sessions: usize,
+    /// What all of the address's tabs may send a second, together.
+    pub rate: TabRate,
 }
 
 /// `server.tab_rate`: what one tab may send a second. A burst of two
@@ -98,7 +100,7 @@ pub struct PerIp {
 pub struct TabRate {
     /// Messages a second.
     pub messages: u32,
-    /// Payload bytes a second.
+    /// Bytes a second, as read from the socket (frame headers included).
     pub bytes: u64,
 }
 
@@ -111,6 +113,17 @@ impl Default for TabRate {
             bytes: 4 << 20,
         }
     }
+}
+
+impl TabRate {
+    /// `per_ip.rate`'s default: what all the tabs of one address may send
+    /// together (ten busy tabs' worth of messages, eight of bytes), so that
+    /// an address that keeps opening tabs, each with a fresh allowance,
+    /// cannot take the proxy's time from everyone else behind it.
+    pub const ADDRESS: TabRate = TabRate {
+        messages: 10_000,
+        bytes: 32 << 20,
+    };
 }
 
 /// `[admin]`: health, readiness, metrics and status.
@@ -392,8 +405,8 @@ impl Config {
         );
         let _ = writeln!(
             out,
-            "per tab at most {} messages and {} B a second (burst: 2 s of it)",
-            s.tab_rate.messages, s.tab_rate.bytes
+            "per tab at most {} messages and {} B a second, per address {} and {} B (burst: 2 s of it)",
+            s.tab_rate.messages, s.tab_rate.bytes, s.per_ip.rate.messages, s.per_ip.rate.bytes
         );
         if s.proxy_protocol || !s.trusted_proxies.is_empty() {
             let nets: Vec<String> = s.trusted_proxies.iter().map(|n| n.to_string()).collect();
@@ -547,7 +560,8 @@ allowed_origins = ["http://localhost:8080"]
             c.server.per_ip,
             PerIp {
                 tabs: 1000,
-                sessions: 100
+                sessions: 100,
+                rate: TabRate::ADDRESS,
             }
         );
         assert_eq!(c.server.buffer_budget, 512 << 20);
@@ -667,7 +681,8 @@ allowed_origins = ["http://localhost:8080"]
             c.server.per_ip,
             PerIp {
                 tabs: 3,
-                sessions: 2
+                sessions: 2,
+                rate: TabRate::ADDRESS,
             }
         );
         assert_eq!(c.server.buffer_budget, 64 << 20);

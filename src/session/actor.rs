@@ -485,14 +485,7 @@ impl<'c> Session<'c> {
         };
         slot.wake.served();
         let rate = &self.ctx.tab_rate;
-        let may_read = match slot.rate.check(rate, now, self.ctx.route.idle_timeout) {
-            Verdict::Read => true,
-            Verdict::Hold(wait) => {
-                hold_back(&slot.wake, wait);
-                false
-            }
-            Verdict::Close => return self.leave(id, Cause::RateLimit),
-        };
+        let idle = self.ctx.route.idle_timeout;
         let (envelope, outage, to_upstream, ctx, deferred) = (
             &mut self.envelope,
             &mut self.outage,
@@ -501,13 +494,19 @@ impl<'c> Session<'c> {
             &mut self.deferred,
         );
         let mut bucket = slot.rate;
+        let mut held = None;
         let turn_bytes = &mut self.turn_bytes;
         let served = slot.drive(|conn, cx, outbox| {
             if let Poll::Ready(Err(cause)) = conn.poll_write(cx, outbox) {
                 return Ok(Some(cause));
             }
-            if !may_read {
-                return Ok(None);
+            match bucket.check(rate, conn.pool(), now, idle) {
+                Verdict::Read => {}
+                Verdict::Hold(wait) => {
+                    held = Some(wait);
+                    return Ok(None);
+                }
+                Verdict::Close => return Ok(Some(Cause::RateLimit)),
             }
             let mut bytes = 0;
             for _ in 0..TAB_BURST {
@@ -518,6 +517,11 @@ impl<'c> Session<'c> {
                 *turn_bytes += fed;
                 match polled {
                     Poll::Pending => {
+                        // Part of a message counts as it is read.
+                        if fed != 0 {
+                            bucket.charge(0, fed);
+                            conn.pool().charge(0, fed);
+                        }
                         // Nothing more waits (not a read that stopped at its
                         // cap): the tab is within its rate again.
                         if !conn.more_to_read() {
@@ -526,16 +530,18 @@ impl<'c> Session<'c> {
                         return Ok(None);
                     }
                     Poll::Ready(Ok(msg)) => {
-                        bucket.charge(msg.len());
+                        bucket.charge(1, fed);
+                        conn.pool().charge(1, fed);
                         match envelope.tab_sent(id, msg, deferred) {
                             Ok(Some(forward)) => pass_on(ctx, outage, to_upstream, id, forward)?,
                             Ok(None) => {}
                             Err(cause) => return Ok(Some(cause)),
                         }
-                        // Out of its rate, or its share of this turn: the
-                        // next look decides (now, or once it is back under).
+                        // Out of its rate (or its address's), or its share
+                        // of this turn: the next look decides (now, or once
+                        // it is back under).
                         if bytes >= TAB_BURST_BYTES
-                            || bucket.check(rate, now, ctx.route.idle_timeout) != Verdict::Read
+                            || bucket.check(rate, conn.pool(), now, idle) != Verdict::Read
                         {
                             break;
                         }
@@ -548,6 +554,9 @@ impl<'c> Session<'c> {
             cx.waker().wake_by_ref();
             Ok(None)
         });
+        if let Some(wait) = held {
+            hold_back(&slot.wake, wait);
+        }
         slot.rate = bucket;
         // What it holds now (part of a message, say), for the budget.
         if self.tabs.holders.account(id, slot) {

@@ -79,7 +79,8 @@ impl Member {
         let admin = SocketAddr::from(([127, 0, 0, 1], procs::free_port()));
         let config = format!(
             "[server]\nlisten = \"{tabs}\"\nproxy_protocol = true\n\
-             per_ip = {{ tabs = 100000, sessions = 50000 }}\n\
+             per_ip = {{ tabs = 100000, sessions = 50000, \
+             rate = {{ messages = 100000000, bytes = \"64GiB\" }} }}\n\
              shutdown_timeout = \"10s\"\ndrain_spread = \"{spread}\"\n\
              [admin]\nlisten = \"{admin}\"\n[log]\nlevel = \"warn\"\n\
              [[route]]\npath = \"/ws\"\nupstream = \"ws://{backend}/ws\"\n\

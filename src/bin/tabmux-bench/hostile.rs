@@ -10,6 +10,10 @@
 //! - meanwhile one calm tab measures round trips, 500 a second (within the
 //!   default `tab_rate`, which holds the attackers back).
 //!
+//! The attackers connect from 127.0.0.2 and the calm tab from 127.0.0.1:
+//! an attacker's address is not its victim's, and `per_ip` limits (the
+//! address's shared `per_ip.rate` among them) are per address.
+//!
 //! Reported: the proxy's resident memory idle, its peak over idle during
 //! the attack (the budget says at most 64 MiB + 32 MiB of overhead), its
 //! level over idle 3 s and 10 s after the attackers left (memory
@@ -214,6 +218,11 @@ async fn open(
     recv_buffer: Option<u32>,
 ) -> anyhow::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
+    // The attackers come from an address of their own, as they would: the
+    // calm tab's address is not theirs (`per_ip` limits are per address).
+    if addr.ip().is_loopback() {
+        socket.bind(SocketAddr::from(([127, 0, 0, 2], 0)))?;
+    }
     if let Some(size) = recv_buffer {
         socket.set_recv_buffer_size(size)?;
     }

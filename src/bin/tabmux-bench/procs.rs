@@ -280,10 +280,13 @@ pub fn start_tabmux_route(
 /// (1,000 tabs and 100 sessions by default) are lifted to the process's.
 /// And a benchmark tab sends as fast as it is answered (a round trip takes
 /// about 0.15 ms), past the 1,000 messages a second a tab may send by
-/// default: `tab_rate` is lifted too (its buckets are still kept and
-/// checked for every message, so their cost is measured).
+/// default: `tab_rate` and the address's shared `per_ip.rate` are lifted
+/// too (their buckets are still kept and checked for every message, so
+/// their cost is measured).
 const ONE_ADDRESS: &str = "per_ip = { tabs = 100000, sessions = 50000 }\n";
 const UNLIMITED_RATE: &str = "tab_rate = { messages = 100000000, bytes = \"64GiB\" }\n";
+const UNLIMITED_ADDRESS: &str = "per_ip = { tabs = 100000, sessions = 50000, \
+     rate = { messages = 100000000, bytes = \"64GiB\" } }\n";
 
 /// The same, with more `[server]` keys (`server`, one per line).
 pub fn start_tabmux_config(
@@ -312,20 +315,22 @@ level = "warn"
 {route}"#
     );
     let path = dir.path().join("proxy.toml");
-    let lifted = config.replace(ONE_ADDRESS, &format!("{ONE_ADDRESS}{UNLIMITED_RATE}"));
-    let config = if server == ONE_ADDRESS {
-        lifted
-    } else {
-        config
-    };
     std::fs::write(&path, &config)?;
-    // A tabmux from before these limits (a "before" binary in a
-    // comparison) knows no `tab_rate`, or no `per_ip`, and has no such
-    // limit to lift.
-    for older in [UNLIMITED_RATE, ONE_ADDRESS] {
-        if server == ONE_ADDRESS && !accepts(exe, &path) {
-            let config = std::fs::read_to_string(&path)?;
-            std::fs::write(&path, config.replace(older, ""))?;
+    if server == ONE_ADDRESS {
+        // The limits lifted, newest first: a tabmux from before them (a
+        // "before" binary in a comparison) knows no `per_ip.rate`, or no
+        // `tab_rate`, or no `per_ip`, and has no such limit to lift.
+        let lifted = [
+            format!("{UNLIMITED_ADDRESS}{UNLIMITED_RATE}"),
+            format!("{ONE_ADDRESS}{UNLIMITED_RATE}"),
+            ONE_ADDRESS.to_string(),
+            String::new(),
+        ];
+        for lift in lifted {
+            std::fs::write(&path, config.replace(ONE_ADDRESS, &lift))?;
+            if accepts(exe, &path) {
+                break;
+            }
         }
     }
     let child = spawn_pinned(core, exe, &["--config".into(), path.display().to_string()])?;
