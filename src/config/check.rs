@@ -51,6 +51,11 @@ pub(super) struct Checker<'a> {
     pub file: &'a str,
     pub base: &'a Path,
     pub problems: Vec<Problem>,
+    /// The keys read so far ([`Checker::optional`], [`Checker::required`],
+    /// [`Checker::ask`]): a table checked with [`Checker::known_keys`]
+    /// allows exactly the keys its parser read, so a new key is one line
+    /// that reads it, with no separate list of allowed keys to keep.
+    pub asked: Vec<&'static str>,
 }
 
 /// Where a key or value is in the text (bytes), if known.
@@ -106,6 +111,21 @@ impl Checker<'_> {
         };
         self.unknown_keys(table, &format!("in {what}"), allowed);
         Some(table)
+    }
+
+    /// A key read directly (`t.get`): known, as one read through
+    /// [`Checker::optional`] is.
+    pub(super) fn ask<'t>(&mut self, t: &'t dyn TableLike, key: &'static str) -> Option<&'t Item> {
+        self.asked.push(key);
+        t.get(key)
+    }
+
+    /// Reports every key of `t` that its parser did not read since `from`
+    /// (a mark of [`Checker::asked`]), with its place and the keys allowed
+    /// there; forgets those read.
+    pub(super) fn known_keys(&mut self, t: &dyn TableLike, place: &str, from: usize) {
+        let known: Vec<&str> = self.asked.drain(from..).collect();
+        self.unknown_keys(t, place, &known);
     }
 
     /// Reports every key of `t` that is not in `allowed`, with its place
@@ -372,10 +392,11 @@ impl Checker<'_> {
     pub(super) fn required<T>(
         &mut self,
         t: &dyn TableLike,
-        key: &str,
+        key: &'static str,
         what: &str,
         parse: impl FnOnce(&mut Self, &Item) -> Option<T>,
     ) -> Option<T> {
+        self.asked.push(key);
         match t.get(key) {
             Some(item) => parse(self, item),
             None => {
@@ -390,10 +411,11 @@ impl Checker<'_> {
     pub(super) fn optional<T>(
         &mut self,
         t: &dyn TableLike,
-        key: &str,
+        key: &'static str,
         default: T,
         parse: impl FnOnce(&mut Self, &Item) -> Option<T>,
     ) -> Option<T> {
+        self.asked.push(key);
         match t.get(key) {
             Some(item) => parse(self, item),
             None => Some(default),
@@ -403,7 +425,7 @@ impl Checker<'_> {
     pub(super) fn optional_header(
         &mut self,
         t: &dyn TableLike,
-        key: &str,
+        key: &'static str,
     ) -> Option<Option<HeaderValue>> {
         self.optional(t, key, None, |c, item| {
             let s = c.string(item)?;

@@ -370,6 +370,7 @@ impl Config {
             file,
             base,
             problems: Vec::new(),
+            asked: Vec::new(),
         };
         let doc = match Document::parse(text) {
             Ok(doc) => doc,
@@ -700,6 +701,24 @@ allowed_origins = ["http://localhost:8080"]
         assert!(p.message.contains("`lingr`"), "{p}");
         assert!(p.message.contains("allowed keys: path, upstream"), "{p}");
         assert!(p.to_string().starts_with("proxy.toml:8:1: "), "{p}");
+        // The keys allowed are the keys the parser reads: all of them, each
+        // once (read directly, as `ca` is, or through `optional`).
+        let allowed = p.message.split("allowed keys: ").nth(1).unwrap_or("");
+        let allowed: Vec<&str> = allowed.split(", ").collect();
+        for key in [
+            "ca",
+            "tab_queue_bytes",
+            "linger",
+            "upstream_user_agent",
+            "envelope",
+        ] {
+            assert_eq!(
+                allowed.iter().filter(|k| **k == key).count(),
+                1,
+                "{key}: {p}"
+            );
+        }
+        assert_eq!(allowed.len(), 23, "{allowed:?}");
     }
 
     #[test]

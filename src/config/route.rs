@@ -13,31 +13,6 @@ use super::check::{Checker, Span};
 use super::{Envelope, MissingCookie, Origins, Payload, Reconnect, Route, UpstreamUrl};
 use crate::tls;
 
-const ROUTE_KEYS: &[&str] = &[
-    "path",
-    "upstream",
-    "session_cookie",
-    "missing_cookie",
-    "allowed_origins",
-    "envelope",
-    "payload",
-    "forward_query",
-    "replay_first",
-    "linger",
-    "max_tabs_per_session",
-    "max_message_size",
-    "tab_queue",
-    "tab_queue_bytes",
-    "reconnect_buffer",
-    "reconnect",
-    "dial_timeout",
-    "ping_interval",
-    "idle_timeout",
-    "ca",
-    "open_event_headers",
-    "upstream_origin",
-    "upstream_user_agent",
-];
 /// The largest `max_message_size`: every byte of a message is held, and a
 /// tab's partial-message count ([`crate::wsio::Partial`]) is 32 bits.
 const MAX_MESSAGE_SIZE: usize = 1 << 30;
@@ -111,7 +86,8 @@ impl Checker<'_> {
     /// validated [`Route`].
     fn route(&mut self, table: &toml_edit::Table, what: &str) -> Option<Route> {
         let t: &dyn TableLike = table;
-        self.unknown_keys(t, &format!("in {what}"), ROUTE_KEYS);
+        // The keys allowed are the keys read below.
+        let keys_from = self.asked.len();
         // Where tabs connect, where the session's upstream is, who shares it.
         let path = self.required(t, "path", what, Self::route_path);
         let upstream = self.required(t, "upstream", what, Self::upstream_url);
@@ -167,11 +143,12 @@ impl Checker<'_> {
             self.optional(t, "ping_interval", Duration::from_secs(30), Self::duration);
         let idle_timeout =
             self.optional(t, "idle_timeout", Duration::from_secs(90), Self::duration);
-        let ca = match t.get("ca") {
+        let ca = match self.ask(t, "ca") {
             None => Some(None),
             Some(item) => self.path(item).map(|p| Some((p, item.span()))),
         };
 
+        self.known_keys(t, &format!("in {what}"), keys_from);
         let (envelope, upstream) = (envelope?, upstream?);
         // An invalid `ca` has reported itself; the rules still run.
         let ca = ca.flatten();

@@ -7,6 +7,7 @@
 //! buffer, shared by every tab they fan out to.
 
 use std::fmt::Write as _;
+use std::time::Instant;
 
 use base64::Engine as _;
 use tokio_tungstenite::tungstenite::Message;
@@ -44,57 +45,59 @@ impl Json {
 
     /// `{"tab":…,"event":"open",…}`, unless the upstream is down (the
     /// restore announces the tab then).
-    pub fn tab_joined(&mut self, tab: TabId, info: &JoinInfo, out: &mut impl Effects) {
+    pub fn tab_joined(&mut self, tab: TabId, info: &JoinInfo, out: &mut Effects) {
         if self.up {
-            out.effect(Effect::Upstream(Message::Text(open_event_of(tab, info))));
+            out.push(Effect::Upstream(Message::Text(open_event_of(tab, info))));
         }
     }
 
-    /// A tab's text or binary message, wrapped; text that is not JSON (with
-    /// `payload = "json"`) closes the tab with 1007.
+    /// A tab's text or binary message, wrapped, for the upstream; text that
+    /// is not JSON (with `payload = "json"`) closes the tab with 1007.
     #[inline]
-    pub fn tab_sent(&mut self, tab: TabId, msg: Message) -> Result<Forward, Cause> {
-        let (frame, payload) = match msg {
+    pub fn tab_sent(&mut self, tab: TabId, msg: Message, out: &mut Effects) -> Result<(), Cause> {
+        let forward = match msg {
             Message::Text(text) => match data_text(tab, &text, self.payload) {
-                Ok(frame) => (frame, text.len()),
+                Ok(frame) => Forward {
+                    frame: Message::Text(frame),
+                    payload: text.len(),
+                },
                 Err(NotJson) => return Err(Cause::InvalidJson),
             },
-            Message::Binary(bytes) => (data_binary(tab, &bytes), bytes.len()),
+            Message::Binary(bytes) => Forward {
+                frame: Message::Text(data_binary(tab, &bytes)),
+                payload: bytes.len(),
+            },
             // Only data messages reach an envelope (a tab's connection
             // answers control frames itself); another would pass unchanged,
             // as on `none` routes.
-            other => {
-                return Ok(Forward {
-                    payload: other.len(),
-                    frame: other,
-                })
-            }
+            other => Forward {
+                payload: other.len(),
+                frame: other,
+            },
         };
-        Ok(Forward {
-            frame: Message::Text(frame),
-            payload,
-        })
+        out.push(Effect::Forward(tab, forward));
+        Ok(())
     }
 
     /// `{"tab":…,"event":"close","code":…}`, if the upstream is there to
     /// hear it.
-    pub fn tab_left(&mut self, tab: TabId, code: u16, out: &mut impl Effects) {
+    pub fn tab_left(&mut self, tab: TabId, code: u16, _now: Instant, out: &mut Effects) {
         if self.up {
-            out.effect(Effect::Upstream(Message::Text(close_event(tab, code))));
+            out.push(Effect::Upstream(Message::Text(close_event(tab, code))));
         }
     }
 
     /// A backend frame: a delivery, a close, or a malformed frame.
     #[inline]
-    pub fn upstream_frame(&mut self, msg: Message, out: &mut impl Effects) {
+    pub fn upstream_frame(&mut self, msg: Message, out: &mut Effects) {
         let Message::Text(text) = msg else {
-            return out.effect(Effect::Malformed(FrameError::Binary));
+            return out.push(Effect::Malformed(FrameError::Binary));
         };
         match json_decode::decode(&text, self.payload) {
             Ok(BackendFrame::Deliver { to, body }) => {
                 let len = body.len();
                 if len > self.max_message_size {
-                    return out.effect(Effect::Close {
+                    return out.push(Effect::Close {
                         to,
                         cause: Cause::TooBig,
                     });
@@ -103,13 +106,13 @@ impl Json {
                     Body::Text(t) => Message::Text(t),
                     Body::Binary(b) => Message::Binary(b),
                 };
-                out.effect(Effect::Deliver { to, msg, len });
+                out.push(Effect::Deliver { to, msg, len });
             }
-            Ok(BackendFrame::Close { to, code, reason }) => out.effect(Effect::Close {
+            Ok(BackendFrame::Close { to, code, reason }) => out.push(Effect::Close {
                 to,
                 cause: Cause::Backend { code, reason },
             }),
-            Err(e) => out.effect(Effect::Malformed(e)),
+            Err(e) => out.push(Effect::Malformed(e)),
         }
     }
 
@@ -123,11 +126,11 @@ impl Json {
     pub fn upstream_restored<'a>(
         &mut self,
         members: impl Iterator<Item = (TabId, &'a JoinInfo)>,
-        out: &mut impl Effects,
+        out: &mut Effects,
     ) {
         self.up = true;
         for (tab, info) in members {
-            out.effect(Effect::Upstream(Message::Text(open_event_of(tab, info))));
+            out.push(Effect::Upstream(Message::Text(open_event_of(tab, info))));
         }
     }
 }
@@ -220,6 +223,10 @@ mod tests {
     use super::*;
     use crate::envelope::Target;
 
+    fn now() -> Instant {
+        Instant::now()
+    }
+
     fn machine() -> Json {
         Json::with(Payload::Json, 16)
     }
@@ -293,29 +300,41 @@ mod tests {
         );
     }
 
+    /// What `m` forwards for one message of tab `tab`.
+    fn forwarded(m: &mut Json, tab: u64, msg: Message) -> Forward {
+        let mut out = Vec::new();
+        m.tab_sent(TabId(tab), msg, &mut out).unwrap();
+        match out.as_slice() {
+            [Effect::Forward(t, f)] if *t == TabId(tab) => f.clone(),
+            other => panic!("expected one forward of t{tab}, got {other:?}"),
+        }
+    }
+
     #[test]
     fn text_and_binary_messages_are_wrapped() {
         let mut m = machine();
-        let text = m.tab_sent(TabId(7), Message::text(r#"{"a":1}"#)).unwrap();
+        let text = forwarded(&mut m, 7, Message::text(r#"{"a":1}"#));
         assert_eq!(text.frame, Message::text(r#"{"tab":"t7","data":{"a":1}}"#));
         assert_eq!(text.payload, 7);
-        let bin = m
-            .tab_sent(TabId(7), Message::binary(vec![0u8, 255, 1]))
-            .unwrap();
+        let bin = forwarded(&mut m, 7, Message::binary(vec![0u8, 255, 1]));
         assert_eq!(
             bin.frame,
             Message::text(r#"{"tab":"t7","data_b64":"AP8B"}"#)
         );
         assert_eq!(bin.payload, 3);
         let mut text = Json::with(Payload::Text, 16);
-        let s = text.tab_sent(TabId(2), Message::text("hi \"x\"")).unwrap();
+        let s = forwarded(&mut text, 2, Message::text("hi \"x\""));
         assert_eq!(s.frame, Message::text(r#"{"tab":"t2","data":"hi \"x\""}"#));
     }
 
     #[test]
     fn text_that_is_not_json_closes_the_tab_with_1007() {
         let mut m = machine();
-        let e = m.tab_sent(TabId(1), Message::text("{oops")).unwrap_err();
+        let mut out = Vec::new();
+        let e = m
+            .tab_sent(TabId(1), Message::text("{oops"), &mut out)
+            .unwrap_err();
+        assert_eq!(out, [], "nothing goes upstream");
         assert_eq!(e, Cause::InvalidJson);
         assert_eq!(e.code(), 1007);
     }
@@ -324,8 +343,8 @@ mod tests {
     fn a_tab_that_leaves_sends_one_close_event_with_its_code() {
         let mut m = machine();
         let mut out = Vec::new();
-        m.tab_left(TabId(7), 1001, &mut out);
-        m.tab_left(TabId(8), 1006, &mut out);
+        m.tab_left(TabId(7), 1001, now(), &mut out);
+        m.tab_left(TabId(8), 1006, now(), &mut out);
         assert_eq!(
             out,
             [
@@ -341,7 +360,7 @@ mod tests {
         let mut out = Vec::new();
         m.upstream_lost();
         m.tab_joined(TabId(3), &info("late"), &mut out);
-        m.tab_left(TabId(2), 1001, &mut out);
+        m.tab_left(TabId(2), 1001, now(), &mut out);
         assert_eq!(out, [], "nothing while the upstream is down");
         let (one, three) = (info("a=1"), info("late"));
         m.upstream_restored([(TabId(1), &one), (TabId(3), &three)].into_iter(), &mut out);
@@ -353,7 +372,7 @@ mod tests {
             ]
         );
         out.clear();
-        m.tab_left(TabId(1), 1000, &mut out);
+        m.tab_left(TabId(1), 1000, now(), &mut out);
         assert_eq!(out, [up(r#"{"tab":"t1","event":"close","code":1000}"#)]);
     }
 

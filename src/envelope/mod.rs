@@ -2,11 +2,14 @@
 //!
 //! Each envelope of docs/protocol.md is one state machine that owns no socket and
 //! no clock. Its session feeds it events (a tab joined, sent, left; the
-//! upstream sent a frame, was lost, was restored; a keepalive tick) and it
-//! answers with [`Effect`]s (send upstream, deliver to these tabs, answer one
-//! tab, close tabs with a [`Cause`]), handed to an [`Effects`] sink as they
-//! are decided. The session applies them to real sockets; a unit test
-//! collects them in a `Vec<Effect>` and compares plain values.
+//! upstream sent a frame, was lost, was restored; a deadline came, with the
+//! time) and it answers with [`Effect`]s (forward a tab's message, send
+//! upstream, deliver to these tabs, answer one tab, close tabs with a
+//! [`Cause`]), pushed in the order they are decided into one buffer the
+//! session owns, and with its next deadline ([`Machine::next_deadline`]),
+//! as quinn-proto's `poll_timeout` does. The session applies the effects to
+//! real sockets once the call has returned, never while the machine runs;
+//! a unit test reads the same buffer and compares plain values.
 //!
 //! [`Machine`] dispatches by an enum, not a generic, so that the session's
 //! hot loop exists once in the binary whatever the route's envelope.
@@ -105,8 +108,11 @@ pub struct Forward {
 /// What an envelope decided, for its session to carry out.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
+    /// A tab's message, for the upstream (or the reconnect buffer while
+    /// the upstream is down, where it is kept as the tab's).
+    Forward(TabId, Forward),
     /// Send a frame of the envelope's own upstream (an `open` or `close`
-    /// event); a tab's messages are returned as a [`Forward`] instead.
+    /// event, a subscribe it composed).
     Upstream(Message),
     /// Deliver one backend message to tabs: one buffer, shared by all.
     /// `len` is its payload size.
@@ -139,17 +145,10 @@ pub enum Saving {
     Delivery,
 }
 
-/// Where an envelope hands its effects, in the order it decides them.
-pub trait Effects {
-    fn effect(&mut self, effect: Effect);
-}
-
-/// Tests collect effects as plain values.
-impl Effects for Vec<Effect> {
-    fn effect(&mut self, effect: Effect) {
-        self.push(effect);
-    }
-}
+/// The buffer an envelope pushes its effects into, in the order it decides
+/// them: the session's own (reused, so it allocates only when it grows),
+/// or a test's.
+pub type Effects = Vec<Effect>;
 
 /// A session's envelope state machine, whichever the route's envelope is.
 #[derive(Debug)]
@@ -174,7 +173,7 @@ impl Machine {
     }
 
     /// A tab joined the session.
-    pub fn tab_joined(&mut self, tab: TabId, info: &JoinInfo, out: &mut impl Effects) {
+    pub fn tab_joined(&mut self, tab: TabId, info: &JoinInfo, out: &mut Effects) {
         match self {
             Machine::Json(m) => m.tab_joined(tab, info, out),
             Machine::None(m) => m.tab_joined(tab, out),
@@ -182,36 +181,32 @@ impl Machine {
         }
     }
 
-    /// A tab sent a data message (text or binary): what goes upstream (if
-    /// anything), or why the tab is closed instead. Only `pusher` has
-    /// effects besides (answers to the tab, deliveries to its siblings).
+    /// A tab sent a data message (text or binary): its effects (what goes
+    /// upstream, if anything, as [`Effect::Forward`]; `pusher` may also
+    /// answer the tab or deliver to its siblings), or why the tab is closed
+    /// instead. Every envelope has this signature.
     #[inline]
-    pub fn tab_sent(
-        &mut self,
-        tab: TabId,
-        msg: Message,
-        out: &mut impl Effects,
-    ) -> Result<Option<Forward>, Cause> {
+    pub fn tab_sent(&mut self, tab: TabId, msg: Message, out: &mut Effects) -> Result<(), Cause> {
         match self {
-            Machine::Json(m) => m.tab_sent(tab, msg).map(Some),
-            Machine::None(_) => Ok(Some(none::Passthrough::tab_sent(msg))),
+            Machine::Json(m) => m.tab_sent(tab, msg, out),
+            Machine::None(m) => m.tab_sent(tab, msg, out),
             Machine::Pusher(m) => m.tab_sent(tab, msg, out),
         }
     }
 
     /// A tab left the session at `now`; `code` is its connection's close
-    /// code.
-    pub fn tab_left(&mut self, tab: TabId, code: u16, now: Instant, out: &mut impl Effects) {
+    /// code. Every envelope has this signature.
+    pub fn tab_left(&mut self, tab: TabId, code: u16, now: Instant, out: &mut Effects) {
         match self {
-            Machine::Json(m) => m.tab_left(tab, code, out),
-            Machine::None(_) => {}
-            Machine::Pusher(m) => m.tab_left(tab, now),
+            Machine::Json(m) => m.tab_left(tab, code, now, out),
+            Machine::None(m) => m.tab_left(tab, code, now, out),
+            Machine::Pusher(m) => m.tab_left(tab, code, now, out),
         }
     }
 
     /// The upstream sent a data frame (text or binary).
     #[inline]
-    pub fn upstream_frame(&mut self, msg: Message, out: &mut impl Effects) {
+    pub fn upstream_frame(&mut self, msg: Message, out: &mut Effects) {
         match self {
             Machine::Json(m) => m.upstream_frame(msg, out),
             Machine::None(m) => m.upstream_frame(msg, out),
@@ -239,7 +234,7 @@ impl Machine {
     pub fn upstream_restored<'a>(
         &mut self,
         members: impl Iterator<Item = (TabId, &'a JoinInfo)>,
-        out: &mut impl Effects,
+        out: &mut Effects,
     ) {
         match self {
             Machine::Json(m) => m.upstream_restored(members, out),
@@ -270,14 +265,14 @@ impl Machine {
     }
 
     /// A deadline given by [`Machine::next_deadline`] has come, at `now`.
-    pub fn on_timeout(&mut self, now: Instant, out: &mut impl Effects) {
+    pub fn on_timeout(&mut self, now: Instant, out: &mut Effects) {
         self.tick(now, out);
     }
 
     /// A keepalive tick of the session (every `ping_interval`), at `now`.
     /// Neither `json` nor `none` keeps time; `pusher` pings its upstream
     /// with `pusher:ping` and unsubscribes channels left past `linger`.
-    pub fn tick(&mut self, now: Instant, out: &mut impl Effects) {
+    pub fn tick(&mut self, now: Instant, out: &mut Effects) {
         match self {
             Machine::Json(_) | Machine::None(_) => {}
             Machine::Pusher(m) => m.tick(now, out),

@@ -3,6 +3,8 @@
 //! goes to every tab, and the first `replay_first` upstream frames (a
 //! protocol's greeting) are replayed, in order, to each tab that joins later.
 
+use std::time::Instant;
+
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{Effect, Effects, Forward, TabId, Target};
@@ -33,9 +35,9 @@ impl Passthrough {
     }
 
     /// A later tab is sent the greeting, ahead of everything else.
-    pub fn tab_joined(&mut self, tab: TabId, out: &mut impl Effects) {
+    pub fn tab_joined(&mut self, tab: TabId, out: &mut Effects) {
         for msg in &self.replay {
-            out.effect(Effect::Answer {
+            out.push(Effect::Answer {
                 tab,
                 msg: msg.clone(),
             });
@@ -44,20 +46,27 @@ impl Passthrough {
 
     /// What a tab sends goes upstream as it is.
     #[inline]
-    pub fn tab_sent(msg: Message) -> Forward {
-        Forward {
-            payload: msg.len(),
-            frame: msg,
-        }
+    pub fn tab_sent(&mut self, tab: TabId, msg: Message, out: &mut Effects) -> Result<(), Cause> {
+        out.push(Effect::Forward(
+            tab,
+            Forward {
+                payload: msg.len(),
+                frame: msg,
+            },
+        ));
+        Ok(())
     }
+
+    /// A tab left: nothing to tell the upstream, which never knew of it.
+    pub fn tab_left(&mut self, _tab: TabId, _code: u16, _now: Instant, _out: &mut Effects) {}
 
     /// Every frame reaches every tab; a frame over `max_message_size`
     /// reaches none and closes them all (1009).
     #[inline]
-    pub fn upstream_frame(&mut self, msg: Message, out: &mut impl Effects) {
+    pub fn upstream_frame(&mut self, msg: Message, out: &mut Effects) {
         let len = msg.len();
         if len > self.max_message_size {
-            return out.effect(Effect::Close {
+            return out.push(Effect::Close {
                 to: Target::All,
                 cause: Cause::TooBig,
             });
@@ -67,7 +76,7 @@ impl Passthrough {
         if self.replay.len() < self.replay_first {
             self.replay.push(msg.clone());
         }
-        out.effect(Effect::Deliver {
+        out.push(Effect::Deliver {
             to: Target::All,
             msg,
             len,
@@ -101,9 +110,15 @@ mod tests {
     #[test]
     fn tab_frames_go_upstream_unchanged() {
         for msg in [Message::text("{not json"), Message::binary(vec![0u8, 1])] {
-            let fwd = Passthrough::tab_sent(msg.clone());
-            assert_eq!(fwd.payload, msg.len());
-            assert_eq!(fwd.frame, msg);
+            let mut out = Vec::new();
+            Passthrough::with(0, 64)
+                .tab_sent(TabId(3), msg.clone(), &mut out)
+                .unwrap();
+            let forward = Forward {
+                payload: msg.len(),
+                frame: msg,
+            };
+            assert_eq!(out, [Effect::Forward(TabId(3), forward)]);
         }
     }
 

@@ -22,23 +22,19 @@ use tracing::{debug, info};
 
 use super::key::SessionKey;
 use super::link::{Command, Joined, Refusal, TabLink};
-use super::outage::{expire, next_frame, normal_close, pass_on, redial, DialResult, Outage};
 use super::ready::TabWake;
 use super::tabs::{Apply, Holders, Tabs};
+use super::uplink::{next_frame, redial, DialResult, Uplink};
 use super::{SessionContext, SessionEnd};
 use crate::budget::Charge;
 use crate::cause::{Cause, Closing, Lost, Side};
-use crate::envelope::{Effect, Effects, JoinInfo, Machine, TabId};
+use crate::envelope::{Effects, JoinInfo, Machine, TabId};
 use crate::queue::Outbox;
 use crate::rate::Verdict;
-use crate::reconnect::{self, Backoff};
 use crate::tab::Tab;
 use crate::upstream::{DialError, DialParams, UpstreamSocket};
-use crate::wsio::Liveness;
 
 mod edge;
-
-use edge::held_while;
 
 /// Commands, or upstream frames, handled before the writes are flushed.
 const BATCH: usize = 64;
@@ -100,19 +96,15 @@ pub(super) struct Session<'c> {
     /// What the route's envelope makes of frames.
     envelope: Machine,
     tabs: Tabs,
-    /// The upstream, or None during an outage.
-    upstream: Option<UpstreamSocket>,
-    protocol: Option<HeaderValue>,
-    /// The first tab's handshake details, reused for every redial.
-    dial: DialParams,
+    /// The upstream half: its socket, what waits to be written, the
+    /// outage.
+    uplink: Uplink,
     /// A sender to this session's own command channel, cloned into each
     /// tab's [`TabLink`].
     commands: mpsc::Sender<Command>,
     /// Completes (with an error, its sender being dropped) when the proxy
     /// shuts down.
     shutdown: watch::Receiver<()>,
-    /// Upstream frames decided on but not yet written (flushed per turn).
-    to_upstream: Vec<Message>,
     /// Armed while the session has no tabs.
     linger: Option<Pin<Box<Sleep>>>,
     /// The envelope's own timer, set to its next deadline (a Pusher
@@ -126,23 +118,15 @@ pub(super) struct Session<'c> {
     /// How long the session outlives its last tab: the route's `linger`,
     /// or none for a session of its own (`missing_cookie = "direct"`).
     pub(super) linger_for: Duration,
-    /// Set while the upstream is down (boxed: rare, and large).
-    outage: Option<Box<Outage>>,
     /// Pings the upstream and checks it is alive, every `ping_interval`.
     keepalive: Interval,
-    /// Whether the upstream has been heard from lately (its idle timeout).
-    upstream_alive: Liveness,
-    /// tungstenite may hold upstream bytes it has read (see
-    /// [`UpstreamSocket::poll_next`]).
-    upstream_buffered: bool,
-    /// The code of the close frame the backend sent, once it sent one.
-    upstream_close: Option<Box<Closing>>,
     /// Why the tabs are closed when the envelope does not redial a lost
     /// upstream (boxed: set once, at the end).
     gone: Option<Box<Cause>>,
-    /// Effects of a tab's own frame, carried out once the session is done
-    /// with that tab's slot (only `pusher` has any).
-    deferred: Vec<Effect>,
+    /// What the envelope decided in its last call, carried out in order
+    /// once the call has returned ([`Session::apply_effects`]); empty
+    /// between calls, and kept for its capacity.
+    effects: Effects,
     /// Published for the status page after every turn of the loop.
     stats: Arc<SessionStats>,
     /// The most tabs this session had at once.
@@ -151,21 +135,15 @@ pub(super) struct Session<'c> {
     turn_bytes: usize,
 }
 
-/// The effects sink over the session's tabs and upstream queue. (A macro,
-/// not a method: it borrows those fields alone, beside the envelope.)
-macro_rules! apply {
-    ($s:ident) => {
-        &mut Apply {
-            tabs: &mut $s.tabs,
-            to_upstream: &mut $s.to_upstream,
-            ctx: $s.ctx,
-            key: $s.key,
-        }
-    };
-}
+mod upstream;
 
-// After the macro: the upstream half uses it too.
-mod uplink;
+/// Completes when the timer (if armed) passes.
+async fn expire(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer.as_mut() {
+        Some(sleep) => sleep.await,
+        None => std::future::pending().await,
+    }
+}
 
 impl<'c> Session<'c> {
     pub(super) fn new(
@@ -188,24 +166,17 @@ impl<'c> Session<'c> {
                 budget: ctx.budget.clone(),
                 commands: commands.clone(),
             }),
-            upstream: Some(upstream),
-            protocol,
-            dial,
+            uplink: Uplink::new(upstream, protocol, dial),
             commands,
             shutdown: ctx.shutdown.clone(),
-            to_upstream: Vec::new(),
             linger: None,
             deadline: None,
             linger_for: ctx.route.linger,
             charge: Charge::default(),
             draining: false,
-            outage: None,
             keepalive,
-            upstream_alive: Liveness::new(),
-            upstream_buffered: true,
-            upstream_close: None,
             gone: None,
-            deferred: Vec::new(),
+            effects: Effects::new(),
             stats,
             peak: 0,
             turn_bytes: 0,
@@ -232,9 +203,9 @@ impl<'c> Session<'c> {
                 tokio::select! {
                     biased;
                     cmd = rx.recv() => Event::Command(cmd),
-                    frame = next_frame(&mut self.upstream, &mut self.upstream_buffered) => Event::Upstream(frame),
+                    frame = next_frame(&mut self.uplink.socket, &mut self.uplink.buffered) => Event::Upstream(frame),
                     () = poll_fn(|cx| self.tabs.ready.poll_take(cx, &mut self.tabs.woken)) => Event::Tabs,
-                    result = redial(&mut self.outage, self.ctx) => Event::Redialed(Box::new(result)),
+                    result = redial(&mut self.uplink.outage, self.ctx) => Event::Redialed(Box::new(result)),
                     _ = self.keepalive.tick() => Event::Tick,
                     () = expire(&mut self.deadline), if self.deadline.is_some() => Event::Deadline,
                     () = expire(&mut self.linger) => Event::Linger,
@@ -248,7 +219,7 @@ impl<'c> Session<'c> {
                 Event::Command(None) => Err(SessionEnd::Linger),
                 Event::Command(Some(cmd)) => self.commands_batch(cmd, rx),
                 Event::Upstream(Some(Ok(msg))) => {
-                    self.upstream_alive.heard();
+                    self.uplink.alive.heard();
                     let more = match self.upstream_frame(msg) {
                         Ok(()) => self.more_upstream_frames().await,
                         ended => ended,
@@ -279,7 +250,7 @@ impl<'c> Session<'c> {
             };
             let outcome = outcome.and_then(|()| self.flush_tabs());
             // The reconnect buffer: only during an outage (and once after).
-            let outcome = if self.outage.is_some() || self.charge.bytes() != 0 {
+            let outcome = if self.uplink.outage.is_some() || self.charge.bytes() != 0 {
                 outcome.and_then(|()| self.account(0))
             } else {
                 outcome
@@ -288,7 +259,15 @@ impl<'c> Session<'c> {
             if let Err(end) = outcome {
                 break end;
             }
-            if let Err(lost) = self.flush_upstream().await {
+            let flushed = self
+                .uplink
+                .flush(
+                    self.ctx.route.idle_timeout,
+                    &self.tabs.holders,
+                    &mut self.charge,
+                )
+                .await;
+            if let Err(lost) = flushed {
                 if let Err(end) = self.lose(lost) {
                     break end;
                 }
@@ -311,7 +290,7 @@ impl<'c> Session<'c> {
         self.stats.tabs.store(self.tabs.len(), Ordering::Relaxed);
         self.stats
             .connected
-            .store(self.upstream.is_some(), Ordering::Relaxed);
+            .store(self.uplink.is_up(), Ordering::Relaxed);
     }
 
     /// Handles `first` and whatever else is already waiting, so a burst of
@@ -375,15 +354,14 @@ impl<'c> Session<'c> {
                 let _ = self.leave(tab, cause.clone());
             }
         }
-        if self.upstream.is_some() {
-            // Close events first (shutdown), then a clean close.
-            let _ = self.flush_upstream().await;
-            if let Some(mut up) = self.upstream.take() {
-                let _ = tokio::time::timeout(self.ctx.route.dial_timeout, up.close(normal_close()))
-                    .await;
-                self.ctx.metrics.upstream_down();
-            }
-        }
+        // Close events first (shutdown), then a clean close. Boxed: it runs
+        // once, at the end, and would otherwise reserve its space in every
+        // session's task.
+        Box::pin(
+            self.uplink
+                .close(self.ctx, &self.tabs.holders, &mut self.charge),
+        )
+        .await;
     }
 
     // ---- tabs joining, sending, leaving
@@ -407,7 +385,7 @@ impl<'c> Session<'c> {
         let tab = self.tabs.add(JoinInfo::default(), &self.ctx.tab_rate);
         let joined = Joined {
             tab,
-            protocol: self.protocol.clone(),
+            protocol: self.uplink.protocol.clone(),
             link: TabLink::new(tab, self.commands.clone()),
         };
         if reply.send(Ok(joined)).is_err() {
@@ -419,7 +397,9 @@ impl<'c> Session<'c> {
         }
         self.ctx.metrics.tab_joined();
         self.linger = None;
-        self.envelope.tab_joined(tab, &info, apply!(self));
+        self.envelope.tab_joined(tab, &info, &mut self.effects);
+        // Only a forward can fail, and joining forwards nothing.
+        let _ = self.apply_effects();
         if let Some(slot) = self.tabs.map.get_mut(&tab) {
             slot.info = info;
         }
@@ -486,27 +466,21 @@ impl<'c> Session<'c> {
         slot.wake.served();
         let rate = &self.ctx.tab_rate;
         let idle = self.ctx.route.idle_timeout;
-        let (envelope, outage, to_upstream, ctx, deferred) = (
-            &mut self.envelope,
-            &mut self.outage,
-            &mut self.to_upstream,
-            self.ctx,
-            &mut self.deferred,
-        );
+        let (envelope, effects) = (&mut self.envelope, &mut self.effects);
         let mut bucket = slot.rate;
         let mut held = None;
         let turn_bytes = &mut self.turn_bytes;
         let served = slot.drive(|conn, cx, outbox| {
             if let Poll::Ready(Err(cause)) = conn.poll_write(cx, outbox) {
-                return Ok(Some(cause));
+                return Some(cause);
             }
             match bucket.check(rate, conn.pool(), now, idle) {
                 Verdict::Read => {}
                 Verdict::Hold(wait) => {
                     held = Some(wait);
-                    return Ok(None);
+                    return None;
                 }
-                Verdict::Close => return Ok(Some(Cause::RateLimit)),
+                Verdict::Close => return Some(Cause::RateLimit),
             }
             let mut bytes = 0;
             for _ in 0..TAB_BURST {
@@ -527,15 +501,13 @@ impl<'c> Session<'c> {
                         if !conn.more_to_read() {
                             bucket.drained();
                         }
-                        return Ok(None);
+                        return None;
                     }
                     Poll::Ready(Ok(msg)) => {
                         bucket.charge(1, fed);
                         conn.pool().charge(1, fed);
-                        match envelope.tab_sent(id, msg, deferred) {
-                            Ok(Some(forward)) => pass_on(ctx, outage, to_upstream, id, forward)?,
-                            Ok(None) => {}
-                            Err(cause) => return Ok(Some(cause)),
+                        if let Err(cause) = envelope.tab_sent(id, msg, effects) {
+                            return Some(cause);
                         }
                         // Out of its rate (or its address's), or its share
                         // of this turn: the next look decides (now, or once
@@ -546,13 +518,13 @@ impl<'c> Session<'c> {
                             break;
                         }
                     }
-                    Poll::Ready(Err(cause)) => return Ok(Some(cause)),
+                    Poll::Ready(Err(cause)) => return Some(cause),
                 }
             }
             // Fair to the other tabs: come back next turn (the context's
             // waker is the tab's).
             cx.waker().wake_by_ref();
-            Ok(None)
+            None
         });
         if let Some(wait) = held {
             hold_back(&slot.wake, wait);
@@ -562,26 +534,54 @@ impl<'c> Session<'c> {
         if self.tabs.holders.account(id, slot) {
             self.tabs.leaving.push((id, Cause::MemoryBudget));
         }
-        if !self.deferred.is_empty() {
-            self.apply_deferred();
-        }
-        // After its messages, the close event of a tab that ended.
+        // What its messages decided, now that its slot is free; then the
+        // close event of a tab that ended.
+        self.apply_effects()?;
         match served {
-            Some(Ok(Some(cause))) => self.leave(id, cause),
-            Some(Err(end)) => Err(end),
-            Some(Ok(None)) | None => self.leave_listed(),
+            Some(Some(cause)) => self.leave(id, cause),
+            Some(None) | None => self.leave_listed(),
         }
     }
 
-    /// Carries out the effects of a tab's frames, now that its slot is free.
-    #[cold]
+    /// Carries out, in order, the effects the envelope pushed in its last
+    /// calls: the one way they are applied, always once the call has
+    /// returned. Only a forward can end the session (the reconnect buffer
+    /// is full); the effects after it are then moot. One function for every
+    /// caller (the tabs' path and the upstream's share its code: the hot
+    /// code's size is measured, BENCHMARKS.md), with the common case, one
+    /// effect (a `json` route's forward or delivery), first.
     #[inline(never)]
-    fn apply_deferred(&mut self) {
-        let mut deferred = std::mem::take(&mut self.deferred);
-        for effect in deferred.drain(..) {
-            Effects::effect(apply!(self), effect);
+    fn apply_effects(&mut self) -> Result<(), SessionEnd> {
+        if self.effects.len() > 1 {
+            return self.apply_several();
         }
-        self.deferred = deferred;
+        match self.effects.pop() {
+            Some(effect) => self.apply().effect(effect),
+            None => Ok(()),
+        }
+    }
+
+    #[inline(never)]
+    fn apply_several(&mut self) -> Result<(), SessionEnd> {
+        let mut effects = std::mem::take(&mut self.effects);
+        let mut apply = self.apply();
+        let applied = effects
+            .drain(..)
+            .try_for_each(|effect| apply.effect(effect));
+        effects.clear();
+        self.effects = effects;
+        applied
+    }
+
+    /// What applies effects: the session's tabs and upstream half.
+    #[inline]
+    fn apply(&mut self) -> Apply<'_> {
+        Apply {
+            tabs: &mut self.tabs,
+            uplink: &mut self.uplink,
+            ctx: self.ctx,
+            key: self.key,
+        }
     }
 
     /// Flushes the tabs written to this turn; a tab whose connection broke
@@ -631,12 +631,14 @@ impl<'c> Session<'c> {
                 }
                 self.ctx.metrics.tab_left();
                 let now = Instant::now().into_std();
-                self.envelope.tab_left(tab, row.code, now, apply!(self));
+                self.envelope
+                    .tab_left(tab, row.code, now, &mut self.effects);
+                self.apply_effects()?;
                 if self.tabs.is_empty() {
                     if self.draining {
                         return Err(SessionEnd::Shutdown);
                     }
-                    if self.outage.is_some() {
+                    if self.uplink.outage.is_some() {
                         debug!("the last tab left during an outage; ending the session");
                         return Err(SessionEnd::LostIdle);
                     }

@@ -5,23 +5,25 @@
 //! and is then served by its session's task (`actor`): one task per
 //! session owns the upstream socket, the tab table (`tabs`) with the tabs'
 //! sockets, and the route's envelope state machine ([`crate::envelope`]).
-//! A lost upstream is redialled from `outage` (unless the envelope closes
-//! the tabs instead). The task reads a tab only when the tab's socket woke
-//! it (`ready`), and
-//! writes to tabs without ever waiting, so a tab that stops reading can
-//! never delay the upstream or another tab.
+//! The upstream half (`uplink`: the socket, its writes, the outage and the
+//! redial) is one field of the task; a lost upstream is redialled (unless
+//! the envelope closes the tabs instead). The task reads a tab only when
+//! the tab's socket woke it (`ready`), and writes to tabs without ever
+//! waiting, so a tab that stops reading can never delay the upstream or
+//! another tab.
 //!
 //! A tab's frame to the backend: [`crate::tab`] reads it, `actor` hands it
-//! to the envelope ([`crate::envelope::json`] wraps it), and queues the
-//! result for the upstream socket, written once per turn.
+//! to the envelope ([`crate::envelope::json`] wraps it into an effect),
+//! applies the effect, and `uplink` queues the frame for the upstream
+//! socket, written once per turn.
 
 mod actor;
 pub mod key;
 mod link;
-mod outage;
 mod ready;
 pub mod registry;
 mod tabs;
+mod uplink;
 
 use std::sync::Arc;
 

@@ -17,11 +17,12 @@ use tracing::{debug, info, warn};
 use super::key::SessionKey;
 use super::link::{Command, Holder};
 use super::ready::{Ready, TabWake};
-use super::SessionContext;
+use super::uplink::Uplink;
+use super::{SessionContext, SessionEnd};
 use crate::budget::{Budget, Charge, Evictor, Verdict};
 use crate::cause::{Cause, Side};
 use crate::config::TabRate;
-use crate::envelope::{Effect, Effects, FrameError, JoinInfo, Saving, TabId, Target};
+use crate::envelope::{Effect, FrameError, JoinInfo, Saving, TabId, Target};
 use crate::metrics::RouteMetrics;
 use crate::queue::Outbox;
 use crate::rate::Bucket;
@@ -389,31 +390,47 @@ fn unroutable(metrics: &RouteMetrics, missing: u64) {
 }
 
 /// Carries out an envelope's effects on the session's tabs and upstream
-/// queue. Tabs to close are only listed: the session leaves them once the
-/// envelope is done, telling the envelope of each.
+/// queue (or its reconnect buffer, while the upstream is down). Tabs to
+/// close are only listed: the session leaves them once the effects are
+/// applied, telling the envelope of each.
 pub(super) struct Apply<'a> {
     pub tabs: &'a mut Tabs,
-    pub to_upstream: &'a mut Vec<Message>,
+    pub uplink: &'a mut Uplink,
     pub ctx: &'a SessionContext,
     pub key: SessionKey,
 }
 
-impl Effects for Apply<'_> {
+impl Apply<'_> {
+    /// One effect. Only a forward can end the session (its reconnect
+    /// buffer is full).
     #[inline]
-    fn effect(&mut self, effect: Effect) {
+    pub fn effect(&mut self, effect: Effect) -> Result<(), SessionEnd> {
         match effect {
-            Effect::Upstream(msg) => self.to_upstream.push(msg),
+            Effect::Forward(tab, forward) => return self.uplink.forward(self.ctx, tab, forward),
             Effect::Deliver { to, msg, len } => self.tabs.deliver(to, msg, len, self.ctx),
+            rare => return self.rare(rare),
+        }
+        Ok(())
+    }
+
+    // The rare effects, out of line: the hot paths are a forward and a
+    // delivery.
+    #[cold]
+    #[inline(never)]
+    fn rare(&mut self, effect: Effect) -> Result<(), SessionEnd> {
+        match effect {
+            Effect::Upstream(msg) => self.uplink.queue.push(msg),
             Effect::Answer { tab, msg } => self.tabs.answer(tab, msg),
             Effect::Close { to, cause } => self.close(to, cause),
             Effect::Malformed(e) => self.malformed(e),
             Effect::Avoided(saving) => self.avoided(saving),
+            // The common ones, taken inline by `effect`.
+            Effect::Forward(tab, forward) => return self.uplink.forward(self.ctx, tab, forward),
+            Effect::Deliver { to, msg, len } => self.tabs.deliver(to, msg, len, self.ctx),
         }
+        Ok(())
     }
-}
 
-// The rare effects, out of line: the sink's hot path is a delivery.
-impl Apply<'_> {
     #[cold]
     #[inline(never)]
     fn close(&mut self, to: Target, cause: Cause) {

@@ -31,10 +31,27 @@ fn session(n: u64) -> Pusher {
     m
 }
 
+/// What a tab's frame does: what it forwards upstream (at most one
+/// forward, of that tab's), and its other effects.
 fn from_tab(m: &mut Pusher, tab: u64, v: Value) -> (Option<Forward>, Vec<Effect>) {
     let mut out = Vec::new();
-    let fwd = m.tab_sent(t(tab), text(v), &mut out).unwrap();
-    (fwd, out)
+    m.tab_sent(t(tab), text(v), &mut out).unwrap();
+    split_forward(tab, out)
+}
+
+fn split_forward(tab: u64, out: Vec<Effect>) -> (Option<Forward>, Vec<Effect>) {
+    let mut forward = None;
+    let mut rest = Vec::new();
+    for effect in out {
+        match effect {
+            Effect::Forward(from, f) => {
+                assert_eq!(from, t(tab), "a forward of the sending tab's");
+                assert!(forward.replace(f).is_none(), "one forward per frame");
+            }
+            other => rest.push(other),
+        }
+    }
+    (forward, rest)
 }
 
 fn from_upstream(m: &mut Pusher, v: Value) -> Vec<Effect> {
@@ -235,7 +252,7 @@ fn a_channel_whose_tabs_left_is_unsubscribed_after_linger_and_a_reload_reuses_it
     let start = Instant::now();
     let mut m = session(1);
     subscribed(&mut m, "presence-a");
-    m.tab_left(t(1), start);
+    m.tab_left(t(1), 1001, start, &mut Vec::new());
     let mut out = Vec::new();
     m.tick(start + Duration::from_secs(5), &mut out);
     assert!(!out
@@ -252,7 +269,7 @@ fn a_channel_whose_tabs_left_is_unsubscribed_after_linger_and_a_reload_reuses_it
         "{out:?}"
     );
     // Left again, and linger passes: unsubscribed upstream.
-    m.tab_left(t(2), start + Duration::from_secs(6));
+    m.tab_left(t(2), 1001, start + Duration::from_secs(6), &mut Vec::new());
     let mut out = Vec::new();
     m.tick(start + Duration::from_secs(16), &mut out);
     let unsubscribe = json!({"event": "pusher:unsubscribe", "data": {"channel": "presence-a"}});
@@ -473,7 +490,8 @@ fn bad_input_gets_that_tab_an_error_and_goes_nowhere() {
         Message::binary(vec![1u8, 2]),
     ] {
         let mut out = Vec::new();
-        let fwd = m.tab_sent(t(1), bad.clone(), &mut out).unwrap();
+        m.tab_sent(t(1), bad.clone(), &mut out).unwrap();
+        let (fwd, out) = split_forward(1, out);
         assert_eq!(fwd, None, "{bad:?}");
         assert_eq!(errors_to(&out, 1).len(), 1, "{bad:?}: {out:?}");
         assert_eq!(out.len(), 1, "only that tab hears of it: {out:?}");
@@ -514,7 +532,7 @@ mod deadlines {
         let mut m = session(1);
         subscribed(&mut m, "private-a");
         let keepalive = m.next_deadline(start).unwrap();
-        m.tab_left(t(1), start);
+        m.tab_left(t(1), 1001, start, &mut Vec::new());
         // The linger (10 s) ends before the keepalive (15 s).
         assert_eq!(
             m.next_deadline(start),
@@ -554,7 +572,7 @@ mod deadlines {
         let start = Instant::now();
         let mut m = session(1);
         subscribed(&mut m, "private-a");
-        m.tab_left(t(1), start);
+        m.tab_left(t(1), 1001, start, &mut Vec::new());
         assert_eq!(
             m.next_deadline(start),
             Some(start + Duration::from_secs(10))

@@ -5,10 +5,9 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::Session;
-use crate::budget::{Charge, Verdict};
+use crate::budget::Verdict;
 use crate::cause::Cause;
 use crate::session::link::Holder;
-use crate::session::tabs::Holders;
 use crate::session::SessionEnd;
 
 impl Session<'_> {
@@ -63,7 +62,7 @@ impl Session<'_> {
     }
 
     fn report(&mut self, unwritten: usize) -> Verdict {
-        let buffered = self.outage.as_ref().map_or(0, |o| o.buffer.bytes());
+        let buffered = self.uplink.buffered_bytes();
         let holders = &self.tabs.holders;
         holders
             .budget
@@ -71,17 +70,4 @@ impl Session<'_> {
                 holders.evictor(Holder::Session)
             })
     }
-}
-
-/// Reports `unwritten` bytes more held by the session while its upstream
-/// write waits; returns what it held before, to report once the write is
-/// done. (A verdict to close the session is acted on by the next turn's
-/// report, or by the command the budget sends.)
-#[cold]
-pub(super) fn held_while(holders: &Holders, charge: &mut Charge, unwritten: usize) -> usize {
-    let before = charge.bytes();
-    let _ = holders.budget.set(charge, before + unwritten, || {
-        holders.evictor(Holder::Session)
-    });
-    before
 }

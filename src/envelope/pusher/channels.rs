@@ -1,0 +1,318 @@
+//! Channels: one subscription upstream per channel, shared by the tabs that
+//! subscribe to it (a refcount: the tabs, in the order they came), events
+//! routed to those tabs alone, client events delivered to sibling tabs as
+//! the server would, and `linger` (a channel whose tabs all left without
+//! unsubscribing stays subscribed upstream that long, so a reload neither
+//! resubscribes nor shows a presence channel's members this user leaving
+//! and coming back).
+
+use std::time::Instant;
+
+use serde_json::json;
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::cache::is_cache;
+use super::frames::{client_event, deliver, error_to, unsubscribe_frame};
+use super::presence::{is_presence, Presence};
+use super::{Pusher, Request, Wire};
+use crate::envelope::{Effect, Effects, Saving, TabId, Target};
+
+/// The longest channel name a tab may use (Pusher's own limit is 164
+/// characters; a little room for compatible servers).
+pub const MAX_CHANNEL_NAME: usize = 200;
+
+/// The most channels one session may have (subscribed, pending or
+/// lingering): every one is state kept for a client.
+pub const MAX_CHANNELS: usize = 1024;
+
+/// Where a channel's subscription stands upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Upstream {
+    /// Waiting for its turn (another request is in flight).
+    Queued,
+    /// Sent; the answer has not come.
+    InFlight,
+    /// The upstream confirmed it.
+    Subscribed,
+}
+
+/// One channel of the session.
+#[derive(Debug)]
+pub(super) struct Channel {
+    pub upstream: Upstream,
+    /// The first tab's `pusher:subscribe`, sent upstream unchanged.
+    pub subscribe: Message,
+    /// Tabs subscribed, in the order they subscribed.
+    pub tabs: Vec<TabId>,
+    /// Tabs waiting for the subscription's answer.
+    waiting: Vec<TabId>,
+    /// The upstream's `subscription_succeeded`, for later tabs of a channel
+    /// that is not a presence channel (those are given the members as they
+    /// stand instead).
+    succeeded: Option<Message>,
+    /// A presence channel's members, kept current.
+    pub presence: Option<Presence>,
+    /// A cache channel's last event (None: a miss).
+    pub last_event: Option<Message>,
+    /// Since when the channel has had no tab because its last tab left
+    /// (closed or reloaded) without unsubscribing: it is unsubscribed
+    /// upstream once the route's `linger` has passed.
+    orphaned: Option<Instant>,
+}
+
+impl Channel {
+    fn is_empty(&self) -> bool {
+        self.tabs.is_empty() && self.waiting.is_empty()
+    }
+
+    fn has(&self, tab: TabId) -> bool {
+        self.tabs.contains(&tab) || self.waiting.contains(&tab)
+    }
+
+    /// What a tab that subscribes to this channel once it is subscribed is
+    /// answered: the upstream's own answer, or on a presence channel the
+    /// members as they stand now.
+    fn succeeded_for_later_tab(&self, name: &str) -> Message {
+        match (&self.presence, &self.succeeded) {
+            (Some(p), _) => p.succeeded(name),
+            (None, Some(upstream)) => upstream.clone(),
+            (None, None) => Message::text(
+                json!({"event": "pusher_internal:subscription_succeeded", "channel": name, "data": "{}"})
+                    .to_string(),
+            ),
+        }
+    }
+}
+
+impl Pusher {
+    /// A tab's `pusher:subscribe` to `name`: answered here if the channel is
+    /// subscribed already (or waits with the first tab's answer), else
+    /// queued upstream, the first tab's frame unchanged.
+    pub(super) fn subscribe(
+        &mut self,
+        tab: TabId,
+        name: String,
+        channel_data: Option<String>,
+        msg: Message,
+        out: &mut Effects,
+    ) {
+        if name.is_empty() || name.len() > MAX_CHANNEL_NAME {
+            out.push(error_to(tab, "channel name is empty or too long"));
+            return;
+        }
+        if let Some(ch) = self.channels.get_mut(&name) {
+            if ch.has(tab) {
+                // pusher-js never does this; a second answer would reset a
+                // presence channel's members in the client.
+                return;
+            }
+            ch.orphaned = None;
+            out.push(Effect::Avoided(Saving::Subscription));
+            match ch.upstream {
+                Upstream::Subscribed => {
+                    ch.tabs.push(tab);
+                    let answer = ch.succeeded_for_later_tab(&name);
+                    out.push(Effect::Answer { tab, msg: answer });
+                    if is_cache(&name) {
+                        out.push(Effect::Answer {
+                            tab,
+                            msg: ch.cached_or_miss(&name),
+                        });
+                    }
+                }
+                Upstream::Queued | Upstream::InFlight => ch.waiting.push(tab),
+            }
+            return;
+        }
+        if self.channels.len() >= MAX_CHANNELS {
+            out.push(error_to(tab, "too many channels in this session"));
+            return;
+        }
+        let presence = is_presence(&name).then(|| Presence::new(channel_data.as_deref()));
+        self.channels.insert(
+            name.clone(),
+            Channel {
+                upstream: Upstream::Queued,
+                subscribe: msg,
+                tabs: Vec::new(),
+                waiting: vec![tab],
+                succeeded: None,
+                presence,
+                last_event: None,
+                orphaned: None,
+            },
+        );
+        self.request(Request::Subscribe(name), out);
+    }
+
+    /// A tab's `pusher:unsubscribe`: the channel goes upstream once its
+    /// last tab left it.
+    pub(super) fn unsubscribe(&mut self, tab: TabId, name: &str, out: &mut Effects) {
+        let Some(ch) = self.channels.get_mut(name).filter(|c| c.has(tab)) else {
+            out.push(error_to(tab, &format!("not subscribed to channel {name}")));
+            return;
+        };
+        ch.tabs.retain(|&t| t != tab);
+        ch.waiting.retain(|&t| t != tab);
+        if ch.is_empty() {
+            self.drop_channel(name, out);
+        }
+    }
+
+    /// A tab's client event (`client-…`) on a channel it is subscribed to:
+    /// delivered to its sibling tabs on that channel (the server delivers it
+    /// to every other connection, and the session is one). True if it goes
+    /// upstream too; false if the tab was answered with an error instead.
+    pub(super) fn client_event(&mut self, tab: TabId, wire: &Wire<'_>, out: &mut Effects) -> bool {
+        let Some(channel) = wire.channel.as_deref() else {
+            out.push(error_to(tab, "a client event needs a channel"));
+            return false;
+        };
+        let Some(ch) = self.channels.get(channel).filter(|c| c.tabs.contains(&tab)) else {
+            let why = format!("not subscribed to channel {channel}");
+            out.push(error_to(tab, &why));
+            return false;
+        };
+        let siblings: Vec<TabId> = ch.tabs.iter().copied().filter(|&t| t != tab).collect();
+        if !siblings.is_empty() {
+            let me = ch.presence.as_ref().and_then(|p| p.me.as_deref());
+            let frame = client_event(wire, me);
+            let len = frame.len();
+            out.push(Effect::Deliver {
+                to: Target::Tabs {
+                    ids: siblings,
+                    foreign: 0,
+                },
+                msg: frame,
+                len,
+            });
+            // The fan-out counts n - 1 of the n deliveries as saved; the
+            // server made none of them.
+            out.push(Effect::Avoided(Saving::Delivery));
+        }
+        true
+    }
+
+    /// Forgets a channel no tab is in: unsubscribed upstream if it was
+    /// subscribed; one in flight is unsubscribed when its answer comes.
+    pub(super) fn drop_channel(&mut self, name: &str, out: &mut Effects) {
+        let Some(ch) = self.channels.get(name) else {
+            return;
+        };
+        match ch.upstream {
+            Upstream::Subscribed => {
+                out.push(Effect::Upstream(unsubscribe_frame(name)));
+                self.channels.remove(name);
+            }
+            Upstream::Queued => {
+                self.channels.remove(name);
+            }
+            // The answer will find it empty.
+            Upstream::InFlight => {}
+        }
+    }
+
+    /// `pusher_internal:subscription_succeeded`: the waiting tabs are given
+    /// it, and a channel that lost its tabs meanwhile is dropped.
+    pub(super) fn subscribed(
+        &mut self,
+        name: &str,
+        msg: Message,
+        data: Option<&RawValue>,
+        out: &mut Effects,
+    ) {
+        if self.in_flight == Some(Request::Subscribe(name.to_owned())) {
+            self.in_flight = None;
+        }
+        let Some(ch) = self.channels.get_mut(name) else {
+            // Unsubscribed meanwhile and forgotten: undo upstream.
+            out.push(Effect::Upstream(unsubscribe_frame(name)));
+            return self.send_next(out);
+        };
+        ch.upstream = Upstream::Subscribed;
+        match ch.presence.as_mut() {
+            Some(p) => p.members_from(data),
+            None => ch.succeeded = Some(msg.clone()),
+        }
+        let waiting = std::mem::take(&mut ch.waiting);
+        ch.tabs.extend(waiting.iter().copied());
+        deliver(waiting, msg, out);
+        if ch.is_empty() {
+            self.drop_channel(name, out);
+        }
+        self.send_next(out);
+    }
+
+    /// A subscription was refused: its waiting tabs are told, and the
+    /// channel is forgotten (a later subscribe tries again).
+    pub(super) fn refused(&mut self, name: &str, msg: Message, out: &mut Effects) {
+        if self.in_flight == Some(Request::Subscribe(name.to_owned())) {
+            self.in_flight = None;
+        }
+        if let Some(ch) = self.channels.remove(name) {
+            let mut tabs = ch.waiting;
+            tabs.extend(ch.tabs);
+            deliver(tabs, msg, out);
+        }
+        self.send_next(out);
+    }
+
+    /// An event on a channel reaches the tabs subscribed to it, and no other.
+    pub(super) fn channel_event(&mut self, name: &str, msg: Message, out: &mut Effects) {
+        if let Some(ch) = self.channels.get(name) {
+            deliver(ch.tabs.clone(), msg, out);
+        }
+    }
+
+    /// A tab left the session at `now`: it leaves its channels, and those
+    /// it was the last tab of begin to linger.
+    pub(super) fn leave_channels(&mut self, tab: TabId, now: Instant) {
+        for ch in self.channels.values_mut() {
+            if !ch.has(tab) {
+                continue;
+            }
+            ch.tabs.retain(|&t| t != tab);
+            ch.waiting.retain(|&t| t != tab);
+            if ch.is_empty() {
+                ch.orphaned = Some(now);
+                self.lingering = true;
+            }
+        }
+    }
+
+    /// When the first lingering channel's linger ends (looked for only
+    /// while some channel lingers).
+    pub(super) fn linger_deadline(&mut self) -> Option<Instant> {
+        if !self.lingering {
+            return None;
+        }
+        let first = self
+            .channels
+            .values()
+            .filter(|ch| ch.is_empty())
+            .filter_map(|ch| ch.orphaned)
+            .min();
+        self.lingering = first.is_some();
+        first.map(|t| t + self.linger)
+    }
+
+    /// Channels whose tabs all left `linger` or longer before `now` are
+    /// unsubscribed.
+    pub(super) fn end_lingering(&mut self, now: Instant, out: &mut Effects) {
+        let expired: Vec<String> = self
+            .channels
+            .iter()
+            .filter(|(_, ch)| {
+                ch.is_empty()
+                    && ch
+                        .orphaned
+                        .is_some_and(|t| now.duration_since(t) >= self.linger)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in expired {
+            self.drop_channel(&name, out);
+        }
+    }
+}
