@@ -1,17 +1,29 @@
-//! Why a tab or an upstream connection ended: causes as data.
+//! Why a tab was refused, why it ended, why an upstream was lost: causes as
+//! data, three tables.
 //!
-//! Every way a tab can end is a [`Cause`], and [`Cause::row`] is the one
-//! table that gives each its close code, close reason, metric label and the
-//! side that ended it (pingora's errors carry their side the same way: "who
-//! closed, and why" is the first question of every incident). Tabs,
-//! sessions, metrics and log lines all read it from here; nothing decides on
-//! a string. A lost upstream is a [`Lost`], equally typed.
+//! - Every way a tab can end is a [`Cause`], and [`Cause::row`] gives each
+//!   its close code, close reason, metric label and the side that ended it
+//!   (pingora's errors carry their side the same way: "who closed, and why"
+//!   is the first question of every incident).
+//! - Every way a tab's handshake can be refused is a [`Refusal`], and
+//!   [`Refusal::row`] gives each its HTTP status, plain-text body, metric
+//!   label and side.
+//! - Every way an upstream is lost is a [`Lost`], and [`Lost::row`] gives
+//!   its metric label and side.
+//!
+//! Tabs, sessions, metrics and log lines all read them from here; nothing
+//! decides on a string.
 
+use std::borrow::Cow;
 use std::fmt;
 
+use http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Error as WsError;
+
+use crate::limits::Limit;
+use crate::upstream::DialError;
 
 /// Which side ended a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,13 +148,14 @@ impl Cause {
 
     /// Every label [`Cause::row`] gives a tab that tabmux closed (the
     /// metric's help text lists them).
-    pub const PROXY_LABELS: [&'static str; 12] = [
+    pub const PROXY_LABELS: [&'static str; 13] = [
         "invalid_json",
         "invalid_utf8",
         "too_big",
         "protocol_error",
         "slow_consumer",
         "memory_budget",
+        "rate_limit",
         "idle",
         "shutdown",
         "upstream_lost",
@@ -196,6 +209,173 @@ impl Closing {
     }
 }
 
+impl Lost {
+    /// Its row: the `reason` label of `tabmux_upstream_lost_total`, and the
+    /// side that ended the connection (tabmux, for a backend it gave up on).
+    pub fn row(&self) -> (&'static str, Side) {
+        match self {
+            Lost::Closed(_) => ("closed", Side::Backend),
+            Lost::Failed(_) => ("failed", Side::Backend),
+            Lost::Silent => ("silent", Side::Proxy),
+            Lost::Stalled => ("stalled", Side::Proxy),
+        }
+    }
+
+    /// Every label [`Lost::row`] gives.
+    pub const LABELS: [&'static str; 4] = ["closed", "failed", "silent", "stalled"];
+}
+
+/// Why a tab's handshake was refused.
+#[derive(Debug, Clone)]
+pub enum Refusal {
+    /// Not a WebSocket upgrade at all.
+    NotWebSocket,
+    /// A malformed WebSocket handshake, and what is wrong with it.
+    Handshake(&'static str),
+    /// An `Origin` outside the route's allow list.
+    Origin,
+    /// No session cookie (the route's name for it).
+    Cookie(String),
+    /// A limit on tabs or sessions (the process's or the client address's).
+    Limit(Limit),
+    /// The session is at `max_tabs_per_session`.
+    SessionFull,
+    /// The session's upstream could not be dialled.
+    Dial(DialError),
+    /// The session ended while the tab was joining.
+    Gone,
+}
+
+/// One row of the refusals' table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusalRow {
+    pub status: StatusCode,
+    /// The plain-text body: what was refused, never an address or an
+    /// operating-system error (the log has those).
+    pub body: Cow<'static, str>,
+    /// The `reason` label of `tabmux_admissions_refused_total` (None: not
+    /// counted, a request that is not a WebSocket handshake at all).
+    pub label: Option<&'static str>,
+    /// Whose doing: the tab's request, a rule of tabmux, the backend.
+    pub side: Side,
+}
+
+impl Refusal {
+    /// The table.
+    pub fn row(&self) -> RefusalRow {
+        use Side::*;
+        let (status, body, label, side): (_, Cow<'static, str>, _, _) = match self {
+            Refusal::NotWebSocket => (
+                StatusCode::UPGRADE_REQUIRED,
+                "this path serves WebSocket connections only".into(),
+                None,
+                Tab,
+            ),
+            Refusal::Handshake(why) => (
+                StatusCode::BAD_REQUEST,
+                (*why).into(),
+                Some("handshake"),
+                Tab,
+            ),
+            Refusal::Origin => (
+                StatusCode::FORBIDDEN,
+                "origin not allowed".into(),
+                Some("origin"),
+                Tab,
+            ),
+            Refusal::Cookie(name) => (
+                StatusCode::UNAUTHORIZED,
+                format!("missing session cookie `{name}`").into(),
+                Some("cookie"),
+                Tab,
+            ),
+            Refusal::Limit(limit) => {
+                let (label, body) = match limit {
+                    Limit::Tabs => ("max_tabs", "tabmux is at its tab limit (max_tabs)"),
+                    Limit::AddressTabs => (
+                        "per_ip_tabs",
+                        "too many tabs from this address (per_ip.tabs)",
+                    ),
+                    Limit::Sessions => (
+                        "max_sessions",
+                        "tabmux is at its session limit (max_sessions)",
+                    ),
+                    Limit::AddressSessions => (
+                        "per_ip_sessions",
+                        "too many sessions from this address (per_ip.sessions)",
+                    ),
+                };
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    body.into(),
+                    Some(label),
+                    Proxy,
+                )
+            }
+            Refusal::SessionFull => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "this session is at its tab limit (max_tabs_per_session)".into(),
+                Some("max_tabs_per_session"),
+                Proxy,
+            ),
+            Refusal::Dial(e) => {
+                // 401/403/404 from the upstream pass through; a timeout is
+                // 504; anything else 502.
+                let (status, body): (_, Cow<'static, str>) = match e {
+                    DialError::Refused(s) => {
+                        let pass = [
+                            StatusCode::UNAUTHORIZED,
+                            StatusCode::FORBIDDEN,
+                            StatusCode::NOT_FOUND,
+                        ];
+                        let status = if pass.contains(s) {
+                            *s
+                        } else {
+                            StatusCode::BAD_GATEWAY
+                        };
+                        let body =
+                            format!("upstream refused the handshake with HTTP {}", s.as_u16());
+                        (status, body.into())
+                    }
+                    DialError::Unreachable(_) => {
+                        (StatusCode::BAD_GATEWAY, "upstream unreachable".into())
+                    }
+                    DialError::Timeout => (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream did not complete the handshake within dial_timeout".into(),
+                    ),
+                    DialError::Handshake(_) => {
+                        (StatusCode::BAD_GATEWAY, "upstream handshake failed".into())
+                    }
+                    DialError::Tls(_) => (
+                        StatusCode::BAD_GATEWAY,
+                        "upstream TLS handshake failed".into(),
+                    ),
+                };
+                (status, body, Some("upstream"), Backend)
+            }
+            Refusal::Gone => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the session ended while the tab was joining; try again".into(),
+                Some("upstream"),
+                Proxy,
+            ),
+        };
+        RefusalRow {
+            status,
+            body,
+            label,
+            side,
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.row().body)
+    }
+}
+
 impl fmt::Display for Lost {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -223,6 +403,7 @@ mod tests {
             Cause::ProtocolError,
             Cause::SlowConsumer,
             Cause::MemoryBudget,
+            Cause::RateLimit,
             Cause::Idle,
             Cause::Shutdown,
             Cause::UpstreamUnavailable,
@@ -248,6 +429,7 @@ mod tests {
             (1002, "protocol error", "protocol_error"),
             (1008, "slow consumer", "slow_consumer"),
             (1013, "memory budget", "memory_budget"),
+            (1008, "rate limit", "rate_limit"),
             (1001, "idle timeout", "idle"),
             (1001, "going away", "shutdown"),
             (1011, "upstream unavailable", "upstream_lost"),
@@ -278,5 +460,109 @@ mod tests {
             assert_eq!(u16::from(frame.code), cause.code());
             assert_eq!(frame.reason.as_str(), cause.row().reason);
         }
+    }
+
+    #[test]
+    fn every_refusal_has_its_row() {
+        let rows: Vec<(u16, String, Option<&str>, Side)> = [
+            Refusal::NotWebSocket,
+            Refusal::Handshake("missing Sec-WebSocket-Key"),
+            Refusal::Origin,
+            Refusal::Cookie("sid".into()),
+            Refusal::Limit(Limit::AddressTabs),
+            Refusal::SessionFull,
+            Refusal::Dial(DialError::Refused(StatusCode::FORBIDDEN)),
+            Refusal::Dial(DialError::Refused(StatusCode::INTERNAL_SERVER_ERROR)),
+            Refusal::Dial(DialError::Unreachable("10.0.0.1:443: refused".into())),
+            Refusal::Dial(DialError::Timeout),
+            Refusal::Gone,
+        ]
+        .iter()
+        .map(|r| {
+            let row = r.row();
+            (
+                row.status.as_u16(),
+                row.body.into_owned(),
+                row.label,
+                row.side,
+            )
+        })
+        .collect();
+        let want: [(u16, &str, Option<&str>, Side); 11] = [
+            (
+                426,
+                "this path serves WebSocket connections only",
+                None,
+                Side::Tab,
+            ),
+            (
+                400,
+                "missing Sec-WebSocket-Key",
+                Some("handshake"),
+                Side::Tab,
+            ),
+            (403, "origin not allowed", Some("origin"), Side::Tab),
+            (
+                401,
+                "missing session cookie `sid`",
+                Some("cookie"),
+                Side::Tab,
+            ),
+            (
+                429,
+                "too many tabs from this address (per_ip.tabs)",
+                Some("per_ip_tabs"),
+                Side::Proxy,
+            ),
+            (
+                429,
+                "this session is at its tab limit (max_tabs_per_session)",
+                Some("max_tabs_per_session"),
+                Side::Proxy,
+            ),
+            (
+                403,
+                "upstream refused the handshake with HTTP 403",
+                Some("upstream"),
+                Side::Backend,
+            ),
+            (
+                502,
+                "upstream refused the handshake with HTTP 500",
+                Some("upstream"),
+                Side::Backend,
+            ),
+            // Never the address or the operating system's words.
+            (502, "upstream unreachable", Some("upstream"), Side::Backend),
+            (
+                504,
+                "upstream did not complete the handshake within dial_timeout",
+                Some("upstream"),
+                Side::Backend,
+            ),
+            (
+                503,
+                "the session ended while the tab was joining; try again",
+                Some("upstream"),
+                Side::Proxy,
+            ),
+        ];
+        for (got, want) in rows.iter().zip(want) {
+            assert_eq!((got.0, got.1.as_str(), got.2, got.3), want);
+        }
+    }
+
+    #[test]
+    fn every_loss_has_its_row() {
+        let losses = [Lost::Closed(None), Lost::Silent, Lost::Stalled];
+        let rows: Vec<(&str, Side)> = losses.iter().map(Lost::row).collect();
+        assert_eq!(
+            rows,
+            [
+                ("closed", Side::Backend),
+                ("silent", Side::Proxy),
+                ("stalled", Side::Proxy)
+            ]
+        );
     }
 }

@@ -63,7 +63,8 @@ pub fn raise_open_files() -> std::io::Result<OpenFiles> {
     }
 }
 
-/// Which limit refused a tab: its metric label and its plain-text body.
+/// Which limit refused a tab (its status, body and label are rows of
+/// [`crate::cause::Refusal`]'s table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
     /// `server.max_tabs`.
@@ -74,28 +75,6 @@ pub enum Limit {
     Sessions,
     /// `server.per_ip.sessions`.
     AddressSessions,
-}
-
-impl Limit {
-    /// The `reason` label of `tabmux_admissions_refused_total`.
-    pub fn label(self) -> &'static str {
-        match self {
-            Limit::Tabs => "max_tabs",
-            Limit::AddressTabs => "per_ip_tabs",
-            Limit::Sessions => "max_sessions",
-            Limit::AddressSessions => "per_ip_sessions",
-        }
-    }
-
-    /// The refusal's body.
-    pub fn body(self) -> &'static str {
-        match self {
-            Limit::Tabs => "tabmux is at its tab limit (max_tabs)",
-            Limit::AddressTabs => "too many tabs from this address (per_ip.tabs)",
-            Limit::Sessions => "tabmux is at its session limit (max_sessions)",
-            Limit::AddressSessions => "too many sessions from this address (per_ip.sessions)",
-        }
-    }
 }
 
 /// A count against a maximum.

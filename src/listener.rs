@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::cause::Refusal;
 use crate::client::Client;
 use crate::config::Server;
 use crate::limits::{Handshake, Limit};
@@ -92,13 +93,17 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>
 /// connection closed. Over TLS it is closed without an answer: a TLS
 /// handshake is the work a flood wants tabmux to do.
 fn refuse_at_accept(stream: TcpStream, limit: Limit, tls: bool, shared: &Shared) {
-    shared.metrics.refused_before_route(limit.label());
-    debug!(peer = ?stream.peer_addr().ok(), reason = limit.label(), "connection refused at accept");
+    let row = Refusal::Limit(limit).row();
+    let label = row.label.unwrap_or("");
+    shared.metrics.refused_before_route(label);
+    debug!(peer = ?stream.peer_addr().ok(), reason = label, "connection refused at accept");
     if !tls {
-        let body = limit.body();
+        let body = row.body;
         let answer = format!(
-            "HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain; charset=utf-8\r\n\
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\n\
              connection: close\r\ncontent-length: {}\r\n\r\n{body}\n",
+            row.status.as_u16(),
+            row.status.canonical_reason().unwrap_or(""),
             body.len() + 1
         );
         let _ = stream.try_write(answer.as_bytes());

@@ -25,6 +25,7 @@ pub const UPSTREAM_REDIALS: &str = "tabmux_upstream_redials";
 pub const ADMISSIONS_REFUSED: &str = "tabmux_admissions_refused";
 pub const FRAMES_DROPPED: &str = "tabmux_frames_dropped";
 pub const TAB_CLOSES: &str = "tabmux_tab_closes";
+pub const UPSTREAM_LOST: &str = "tabmux_upstream_lost";
 pub const TASKS_ALIVE: &str = "tabmux_runtime_tasks_alive";
 pub const BUFFER_HELD: &str = "tabmux_buffer_held_bytes";
 pub const RELOADS: &str = "tabmux_config_reloads";
@@ -69,6 +70,14 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SideReasonLabel {
+    pub route: String,
+    pub reason: &'static str,
+    /// `backend` or `proxy`: who ended the connection.
+    pub side: &'static str,
+}
+
 /// All metric families, registered once at start.
 #[derive(Clone)]
 pub struct Metrics {
@@ -80,6 +89,7 @@ pub struct Metrics {
     admissions_refused: Family<ReasonLabel, Counter>,
     frames_dropped: Family<ReasonLabel, Counter>,
     tab_closes: Family<ReasonLabel, Counter>,
+    upstream_lost: Family<SideReasonLabel, Counter>,
     tasks_alive: Gauge,
     buffer_held: Gauge,
     buffer_budget: Gauge,
@@ -112,6 +122,7 @@ impl Default for Metrics {
             admissions_refused: Family::default(),
             frames_dropped: Family::default(),
             tab_closes: Family::default(),
+            upstream_lost: Family::default(),
             tasks_alive: Gauge::default(),
             buffer_held: Gauge::default(),
             buffer_budget: Gauge::default(),
@@ -237,6 +248,14 @@ impl Metrics {
                 crate::cause::Cause::PROXY_LABELS.join(", ")
             ),
             m.tab_closes.clone(),
+        );
+        registry.register(
+            UPSTREAM_LOST,
+            format!(
+                "Upstream connections lost, by reason ({}) and side (backend: it closed or failed; proxy: tabmux gave up on it)",
+                crate::cause::Lost::LABELS.join(", ")
+            ),
+            m.upstream_lost.clone(),
         );
         m
     }
@@ -472,6 +491,22 @@ impl RouteMetrics {
             .frames_dropped
             .get_or_create(&self.reason(reason))
             .inc_by(n);
+    }
+
+    /// Counts an upstream connection lost, by its row of the table.
+    pub fn upstream_lost(&self, lost: &crate::cause::Lost) {
+        let (reason, side) = lost.row();
+        let side = match side {
+            crate::cause::Side::Backend => "backend",
+            crate::cause::Side::Proxy => "proxy",
+            crate::cause::Side::Tab => "tab",
+        };
+        let label = SideReasonLabel {
+            route: self.route.clone(),
+            reason,
+            side,
+        };
+        self.families.upstream_lost.get_or_create(&label).inc();
     }
 
     /// Counts a tab closed by tabmux, by reason.

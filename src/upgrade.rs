@@ -22,10 +22,11 @@ use hyper::body::Incoming;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::{debug, field, info, Instrument};
 
+use crate::cause::Refusal;
 use crate::client::Client;
 use crate::config::{MissingCookie, Route};
-use crate::limits::{Handshake, Limit, TabPermit};
-use crate::session::{JoinInfo, Joined, NewSession, Refusal, SessionKey};
+use crate::limits::{Handshake, TabPermit};
+use crate::session::{JoinInfo, Joined, NewSession, SessionKey};
 use crate::shared::{Live, RouteRuntime, Shared};
 use crate::tab::Tab;
 use crate::upstream::DialParams;
@@ -60,77 +61,27 @@ pub async fn handle(
         .await)
 }
 
-/// Why a tab's handshake was refused: each row gives the HTTP status, the
-/// metric label (`tabmux_admissions_refused_total{reason}`) and the short
-/// plain-text body.
-#[derive(Debug)]
-enum Refused {
-    /// Not a WebSocket upgrade at all.
-    NotWebSocket,
-    /// A malformed WebSocket handshake, and what is wrong with it.
-    Handshake(&'static str),
-    /// An `Origin` outside the route's allow list.
-    Origin,
-    /// No session cookie (the route's name for it).
-    Cookie(String),
-    /// A limit on tabs (the process's or the client address's).
-    Limit(Limit),
-    /// The session refused the tab, or its upstream could not be dialled.
-    Join(Refusal),
+/// The answer to a refused handshake (its row of [`Refusal`]'s table),
+/// counted and logged.
+trait Answer {
+    fn answer(self, rt: &RouteRuntime) -> HttpResponse;
 }
 
-impl Refused {
-    /// The status, metric label and body of this refusal.
-    fn row(&self) -> (StatusCode, Option<&'static str>, String) {
-        match self {
-            Refused::NotWebSocket => (
-                StatusCode::UPGRADE_REQUIRED,
-                None,
-                "this path serves WebSocket connections only".into(),
-            ),
-            Refused::Handshake(why) => {
-                (StatusCode::BAD_REQUEST, Some("handshake"), why.to_string())
-            }
-            Refused::Origin => (
-                StatusCode::FORBIDDEN,
-                Some("origin"),
-                "origin not allowed".into(),
-            ),
-            Refused::Cookie(name) => (
-                StatusCode::UNAUTHORIZED,
-                Some("cookie"),
-                format!("missing session cookie `{name}`"),
-            ),
-            Refused::Limit(limit) => (
-                StatusCode::TOO_MANY_REQUESTS,
-                Some(limit.label()),
-                limit.body().into(),
-            ),
-            Refused::Join(refusal) => {
-                let label = match refusal {
-                    Refusal::SessionFull => "max_tabs_per_session",
-                    Refusal::Limit(limit) => limit.label(),
-                    Refusal::Dial(_) | Refusal::Gone => "upstream",
-                };
-                (refusal.status(), Some(label), refusal.body())
-            }
-        }
-    }
-
+impl Answer for Refusal {
     /// The answer to the tab, counted and logged.
     fn answer(self, rt: &RouteRuntime) -> HttpResponse {
-        let (status, label, body) = self.row();
-        if let Some(label) = label {
+        let row = self.row();
+        if let Some(label) = row.label {
             rt.ctx.metrics.refused(label);
-            info!(reason = %body, "refused");
+            info!(reason = %row.body, side = ?row.side, "refused");
         }
-        let mut response = refuse(status, &body);
+        let mut response = refuse(row.status, &row.body);
         let headers = response.headers_mut();
         match self {
-            Refused::NotWebSocket => {
+            Refusal::NotWebSocket => {
                 headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
             }
-            Refused::Handshake(_) => {
+            Refusal::Handshake(_) => {
                 headers.insert(
                     header::SEC_WEBSOCKET_VERSION,
                     HeaderValue::from_static("13"),
@@ -164,7 +115,7 @@ async fn admit_steps(
     rt: &RouteRuntime,
     client: Client,
     handshake: Handshake,
-) -> Result<HttpResponse, Refused> {
+) -> Result<HttpResponse, Refusal> {
     let route = &rt.route;
     let key = websocket_key(&req)?;
     check_origin(req.headers(), route)?;
@@ -177,7 +128,7 @@ async fn admit_steps(
     let permit = shared
         .limits
         .tab_after(client.limit_key(), handshake.take())
-        .map_err(Refused::Limit)?;
+        .map_err(Refusal::Limit)?;
     let new = NewSession {
         dial: dial_params(live, route, req.headers(), client, &protocols, &query),
         linger: if own {
@@ -192,8 +143,7 @@ async fn admit_steps(
     let joined = shared
         .registry
         .join(&rt.ctx, session_key, &new, info)
-        .await
-        .map_err(Refused::Join)?;
+        .await?;
     span.record("tab", field::display(joined.tab));
     let response = switching_protocols(&key, &joined);
     // The session serves the tab once hyper hands its connection over.
@@ -214,16 +164,16 @@ async fn admit_steps(
 }
 
 /// An upgrade request with a well-formed handshake: its client key.
-fn websocket_key(req: &Request<Incoming>) -> Result<Vec<u8>, Refused> {
+fn websocket_key(req: &Request<Incoming>) -> Result<Vec<u8>, Refusal> {
     if !wants_websocket(req.headers()) {
-        return Err(Refused::NotWebSocket);
+        return Err(Refusal::NotWebSocket);
     }
-    check_handshake(req.method(), req.version(), req.headers()).map_err(Refused::Handshake)
+    check_handshake(req.method(), req.version(), req.headers()).map_err(Refusal::Handshake)
 }
 
 /// A browser's `Origin` must be in the route's allow list; a request
 /// without one (not a browser) is allowed.
-fn check_origin(headers: &HeaderMap, route: &Route) -> Result<(), Refused> {
+fn check_origin(headers: &HeaderMap, route: &Route) -> Result<(), Refusal> {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(());
     };
@@ -234,7 +184,7 @@ fn check_origin(headers: &HeaderMap, route: &Route) -> Result<(), Refused> {
         return Ok(());
     }
     info!(origin = ?origin, "origin not in allowed_origins");
-    Err(Refused::Origin)
+    Err(Refusal::Origin)
 }
 
 /// The session the tab belongs to: keyed by its cookie (with its
@@ -246,7 +196,7 @@ fn session_key(
     headers: &HeaderMap,
     protocols: &str,
     query: &str,
-) -> Result<(SessionKey, bool), Refused> {
+) -> Result<(SessionKey, bool), Refusal> {
     let route = &rt.route;
     match find_cookie(headers, &route.session_cookie) {
         Some(value) => {
@@ -260,7 +210,7 @@ fn session_key(
             Ok((key, false))
         }
         None if route.missing_cookie == MissingCookie::Direct => Ok((shared.hasher.direct(), true)),
-        None => Err(Refused::Cookie(route.session_cookie.clone())),
+        None => Err(Refusal::Cookie(route.session_cookie.clone())),
     }
 }
 

@@ -235,37 +235,6 @@ pub enum DialError {
 }
 
 impl DialError {
-    /// The status the tab's handshake fails with: 401/403/404 from the
-    /// upstream pass through; a timeout is 504; anything else 502.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            DialError::Refused(s)
-                if matches!(
-                    *s,
-                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND
-                ) =>
-            {
-                *s
-            }
-            DialError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            _ => StatusCode::BAD_GATEWAY,
-        }
-    }
-
-    /// What the tab's refusal body says: what failed, never the
-    /// upstream's address or an operating-system error (the log has them).
-    pub fn public(&self) -> String {
-        match self {
-            DialError::Refused(s) => {
-                format!("upstream refused the handshake with HTTP {}", s.as_u16())
-            }
-            DialError::Unreachable(_) => "upstream unreachable".into(),
-            DialError::Timeout => DialError::Timeout.to_string(),
-            DialError::Handshake(_) => "upstream handshake failed".into(),
-            DialError::Tls(_) => "upstream TLS handshake failed".into(),
-        }
-    }
-
     /// The metric label for this result.
     pub fn label(&self) -> &'static str {
         match self {

@@ -102,6 +102,10 @@ async fn a_backend_close_is_a_loss_too() {
     assert_eq!(frames[0], json!({"tab": id, "event": "open", "query": ""}));
     second_up.send_json(json!({"tab": id, "data": 2}));
     assert_eq!(tab.recv_text().await, "2");
+    // Counted by reason, with the side that ended it.
+    let (_, scrape) = admin_get(proxy.admin, "/metrics").await;
+    let lost = r#"tabmux_upstream_lost_total{route="/ws",reason="closed",side="backend"}"#;
+    assert_eq!(metric(&scrape, lost), Some(1.0), "{scrape}");
 }
 
 #[tokio::test]

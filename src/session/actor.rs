@@ -21,13 +21,13 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info};
 
 use super::key::SessionKey;
-use super::link::{Command, Joined, Refusal, TabLink};
+use super::link::{Command, Joined, TabLink};
 use super::ready::TabWake;
 use super::tabs::{Apply, Holders, Tabs};
 use super::uplink::{next_frame, redial, DialResult, Uplink};
 use super::{SessionContext, SessionEnd};
 use crate::budget::Charge;
-use crate::cause::{Cause, Closing, Lost, Side};
+use crate::cause::{Cause, Closing, Lost, Refusal, Side};
 use crate::envelope::{Effects, JoinInfo, Machine, TabId};
 use crate::queue::Outbox;
 use crate::rate::Verdict;

@@ -1,15 +1,13 @@
 //! What passes between the join path and a session's task: the commands a
 //! tab's handshake sends its session, and what the session answers.
 
-use http::{HeaderValue, StatusCode};
+use http::HeaderValue;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::cause::Cause;
+use crate::cause::{Cause, Refusal};
 use crate::envelope::{JoinInfo, TabId};
-use crate::limits::Limit;
 use crate::queue::Outbox;
 use crate::tab::Tab;
-use crate::upstream::DialError;
 
 /// Messages from the join path to a session task.
 pub(super) enum Command {
@@ -42,39 +40,6 @@ pub(super) enum Holder {
     /// The session: its reconnect buffer and its upstream's unwritten
     /// messages (its tabs' together).
     Session,
-}
-
-/// Why a tab could not join.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum Refusal {
-    #[error("this session is at its tab limit (max_tabs_per_session)")]
-    SessionFull,
-    /// The tab would open a session, and a session limit refuses it.
-    #[error("{}", .0.body())]
-    Limit(Limit),
-    #[error("{0}")]
-    Dial(DialError),
-    #[error("the session ended while the tab was joining; try again")]
-    Gone,
-}
-
-impl Refusal {
-    /// The refusal's plain-text body: the public part of the reason.
-    pub fn body(&self) -> String {
-        match self {
-            Refusal::Dial(e) => e.public(),
-            other => other.to_string(),
-        }
-    }
-
-    /// The HTTP status the tab's handshake fails with.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Refusal::SessionFull | Refusal::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
-            Refusal::Dial(e) => e.status(),
-            Refusal::Gone => StatusCode::SERVICE_UNAVAILABLE,
-        }
-    }
 }
 
 /// A tab's membership in a session, handed to the tab's handshake.

@@ -32,7 +32,7 @@ use tokio::sync::watch;
 pub use crate::envelope::JoinInfo;
 pub use actor::SessionStats;
 pub use key::{hex, SessionHasher, SessionKey};
-pub use link::{Joined, Refusal, TabLink};
+pub use link::{Joined, TabLink};
 pub use registry::{NewSession, Registry, SessionSnapshot};
 
 use crate::cause::Cause;

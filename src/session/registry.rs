@@ -18,8 +18,9 @@ use tracing::{debug, info, Instrument};
 
 use super::actor::{Session, SessionStats};
 use super::key::SessionKey;
-use super::link::{going_away, Command, Joined, Refusal};
+use super::link::{going_away, Command, Joined};
 use super::SessionContext;
+use crate::cause::Refusal;
 use crate::config::Reconnect;
 use crate::envelope::JoinInfo;
 use crate::limits::{Limits, SessionPermit};

@@ -91,6 +91,7 @@ impl Session<'_> {
             return Ok(());
         }
         self.ctx.metrics.upstream_down();
+        self.ctx.metrics.upstream_lost(&why);
         if let Some(cause) = self.envelope.upstream_lost(&why) {
             // This envelope's clients reconnect themselves: no redial.
             info!(reason = %why, tabs = self.tabs.len(), cause = %cause, "upstream lost; closing its tabs");
