@@ -199,3 +199,26 @@ async fn browsers_are_isolated_sessions() {
     );
     sockudo.wait_connections(2.0).await;
 }
+
+/// A server's close in 4000-4199 reaches every tab of the session with the
+/// server's code and its own reason, as it would reach each of them on a
+/// connection of its own: sockudo terminating a signed-in user's
+/// connections (its HTTP API) closes them with 4009 and its words.
+#[tokio::test]
+#[ignore = "needs sockudo (.ci/run installs it)"]
+async fn the_server_s_close_code_and_reason_reach_every_tab() {
+    let sockudo = Sockudo::start().await;
+    let proxy = tabmux_in_front(&sockudo).await;
+    let (mut a, socket_id) = connected(&proxy, "browser").await;
+    let (mut b, _) = connected(&proxy, "browser").await;
+    let user_data = json!({"id": "user-9"}).to_string();
+    let auth = user_auth(&socket_id, &user_data);
+    let signin = json!({"event": "pusher:signin", "data": {"user_data": user_data, "auth": auth}});
+    a.send_text(&signin.to_string()).await;
+    a.recv_until("pusher:signin_success").await;
+    assert_eq!(sockudo.terminate_user("user-9").await, 200);
+    for tab in [&mut a, &mut b] {
+        let (code, reason) = tab.closed().await;
+        assert_eq!((code, reason.as_str()), (4009, "You got disconnected by the app."));
+    }
+}

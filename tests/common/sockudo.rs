@@ -132,6 +132,22 @@ impl Sockudo {
         super::raw_http(self.addr, &request).await.0
     }
 
+    /// Terminates every connection of user `user` through the REST API, as
+    /// a backend does (a signed-in user's "log out everywhere"); returns
+    /// the HTTP status.
+    pub async fn terminate_user(&self, user: &str) -> u16 {
+        let body = "{}";
+        let path = format!("/apps/{APP_ID}/users/{user}/terminate_connections");
+        let body_md5 = hex(&md5::Md5::digest(body.as_bytes()));
+        let query = signed("POST", &path, &[("body_md5", body_md5)]);
+        let request = format!(
+            "POST {path}?{query} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        );
+        super::raw_http(self.addr, &request).await.0
+    }
+
     /// Whether `channel` is occupied (has a subscriber), by the REST API.
     pub async fn occupied(&self, channel: &str) -> bool {
         let path = format!("/apps/{APP_ID}/channels/{channel}");
@@ -180,6 +196,12 @@ pub fn channel_auth(socket_id: &str, channel: &str, channel_data: Option<&str>) 
         to_sign.push_str(data);
     }
     format!("{APP_KEY}:{}", hmac_hex(&to_sign))
+}
+
+/// A `pusher:signin`'s `auth` for `socket_id` and `user_data`, as an app
+/// server's user authentication endpoint signs it.
+pub fn user_auth(socket_id: &str, user_data: &str) -> String {
+    format!("{APP_KEY}:{}", hmac_hex(&format!("{socket_id}::user::{user_data}")))
 }
 
 fn hmac_hex(message: &str) -> String {
