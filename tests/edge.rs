@@ -204,7 +204,19 @@ async fn out_of_descriptors_the_connected_tabs_go_on() {
         assert_eq!(tab.recv_text().await, text, "the connected tab goes on");
     }
     drop(flood);
-    let mut after = TabSpec::new("after").connect(&proxy).await;
+    // The proxy frees the flood's descriptors as it reads their ends; until
+    // then a new tab may be accepted while its upstream dial still finds no
+    // descriptor (502). Once they are free, tabs are served again.
+    let spec = TabSpec::new("after");
+    let mut after = guard("a tab to be served once the flood is gone", async {
+        loop {
+            match spec.try_connect(&proxy).await {
+                Ok(tab) => break tab,
+                Err(_) => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await;
     after.send_text("\"back\"").await;
     assert_eq!(after.recv_text().await, "\"back\"");
     let _ = child.kill();
@@ -390,7 +402,9 @@ async fn an_address_s_tabs_share_one_rate_and_other_addresses_are_not_held() {
     // came back since: not the 60 its two tabs sent.
     let elapsed = start.elapsed().as_secs_f64();
     let got = data(&mock.upstream(0)) + data(&mock.upstream(1));
-    let allowed = 40.0 + 20.0 * elapsed + 1.0;
+    // (A message is read while anything is left, so each of the two tabs
+    // may take one past the allowance.)
+    let allowed = 40.0 + 20.0 * elapsed + 2.0;
     assert!(
         (got as f64) <= allowed,
         "{got} of the address's messages read in {elapsed:.2} s: at most {allowed:.0} allowed"

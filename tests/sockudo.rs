@@ -219,6 +219,9 @@ async fn the_server_s_close_code_and_reason_reach_every_tab() {
     assert_eq!(sockudo.terminate_user("user-9").await, 200);
     for tab in [&mut a, &mut b] {
         let (code, reason) = tab.closed().await;
-        assert_eq!((code, reason.as_str()), (4009, "You got disconnected by the app."));
+        assert_eq!(
+            (code, reason.as_str()),
+            (4009, "You got disconnected by the app.")
+        );
     }
 }

@@ -14,25 +14,24 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use http::HeaderValue;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::key::SessionKey;
 use super::link::{Command, Joined, TabLink};
 use super::ready::TabWake;
-use super::tabs::{Apply, Holders, Tabs};
+use super::tabs::{members, Holders, Tabs};
 use super::uplink::{next_frame, redial, DialResult, Uplink};
 use super::{SessionContext, SessionEnd};
 use crate::budget::Charge;
 use crate::cause::{Cause, Closing, Lost, Refusal, Side};
-use crate::envelope::{Effects, JoinInfo, Machine, TabId};
+use crate::envelope::{Effect, Effects, FrameError, JoinInfo, Machine, Saving, TabId, Target};
 use crate::queue::Outbox;
 use crate::rate::Verdict;
 use crate::tab::Tab;
-use crate::upstream::{DialError, DialParams, UpstreamSocket};
+use crate::upstream::{DialError, UpstreamSocket};
 
 mod edge;
 
@@ -149,9 +148,7 @@ impl<'c> Session<'c> {
     pub(super) fn new(
         ctx: &'c SessionContext,
         key: SessionKey,
-        upstream: UpstreamSocket,
-        protocol: Option<HeaderValue>,
-        dial: DialParams,
+        uplink: Uplink,
         commands: mpsc::Sender<Command>,
         stats: Arc<SessionStats>,
     ) -> Self {
@@ -166,7 +163,7 @@ impl<'c> Session<'c> {
                 budget: ctx.budget.clone(),
                 commands: commands.clone(),
             }),
-            uplink: Uplink::new(upstream, protocol, dial),
+            uplink,
             commands,
             shutdown: ctx.shutdown.clone(),
             linger: None,
@@ -648,5 +645,77 @@ impl<'c> Session<'c> {
             }
         }
         Ok(())
+    }
+}
+
+/// Carries out an envelope's effects on the session's tabs and upstream
+/// queue (or its reconnect buffer, while the upstream is down). Tabs to
+/// close are only listed: the session leaves them once the effects are
+/// applied, telling the envelope of each.
+struct Apply<'a> {
+    pub tabs: &'a mut Tabs,
+    pub uplink: &'a mut Uplink,
+    pub ctx: &'a SessionContext,
+    pub key: SessionKey,
+}
+
+impl Apply<'_> {
+    /// One effect. Only a forward can end the session (its reconnect
+    /// buffer is full).
+    #[inline]
+    pub fn effect(&mut self, effect: Effect) -> Result<(), SessionEnd> {
+        match effect {
+            Effect::Forward(tab, forward) => return self.uplink.forward(self.ctx, tab, forward),
+            Effect::Deliver { to, msg, len } => self.tabs.deliver(to, msg, len, self.ctx),
+            rare => return self.rare(rare),
+        }
+        Ok(())
+    }
+
+    // The rare effects, out of line: the hot paths are a forward and a
+    // delivery.
+    #[cold]
+    #[inline(never)]
+    fn rare(&mut self, effect: Effect) -> Result<(), SessionEnd> {
+        match effect {
+            Effect::Upstream(msg) => self.uplink.queue.push(msg),
+            Effect::Answer { tab, msg } => self.tabs.answer(tab, msg),
+            Effect::Close { to, cause } => self.close(to, cause),
+            Effect::Malformed(e) => self.malformed(e),
+            Effect::Avoided(saving) => self.avoided(saving),
+            // The common ones, taken inline by `effect`.
+            Effect::Forward(tab, forward) => return self.uplink.forward(self.ctx, tab, forward),
+            Effect::Deliver { to, msg, len } => self.tabs.deliver(to, msg, len, self.ctx),
+        }
+        Ok(())
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn close(&mut self, to: Target, cause: Cause) {
+        let tabs = members(&self.tabs.map, to, &self.ctx.metrics);
+        if cause.row().side == Side::Proxy {
+            info!(tabs = tabs.len(), cause = %cause, "closing tabs");
+        }
+        let leaving = tabs.into_iter().map(|tab| (tab, cause.clone()));
+        self.tabs.leaving.extend(leaving);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn avoided(&mut self, saving: Saving) {
+        let counter = match saving {
+            Saving::Subscription => &self.ctx.metrics.subscriptions_avoided,
+            Saving::Ping => &self.ctx.metrics.pings_avoided,
+            Saving::Delivery => &self.ctx.metrics.messages_avoided,
+        };
+        counter.inc();
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn malformed(&mut self, e: FrameError) {
+        self.ctx.metrics.dropped(e.label(), 1);
+        warn!(session = %self.key.name(), error = %e, "dropped a malformed frame from the backend");
     }
 }

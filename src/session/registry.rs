@@ -14,18 +14,19 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
-use tracing::{debug, info, Instrument};
+use tracing::{debug, Instrument};
 
 use super::actor::{Session, SessionStats};
 use super::key::SessionKey;
 use super::link::{going_away, Command, Joined};
+use super::uplink::Uplink;
 use super::SessionContext;
 use crate::cause::Refusal;
 use crate::config::Reconnect;
 use crate::envelope::JoinInfo;
 use crate::limits::{Limits, SessionPermit};
 use crate::reconnect::Backoff;
-use crate::upstream::{self, DialParams};
+use crate::upstream::DialParams;
 
 /// Capacity of a session's command channel, shared by all of its tabs.
 const COMMAND_QUEUE: usize = 256;
@@ -271,38 +272,36 @@ pub(super) async fn run(
         debug!("waiting out the reconnect backoff before dialling");
         Box::pin(tokio::time::sleep_until(at)).await;
     }
-    // Boxed: the dial's state (TCP, TLS and WebSocket handshakes) is about
-    // 7 KiB, needed once; inline, every session's task would keep room for it.
     let Opened {
         dial,
         linger,
         _permit,
     } = opened;
-    let late = match Box::pin(upstream::dial(&ctx.route, &dial)).await {
-        Ok((socket, protocol)) => {
-            ctx.metrics.dial("ok");
-            ctx.metrics.upstream_up();
-            debug!("upstream connected");
-            let mut session = Session::new(&ctx, key, socket, protocol, dial, commands, stats);
-            session.linger_for = linger;
-            let (peak, lost) = session.serve(&mut rx).await;
-            ctx.metrics.session_ended(peak);
-            if lost {
-                let delay = registry.lost(key, ctx.route.reconnect);
-                debug!(?delay, "the session's next dial waits");
-            } else {
-                registry.settled(&key);
-            }
-            // A tab that raced with the end retries and starts a new session.
-            Refusal::Gone
-        }
+    // The dial's result is consumed in this statement: held across the
+    // session's life, it would reserve an upstream half's room in every
+    // session's task beside the session's own.
+    let mut late = Refusal::Gone;
+    let mut session = match Box::pin(Uplink::dial(&ctx, dial)).await {
+        Ok(uplink) => Some(Session::new(&ctx, key, uplink, commands, stats)),
         Err(e) => {
-            ctx.metrics.dial(e.label());
-            info!(error = %e, "upstream dial failed");
             // Every tab queued behind the dial gets the same answer.
-            Refusal::Dial(e)
+            late = Refusal::Dial(e);
+            None
         }
     };
+    if let Some(session) = session.as_mut() {
+        session.linger_for = linger;
+        let (peak, lost) = session.serve(&mut rx).await;
+        ctx.metrics.session_ended(peak);
+        if lost {
+            let delay = registry.lost(key, ctx.route.reconnect);
+            debug!(?delay, "the session's next dial waits");
+        } else {
+            registry.settled(&key);
+        }
+        // A tab that raced with the end retries and starts a new session.
+    }
+    drop(session);
     // Unlist first, so new tabs start a new session instead of finding this
     // one; then answer whatever is queued or raced in.
     registry.remove(&key, id);

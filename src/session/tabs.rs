@@ -1,5 +1,6 @@
-//! A session's tab table: its members' slots, writing to them without ever
-//! waiting, and the sink that carries out its envelope's effects.
+//! A session's tab table: its members' slots, and writing to them without
+//! ever waiting (the session's `actor` applies its envelope's effects
+//! through it).
 //!
 //! A session writes to a tab straight into the tab's WebSocket buffer while
 //! its socket has room (one flush per tab per turn), else into the tab's
@@ -12,17 +13,15 @@ use std::task::{Context, Poll};
 use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
-use super::key::SessionKey;
 use super::link::{Command, Holder};
 use super::ready::{Ready, TabWake};
-use super::uplink::Uplink;
-use super::{SessionContext, SessionEnd};
+use super::SessionContext;
 use crate::budget::{Budget, Charge, Evictor, Verdict};
 use crate::cause::{Cause, Side};
 use crate::config::TabRate;
-use crate::envelope::{Effect, FrameError, JoinInfo, Saving, TabId, Target};
+use crate::envelope::{JoinInfo, TabId, Target};
 use crate::metrics::RouteMetrics;
 use crate::queue::Outbox;
 use crate::rate::Bucket;
@@ -228,7 +227,7 @@ impl Tabs {
     /// a slow consumer, and leaves.
     ///
     /// A broadcast walks the tab table itself: no list of ids, no lookups.
-    fn deliver(&mut self, to: Target, msg: Message, len: usize, ctx: &SessionContext) {
+    pub(super) fn deliver(&mut self, to: Target, msg: Message, len: usize, ctx: &SessionContext) {
         let limit = self.outbox_limit(ctx.route.tab_queue);
         let bytes_limit = ctx.route.tab_queue_bytes;
         let mut delivered = 0;
@@ -264,7 +263,7 @@ impl Tabs {
     }
 
     /// Sends one tab a frame its envelope composed (a greeting).
-    fn answer(&mut self, tab: TabId, msg: Message) {
+    pub(super) fn answer(&mut self, tab: TabId, msg: Message) {
         if let Some(slot) = self.map.get_mut(&tab) {
             slot.send(tab, msg, &mut self.dirty);
         }
@@ -367,7 +366,11 @@ fn slow(tab: TabId, slot: &TabSlot, limit: usize, bytes_limit: usize, len: usize
 
 /// The member tabs among `to`; ids of tabs that left (or never existed)
 /// are counted as unroutable.
-fn members(map: &FxHashMap<TabId, Box<TabSlot>>, to: Target, metrics: &RouteMetrics) -> Vec<TabId> {
+pub(super) fn members(
+    map: &FxHashMap<TabId, Box<TabSlot>>,
+    to: Target,
+    metrics: &RouteMetrics,
+) -> Vec<TabId> {
     match to {
         Target::All => map.keys().copied().collect(),
         Target::Tabs { mut ids, foreign } => {
@@ -387,78 +390,6 @@ fn members(map: &FxHashMap<TabId, Box<TabSlot>>, to: Target, metrics: &RouteMetr
 fn unroutable(metrics: &RouteMetrics, missing: u64) {
     metrics.dropped("unroutable", missing);
     debug!(missing, "frame addressed to tabs that are not connected");
-}
-
-/// Carries out an envelope's effects on the session's tabs and upstream
-/// queue (or its reconnect buffer, while the upstream is down). Tabs to
-/// close are only listed: the session leaves them once the effects are
-/// applied, telling the envelope of each.
-pub(super) struct Apply<'a> {
-    pub tabs: &'a mut Tabs,
-    pub uplink: &'a mut Uplink,
-    pub ctx: &'a SessionContext,
-    pub key: SessionKey,
-}
-
-impl Apply<'_> {
-    /// One effect. Only a forward can end the session (its reconnect
-    /// buffer is full).
-    #[inline]
-    pub fn effect(&mut self, effect: Effect) -> Result<(), SessionEnd> {
-        match effect {
-            Effect::Forward(tab, forward) => return self.uplink.forward(self.ctx, tab, forward),
-            Effect::Deliver { to, msg, len } => self.tabs.deliver(to, msg, len, self.ctx),
-            rare => return self.rare(rare),
-        }
-        Ok(())
-    }
-
-    // The rare effects, out of line: the hot paths are a forward and a
-    // delivery.
-    #[cold]
-    #[inline(never)]
-    fn rare(&mut self, effect: Effect) -> Result<(), SessionEnd> {
-        match effect {
-            Effect::Upstream(msg) => self.uplink.queue.push(msg),
-            Effect::Answer { tab, msg } => self.tabs.answer(tab, msg),
-            Effect::Close { to, cause } => self.close(to, cause),
-            Effect::Malformed(e) => self.malformed(e),
-            Effect::Avoided(saving) => self.avoided(saving),
-            // The common ones, taken inline by `effect`.
-            Effect::Forward(tab, forward) => return self.uplink.forward(self.ctx, tab, forward),
-            Effect::Deliver { to, msg, len } => self.tabs.deliver(to, msg, len, self.ctx),
-        }
-        Ok(())
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn close(&mut self, to: Target, cause: Cause) {
-        let tabs = members(&self.tabs.map, to, &self.ctx.metrics);
-        if cause.row().side == Side::Proxy {
-            info!(tabs = tabs.len(), cause = %cause, "closing tabs");
-        }
-        let leaving = tabs.into_iter().map(|tab| (tab, cause.clone()));
-        self.tabs.leaving.extend(leaving);
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn avoided(&mut self, saving: Saving) {
-        let counter = match saving {
-            Saving::Subscription => &self.ctx.metrics.subscriptions_avoided,
-            Saving::Ping => &self.ctx.metrics.pings_avoided,
-            Saving::Delivery => &self.ctx.metrics.messages_avoided,
-        };
-        counter.inc();
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn malformed(&mut self, e: FrameError) {
-        self.ctx.metrics.dropped(e.label(), 1);
-        warn!(session = %self.key.name(), error = %e, "dropped a malformed frame from the backend");
-    }
 }
 
 /// The size of a tab's slot (a unit test keeps it in check).

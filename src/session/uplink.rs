@@ -1,4 +1,5 @@
-//! The session's upstream half: its socket and what it owns. Reading frames
+//! The session's upstream half: its socket and what it owns. The first dial,
+//! reading frames
 //! (only when there may be some, see [`UpstreamSocket::poll_next`]),
 //! writing what the turn decided (one burst per turn), a tab's message
 //! passed on (or held in the reconnect buffer during an outage), losing
@@ -16,7 +17,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::link::Holder;
 use super::tabs::Holders;
@@ -65,7 +66,28 @@ pub(super) struct Outage {
 pub(super) type DialResult = Result<(UpstreamSocket, Option<HeaderValue>), DialError>;
 
 impl Uplink {
-    pub fn new(socket: UpstreamSocket, protocol: Option<HeaderValue>, dial: DialParams) -> Uplink {
+    /// The session's first dial, counted: its upstream half, or why it
+    /// failed (every tab waiting on it is refused with that). Its caller
+    /// boxes it: the dial's state (TCP, TLS and WebSocket handshakes) is
+    /// about 7 KiB, needed once; inline, every session's task would keep
+    /// room for it.
+    pub async fn dial(ctx: &SessionContext, params: DialParams) -> Result<Uplink, DialError> {
+        match upstream::dial(&ctx.route, &params).await {
+            Ok((socket, protocol)) => {
+                ctx.metrics.dial("ok");
+                ctx.metrics.upstream_up();
+                debug!("upstream connected");
+                Ok(Uplink::new(socket, protocol, params))
+            }
+            Err(e) => {
+                ctx.metrics.dial(e.label());
+                info!(error = %e, "upstream dial failed");
+                Err(e)
+            }
+        }
+    }
+
+    fn new(socket: UpstreamSocket, protocol: Option<HeaderValue>, dial: DialParams) -> Uplink {
         Uplink {
             socket: Some(socket),
             protocol,

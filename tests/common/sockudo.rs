@@ -201,7 +201,10 @@ pub fn channel_auth(socket_id: &str, channel: &str, channel_data: Option<&str>) 
 /// A `pusher:signin`'s `auth` for `socket_id` and `user_data`, as an app
 /// server's user authentication endpoint signs it.
 pub fn user_auth(socket_id: &str, user_data: &str) -> String {
-    format!("{APP_KEY}:{}", hmac_hex(&format!("{socket_id}::user::{user_data}")))
+    format!(
+        "{APP_KEY}:{}",
+        hmac_hex(&format!("{socket_id}::user::{user_data}"))
+    )
 }
 
 fn hmac_hex(message: &str) -> String {

@@ -6,7 +6,6 @@
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::channels::Channel;
 use super::Pusher;
 
 pub(super) fn is_cache(name: &str) -> bool {
@@ -20,15 +19,14 @@ pub(super) fn is_cache(name: &str) -> bool {
     .any(|p| name.starts_with(p))
 }
 
-impl Channel {
-    /// A cache channel's last event, or `pusher:cache_miss`.
-    pub(super) fn cached_or_miss(&self, name: &str) -> Message {
-        self.last_event.clone().unwrap_or_else(|| {
-            Message::text(
-                json!({"event": "pusher:cache_miss", "channel": name, "data": "{}"}).to_string(),
-            )
-        })
-    }
+/// What a tab that subscribes to cache channel `name` later is given: its
+/// last event, or `pusher:cache_miss`.
+pub(super) fn cached_or_miss(name: &str, last_event: Option<&Message>) -> Message {
+    last_event.cloned().unwrap_or_else(|| {
+        Message::text(
+            json!({"event": "pusher:cache_miss", "channel": name, "data": "{}"}).to_string(),
+        )
+    })
 }
 
 impl Pusher {

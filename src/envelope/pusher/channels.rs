@@ -12,7 +12,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::cache::is_cache;
+use super::cache::{cached_or_miss, is_cache};
 use super::frames::{client_event, deliver, error_to, unsubscribe_frame};
 use super::presence::{is_presence, Presence};
 use super::{Pusher, Request, Wire};
@@ -117,7 +117,7 @@ impl Pusher {
                     if is_cache(&name) {
                         out.push(Effect::Answer {
                             tab,
-                            msg: ch.cached_or_miss(&name),
+                            msg: cached_or_miss(&name, ch.last_event.as_ref()),
                         });
                     }
                 }
