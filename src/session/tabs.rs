@@ -227,6 +227,9 @@ impl Tabs {
     /// a slow consumer, and leaves.
     ///
     /// A broadcast walks the tab table itself: no list of ids, no lookups.
+    /// Inlined into the session's one place that applies effects (the hot
+    /// code's size is measured, BENCHMARKS.md).
+    #[inline(always)]
     pub(super) fn deliver(&mut self, to: Target, msg: Message, len: usize, ctx: &SessionContext) {
         let limit = self.outbox_limit(ctx.route.tab_queue);
         let bytes_limit = ctx.route.tab_queue_bytes;

@@ -130,8 +130,9 @@ impl Uplink {
     }
 
     /// A tab's message, wrapped by its envelope: to the upstream, or into
-    /// the reconnect buffer during an outage (kept as the tab's).
-    #[inline]
+    /// the reconnect buffer during an outage (kept as the tab's). Inlined
+    /// into the session's one place that applies effects.
+    #[inline(always)]
     pub fn forward(
         &mut self,
         ctx: &SessionContext,
