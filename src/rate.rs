@@ -239,8 +239,8 @@ impl Pool {
 
     /// Refills the pool for the time since its last refill (by whichever
     /// tab of the address comes first: the others then find nothing more
-    /// to add). None if it has room now; else how long until a tenth of a
-    /// second of the rate is back.
+    /// to add). None if it has room now; else how long until a hundredth
+    /// of a second of the rate is back ([`POOL_RESUME`]).
     fn refill(&self, now: u64) -> Option<Duration> {
         let elapsed = now.saturating_sub(self.at.swap(now, Ordering::Relaxed));
         let add = i64::try_from(elapsed.saturating_mul(PS / 1000)).unwrap_or(i64::MAX);

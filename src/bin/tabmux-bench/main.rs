@@ -359,23 +359,12 @@ impl Setup {
         per_session: usize,
         rate: u32,
     ) -> anyhow::Result<Setup> {
-        let listen = SocketAddr::from(([127, 0, 0, 1], procs::free_port()));
-        let control = SocketAddr::from(([127, 0, 0, 1], procs::free_port()));
-        let mut args = vec![
-            "backend".to_string(),
-            "--listen".into(),
-            listen.to_string(),
-            "--control".into(),
-            control.to_string(),
-            "--rate".into(),
-            rate.to_string(),
-        ];
+        let mut args = vec!["--rate".to_string(), rate.to_string()];
         if c.is_tabmux() {
             args.push("--envelope".into());
         }
-        let exe = std::env::current_exe()?;
-        let child = procs::spawn_pinned(0, &exe, &args)?;
-        let backend = Running::new(child, listen)?;
+        let (backend, control) = procs::backend(&args)?;
+        let listen = backend.addr;
         let backend_pids = backend.pids();
         // One nginx worker can hold about 9,000 proxied connections under
         // this machine's 20,000 open files per process; beyond, two.

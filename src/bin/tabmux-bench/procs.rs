@@ -228,21 +228,32 @@ pub fn rss_kib(pids: &[u32]) -> u64 {
 /// The bench's backend speaking the envelope (see backend.rs), on core 0;
 /// also returns its control address.
 pub fn envelope_backend() -> std::io::Result<(Running, SocketAddr)> {
-    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let control = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let args: Vec<String> = [
-        "backend",
-        "--listen",
-        &listen.to_string(),
-        "--control",
-        &control.to_string(),
-        "--envelope",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let child = spawn_pinned(0, &std::env::current_exe()?, &args)?;
-    Ok((Running::new(child, listen)?, control))
+    backend(&["--envelope".to_string()])
+}
+
+/// The bench's backend (see backend.rs) with `extra` arguments, on core 0,
+/// on two free ports; also returns its control address. A port found free
+/// can be taken before the backend binds it (a run once failed so): it is
+/// tried on new ports, three times.
+pub fn backend(extra: &[String]) -> std::io::Result<(Running, SocketAddr)> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let control = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut args: Vec<String> = ["backend", "--listen", &listen.to_string()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(["--control".to_string(), control.to_string()]);
+        args.extend(extra.iter().cloned());
+        let child = spawn_pinned(0, &std::env::current_exe()?, &args)?;
+        match Running::new(child, listen) {
+            Ok(running) => return Ok((running, control)),
+            Err(e) if attempt >= 3 => return Err(e),
+            Err(_) => continue,
+        }
+    }
 }
 
 /// Starts the tabmux binary `exe` in front of `backend`, pinned to `core`.
