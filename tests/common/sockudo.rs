@@ -78,6 +78,7 @@ impl Sockudo {
             .env("SOCKUDO_DEFAULT_APP_SECRET", APP_SECRET)
             .env("SOCKUDO_DEFAULT_APP_ENABLED", "true")
             .env("SOCKUDO_DEFAULT_APP_ENABLE_CLIENT_MESSAGES", "true")
+            .env("SOCKUDO_DEFAULT_APP_ENABLE_USER_AUTHENTICATION", "true")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
