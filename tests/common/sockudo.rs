@@ -122,9 +122,13 @@ impl Sockudo {
     pub async fn trigger(&self, channel: &str, event: &str, data: &str) -> u16 {
         let body =
             serde_json::json!({"name": event, "channels": [channel], "data": data}).to_string();
-        let path = format!("/apps/{APP_ID}/events");
+        self.post(&format!("/apps/{APP_ID}/events"), &body).await
+    }
+
+    /// A signed POST of `body` (JSON) to the REST API; its HTTP status.
+    async fn post(&self, path: &str, body: &str) -> u16 {
         let body_md5 = hex(&md5::Md5::digest(body.as_bytes()));
-        let query = signed("POST", &path, &[("body_md5", body_md5)]);
+        let query = signed("POST", path, &[("body_md5", body_md5)]);
         let request = format!(
             "POST {path}?{query} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             self.addr,
@@ -137,16 +141,8 @@ impl Sockudo {
     /// a backend does (a signed-in user's "log out everywhere"); returns
     /// the HTTP status.
     pub async fn terminate_user(&self, user: &str) -> u16 {
-        let body = "{}";
         let path = format!("/apps/{APP_ID}/users/{user}/terminate_connections");
-        let body_md5 = hex(&md5::Md5::digest(body.as_bytes()));
-        let query = signed("POST", &path, &[("body_md5", body_md5)]);
-        let request = format!(
-            "POST {path}?{query} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            self.addr,
-            body.len()
-        );
-        super::raw_http(self.addr, &request).await.0
+        self.post(&path, "{}").await
     }
 
     /// Whether `channel` is occupied (has a subscriber), by the REST API.
