@@ -83,9 +83,10 @@ impl Bucket {
         }
     }
 
-    #[cold]
-    #[inline(never)]
-    fn refill(&mut self, rate: &TabRate, now: u32, idle: Duration) -> Verdict {
+    /// Refills the buckets for the time since their last refill: None if
+    /// both hold something now, else how long until a tenth of a second of
+    /// both rates is back.
+    fn refill(&mut self, rate: &TabRate, now: u32) -> Option<Duration> {
         let elapsed = now.wrapping_sub(self.at);
         if elapsed != 0 {
             let seconds = elapsed as f32 / 1000.0;
@@ -95,27 +96,15 @@ impl Bucket {
             self.at = now;
         }
         if self.messages > 0.0 && self.bytes > 0.0 {
-            return Verdict::Read;
+            return None;
         }
-        self.hold(rate, now, idle)
-    }
-
-    fn hold(&mut self, rate: &TabRate, now: u32, idle: Duration) -> Verdict {
-        if self.held_since == 0 {
-            self.held_since = now.wrapping_add(1).max(1);
-        } else if u64::from(now.wrapping_sub(self.held_since.wrapping_sub(1)))
-            > idle.as_millis() as u64
-        {
-            return Verdict::Close;
-        }
-        // Until a tenth of a second of both rates is back.
         let wait =
             |left: f32, per_second: f32| ((RESUME * per_second - left) / per_second).max(0.0);
         let seconds =
             wait(self.messages, rate.messages as f32).max(wait(self.bytes, rate.bytes as f32));
         // Whole milliseconds, the session's clock's unit (at least one).
         let ms = (seconds * 1000.0 - 0.001).ceil().max(1.0);
-        Verdict::Hold(Duration::from_millis(ms as u64))
+        Some(Duration::from_millis(ms as u64))
     }
 
     /// `messages` (0 or 1) and `bytes` were read: bytes as they are read,
@@ -147,21 +136,19 @@ impl Bucket {
         self.pooled(rate, pool, now(), idle)
     }
 
+    /// An empty bucket or pool: both refilled; held back for the longer of
+    /// the two waits (by its own rate, its address's, or both alike).
     #[cold]
     #[inline(never)]
     fn pooled(&mut self, rate: &TabRate, pool: &Pool, now: u32, idle: Duration) -> Verdict {
-        let own = self.refill(rate, now, idle);
-        match (own, pool.refill(clock_ms())) {
-            (Verdict::Close, _) => Verdict::Close,
-            (Verdict::Read, None) => Verdict::Read,
-            (Verdict::Hold(own), None) => Verdict::Hold(own),
-            (Verdict::Read, Some(wait)) => self.hold_for(wait, now, idle),
-            (Verdict::Hold(own), Some(wait)) => Verdict::Hold(own.max(wait)),
+        match self.refill(rate, now).max(pool.refill(clock_ms())) {
+            None => Verdict::Read,
+            Some(wait) => self.hold(wait, now, idle),
         }
     }
 
-    /// Held by the address alone: counted as held back all the same.
-    fn hold_for(&mut self, wait: Duration, now: u32, idle: Duration) -> Verdict {
+    /// Held back for `wait`; closed once held for longer than `idle`.
+    fn hold(&mut self, wait: Duration, now: u32, idle: Duration) -> Verdict {
         if self.held_since == 0 {
             self.held_since = now.wrapping_add(1).max(1);
         } else if u64::from(now.wrapping_sub(self.held_since.wrapping_sub(1)))
@@ -242,8 +229,7 @@ impl Pool {
     /// to add). None if it has room now; else how long until a hundredth
     /// of a second of the rate is back ([`POOL_RESUME`]).
     fn refill(&self, now: u64) -> Option<Duration> {
-        let elapsed = now.saturating_sub(self.at.swap(now, Ordering::Relaxed));
-        let add = i64::try_from(elapsed.saturating_mul(PS / 1000)).unwrap_or(i64::MAX);
+        let add = allowance(now.saturating_sub(self.at.swap(now, Ordering::Relaxed)));
         let left = match self
             .left
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
@@ -265,8 +251,7 @@ impl Pool {
     /// Whether it holds its whole burst again at `now` (what it would hold
     /// if refilled then).
     pub fn is_full(&self, now: u64) -> bool {
-        let elapsed = now.saturating_sub(self.at.load(Ordering::Relaxed));
-        let add = i64::try_from(elapsed.saturating_mul(PS / 1000)).unwrap_or(i64::MAX);
+        let add = allowance(now.saturating_sub(self.at.load(Ordering::Relaxed)));
         self.left.load(Ordering::Relaxed).saturating_add(add) >= burst()
     }
 
@@ -281,6 +266,11 @@ impl Pool {
 /// so this is what they read at once, and a small share keeps that from
 /// stalling the sessions beside them.
 const POOL_RESUME: i64 = (PS / 100) as i64;
+
+/// The allowance `ms` milliseconds bring back (picoseconds of the rate).
+fn allowance(ms: u64) -> i64 {
+    i64::try_from(ms.saturating_mul(PS / 1000)).unwrap_or(i64::MAX)
+}
 
 /// The pool's capacity: two seconds of its rate.
 fn burst() -> i64 {
