@@ -225,3 +225,51 @@ async fn the_server_s_close_code_and_reason_reach_every_tab() {
         );
     }
 }
+
+/// A presence subscribe without `channel_data` (which made sockudo's
+/// handler fail, closing every tab of the session with 4200) is refused to
+/// that tab alone, before the server sees it; its sibling stays up, and so
+/// does the session's one connection.
+#[tokio::test]
+#[ignore = "needs sockudo (.ci/run installs it)"]
+async fn a_subscribe_the_server_could_fail_on_is_refused_to_that_tab_alone() {
+    let sockudo = Sockudo::start().await;
+    let proxy = tabmux_in_front(&sockudo).await;
+    let (mut a, socket_id) = connected(&proxy, "b").await;
+    let (mut b, _) = connected(&proxy, "b").await;
+    let auth = channel_auth(&socket_id, "presence-room", None);
+    let bad =
+        json!({"event": "pusher:subscribe", "data": {"channel": "presence-room", "auth": auth}});
+    a.send_text(&bad.to_string()).await;
+    let error = a.recv_until("pusher:error").await;
+    assert!(
+        error["data"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("channel_data"),
+        "{error}"
+    );
+    // Both tabs go on, on the same connection.
+    subscribed(&mut a, public("after")).await;
+    subscribed(&mut b, private("private-after", &socket_id)).await;
+    assert_eq!(sockudo.connections().await, 1.0);
+}
+
+/// A `user_id` a tab puts in its client event never reaches a sibling: on
+/// a presence channel the sibling sees the session's member there, as the
+/// server would set it.
+#[tokio::test]
+#[ignore = "needs sockudo (.ci/run installs it)"]
+async fn a_tab_cannot_choose_whom_its_siblings_see_as_a_client_event_s_sender() {
+    let sockudo = Sockudo::start().await;
+    let proxy = tabmux_in_front(&sockudo).await;
+    let (mut a, socket_id) = connected(&proxy, "b").await;
+    let (mut b, _) = connected(&proxy, "b").await;
+    subscribed(&mut a, presence("presence-room", &socket_id, "alice")).await;
+    subscribed(&mut b, presence("presence-room", &socket_id, "alice")).await;
+    let forged =
+        json!({"event": "client-hi", "channel": "presence-room", "data": {}, "user_id": "ceo"});
+    a.send_text(&forged.to_string()).await;
+    let got = b.recv_until("client-hi").await;
+    assert_eq!(got["user_id"], "alice", "{got}");
+}

@@ -45,10 +45,14 @@ use tokio_tungstenite::tungstenite::Message;
 use super::{Effect, Effects, Forward, Saving, TabId, Target};
 use crate::cause::{Cause, Lost};
 use channels::{Channel, Upstream};
-use frames::{broadcast, data_channel, data_field, data_object, error_to};
+use frames::{broadcast, data_channel, data_field, data_object, error_to, nested_deeper_than};
 use sign_in::SignIn;
 
-pub use channels::{MAX_CHANNELS, MAX_CHANNEL_NAME};
+pub use channels::{MAX_CHANNELS, MAX_CHANNEL_NAME, MAX_TAB_CHANNELS};
+
+/// The deepest JSON a tab may send: a server's parser may fail on deeper
+/// input, and its failure would close the session's connection.
+pub const MAX_NESTING: usize = 32;
 
 /// A Pusher event as it travels: the fields tabmux routes by. Anything else
 /// is left as it is in the frame.
@@ -60,8 +64,6 @@ struct Wire<'a> {
     channel: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    user_id: Option<&'a RawValue>,
 }
 
 /// What is sent upstream one at a time.
@@ -151,6 +153,10 @@ impl Pusher {
                 return Ok(());
             }
         };
+        if nested_deeper_than(text, MAX_NESTING) {
+            out.push(error_to(tab, "JSON nested deeper than 32"));
+            return Ok(());
+        }
         let wire: Wire<'_> = match serde_json::from_str(text) {
             Ok(w) => w,
             Err(_) => {
@@ -174,7 +180,8 @@ impl Pusher {
                     return Ok(());
                 };
                 let channel_data = data_field(wire.data, "channel_data");
-                self.subscribe(tab, channel, channel_data, msg, out);
+                let auth = data_field(wire.data, "auth").is_some();
+                self.subscribe(tab, channel, auth, channel_data, msg, out);
                 Ok(())
             }
             "pusher:unsubscribe" => {

@@ -18,13 +18,46 @@ use super::presence::{is_presence, Presence};
 use super::{Pusher, Request, Wire};
 use crate::envelope::{Effect, Effects, Saving, TabId, Target};
 
-/// The longest channel name a tab may use (Pusher's own limit is 164
-/// characters; a little room for compatible servers).
-pub const MAX_CHANNEL_NAME: usize = 200;
+/// The longest channel name a tab may use: Pusher's own limit (a stricter
+/// server's refusal is the subscribe's answer).
+pub const MAX_CHANNEL_NAME: usize = 164;
 
 /// The most channels one session may have (subscribed, pending or
 /// lingering): every one is state kept for a client.
 pub const MAX_CHANNELS: usize = 1024;
+
+/// The most channels one tab may be subscribed to (or waiting for), so that
+/// one tab cannot take every channel of its session from its siblings.
+pub const MAX_TAB_CHANNELS: usize = 256;
+
+/// The largest `channel_data` of a presence subscribe.
+pub const MAX_CHANNEL_DATA: usize = 1024;
+
+/// Why a subscribe is refused at the edge, before the server sees it (what
+/// the server would refuse, or could fail on); None if it may go on.
+fn refused_subscribe(name: &str, auth: bool, channel_data: Option<&str>) -> Option<&'static str> {
+    // The user's own channel, which a client subscribes to once signed in.
+    let user_channel = name.strip_prefix("#server-to-user-");
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "_-=@,.;".contains(c);
+    if name.is_empty() || name.len() > MAX_CHANNEL_NAME {
+        return Some("channel name is empty or over 164 characters");
+    }
+    if !user_channel.unwrap_or(name).chars().all(allowed) {
+        return Some("channel name has characters outside A-Z a-z 0-9 _ - = @ , . ;");
+    }
+    let private = name.starts_with("private-") || is_presence(name);
+    if private && !auth {
+        return Some("a private or presence channel needs auth");
+    }
+    if is_presence(name) {
+        match channel_data {
+            None => return Some("a presence channel needs channel_data"),
+            Some(d) if d.len() > MAX_CHANNEL_DATA => return Some("channel_data is over 1 KB"),
+            Some(_) => {}
+        }
+    }
+    None
+}
 
 /// Where a channel's subscription stands upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,12 +126,18 @@ impl Pusher {
         &mut self,
         tab: TabId,
         name: String,
+        auth: bool,
         channel_data: Option<String>,
         msg: Message,
         out: &mut Effects,
     ) {
-        if name.is_empty() || name.len() > MAX_CHANNEL_NAME {
-            out.push(error_to(tab, "channel name is empty or too long"));
+        if let Some(why) = refused_subscribe(&name, auth, channel_data.as_deref()) {
+            out.push(error_to(tab, why));
+            return;
+        }
+        let mine = self.channels.values().filter(|ch| ch.has(tab)).count();
+        if mine >= MAX_TAB_CHANNELS && !self.channels.get(&name).is_some_and(|ch| ch.has(tab)) {
+            out.push(error_to(tab, "too many channels for this tab"));
             return;
         }
         if let Some(ch) = self.channels.get_mut(&name) {

@@ -51,8 +51,10 @@ pub(super) fn unsubscribe_frame(name: &str) -> Message {
 }
 
 /// A client event as the server delivers it to the other connections on
-/// its channel: on a presence channel with the sender's `user_id` (which
-/// some compatible servers leave out, so tabmux adds it).
+/// its channel: on a presence channel with the `user_id` of the session's
+/// member there (which some compatible servers leave out, so tabmux adds
+/// it). A `user_id` the tab sent is dropped: the tab does not choose whom
+/// its siblings see as the sender.
 pub(super) fn client_event(wire: &Wire<'_>, me: Option<&str>) -> Message {
     let mut event = serde_json::Map::new();
     event.insert("event".into(), Value::String(wire.event.to_string()));
@@ -63,15 +65,39 @@ pub(super) fn client_event(wire: &Wire<'_>, me: Option<&str>) -> Message {
         let value = serde_json::from_str(data.get()).unwrap_or(Value::Null);
         event.insert("data".into(), value);
     }
-    let user_id = match (wire.user_id, me) {
-        (Some(raw), _) => serde_json::from_str(raw.get()).ok(),
-        (None, Some(me)) => Some(Value::String(me.to_owned())),
-        (None, None) => None,
-    };
-    if let Some(u) = user_id {
-        event.insert("user_id".into(), u);
+    if let Some(me) = me {
+        event.insert("user_id".into(), Value::String(me.to_owned()));
     }
     Message::text(Value::Object(event).to_string())
+}
+
+/// Whether JSON `text` nests arrays and objects deeper than `max` (a scan
+/// of its brackets outside strings, before anything parses it).
+pub(super) fn nested_deeper_than(text: &str, max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for b in text.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// A frame's `data` as an object: given as one (from clients), or as a

@@ -60,8 +60,15 @@ fn from_upstream(m: &mut Pusher, v: Value) -> Vec<Effect> {
     out
 }
 
+/// A tab's subscribe as pusher-js sends it: with `auth` (the server ignores
+/// it on a public channel), and `channel_data` on a presence channel.
 fn subscribe(channel: &str) -> Value {
-    json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": "key:sig"}})
+    let mut sub =
+        json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": "key:sig"}});
+    if channel.starts_with("presence-") {
+        sub["data"]["channel_data"] = json!("{\"user_id\":\"u1\"}");
+    }
+    sub
 }
 
 fn succeeded(channel: &str) -> Value {
@@ -325,15 +332,15 @@ fn presence_members_are_kept_current_for_later_tabs() {
 #[test]
 fn a_client_event_goes_upstream_once_and_to_the_sibling_tabs_on_its_channel() {
     let mut m = session(3);
-    let sub = json!({"event": "pusher:subscribe", "data": {"channel": "presence-room", "channel_data": "{\"user_id\":\"u7\"}"}});
+    let sub = json!({"event": "pusher:subscribe", "data": {"channel": "presence-room", "auth": "k:s", "channel_data": "{\"user_id\":\"u7\"}"}});
     from_tab(&mut m, 1, sub.clone());
     from_upstream(
         &mut m,
         json!({"event": "pusher_internal:subscription_succeeded", "channel": "presence-room", "data": "{\"presence\":{\"ids\":[\"u7\"],\"hash\":{\"u7\":null},\"count\":1}}"}),
     );
     from_tab(&mut m, 2, sub);
-    let typing =
-        json!({"event": "client-typing", "channel": "presence-room", "data": {"on": true}});
+    // A `user_id` the tab sends is not whom its sibling sees as the sender.
+    let typing = json!({"event": "client-typing", "channel": "presence-room", "data": {"on": true}, "user_id": "ceo"});
     let (fwd, out) = from_tab(&mut m, 1, typing.clone());
     assert_eq!(fwd.unwrap().frame, text(typing));
     // Tab 3 is not subscribed, tab 1 sent it: only tab 2, with the user id.
@@ -588,5 +595,68 @@ mod deadlines {
         let mut out = Vec::new();
         m.tick(start + Duration::from_secs(10), &mut out);
         assert_eq!(unsubscribes(&out), 0);
+    }
+}
+
+#[test]
+fn what_the_server_would_refuse_or_fail_on_is_refused_to_that_tab_alone() {
+    let mut m = session(2);
+    let deep = format!(
+        "{}{}",
+        "[".repeat(MAX_NESTING + 1),
+        "]".repeat(MAX_NESTING + 1)
+    );
+    let refused = [
+        json!({"event": "pusher:subscribe", "data": {"channel": "a b"}}),
+        json!({"event": "pusher:subscribe", "data": {"channel": "x".repeat(165)}}),
+        json!({"event": "pusher:subscribe", "data": {"channel": "private-a"}}),
+        json!({"event": "pusher:subscribe", "data": {"channel": "presence-a", "auth": "k:s"}}),
+        json!({"event": "pusher:subscribe", "data": {"channel": "presence-a", "auth": "k:s", "channel_data": "x".repeat(1025)}}),
+        json!({"event": "client-x", "channel": "private-a", "data": serde_json::from_str::<Value>(&deep).unwrap()}),
+    ];
+    for frame in refused {
+        let (fwd, out) = from_tab(&mut m, 1, frame.clone());
+        assert_eq!(fwd, None, "{frame}");
+        assert_eq!(errors_to(&out, 1).len(), 1, "{frame}: {out:?}");
+        assert_eq!(out.len(), 1, "only that tab hears of it: {out:?}");
+    }
+    // What a client really sends goes on: a name at Pusher's limit, every
+    // character it allows, and the signed-in user's own channel.
+    for channel in [
+        "x".repeat(164),
+        "a-Z_0=@,.;".into(),
+        "#server-to-user-u1".into(),
+    ] {
+        let (_, out) = from_tab(&mut m, 2, subscribe(&channel));
+        assert!(errors_to(&out, 2).is_empty(), "{channel}: {out:?}");
+    }
+    // Nesting at the limit (the event's own object is one level) is the
+    // server's to judge.
+    let ok = format!(
+        "{}{}",
+        "[".repeat(MAX_NESTING - 1),
+        "]".repeat(MAX_NESTING - 1)
+    );
+    let (_, out) = from_tab(
+        &mut m,
+        1,
+        serde_json::from_str::<Value>(&format!("{{\"event\":\"x\",\"data\":{ok}}}")).unwrap(),
+    );
+    assert!(errors_to(&out, 1).is_empty(), "{out:?}");
+}
+
+#[test]
+fn one_tab_cannot_take_every_channel_of_its_session() {
+    let mut m = session(2);
+    for n in 0..MAX_TAB_CHANNELS {
+        let (_, out) = from_tab(&mut m, 1, subscribe(&format!("c{n}")));
+        assert!(errors_to(&out, 1).is_empty(), "channel {n}: {out:?}");
+    }
+    let (fwd, out) = from_tab(&mut m, 1, subscribe("one-more"));
+    assert_eq!((fwd, errors_to(&out, 1).len(), out.len()), (None, 1, 1));
+    // Its sibling still subscribes, to a new channel and to one of tab 1's.
+    for channel in ["mine", "c0"] {
+        let (_, out) = from_tab(&mut m, 2, subscribe(channel));
+        assert!(errors_to(&out, 2).is_empty(), "{channel}: {out:?}");
     }
 }
