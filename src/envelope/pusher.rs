@@ -45,7 +45,7 @@ use tokio_tungstenite::tungstenite::Message;
 use super::{Effect, Effects, Forward, Saving, TabId, Target};
 use crate::cause::{Cause, Lost};
 use channels::{Channel, Upstream};
-use frames::{broadcast, data_channel, data_field, data_object, error_to, nested_deeper_than};
+use frames::{broadcast, data_object, error_to, nested_deeper_than, take_string};
 use sign_in::SignIn;
 
 pub use channels::{MAX_CHANNELS, MAX_CHANNEL_NAME, MAX_TAB_CHANNELS};
@@ -175,17 +175,21 @@ impl Pusher {
                 Ok(())
             }
             "pusher:subscribe" => {
-                let Some(channel) = data_channel(wire.data) else {
+                // Its data parsed once, for the fields tabmux checks.
+                let mut data = data_object(wire.data).unwrap_or_default();
+                let Some(channel) = take_string(&mut data, "channel") else {
                     out.push(error_to(tab, "pusher:subscribe without a channel"));
                     return Ok(());
                 };
-                let channel_data = data_field(wire.data, "channel_data");
-                let auth = data_field(wire.data, "auth").is_some();
+                let channel_data = take_string(&mut data, "channel_data");
+                let auth = take_string(&mut data, "auth").is_some();
                 self.subscribe(tab, channel, auth, channel_data, msg, out);
                 Ok(())
             }
             "pusher:unsubscribe" => {
-                let Some(channel) = data_channel(wire.data) else {
+                let channel =
+                    data_object(wire.data).and_then(|mut d| take_string(&mut d, "channel"));
+                let Some(channel) = channel else {
                     out.push(error_to(tab, "pusher:unsubscribe without a channel"));
                     return Ok(());
                 };

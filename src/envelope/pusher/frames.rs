@@ -113,13 +113,13 @@ pub(super) fn data_object(data: Option<&RawValue>) -> Option<serde_json::Map<Str
     }
 }
 
-pub(super) fn data_field(data: Option<&RawValue>, field: &str) -> Option<String> {
-    match data_object(data)?.remove(field)? {
+/// A string field of a frame's `data` object, taken out of it.
+pub(super) fn take_string(
+    data: &mut serde_json::Map<String, Value>,
+    field: &str,
+) -> Option<String> {
+    match data.remove(field)? {
         Value::String(s) => Some(s),
         _ => None,
     }
-}
-
-pub(super) fn data_channel(data: Option<&RawValue>) -> Option<String> {
-    data_field(data, "channel")
 }
