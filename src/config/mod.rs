@@ -287,6 +287,12 @@ pub struct Route {
     pub forward_query: bool,
     pub replay_first: usize,
     pub linger: Duration,
+    /// `envelope = "pusher"`: whether tabs may send client events (false
+    /// refuses them at the edge).
+    pub client_events: bool,
+    /// `envelope = "pusher"`: client events a second for a whole session
+    /// (the server counts them per connection, and a session is one).
+    pub client_event_rate: u32,
     pub max_tabs_per_session: usize,
     pub max_message_size: usize,
     pub tab_queue: usize,

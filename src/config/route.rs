@@ -125,6 +125,8 @@ impl Checker<'_> {
         let upstream_user_agent = self.optional_header(t, "upstream_user_agent");
         // Limits and timers.
         let linger = self.optional(t, "linger", Duration::from_secs(10), Self::duration_or_zero);
+        let client_events = self.optional(t, "client_events", true, Self::boolean);
+        let client_event_rate = self.optional(t, "client_event_rate", 10, Self::positive);
         let max_tabs_per_session = self.optional(t, "max_tabs_per_session", 32, Self::positive);
         let max_message_size = self.optional(t, "max_message_size", 1 << 20, |c, item| {
             let n = c.size(item)?;
@@ -178,6 +180,8 @@ impl Checker<'_> {
             forward_query: forward_query?,
             replay_first: replay_first? as usize,
             linger: linger?,
+            client_events: client_events?,
+            client_event_rate: u32::try_from(client_event_rate?).unwrap_or(u32::MAX),
             max_tabs_per_session: max_tabs_per_session? as usize,
             max_message_size: max_message_size?,
             tab_queue: tab_queue? as usize,

@@ -54,7 +54,13 @@ impl Json {
     /// A tab's text or binary message, wrapped, for the upstream; text that
     /// is not JSON (with `payload = "json"`) closes the tab with 1007.
     #[inline]
-    pub fn tab_sent(&mut self, tab: TabId, msg: Message, out: &mut Effects) -> Result<(), Cause> {
+    pub fn tab_sent(
+        &mut self,
+        tab: TabId,
+        msg: Message,
+        _now: impl FnOnce() -> Instant,
+        out: &mut Effects,
+    ) -> Result<(), Cause> {
         let forward = match msg {
             Message::Text(text) => match data_text(tab, &text, self.payload) {
                 Ok(frame) => Forward {
@@ -303,7 +309,7 @@ mod tests {
     /// What `m` forwards for one message of tab `tab`.
     fn forwarded(m: &mut Json, tab: u64, msg: Message) -> Forward {
         let mut out = Vec::new();
-        m.tab_sent(TabId(tab), msg, &mut out).unwrap();
+        m.tab_sent(TabId(tab), msg, Instant::now, &mut out).unwrap();
         match out.as_slice() {
             [Effect::Forward(t, f)] if *t == TabId(tab) => f.clone(),
             other => panic!("expected one forward of t{tab}, got {other:?}"),
@@ -332,7 +338,7 @@ mod tests {
         let mut m = machine();
         let mut out = Vec::new();
         let e = m
-            .tab_sent(TabId(1), Message::text("{oops"), &mut out)
+            .tab_sent(TabId(1), Message::text("{oops"), Instant::now, &mut out)
             .unwrap_err();
         assert_eq!(out, [], "nothing goes upstream");
         assert_eq!(e, Cause::InvalidJson);

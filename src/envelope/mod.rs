@@ -166,9 +166,10 @@ impl Machine {
         match route.envelope {
             config::Envelope::Json => Machine::Json(json::Json::new(route)),
             config::Envelope::None => Machine::None(none::Passthrough::new(route)),
-            config::Envelope::Pusher => {
-                Machine::Pusher(Box::new(pusher::Pusher::new(route.linger)))
-            }
+            config::Envelope::Pusher => Machine::Pusher(Box::new(
+                pusher::Pusher::new(route.linger)
+                    .with_client_events(route.client_events, route.client_event_rate),
+            )),
         }
     }
 
@@ -184,13 +185,21 @@ impl Machine {
     /// A tab sent a data message (text or binary): its effects (what goes
     /// upstream, if anything, as [`Effect::Forward`]; `pusher` may also
     /// answer the tab or deliver to its siblings), or why the tab is closed
-    /// instead. Every envelope has this signature.
+    /// instead. Every envelope has this signature; `now` is called only by
+    /// an envelope that needs the time (`pusher`, for client events), so
+    /// `json` and `none` cost no clock read.
     #[inline]
-    pub fn tab_sent(&mut self, tab: TabId, msg: Message, out: &mut Effects) -> Result<(), Cause> {
+    pub fn tab_sent(
+        &mut self,
+        tab: TabId,
+        msg: Message,
+        now: impl FnOnce() -> Instant,
+        out: &mut Effects,
+    ) -> Result<(), Cause> {
         match self {
-            Machine::Json(m) => m.tab_sent(tab, msg, out),
-            Machine::None(m) => m.tab_sent(tab, msg, out),
-            Machine::Pusher(m) => m.tab_sent(tab, msg, out),
+            Machine::Json(m) => m.tab_sent(tab, msg, now, out),
+            Machine::None(m) => m.tab_sent(tab, msg, now, out),
+            Machine::Pusher(m) => m.tab_sent(tab, msg, now, out),
         }
     }
 

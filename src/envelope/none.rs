@@ -46,7 +46,13 @@ impl Passthrough {
 
     /// What a tab sends goes upstream as it is.
     #[inline]
-    pub fn tab_sent(&mut self, tab: TabId, msg: Message, out: &mut Effects) -> Result<(), Cause> {
+    pub fn tab_sent(
+        &mut self,
+        tab: TabId,
+        msg: Message,
+        _now: impl FnOnce() -> Instant,
+        out: &mut Effects,
+    ) -> Result<(), Cause> {
         out.push(Effect::Forward(
             tab,
             Forward {
@@ -112,7 +118,7 @@ mod tests {
         for msg in [Message::text("{not json"), Message::binary(vec![0u8, 1])] {
             let mut out = Vec::new();
             Passthrough::with(0, 64)
-                .tab_sent(TabId(3), msg.clone(), &mut out)
+                .tab_sent(TabId(3), msg.clone(), Instant::now, &mut out)
                 .unwrap();
             let forward = Forward {
                 payload: msg.len(),

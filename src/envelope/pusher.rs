@@ -98,6 +98,12 @@ pub struct Pusher {
     /// Some channel's tabs have all left: it lingers (its deadline is
     /// looked for only while this is set).
     lingering: bool,
+    /// The route's `client_events` and `client_event_rate`, and the
+    /// session's current one-second window of client events (its start,
+    /// and how many went upstream in it).
+    client_events: bool,
+    client_event_rate: u32,
+    client_window: Option<(Instant, u32)>,
 }
 
 impl Pusher {
@@ -117,7 +123,17 @@ impl Pusher {
             silent_since: None,
             linger,
             lingering: false,
+            client_events: true,
+            client_event_rate: 10,
+            client_window: None,
         }
+    }
+
+    /// The route's `client_events` and `client_event_rate`.
+    pub fn with_client_events(mut self, enabled: bool, rate: u32) -> Pusher {
+        self.client_events = enabled;
+        self.client_event_rate = rate;
+        self
     }
 
     /// The activity timeout the upstream announced.
@@ -144,7 +160,13 @@ impl Pusher {
     /// its siblings are answered. Nothing a tab sends closes it here: what
     /// the protocol refuses is answered with a `pusher:error`.
     #[inline(never)]
-    pub fn tab_sent(&mut self, tab: TabId, msg: Message, out: &mut Effects) -> Result<(), Cause> {
+    pub fn tab_sent(
+        &mut self,
+        tab: TabId,
+        msg: Message,
+        now: impl FnOnce() -> Instant,
+        out: &mut Effects,
+    ) -> Result<(), Cause> {
         let payload = msg.len();
         let text = match &msg {
             Message::Text(t) => t.as_str(),
@@ -205,7 +227,8 @@ impl Pusher {
                 // the sibling tabs (or not at all, if the tab was answered
                 // with an error); anything else is the server's business,
                 // unchanged.
-                let forward = !event.starts_with("client-") || self.client_event(tab, &wire, out);
+                let forward =
+                    !event.starts_with("client-") || self.client_event(tab, &wire, now, out);
                 if forward {
                     let forward = Forward {
                         frame: msg,

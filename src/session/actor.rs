@@ -464,6 +464,8 @@ impl<'c> Session<'c> {
         let rate = &self.ctx.tab_rate;
         let idle = self.ctx.route.idle_timeout;
         let (envelope, effects) = (&mut self.envelope, &mut self.effects);
+        // The time, for an envelope that asks (not read otherwise).
+        let clock = || Instant::now().into_std();
         let mut bucket = slot.rate;
         let mut held = None;
         let turn_bytes = &mut self.turn_bytes;
@@ -503,7 +505,7 @@ impl<'c> Session<'c> {
                     Poll::Ready(Ok(msg)) => {
                         bucket.charge(1, fed);
                         conn.pool().charge(1, fed);
-                        if let Err(cause) = envelope.tab_sent(id, msg, effects) {
+                        if let Err(cause) = envelope.tab_sent(id, msg, clock, effects) {
                             return Some(cause);
                         }
                         // Out of its rate (or its address's), or its share

@@ -6,7 +6,7 @@
 //! resubscribes nor shows a presence channel's members this user leaving
 //! and coming back).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use serde_json::value::RawValue;
@@ -32,6 +32,18 @@ pub const MAX_TAB_CHANNELS: usize = 256;
 
 /// The largest `channel_data` of a presence subscribe.
 pub const MAX_CHANNEL_DATA: usize = 1024;
+
+/// The most data (its JSON text) a client event may carry: Pusher's limit.
+pub const MAX_CLIENT_EVENT_DATA: usize = 10 * 1024;
+
+/// The `pusher:error` (4301) the server answers a client event it refuses.
+fn client_event_error(tab: TabId, why: &str) -> Effect {
+    let frame = json!({"event": "pusher:error", "data": {"code": 4301, "message": why}});
+    Effect::Answer {
+        tab,
+        msg: Message::text(frame.to_string()),
+    }
+}
 
 /// Why a subscribe is refused at the edge, before the server sees it (what
 /// the server would refuse, or could fail on); None if it may go on.
@@ -199,20 +211,64 @@ impl Pusher {
         }
     }
 
-    /// A tab's client event (`client-…`) on a channel it is subscribed to:
-    /// delivered to its sibling tabs on that channel (the server delivers it
-    /// to every other connection, and the session is one). True if it goes
-    /// upstream too; false if the tab was answered with an error instead.
-    pub(super) fn client_event(&mut self, tab: TabId, wire: &Wire<'_>, out: &mut Effects) -> bool {
+    /// A tab's client event (`client-…`): if the server would accept it,
+    /// delivered to the tab's siblings on that channel (the server delivers
+    /// it to every other connection, and the session is one) and true (it
+    /// goes upstream); else the tab alone is answered with the error the
+    /// server would send, and false. The server accepts one on a private or
+    /// presence channel the tab is subscribed to, with at most 10 KiB of
+    /// data, when the route allows client events, and at most
+    /// `client_event_rate` of them in any one-second window of the session.
+    pub(super) fn client_event(
+        &mut self,
+        tab: TabId,
+        wire: &Wire<'_>,
+        now: impl FnOnce() -> Instant,
+        out: &mut Effects,
+    ) -> bool {
         let Some(channel) = wire.channel.as_deref() else {
             out.push(error_to(tab, "a client event needs a channel"));
             return false;
         };
+        let data_len = wire.data.map_or(0, |d| d.get().len());
+        let refused = if !self.client_events {
+            Some("Client event error: Client events are not enabled for this app".to_string())
+        } else if !(channel.starts_with("private-") || is_presence(channel)) {
+            Some("Client event error: Client events can only be sent to private or presence channels".into())
+        } else if data_len > MAX_CLIENT_EVENT_DATA {
+            Some(format!(
+                "Client event error: Event payload size ({data_len} bytes) exceeds limit (10KB)"
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            out.push(client_event_error(tab, &why));
+            return false;
+        }
         let Some(ch) = self.channels.get(channel).filter(|c| c.tabs.contains(&tab)) else {
             let why = format!("not subscribed to channel {channel}");
             out.push(error_to(tab, &why));
             return false;
         };
+        // The session's one-second window: a fixed window, as the server's
+        // (a token bucket would let through more than it does).
+        let now = now();
+        let (start, sent) = match self.client_window {
+            Some((start, sent)) if now.duration_since(start) < Duration::from_secs(1) => {
+                (start, sent)
+            }
+            _ => (now, 0),
+        };
+        if sent >= self.client_event_rate {
+            self.client_window = Some((start, sent));
+            out.push(client_event_error(
+                tab,
+                "Client event rejected due to rate limit",
+            ));
+            return false;
+        }
+        self.client_window = Some((start, sent + 1));
         let siblings: Vec<TabId> = ch.tabs.iter().copied().filter(|&t| t != tab).collect();
         if !siblings.is_empty() {
             let me = ch.presence.as_ref().and_then(|p| p.me.as_deref());

@@ -35,7 +35,7 @@ fn session(n: u64) -> Pusher {
 /// forward, of that tab's), and its other effects.
 fn from_tab(m: &mut Pusher, tab: u64, v: Value) -> (Option<Forward>, Vec<Effect>) {
     let mut out = Vec::new();
-    m.tab_sent(t(tab), text(v), &mut out).unwrap();
+    m.tab_sent(t(tab), text(v), Instant::now, &mut out).unwrap();
     split_forward(tab, out)
 }
 
@@ -188,7 +188,8 @@ fn subscribes_wait_for_the_greeting() {
     let mut m = Pusher::new(Duration::from_secs(10));
     let mut out = Vec::new();
     m.tab_joined(t(1), &mut out);
-    m.tab_sent(t(1), text(subscribe("a")), &mut out).unwrap();
+    m.tab_sent(t(1), text(subscribe("a")), Instant::now, &mut out)
+        .unwrap();
     assert_eq!(out, []);
     m.upstream_frame(Message::text(GREETING), &mut out);
     assert_eq!(
@@ -497,7 +498,8 @@ fn bad_input_gets_that_tab_an_error_and_goes_nowhere() {
         Message::binary(vec![1u8, 2]),
     ] {
         let mut out = Vec::new();
-        m.tab_sent(t(1), bad.clone(), &mut out).unwrap();
+        m.tab_sent(t(1), bad.clone(), Instant::now, &mut out)
+            .unwrap();
         let (fwd, out) = split_forward(1, out);
         assert_eq!(fwd, None, "{bad:?}");
         assert_eq!(errors_to(&out, 1).len(), 1, "{bad:?}: {out:?}");
@@ -659,4 +661,86 @@ fn one_tab_cannot_take_every_channel_of_its_session() {
         let (_, out) = from_tab(&mut m, 2, subscribe(channel));
         assert!(errors_to(&out, 2).is_empty(), "{channel}: {out:?}");
     }
+}
+
+/// Two tabs subscribed to `channel`; the machine to test.
+fn two_on(channel: &str, m: Pusher) -> Pusher {
+    let mut m = m;
+    m.upstream_frame(Message::text(GREETING), &mut Vec::new());
+    m.tab_joined(t(1), &mut Vec::new());
+    m.tab_joined(t(2), &mut Vec::new());
+    from_tab(&mut m, 1, subscribe(channel));
+    from_upstream(&mut m, succeeded(channel));
+    from_tab(&mut m, 2, subscribe(channel));
+    m
+}
+
+/// What tab 1's client event on `channel` does at `at`.
+fn client_event_at(
+    m: &mut Pusher,
+    channel: &str,
+    data: Value,
+    at: Instant,
+) -> (Option<Forward>, Vec<Effect>) {
+    let mut out = Vec::new();
+    let event = json!({"event": "client-x", "channel": channel, "data": data});
+    m.tab_sent(t(1), text(event), || at, &mut out).unwrap();
+    split_forward(1, out)
+}
+
+/// The 4301 `pusher:error` messages `out` answers tab 1 with.
+fn refusals(out: &[Effect]) -> Vec<String> {
+    errors_to(out, 1)
+        .iter()
+        .map(|e| {
+            assert_eq!(e["data"]["code"], 4301, "{e}");
+            e["data"]["message"].as_str().unwrap_or("").to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn client_events_the_server_would_refuse_are_refused_to_the_sender_alone() {
+    let now = Instant::now();
+    // On a public channel.
+    let mut m = two_on("news", Pusher::new(Duration::from_secs(10)));
+    let (fwd, out) = client_event_at(&mut m, "news", json!({}), now);
+    assert_eq!(fwd, None);
+    assert_eq!(out.len(), 1, "no sibling hears of it: {out:?}");
+    assert!(refusals(&out)[0].contains("private or presence"), "{out:?}");
+    // Over 10 KiB of data.
+    let mut m = two_on("private-a", Pusher::new(Duration::from_secs(10)));
+    let (fwd, out) = client_event_at(&mut m, "private-a", json!("x".repeat(10 * 1024)), now);
+    assert_eq!((fwd, out.len()), (None, 1));
+    assert!(refusals(&out)[0].contains("exceeds limit"), "{out:?}");
+    // At 10 KiB, it goes.
+    let (fwd, _) = client_event_at(&mut m, "private-a", json!("x".repeat(10 * 1024 - 2)), now);
+    assert!(fwd.is_some());
+    // A route with client events off.
+    let off = Pusher::new(Duration::from_secs(10)).with_client_events(false, 10);
+    let mut m = two_on("private-a", off);
+    let (fwd, out) = client_event_at(&mut m, "private-a", json!({}), now);
+    assert_eq!((fwd, out.len()), (None, 1));
+    assert!(refusals(&out)[0].contains("not enabled"), "{out:?}");
+}
+
+#[test]
+fn client_events_are_limited_per_session_in_fixed_one_second_windows() {
+    let start = Instant::now();
+    let mut m = two_on(
+        "private-a",
+        Pusher::new(Duration::from_secs(10)).with_client_events(true, 3),
+    );
+    let at = |ms: u64| start + Duration::from_millis(ms);
+    for ms in [0, 100, 900] {
+        let (fwd, out) = client_event_at(&mut m, "private-a", json!({}), at(ms));
+        assert!(fwd.is_some(), "at {ms} ms: {out:?}");
+    }
+    // The fourth in the window is refused (4301), and reaches no sibling.
+    let (fwd, out) = client_event_at(&mut m, "private-a", json!({}), at(999));
+    assert_eq!((fwd, out.len()), (None, 1));
+    assert_eq!(refusals(&out), ["Client event rejected due to rate limit"]);
+    // A new window a second after the first began.
+    let (fwd, _) = client_event_at(&mut m, "private-a", json!({}), at(1000));
+    assert!(fwd.is_some());
 }
