@@ -273,3 +273,42 @@ async fn a_tab_cannot_choose_whom_its_siblings_see_as_a_client_event_s_sender() 
     let got = b.recv_until("client-hi").await;
     assert_eq!(got["user_id"], "alice", "{got}");
 }
+
+/// One tab floods client events while its sibling subscribes to 30
+/// channels, against a server that allows 10 client events a second per
+/// connection: every subscribe succeeds, the sibling receives no error (a
+/// refusal of the flood is never taken for a subscribe's answer), and the
+/// session's connection stays up.
+#[tokio::test]
+#[ignore = "needs sockudo (.ci/run installs it)"]
+async fn a_client_event_flood_does_not_answer_a_sibling_s_subscribes() {
+    let sockudo =
+        Sockudo::start_with(&[("SOCKUDO_DEFAULT_APP_MAX_CLIENT_EVENTS_PER_SECOND", "10")]).await;
+    let proxy = tabmux_in_front(&sockudo).await;
+    let (mut a, socket_id) = connected(&proxy, "b").await;
+    let (mut b, _) = connected(&proxy, "b").await;
+    subscribed(&mut a, private("private-chat", &socket_id)).await;
+    let event = json!({"event": "client-flood", "channel": "private-chat", "data": {}}).to_string();
+    for n in 0..300 {
+        a.send_text(&event).await;
+        if n % 10 == 0 {
+            b.send_text(&public(&format!("room-{}", n / 10)).to_string())
+                .await;
+        }
+    }
+    let mut ok = 0;
+    while ok < 30 {
+        let v = b.recv_event().await;
+        assert_ne!(
+            v["event"], "pusher:error",
+            "the sibling got the flood's refusal: {v}"
+        );
+        if v["event"] == "pusher_internal:subscription_succeeded" {
+            ok += 1;
+        }
+    }
+    // The flooder was told (by tabmux, or by the server through tabmux).
+    a.recv_until("pusher:error").await;
+    barrier(&mut a).await;
+    assert_eq!(sockudo.connections().await, 1.0);
+}

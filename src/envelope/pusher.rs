@@ -66,12 +66,26 @@ struct Wire<'a> {
     data: Option<&'a RawValue>,
 }
 
-/// What is sent upstream one at a time.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What is sent upstream one at a time: what the server may answer with a
+/// `pusher:error` that names no channel.
+#[derive(Debug, Clone, PartialEq)]
 enum Request {
     Subscribe(String),
     SignIn,
+    /// A tab's client event: queued with its frame; once sent, in flight
+    /// until the server answers the `pusher:ping` tabmux sent behind it
+    /// (the `ping`-th it sent: servers answer in order, so an error before
+    /// that pong is the event's).
+    ClientEvent {
+        tab: TabId,
+        forward: Option<Forward>,
+        ping: u64,
+    },
 }
+
+/// The ping tabmux sends upstream (behind a client event, or to keep a
+/// silent upstream alive).
+const PING: &str = r#"{"event":"pusher:ping","data":{}}"#;
 
 /// The `pusher` envelope's state for one session.
 #[derive(Debug)]
@@ -104,6 +118,9 @@ pub struct Pusher {
     client_events: bool,
     client_event_rate: u32,
     client_window: Option<(Instant, u32)>,
+    /// `pusher:ping`s tabmux sent upstream, and `pusher:pong`s it received.
+    pings: u64,
+    pongs: u64,
 }
 
 impl Pusher {
@@ -126,6 +143,8 @@ impl Pusher {
             client_events: true,
             client_event_rate: 10,
             client_window: None,
+            pings: 0,
+            pongs: 0,
         }
     }
 
@@ -227,13 +246,27 @@ impl Pusher {
                 // the sibling tabs (or not at all, if the tab was answered
                 // with an error); anything else is the server's business,
                 // unchanged.
-                let forward =
-                    !event.starts_with("client-") || self.client_event(tab, &wire, now, out);
-                if forward {
-                    let forward = Forward {
-                        frame: msg,
-                        payload,
-                    };
+                let client = event.starts_with("client-");
+                if client && !self.client_event(tab, &wire, now, out) {
+                    return Ok(());
+                }
+                let forward = Forward {
+                    frame: msg,
+                    payload,
+                };
+                if client {
+                    // The server may refuse it with an error naming no
+                    // channel: it waits its turn, one request in flight.
+                    let forward = Some(forward);
+                    self.request(
+                        Request::ClientEvent {
+                            tab,
+                            forward,
+                            ping: 0,
+                        },
+                        out,
+                    );
+                } else {
                     out.push(Effect::Forward(tab, forward));
                 }
                 Ok(())
@@ -253,8 +286,17 @@ impl Pusher {
         if self.in_flight.is_some() || self.established.is_none() {
             return;
         }
-        while let Some(request) = self.queue.pop_front() {
-            let frame = match &request {
+        while let Some(mut request) = self.queue.pop_front() {
+            let frame = match &mut request {
+                Request::ClientEvent { tab, forward, ping } => {
+                    // The event, then a ping whose pong closes its turn.
+                    if let Some(forward) = forward.take() {
+                        out.push(Effect::Forward(*tab, forward));
+                    }
+                    self.pings += 1;
+                    *ping = self.pings;
+                    Message::text(PING)
+                }
                 Request::Subscribe(name) => match self.channels.get_mut(name) {
                     Some(ch) if ch.upstream == Upstream::Queued => {
                         ch.upstream = Upstream::InFlight;
@@ -329,7 +371,15 @@ impl Pusher {
                     r#"{"event":"pusher:pong","data":{}}"#,
                 )));
             }
-            ("pusher:pong", _) => {}
+            ("pusher:pong", _) => {
+                self.pongs += 1;
+                // The pong behind a client event: its turn is over.
+                if matches!(&self.in_flight, Some(Request::ClientEvent { ping, .. }) if *ping <= self.pongs)
+                {
+                    self.in_flight = None;
+                    self.send_next(out);
+                }
+            }
             ("pusher_internal:subscription_succeeded", Some(name)) => {
                 self.subscribed(name, msg, wire.data, out)
             }
@@ -338,6 +388,9 @@ impl Pusher {
                 // It answers the request in flight.
                 Some(Request::Subscribe(name)) => self.refused(&name, msg, out),
                 Some(Request::SignIn) => self.sign_in_refused(msg, out),
+                // The client event's refusal: its sender's alone (its turn
+                // ends with the pong).
+                Some(Request::ClientEvent { tab, .. }) => out.push(Effect::Answer { tab, msg }),
                 None => broadcast(msg, out),
             },
             ("pusher:signin_success", _) => self.signed_in(msg, out),
@@ -403,9 +456,8 @@ impl Pusher {
         }
         let since = *self.silent_since.get_or_insert(now);
         if self.established.is_some() && now.duration_since(since) >= self.activity_timeout / 2 {
-            out.push(Effect::Upstream(Message::text(
-                r#"{"event":"pusher:ping","data":{}}"#,
-            )));
+            out.push(Effect::Upstream(Message::text(PING)));
+            self.pings += 1;
             self.silent_since = Some(now);
         }
         self.end_lingering(now, out);

@@ -58,6 +58,11 @@ async fn accepting(addr: SocketAddr, what: &str) {
 
 impl Sockudo {
     pub async fn start() -> Sockudo {
+        Sockudo::start_with(&[]).await
+    }
+
+    /// Started with more environment settings (`env`, after the others).
+    pub async fn start_with(env: &[(&str, &str)]) -> Sockudo {
         let (port, metrics_port) = (free_port(), free_port());
         let child = Command::new(binary())
             .env_clear()
@@ -79,6 +84,7 @@ impl Sockudo {
             .env("SOCKUDO_DEFAULT_APP_ENABLED", "true")
             .env("SOCKUDO_DEFAULT_APP_ENABLE_CLIENT_MESSAGES", "true")
             .env("SOCKUDO_DEFAULT_APP_ENABLE_USER_AUTHENTICATION", "true")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -345,9 +345,13 @@ fn a_client_event_goes_upstream_once_and_to_the_sibling_tabs_on_its_channel() {
     let (fwd, out) = from_tab(&mut m, 1, typing.clone());
     assert_eq!(fwd.unwrap().frame, text(typing));
     // Tab 3 is not subscribed, tab 1 sent it: only tab 2, with the user id.
-    let [Effect::Deliver { to, msg, .. }, Effect::Avoided(Saving::Delivery)] = &out[..] else {
+    // (Then the ping whose pong ends the event's turn.)
+    let [Effect::Deliver { to, msg, .. }, Effect::Avoided(Saving::Delivery), Effect::Upstream(ping)] =
+        &out[..]
+    else {
         panic!("{out:?}")
     };
+    assert_eq!(*ping, Message::text(PING));
     assert_eq!(
         *to,
         Target::Tabs {
@@ -732,9 +736,12 @@ fn client_events_are_limited_per_session_in_fixed_one_second_windows() {
         Pusher::new(Duration::from_secs(10)).with_client_events(true, 3),
     );
     let at = |ms: u64| start + Duration::from_millis(ms);
+    let pong = json!({"event": "pusher:pong", "data": {}});
     for ms in [0, 100, 900] {
         let (fwd, out) = client_event_at(&mut m, "private-a", json!({}), at(ms));
         assert!(fwd.is_some(), "at {ms} ms: {out:?}");
+        // Its turn ends with the pong of the ping behind it.
+        from_upstream(&mut m, pong.clone());
     }
     // The fourth in the window is refused (4301), and reaches no sibling.
     let (fwd, out) = client_event_at(&mut m, "private-a", json!({}), at(999));
@@ -743,4 +750,48 @@ fn client_events_are_limited_per_session_in_fixed_one_second_windows() {
     // A new window a second after the first began.
     let (fwd, _) = client_event_at(&mut m, "private-a", json!({}), at(1000));
     assert!(fwd.is_some());
+}
+
+#[test]
+fn client_events_wait_their_turn_and_a_refusal_before_their_pong_is_the_sender_s() {
+    let now = Instant::now();
+    let mut m = two_on("private-a", Pusher::new(Duration::from_secs(10)));
+    // Tab 2 subscribes to a new channel: its answer is pending.
+    let (_, out) = from_tab(&mut m, 2, subscribe("private-b"));
+    assert_eq!(out, [upstream(subscribe("private-b"))]);
+    // Tab 1's client event waits behind it: nothing upstream yet.
+    let (fwd, out) = client_event_at(&mut m, "private-a", json!({"n": 1}), now);
+    assert_eq!(fwd, None);
+    assert!(
+        !out.iter()
+            .any(|e| matches!(e, Effect::Upstream(_) | Effect::Forward(..))),
+        "{out:?}"
+    );
+    // The subscribe's answer: tab 2 has it, and the event goes, with a ping.
+    let out = from_upstream(&mut m, succeeded("private-b"));
+    let event = json!({"event": "client-x", "channel": "private-a", "data": {"n": 1}});
+    let ping = Message::text(PING);
+    let sent: Vec<&Effect> = out
+        .iter()
+        .filter(|e| matches!(e, Effect::Upstream(_) | Effect::Forward(..)))
+        .collect();
+    assert!(
+        matches!(&sent[..], [Effect::Forward(t1, f), Effect::Upstream(p)] if *t1 == t(1) && f.frame == text(event.clone()) && *p == ping),
+        "{out:?}"
+    );
+    // A refusal naming no channel, before the pong: tab 1's alone.
+    let error = json!({"event": "pusher:error", "data": {"code": 4301, "message": "Client event rejected due to rate limit"}});
+    let out = from_upstream(&mut m, error.clone());
+    assert_eq!(
+        out,
+        [Effect::Answer {
+            tab: t(1),
+            msg: text(error)
+        }]
+    );
+    // Until the pong, the next request waits; then it goes.
+    let (_, out) = from_tab(&mut m, 2, subscribe("private-c"));
+    assert_eq!(out, []);
+    let out = from_upstream(&mut m, json!({"event": "pusher:pong", "data": {}}));
+    assert_eq!(out, [upstream(subscribe("private-c"))]);
 }
