@@ -25,6 +25,8 @@ pub const UPSTREAM_REDIALS: &str = "tabmux_upstream_redials";
 pub const ADMISSIONS_REFUSED: &str = "tabmux_admissions_refused";
 pub const FRAMES_DROPPED: &str = "tabmux_frames_dropped";
 pub const TAB_CLOSES: &str = "tabmux_tab_closes";
+/// Tab requests an envelope refused at the edge, by reason.
+pub const EDGE_REFUSALS: &str = "tabmux_edge_refusals";
 pub const UPSTREAM_LOST: &str = "tabmux_upstream_lost";
 pub const TASKS_ALIVE: &str = "tabmux_runtime_tasks_alive";
 pub const BUFFER_HELD: &str = "tabmux_buffer_held_bytes";
@@ -55,7 +57,8 @@ pub struct RouteLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabel {
     pub route: String,
-    /// `to_upstream` (tab messages) or `to_tabs` (deliveries).
+    /// `to_upstream` (every message sent upstream: the tabs', and the frames
+    /// their envelope composed) or `to_tabs` (deliveries).
     pub direction: &'static str,
 }
 
@@ -89,6 +92,7 @@ pub struct Metrics {
     admissions_refused: Family<ReasonLabel, Counter>,
     frames_dropped: Family<ReasonLabel, Counter>,
     tab_closes: Family<ReasonLabel, Counter>,
+    edge_refusals: Family<ReasonLabel, Counter>,
     upstream_lost: Family<SideReasonLabel, Counter>,
     tasks_alive: Gauge,
     buffer_held: Gauge,
@@ -122,6 +126,7 @@ impl Default for Metrics {
             admissions_refused: Family::default(),
             frames_dropped: Family::default(),
             tab_closes: Family::default(),
+            edge_refusals: Family::default(),
             upstream_lost: Family::default(),
             tasks_alive: Gauge::default(),
             buffer_held: Gauge::default(),
@@ -198,7 +203,7 @@ impl Metrics {
         );
         registry.register(
             MESSAGES,
-            "Messages passed on, by direction (to_upstream: from tabs; to_tabs: deliveries)",
+            "Messages passed on, by direction (to_upstream: sent upstream, tabs' messages and the frames their envelope composed; to_tabs: deliveries)",
             m.messages.clone(),
         );
         registry.register(
@@ -248,6 +253,14 @@ impl Metrics {
                 crate::cause::Cause::PROXY_LABELS.join(", ")
             ),
             m.tab_closes.clone(),
+        );
+        registry.register(
+            EDGE_REFUSALS,
+            format!(
+                "Tab requests refused at the edge, before the server saw them, by reason ({})",
+                crate::envelope::Refused::ALL.map(|r| r.label()).join(", ")
+            ),
+            m.edge_refusals.clone(),
         );
         registry.register(
             UPSTREAM_LOST,
@@ -431,7 +444,8 @@ impl RouteMetrics {
         self.ledger.change(0, -1);
     }
 
-    /// A tab message of `bytes` payload bytes was passed upstream.
+    /// A message of `bytes` payload bytes was sent upstream: a tab's, or
+    /// one its envelope composed (a `json` open event, a Pusher subscribe).
     pub fn to_upstream(&self, bytes: usize) {
         self.messages_up.inc();
         self.bytes_up.inc_by(bytes as u64);
@@ -507,6 +521,14 @@ impl RouteMetrics {
             side,
         };
         self.families.upstream_lost.get_or_create(&label).inc();
+    }
+
+    /// Counts a tab's request refused at the edge, by reason.
+    pub fn edge_refused(&self, reason: crate::envelope::Refused) {
+        self.families
+            .edge_refusals
+            .get_or_create(&self.reason(reason.label()))
+            .inc();
     }
 
     /// Counts a tab closed by tabmux, by reason.

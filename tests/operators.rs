@@ -73,8 +73,18 @@ async fn three_sessions_of_four_tabs_and_a_broadcast() {
         dir("to_tabs", "tabmux_bytes_total"),
         4.0 * "\"hello\"".len() as f64
     );
-    assert_eq!(dir("to_upstream", "tabmux_messages_total"), 1.0);
-    assert_eq!(dir("to_upstream", "tabmux_bytes_total"), 5.0);
+    // Every message sent upstream: the tab's (its 5 bytes of payload), and
+    // the twelve `open` events the envelope composed (their whole frames).
+    let (sent, opens) = mock.now(|conns| {
+        let frames: Vec<_> = conns.iter().flat_map(|c| c.frames.iter()).collect();
+        let opens = frames
+            .iter()
+            .filter(|f| f.to_text().unwrap().contains("\"open\""));
+        (frames.len(), opens.map(|f| f.len()).sum::<usize>())
+    });
+    assert_eq!(sent, 13);
+    assert_eq!(dir("to_upstream", "tabmux_messages_total"), 13.0);
+    assert_eq!(dir("to_upstream", "tabmux_bytes_total"), (opens + 5) as f64);
 
     // The status page says the same, and names sessions by hash.
     let s = status(&proxy).await;

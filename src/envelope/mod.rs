@@ -130,6 +130,76 @@ pub enum Effect {
     /// Something a tab asked for was answered without the upstream: a
     /// saving to count.
     Avoided(Saving),
+    /// A tab's request was refused at the edge, before the server saw it
+    /// (its answer is an [`Effect::Answer`] or a close): counted by reason.
+    Refused(Refused),
+}
+
+/// Why a tab's request was refused at the edge: what the server would
+/// refuse, or could fail on (`tabmux_edge_refusals_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Not a frame of the envelope's protocol (not JSON, no event, a
+    /// field missing or of the wrong type, binary where text is spoken).
+    Malformed,
+    /// JSON nested deeper than the envelope allows.
+    Nesting,
+    /// A channel name outside the protocol's rules.
+    ChannelName,
+    /// A private or presence subscribe without `auth`.
+    Auth,
+    /// A presence subscribe without `channel_data`, or with too much.
+    ChannelData,
+    /// The tab's share of its session's channels is taken.
+    TabChannels,
+    /// The session's channels are all taken.
+    SessionChannels,
+    /// About a channel the tab is not subscribed to.
+    NotSubscribed,
+    /// Client events are off on the route.
+    ClientEventsOff,
+    /// A client event on a channel that is neither private nor presence.
+    ClientEventChannel,
+    /// A client event whose data is over the protocol's size.
+    ClientEventSize,
+    /// A client event past the session's `client_event_rate`.
+    ClientEventRate,
+}
+
+impl Refused {
+    /// Every reason, in the order of [`Refused::label`].
+    pub const ALL: [Refused; 12] = [
+        Refused::Malformed,
+        Refused::Nesting,
+        Refused::ChannelName,
+        Refused::Auth,
+        Refused::ChannelData,
+        Refused::TabChannels,
+        Refused::SessionChannels,
+        Refused::NotSubscribed,
+        Refused::ClientEventsOff,
+        Refused::ClientEventChannel,
+        Refused::ClientEventSize,
+        Refused::ClientEventRate,
+    ];
+
+    /// Its `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refused::Malformed => "malformed",
+            Refused::Nesting => "nesting",
+            Refused::ChannelName => "channel_name",
+            Refused::Auth => "auth",
+            Refused::ChannelData => "channel_data",
+            Refused::TabChannels => "tab_channels",
+            Refused::SessionChannels => "session_channels",
+            Refused::NotSubscribed => "not_subscribed",
+            Refused::ClientEventsOff => "client_events_off",
+            Refused::ClientEventChannel => "client_event_channel",
+            Refused::ClientEventSize => "client_event_size",
+            Refused::ClientEventRate => "client_event_rate",
+        }
+    }
 }
 
 /// What a tab's request that tabmux answered itself would have cost upstream.
@@ -271,6 +341,23 @@ impl Machine {
     #[inline]
     pub fn keeps_time(&self) -> bool {
         matches!(self, Machine::Pusher(_))
+    }
+
+    /// Whether the machine keeps state for its session beyond what passes
+    /// through (`pusher`: channels, members, requests waiting their turn):
+    /// then the session reports [`Machine::held`] to the buffer budget.
+    #[inline]
+    pub fn keeps_state(&self) -> bool {
+        matches!(self, Machine::Pusher(_))
+    }
+
+    /// What the machine keeps for its session, in bytes (counted in the
+    /// buffer budget as the session's).
+    pub fn held(&mut self) -> usize {
+        match self {
+            Machine::Json(_) | Machine::None(_) => 0,
+            Machine::Pusher(m) => m.held(),
+        }
     }
 
     /// A deadline given by [`Machine::next_deadline`] has come, at `now`.

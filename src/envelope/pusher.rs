@@ -42,10 +42,10 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{Effect, Effects, Forward, Saving, TabId, Target};
+use super::{Effect, Effects, Forward, Refused, Saving, TabId, Target};
 use crate::cause::{Cause, Lost};
 use channels::{Channel, Upstream};
-use frames::{broadcast, data_object, error_to, nested_deeper_than, take_string};
+use frames::{broadcast, data_object, nested_deeper_than, refuse, take_string};
 use sign_in::SignIn;
 
 pub use channels::{MAX_CHANNELS, MAX_CHANNEL_NAME, MAX_TAB_CHANNELS};
@@ -121,6 +121,10 @@ pub struct Pusher {
     /// `pusher:ping`s tabmux sent upstream, and `pusher:pong`s it received.
     pings: u64,
     pongs: u64,
+    /// What the session's state keeps, in bytes, as last counted, and
+    /// whether it may have changed since ([`Pusher::held`]).
+    held: usize,
+    recount: bool,
 }
 
 impl Pusher {
@@ -145,7 +149,50 @@ impl Pusher {
             client_window: None,
             pings: 0,
             pongs: 0,
+            held: 0,
+            recount: false,
         }
+    }
+
+    /// What the session's Pusher state keeps, in bytes, for the buffer
+    /// budget: the greeting, the channels (their frames, tabs and
+    /// members, a cache channel's last event), the requests waiting their
+    /// turn and the sign-in. Counted again only after something that may
+    /// have changed it (not for an event routed to a channel's tabs).
+    pub fn held(&mut self) -> usize {
+        if std::mem::take(&mut self.recount) {
+            self.held = self.count();
+        }
+        self.held
+    }
+
+    fn count(&self) -> usize {
+        let frame = |m: Option<&Message>| m.map_or(0, Message::len);
+        let tab = std::mem::size_of::<TabId>();
+        let channels: usize = self
+            .channels
+            .iter()
+            .map(|(name, ch)| ch.bytes(name) + std::mem::size_of::<String>())
+            .sum();
+        let queued: usize = self
+            .queue
+            .iter()
+            .map(|r| {
+                std::mem::size_of::<Request>()
+                    + match r {
+                        Request::Subscribe(name) => name.len(),
+                        Request::ClientEvent { forward, .. } => {
+                            frame(forward.as_ref().map(|f| &f.frame))
+                        }
+                        Request::SignIn => 0,
+                    }
+            })
+            .sum();
+        frame(self.established.as_ref())
+            + (self.tabs.capacity() + self.greeting_due.capacity()) * tab
+            + channels
+            + queued
+            + self.sign_in.bytes()
     }
 
     /// The route's `client_events` and `client_event_rate`.
@@ -190,18 +237,36 @@ impl Pusher {
         let text = match &msg {
             Message::Text(t) => t.as_str(),
             _ => {
-                out.push(error_to(tab, "binary frames are not Pusher events"));
+                refuse(
+                    tab,
+                    Refused::Malformed,
+                    None,
+                    "binary frames are not Pusher events",
+                    out,
+                );
                 return Ok(());
             }
         };
         if nested_deeper_than(text, MAX_NESTING) {
-            out.push(error_to(tab, "JSON nested deeper than 32"));
+            refuse(
+                tab,
+                Refused::Nesting,
+                None,
+                "JSON nested deeper than 32",
+                out,
+            );
             return Ok(());
         }
         let wire: Wire<'_> = match serde_json::from_str(text) {
             Ok(w) => w,
             Err(_) => {
-                out.push(error_to(tab, "not a Pusher event (JSON with an `event`)"));
+                refuse(
+                    tab,
+                    Refused::Malformed,
+                    None,
+                    "not a Pusher event (JSON with an `event`)",
+                    out,
+                );
                 return Ok(());
             }
         };
@@ -216,10 +281,17 @@ impl Pusher {
                 Ok(())
             }
             "pusher:subscribe" => {
+                self.recount = true;
                 // Its data parsed once, for the fields tabmux checks.
                 let mut data = data_object(wire.data).unwrap_or_default();
                 let Some(channel) = take_string(&mut data, "channel") else {
-                    out.push(error_to(tab, "pusher:subscribe without a channel"));
+                    refuse(
+                        tab,
+                        Refused::Malformed,
+                        None,
+                        "pusher:subscribe without a channel",
+                        out,
+                    );
                     return Ok(());
                 };
                 let channel_data = take_string(&mut data, "channel_data");
@@ -231,13 +303,21 @@ impl Pusher {
                 let channel =
                     data_object(wire.data).and_then(|mut d| take_string(&mut d, "channel"));
                 let Some(channel) = channel else {
-                    out.push(error_to(tab, "pusher:unsubscribe without a channel"));
+                    refuse(
+                        tab,
+                        Refused::Malformed,
+                        None,
+                        "pusher:unsubscribe without a channel",
+                        out,
+                    );
                     return Ok(());
                 };
+                self.recount = true;
                 self.unsubscribe(tab, &channel, out);
                 Ok(())
             }
             "pusher:signin" => {
+                self.recount = true;
                 self.sign_in(tab, msg, out);
                 Ok(())
             }
@@ -255,6 +335,7 @@ impl Pusher {
                     payload,
                 };
                 if client {
+                    self.recount = true;
                     // The server may refuse it with an error naming no
                     // channel: it waits its turn, one request in flight.
                     let forward = Some(forward);
@@ -298,10 +379,14 @@ impl Pusher {
                     Message::text(PING)
                 }
                 Request::Subscribe(name) => match self.channels.get_mut(name) {
-                    Some(ch) if ch.upstream == Upstream::Queued => {
-                        ch.upstream = Upstream::InFlight;
-                        ch.subscribe.clone()
-                    }
+                    // A queued channel has its frame (let go once answered).
+                    Some(ch) if ch.upstream == Upstream::Queued => match ch.subscribe.clone() {
+                        Some(frame) => {
+                            ch.upstream = Upstream::InFlight;
+                            frame
+                        }
+                        None => continue,
+                    },
                     // Unsubscribed while it waited.
                     _ => continue,
                 },
@@ -322,6 +407,7 @@ impl Pusher {
     /// see this user leave and come back).
     #[inline(never)]
     pub fn tab_left(&mut self, tab: TabId, _code: u16, now: Instant, _out: &mut Effects) {
+        self.recount = true;
         self.tabs.retain(|&t| t != tab);
         self.greeting_due.retain(|&t| t != tab);
         self.leave_channels(tab, now);
@@ -348,6 +434,10 @@ impl Pusher {
         let Ok(wire) = serde_json::from_str::<Wire<'_>>(text.as_str()) else {
             return out.push(Effect::Malformed(super::FrameError::NotJson));
         };
+        // What the state keeps may change, except for an event routed to a
+        // channel's tabs (a cache channel's is remembered: see there).
+        let routed = wire.channel.is_some() && !wire.event.starts_with("pusher");
+        self.recount |= !routed;
         // Borrowed from the frame: no copy of the channel's name per event.
         match (wire.event.as_ref(), wire.channel.as_deref()) {
             ("pusher:connection_established", _) => {
@@ -451,6 +541,7 @@ impl Pusher {
     /// all left longer than `linger` ago are unsubscribed.
     #[inline(never)]
     pub fn tick(&mut self, now: Instant, out: &mut Effects) {
+        self.recount = true;
         if std::mem::take(&mut self.heard) {
             self.silent_since = Some(now);
         }

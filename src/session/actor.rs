@@ -246,8 +246,12 @@ impl<'c> Session<'c> {
                 Event::Linger => Err(SessionEnd::Linger),
             };
             let outcome = outcome.and_then(|()| self.flush_tabs());
-            // The reconnect buffer: only during an outage (and once after).
-            let outcome = if self.uplink.outage.is_some() || self.charge.bytes() != 0 {
+            // The reconnect buffer: only during an outage (and once after);
+            // an envelope's state (`pusher`), every turn.
+            let outcome = if self.uplink.outage.is_some()
+                || self.charge.bytes() != 0
+                || self.envelope.keeps_state()
+            {
                 outcome.and_then(|()| self.account(0))
             } else {
                 outcome
@@ -680,7 +684,15 @@ impl Apply<'_> {
     #[inline(never)]
     fn rare(&mut self, effect: Effect) -> Result<(), SessionEnd> {
         match effect {
-            Effect::Upstream(msg) => self.uplink.queue.push(msg),
+            Effect::Upstream(msg) => {
+                // Sent unless the upstream is down (then dropped at the
+                // flush: an envelope sends its own again once restored).
+                if self.uplink.is_up() {
+                    self.ctx.metrics.to_upstream(msg.len());
+                }
+                self.uplink.queue.push(msg)
+            }
+            Effect::Refused(reason) => self.ctx.metrics.edge_refused(reason),
             Effect::Answer { tab, msg } => self.tabs.answer(tab, msg),
             Effect::Close { to, cause } => self.close(to, cause),
             Effect::Malformed(e) => self.malformed(e),

@@ -21,8 +21,9 @@ use std::time::Duration;
 pub use json::{echo, to_json};
 pub use mock::{Behavior, Conn, Mock, Upstream};
 pub use proxy::{
-    admin_get, memory_returned, metric, proxy, proxy_for, raw_http, reason_count, route, route_to,
-    rss_mib, start_proxy, tabmux_bin, ProxyConfig, Raw, RouteConfig, Spawned, TestProxy,
+    admin_get, memory_returned, metric, peak_rss_mib, proxy, proxy_for, raw_http, reason_count,
+    route, route_to, rss_mib, start_proxy, tabmux_bin, ProxyConfig, Raw, RouteConfig, Spawned,
+    TestProxy,
 };
 pub use tab::{ClientIo, LiveTab, Tab, TabSpec};
 

@@ -54,7 +54,7 @@ pub fn pusher_server() -> Behavior {
     }
 }
 
-fn pusher_reply(m: &Message) -> Option<Message> {
+pub fn pusher_reply(m: &Message) -> Option<Message> {
     let v: Value = serde_json::from_str(m.to_text().ok()?).ok()?;
     match v["event"].as_str()? {
         "pusher:ping" => Some(Message::text(r#"{"event":"pusher:pong","data":{}}"#)),

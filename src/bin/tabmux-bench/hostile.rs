@@ -20,6 +20,9 @@
 //! returned), and the
 //! calm tab's round-trip p50/p99 without and with the attack. Only tabmux
 //! runs it: the other contenders have no budget to hold to.
+//!
+//! Then, where sockudo is installed, the `pusher-siblings` case
+//! (siblings.rs): a tab flooding client events beside calm sibling tabs.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -164,7 +167,9 @@ pub async fn run(exe: &Path, sizes: &Sizes, f: &mut Figures) -> anyhow::Result<(
         "attack_connections".into(),
         seen.connections.load(Ordering::Relaxed) as f64,
     );
-    Ok(())
+    drop(proxy);
+    // The `pusher-siblings` case, where sockudo is installed.
+    crate::siblings::run(exe, f).await
 }
 
 fn sorted(mut v: Vec<u64>) -> Vec<u64> {

@@ -23,6 +23,7 @@ mod load;
 mod procs;
 mod pusher;
 mod report;
+mod siblings;
 
 use report::{percentile, report, slope};
 

@@ -63,6 +63,11 @@ pub struct Sockudo {
 
 impl Sockudo {
     pub fn start(core: usize) -> anyhow::Result<Sockudo> {
+        Sockudo::start_with(core, &[])
+    }
+
+    /// Started with more of sockudo's settings (environment variables).
+    pub fn start_with(core: usize, env: &[(&str, &str)]) -> anyhow::Result<Sockudo> {
         let port = procs::free_port();
         let metrics = SocketAddr::from(([127, 0, 0, 1], procs::free_port()));
         let mut cmd = procs::command_pinned(core, &binary(), &[]);
@@ -88,6 +93,7 @@ impl Sockudo {
                 "SOCKUDO_DEFAULT_APP_MAX_BACKEND_EVENTS_PER_SECOND",
                 "100000",
             )
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
         let child = cmd.spawn().context("cannot start sockudo")?;
@@ -157,6 +163,16 @@ async fn http(addr: SocketAddr, request: &str) -> anyhow::Result<(u16, String)> 
 
 /// One tab of browser `session`: connected, greeted, subscribed.
 async fn tab(target: &Target, session: usize) -> anyhow::Result<Ws> {
+    let (mut ws, _) = greeted(target, session).await?;
+    let subscribe = serde_json::json!({"event": "pusher:subscribe", "data": {"channel": CHANNEL}});
+    ws.send(Message::text(subscribe.to_string())).await?;
+    until(&mut ws, "pusher_internal:subscription_succeeded").await?;
+    Ok(ws)
+}
+
+/// One tab of browser `session`, past its `connection_established`; its
+/// socket id.
+pub async fn greeted(target: &Target, session: usize) -> anyhow::Result<(Ws, String)> {
     let url = format!(
         "ws://{}{}?protocol=7&client=js&version=8.4.0&flash=false",
         target.addr,
@@ -171,19 +187,29 @@ async fn tab(target: &Target, session: usize) -> anyhow::Result<Ws> {
     tcp.set_nodelay(true)?;
     let io: Box<dyn crate::load::Io> = Box::new(tcp);
     let (mut ws, _) = tokio_tungstenite::client_async(req, io).await?;
-    until(&mut ws, "pusher:connection_established").await?;
-    let subscribe = serde_json::json!({"event": "pusher:subscribe", "data": {"channel": CHANNEL}});
-    ws.send(Message::text(subscribe.to_string())).await?;
-    until(&mut ws, "pusher_internal:subscription_succeeded").await?;
-    Ok(ws)
+    let greeting = until(&mut ws, "pusher:connection_established").await?;
+    let greeting: serde_json::Value = serde_json::from_str(&greeting)?;
+    let data: serde_json::Value = serde_json::from_str(greeting["data"].as_str().unwrap_or("{}"))?;
+    let socket_id = data["socket_id"].as_str().unwrap_or("").to_string();
+    Ok((ws, socket_id))
 }
 
-/// Reads until an event of that name.
-async fn until(ws: &mut Ws, event: &str) -> anyhow::Result<()> {
+/// The `auth` of a private channel's subscribe, signed as an app's auth
+/// endpoint signs it.
+pub fn private_auth(socket_id: &str, channel: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, APP_SECRET.as_bytes());
+    let signature = ring::hmac::sign(&key, format!("{socket_id}:{channel}").as_bytes());
+    format!("{APP_KEY}:{}", hex(signature.as_ref()))
+}
+
+/// Reads until an event of that name; that frame.
+pub async fn until(ws: &mut Ws, event: &str) -> anyhow::Result<String> {
     let needle = format!("\"{event}\"");
     loop {
         match ws.next().await {
-            Some(Ok(Message::Text(t))) if t.as_str().contains(&needle) => return Ok(()),
+            Some(Ok(Message::Text(t))) if t.as_str().contains(&needle) => {
+                return Ok(t.as_str().to_string())
+            }
             Some(Ok(_)) => {}
             Some(Err(e)) => return Err(e.into()),
             None => anyhow::bail!("closed before {event}"),
@@ -192,7 +218,7 @@ async fn until(ws: &mut Ws, event: &str) -> anyhow::Result<()> {
 }
 
 /// The stamp in a `tick` event's data (`"data":"<unix ns>"`).
-fn stamp(text: &str) -> Option<u64> {
+pub fn stamp(text: &str) -> Option<u64> {
     let start = text.find("\"data\":\"")? + 8;
     let digits: String = text[start..]
         .chars()
@@ -210,6 +236,16 @@ pub async fn tabs(target: &Target, sessions: usize, per_session: usize) -> anyho
         .collect()
         .await;
     let sockets = sockets.into_iter().collect::<anyhow::Result<Vec<Ws>>>()?;
+    Ok(FanOut::timing(sockets, stamp))
+}
+
+/// `n` tabs of browser `session`, connected and subscribed, each timing
+/// the events it receives.
+pub async fn tabs_of(target: &Target, session: usize, n: usize) -> anyhow::Result<FanOut> {
+    let mut sockets = Vec::with_capacity(n);
+    for _ in 0..n {
+        sockets.push(tab(target, session).await?);
+    }
     Ok(FanOut::timing(sockets, stamp))
 }
 

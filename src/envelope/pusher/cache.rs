@@ -34,6 +34,7 @@ impl Pusher {
     /// channel.
     pub(super) fn remember(&mut self, name: &str, msg: &Message) {
         if is_cache(name) {
+            self.recount = true;
             if let Some(ch) = self.channels.get_mut(name) {
                 ch.last_event = Some(msg.clone());
             }

@@ -13,10 +13,10 @@ use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::cache::{cached_or_miss, is_cache};
-use super::frames::{client_event, deliver, error_to, unsubscribe_frame};
+use super::frames::{client_event, deliver, refuse, unsubscribe_frame};
 use super::presence::{is_presence, Presence};
 use super::{Pusher, Request, Wire};
-use crate::envelope::{Effect, Effects, Saving, TabId, Target};
+use crate::envelope::{Effect, Effects, Refused, Saving, TabId, Target};
 
 /// The longest channel name a tab may use: Pusher's own limit (a stricter
 /// server's refusal is the subscribe's answer).
@@ -36,35 +36,41 @@ pub const MAX_CHANNEL_DATA: usize = 1024;
 /// The most data (its JSON text) a client event may carry: Pusher's limit.
 pub const MAX_CLIENT_EVENT_DATA: usize = 10 * 1024;
 
-/// The `pusher:error` (4301) the server answers a client event it refuses.
-fn client_event_error(tab: TabId, why: &str) -> Effect {
-    let frame = json!({"event": "pusher:error", "data": {"code": 4301, "message": why}});
-    Effect::Answer {
-        tab,
-        msg: Message::text(frame.to_string()),
-    }
-}
+/// The code of the `pusher:error` the server answers a client event it
+/// refuses.
+const CLIENT_EVENT_ERROR: Option<u16> = Some(4301);
 
 /// Why a subscribe is refused at the edge, before the server sees it (what
 /// the server would refuse, or could fail on); None if it may go on.
-fn refused_subscribe(name: &str, auth: bool, channel_data: Option<&str>) -> Option<&'static str> {
+fn refused_subscribe(
+    name: &str,
+    auth: bool,
+    channel_data: Option<&str>,
+) -> Option<(Refused, &'static str)> {
     // The user's own channel, which a client subscribes to once signed in.
     let user_channel = name.strip_prefix("#server-to-user-");
     let allowed = |c: char| c.is_ascii_alphanumeric() || "_-=@,.;".contains(c);
     if name.is_empty() || name.len() > MAX_CHANNEL_NAME {
-        return Some("channel name is empty or over 164 characters");
+        let why = "channel name is empty or over 164 characters";
+        return Some((Refused::ChannelName, why));
     }
     if !user_channel.unwrap_or(name).chars().all(allowed) {
-        return Some("channel name has characters outside A-Z a-z 0-9 _ - = @ , . ;");
+        let why = "channel name has characters outside A-Z a-z 0-9 _ - = @ , . ;";
+        return Some((Refused::ChannelName, why));
     }
     let private = name.starts_with("private-") || is_presence(name);
     if private && !auth {
-        return Some("a private or presence channel needs auth");
+        return Some((Refused::Auth, "a private or presence channel needs auth"));
     }
     if is_presence(name) {
         match channel_data {
-            None => return Some("a presence channel needs channel_data"),
-            Some(d) if d.len() > MAX_CHANNEL_DATA => return Some("channel_data is over 1 KB"),
+            None => {
+                let why = "a presence channel needs channel_data";
+                return Some((Refused::ChannelData, why));
+            }
+            Some(d) if d.len() > MAX_CHANNEL_DATA => {
+                return Some((Refused::ChannelData, "channel_data is over 1 KB"))
+            }
             Some(_) => {}
         }
     }
@@ -86,8 +92,9 @@ pub(super) enum Upstream {
 #[derive(Debug)]
 pub(super) struct Channel {
     pub upstream: Upstream,
-    /// The first tab's `pusher:subscribe`, sent upstream unchanged.
-    pub subscribe: Message,
+    /// The first tab's `pusher:subscribe`, sent upstream unchanged; let go
+    /// once the upstream answered (a later tab is answered here).
+    pub subscribe: Option<Message>,
     /// Tabs subscribed, in the order they subscribed.
     pub tabs: Vec<TabId>,
     /// Tabs waiting for the subscription's answer.
@@ -113,6 +120,19 @@ impl Channel {
 
     fn has(&self, tab: TabId) -> bool {
         self.tabs.contains(&tab) || self.waiting.contains(&tab)
+    }
+
+    /// What the channel keeps, in bytes (for the buffer budget): its name,
+    /// its frames, its tabs and its members.
+    pub(super) fn bytes(&self, name: &str) -> usize {
+        let frame = |m: &Option<Message>| m.as_ref().map_or(0, Message::len);
+        std::mem::size_of::<Channel>()
+            + name.len()
+            + frame(&self.subscribe)
+            + frame(&self.succeeded)
+            + frame(&self.last_event)
+            + (self.tabs.capacity() + self.waiting.capacity()) * std::mem::size_of::<TabId>()
+            + self.presence.as_ref().map_or(0, Presence::bytes)
     }
 
     /// What a tab that subscribes to this channel once it is subscribed is
@@ -143,14 +163,13 @@ impl Pusher {
         msg: Message,
         out: &mut Effects,
     ) {
-        if let Some(why) = refused_subscribe(&name, auth, channel_data.as_deref()) {
-            out.push(error_to(tab, why));
-            return;
+        if let Some((reason, why)) = refused_subscribe(&name, auth, channel_data.as_deref()) {
+            return refuse(tab, reason, None, why, out);
         }
         let mine = self.channels.values().filter(|ch| ch.has(tab)).count();
         if mine >= MAX_TAB_CHANNELS && !self.channels.get(&name).is_some_and(|ch| ch.has(tab)) {
-            out.push(error_to(tab, "too many channels for this tab"));
-            return;
+            let why = "too many channels for this tab";
+            return refuse(tab, Refused::TabChannels, None, why, out);
         }
         if let Some(ch) = self.channels.get_mut(&name) {
             if ch.has(tab) {
@@ -177,15 +196,15 @@ impl Pusher {
             return;
         }
         if self.channels.len() >= MAX_CHANNELS {
-            out.push(error_to(tab, "too many channels in this session"));
-            return;
+            let why = "too many channels in this session";
+            return refuse(tab, Refused::SessionChannels, None, why, out);
         }
         let presence = is_presence(&name).then(|| Presence::new(channel_data.as_deref()));
         self.channels.insert(
             name.clone(),
             Channel {
                 upstream: Upstream::Queued,
-                subscribe: msg,
+                subscribe: Some(msg),
                 tabs: Vec::new(),
                 waiting: vec![tab],
                 succeeded: None,
@@ -201,8 +220,8 @@ impl Pusher {
     /// last tab left it.
     pub(super) fn unsubscribe(&mut self, tab: TabId, name: &str, out: &mut Effects) {
         let Some(ch) = self.channels.get_mut(name).filter(|c| c.has(tab)) else {
-            out.push(error_to(tab, &format!("not subscribed to channel {name}")));
-            return;
+            let why = format!("not subscribed to channel {name}");
+            return refuse(tab, Refused::NotSubscribed, None, &why, out);
         };
         ch.tabs.retain(|&t| t != tab);
         ch.waiting.retain(|&t| t != tab);
@@ -227,28 +246,32 @@ impl Pusher {
         out: &mut Effects,
     ) -> bool {
         let Some(channel) = wire.channel.as_deref() else {
-            out.push(error_to(tab, "a client event needs a channel"));
+            let why = "a client event needs a channel";
+            refuse(tab, Refused::Malformed, None, why, out);
             return false;
         };
         let data_len = wire.data.map_or(0, |d| d.get().len());
         let refused = if !self.client_events {
-            Some("Client event error: Client events are not enabled for this app".to_string())
+            let why = "Client event error: Client events are not enabled for this app";
+            Some((Refused::ClientEventsOff, why.to_string()))
         } else if !(channel.starts_with("private-") || is_presence(channel)) {
-            Some("Client event error: Client events can only be sent to private or presence channels".into())
+            let why = "Client event error: Client events can only be sent to private or presence channels";
+            Some((Refused::ClientEventChannel, why.into()))
         } else if data_len > MAX_CLIENT_EVENT_DATA {
-            Some(format!(
+            let why = format!(
                 "Client event error: Event payload size ({data_len} bytes) exceeds limit (10KB)"
-            ))
+            );
+            Some((Refused::ClientEventSize, why))
         } else {
             None
         };
-        if let Some(why) = refused {
-            out.push(client_event_error(tab, &why));
+        if let Some((reason, why)) = refused {
+            refuse(tab, reason, CLIENT_EVENT_ERROR, &why, out);
             return false;
         }
         let Some(ch) = self.channels.get(channel).filter(|c| c.tabs.contains(&tab)) else {
             let why = format!("not subscribed to channel {channel}");
-            out.push(error_to(tab, &why));
+            refuse(tab, Refused::NotSubscribed, None, &why, out);
             return false;
         };
         // The session's one-second window: a fixed window, as the server's
@@ -262,10 +285,8 @@ impl Pusher {
         };
         if sent >= self.client_event_rate {
             self.client_window = Some((start, sent));
-            out.push(client_event_error(
-                tab,
-                "Client event rejected due to rate limit",
-            ));
+            let why = "Client event rejected due to rate limit";
+            refuse(tab, Refused::ClientEventRate, CLIENT_EVENT_ERROR, why, out);
             return false;
         }
         self.client_window = Some((start, sent + 1));
@@ -326,6 +347,7 @@ impl Pusher {
             return self.send_next(out);
         };
         ch.upstream = Upstream::Subscribed;
+        ch.subscribe = None;
         match ch.presence.as_mut() {
             Some(p) => p.members_from(data),
             None => ch.succeeded = Some(msg.clone()),

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::Wire;
-use crate::envelope::{Effect, Effects, TabId, Target};
+use crate::envelope::{Effect, Effects, Refused, TabId, Target};
 
 /// Every tab of the session.
 pub(super) fn broadcast(msg: Message, out: &mut Effects) {
@@ -37,13 +37,16 @@ pub(super) fn deliver(tabs: Vec<TabId>, msg: Message, out: &mut Effects) {
     });
 }
 
-/// `pusher:error` to one tab, about its own input.
-pub(super) fn error_to(tab: TabId, why: &str) -> Effect {
-    let frame = json!({"event": "pusher:error", "data": {"code": null, "message": why}});
-    Effect::Answer {
+/// A tab's input refused at the edge: `pusher:error` to that tab alone,
+/// with `code` (null when the server's own refusal has none) and `why`,
+/// counted by `reason`.
+pub(super) fn refuse(tab: TabId, reason: Refused, code: Option<u16>, why: &str, out: &mut Effects) {
+    let frame = json!({"event": "pusher:error", "data": {"code": code, "message": why}});
+    out.push(Effect::Refused(reason));
+    out.push(Effect::Answer {
         tab,
         msg: Message::text(frame.to_string()),
-    }
+    });
 }
 
 pub(super) fn unsubscribe_frame(name: &str) -> Message {

@@ -22,6 +22,29 @@ pub(super) struct Presence {
     /// The session's own user id (from the first subscribe's
     /// `channel_data`), added to client events delivered to sibling tabs.
     pub me: Option<String>,
+    /// What `ids` and `hash` keep, in bytes (kept as they change).
+    members_bytes: usize,
+}
+
+/// What a member keeps, in bytes: its id (twice: in `ids` and as a key)
+/// and its user info.
+fn member_bytes(id: &str, info: &Value) -> usize {
+    2 * (id.len() + std::mem::size_of::<String>()) + value_bytes(info)
+}
+
+/// What a JSON value keeps in memory, in bytes (close enough for the
+/// buffer budget: its nodes and its strings).
+fn value_bytes(v: &Value) -> usize {
+    std::mem::size_of::<Value>()
+        + match v {
+            Value::String(s) => s.len(),
+            Value::Array(a) => a.iter().map(value_bytes).sum(),
+            Value::Object(o) => o
+                .iter()
+                .map(|(k, v)| k.len() + std::mem::size_of::<String>() + value_bytes(v))
+                .sum(),
+            _ => 0,
+        }
 }
 
 pub(super) fn is_presence(name: &str) -> bool {
@@ -53,6 +76,12 @@ impl Presence {
             Some(ids) => ids.iter().filter_map(id_of).collect(),
             None => self.hash.keys().cloned().collect(),
         };
+        self.members_bytes = self.hash.iter().map(|(id, v)| member_bytes(id, v)).sum();
+    }
+
+    /// What the channel's presence state keeps, in bytes.
+    pub fn bytes(&self) -> usize {
+        self.members_bytes + self.me.as_ref().map_or(0, String::len)
     }
 
     fn added(&mut self, data: &serde_json::Map<String, Value>) {
@@ -63,13 +92,18 @@ impl Presence {
             self.ids.push(id.clone());
         }
         let info = data.get("user_info").cloned().unwrap_or(Value::Null);
-        self.hash.insert(id, info);
+        self.members_bytes += member_bytes(&id, &info);
+        if let Some(old) = self.hash.insert(id.clone(), info) {
+            self.members_bytes = self.members_bytes.saturating_sub(member_bytes(&id, &old));
+        }
     }
 
     fn removed(&mut self, data: &serde_json::Map<String, Value>) {
         if let Some(id) = data.get("user_id").and_then(id_of) {
             self.ids.retain(|i| *i != id);
-            self.hash.remove(&id);
+            if let Some(old) = self.hash.remove(&id) {
+                self.members_bytes = self.members_bytes.saturating_sub(member_bytes(&id, &old));
+            }
         }
     }
 

@@ -36,6 +36,16 @@ impl SignIn {
         }
     }
 
+    /// What the sign-in keeps, in bytes: its frame or its answer.
+    pub fn bytes(&self) -> usize {
+        match self {
+            SignIn::None => 0,
+            SignIn::Pending { frame: m, tabs } | SignIn::Done { success: m, tabs } => {
+                m.len() + tabs.capacity() * std::mem::size_of::<TabId>()
+            }
+        }
+    }
+
     /// A tab left: it waits for no answer and gets no user event.
     pub fn tab_left(&mut self, tab: TabId) {
         match self {

@@ -95,6 +95,14 @@ fn answer(tab: u64, msg: Message) -> Effect {
     Effect::Answer { tab: t(tab), msg }
 }
 
+/// The reason `out` counts a refusal at the edge for, if it does.
+fn refused(out: &[Effect]) -> Option<Refused> {
+    out.iter().find_map(|e| match e {
+        Effect::Refused(r) => Some(*r),
+        _ => None,
+    })
+}
+
 /// The `pusher:error` frames answered to `tab`, as JSON.
 fn errors_to(out: &[Effect], tab: u64) -> Vec<Value> {
     out.iter()
@@ -507,7 +515,8 @@ fn bad_input_gets_that_tab_an_error_and_goes_nowhere() {
         let (fwd, out) = split_forward(1, out);
         assert_eq!(fwd, None, "{bad:?}");
         assert_eq!(errors_to(&out, 1).len(), 1, "{bad:?}: {out:?}");
-        assert_eq!(out.len(), 1, "only that tab hears of it: {out:?}");
+        assert_eq!(out.len(), 2, "only that tab hears of it: {out:?}");
+        assert!(refused(&out).is_some(), "counted: {out:?}");
     }
 }
 
@@ -612,19 +621,38 @@ fn what_the_server_would_refuse_or_fail_on_is_refused_to_that_tab_alone() {
         "[".repeat(MAX_NESTING + 1),
         "]".repeat(MAX_NESTING + 1)
     );
-    let refused = [
-        json!({"event": "pusher:subscribe", "data": {"channel": "a b"}}),
-        json!({"event": "pusher:subscribe", "data": {"channel": "x".repeat(165)}}),
-        json!({"event": "pusher:subscribe", "data": {"channel": "private-a"}}),
-        json!({"event": "pusher:subscribe", "data": {"channel": "presence-a", "auth": "k:s"}}),
-        json!({"event": "pusher:subscribe", "data": {"channel": "presence-a", "auth": "k:s", "channel_data": "x".repeat(1025)}}),
-        json!({"event": "client-x", "channel": "private-a", "data": serde_json::from_str::<Value>(&deep).unwrap()}),
+    let cases = [
+        (
+            json!({"event": "pusher:subscribe", "data": {"channel": "a b"}}),
+            Refused::ChannelName,
+        ),
+        (
+            json!({"event": "pusher:subscribe", "data": {"channel": "x".repeat(165)}}),
+            Refused::ChannelName,
+        ),
+        (
+            json!({"event": "pusher:subscribe", "data": {"channel": "private-a"}}),
+            Refused::Auth,
+        ),
+        (
+            json!({"event": "pusher:subscribe", "data": {"channel": "presence-a", "auth": "k:s"}}),
+            Refused::ChannelData,
+        ),
+        (
+            json!({"event": "pusher:subscribe", "data": {"channel": "presence-a", "auth": "k:s", "channel_data": "x".repeat(1025)}}),
+            Refused::ChannelData,
+        ),
+        (
+            json!({"event": "client-x", "channel": "private-a", "data": serde_json::from_str::<Value>(&deep).unwrap()}),
+            Refused::Nesting,
+        ),
     ];
-    for frame in refused {
+    for (frame, reason) in cases {
         let (fwd, out) = from_tab(&mut m, 1, frame.clone());
         assert_eq!(fwd, None, "{frame}");
         assert_eq!(errors_to(&out, 1).len(), 1, "{frame}: {out:?}");
-        assert_eq!(out.len(), 1, "only that tab hears of it: {out:?}");
+        assert_eq!(out.len(), 2, "only that tab hears of it: {out:?}");
+        assert_eq!(refused(&out), Some(reason), "{frame}");
     }
     // What a client really sends goes on: a name at Pusher's limit, every
     // character it allows, and the signed-in user's own channel.
@@ -659,7 +687,8 @@ fn one_tab_cannot_take_every_channel_of_its_session() {
         assert!(errors_to(&out, 1).is_empty(), "channel {n}: {out:?}");
     }
     let (fwd, out) = from_tab(&mut m, 1, subscribe("one-more"));
-    assert_eq!((fwd, errors_to(&out, 1).len(), out.len()), (None, 1, 1));
+    assert_eq!((fwd, errors_to(&out, 1).len(), out.len()), (None, 1, 2));
+    assert_eq!(refused(&out), Some(Refused::TabChannels));
     // Its sibling still subscribes, to a new channel and to one of tab 1's.
     for channel in ["mine", "c0"] {
         let (_, out) = from_tab(&mut m, 2, subscribe(channel));
@@ -710,12 +739,14 @@ fn client_events_the_server_would_refuse_are_refused_to_the_sender_alone() {
     let mut m = two_on("news", Pusher::new(Duration::from_secs(10)));
     let (fwd, out) = client_event_at(&mut m, "news", json!({}), now);
     assert_eq!(fwd, None);
-    assert_eq!(out.len(), 1, "no sibling hears of it: {out:?}");
+    assert_eq!(out.len(), 2, "no sibling hears of it: {out:?}");
+    assert_eq!(refused(&out), Some(Refused::ClientEventChannel));
     assert!(refusals(&out)[0].contains("private or presence"), "{out:?}");
     // Over 10 KiB of data.
     let mut m = two_on("private-a", Pusher::new(Duration::from_secs(10)));
     let (fwd, out) = client_event_at(&mut m, "private-a", json!("x".repeat(10 * 1024)), now);
-    assert_eq!((fwd, out.len()), (None, 1));
+    assert_eq!((fwd, out.len()), (None, 2));
+    assert_eq!(refused(&out), Some(Refused::ClientEventSize));
     assert!(refusals(&out)[0].contains("exceeds limit"), "{out:?}");
     // At 10 KiB, it goes.
     let (fwd, _) = client_event_at(&mut m, "private-a", json!("x".repeat(10 * 1024 - 2)), now);
@@ -724,7 +755,8 @@ fn client_events_the_server_would_refuse_are_refused_to_the_sender_alone() {
     let off = Pusher::new(Duration::from_secs(10)).with_client_events(false, 10);
     let mut m = two_on("private-a", off);
     let (fwd, out) = client_event_at(&mut m, "private-a", json!({}), now);
-    assert_eq!((fwd, out.len()), (None, 1));
+    assert_eq!((fwd, out.len()), (None, 2));
+    assert_eq!(refused(&out), Some(Refused::ClientEventsOff));
     assert!(refusals(&out)[0].contains("not enabled"), "{out:?}");
 }
 
@@ -745,7 +777,8 @@ fn client_events_are_limited_per_session_in_fixed_one_second_windows() {
     }
     // The fourth in the window is refused (4301), and reaches no sibling.
     let (fwd, out) = client_event_at(&mut m, "private-a", json!({}), at(999));
-    assert_eq!((fwd, out.len()), (None, 1));
+    assert_eq!((fwd, out.len()), (None, 2));
+    assert_eq!(refused(&out), Some(Refused::ClientEventRate));
     assert_eq!(refusals(&out), ["Client event rejected due to rate limit"]);
     // A new window a second after the first began.
     let (fwd, _) = client_event_at(&mut m, "private-a", json!({}), at(1000));
@@ -794,4 +827,48 @@ fn client_events_wait_their_turn_and_a_refusal_before_their_pong_is_the_sender_s
     assert_eq!(out, []);
     let out = from_upstream(&mut m, json!({"event": "pusher:pong", "data": {}}));
     assert_eq!(out, [upstream(subscribe("private-c"))]);
+}
+
+#[test]
+fn what_the_session_keeps_is_counted_and_a_subscribe_frame_is_let_go_once_answered() {
+    let mut m = session(2);
+    let empty = m.held();
+    let big = |channel: &str| {
+        json!({"event": "pusher:subscribe",
+            "data": {"channel": channel, "auth": "k".repeat(60_000)}})
+    };
+    // One in flight, one queued behind it: both frames are kept.
+    from_tab(&mut m, 1, big("private-a"));
+    from_tab(&mut m, 2, big("private-b"));
+    let waiting = m.held();
+    assert!(waiting >= empty + 120_000, "{empty} → {waiting}");
+    // Answered: each frame is let go (a later tab is answered here).
+    from_upstream(&mut m, succeeded("private-a"));
+    from_upstream(&mut m, succeeded("private-b"));
+    let answered = m.held();
+    assert!(answered < empty + 2_000, "{empty} → {answered}");
+    // A presence channel's members count, as they come and go.
+    from_tab(&mut m, 1, subscribe("presence-a"));
+    let members = json!({"presence": {"ids": ["u1"], "hash": {"u1": {}}, "count": 1}});
+    from_upstream(
+        &mut m,
+        json!({"event": "pusher_internal:subscription_succeeded", "channel": "presence-a",
+            "data": members.to_string()}),
+    );
+    let before = m.held();
+    let info = json!({"name": "x".repeat(5_000)});
+    let added = json!({"event": "pusher_internal:member_added", "channel": "presence-a",
+        "data": json!({"user_id": "u2", "user_info": info}).to_string()});
+    from_upstream(&mut m, added);
+    assert!(m.held() >= before + 5_000, "{before} → {}", m.held());
+    let removed = json!({"event": "pusher_internal:member_removed", "channel": "presence-a",
+        "data": json!({"user_id": "u2"}).to_string()});
+    from_upstream(&mut m, removed);
+    assert_eq!(m.held(), before);
+    // A cache channel's last event counts until the next replaces it.
+    subscribed(&mut m, "cache-a");
+    let before = m.held();
+    let event = json!({"event": "e", "channel": "cache-a", "data": "y".repeat(8_000)});
+    from_upstream(&mut m, event);
+    assert!(m.held() >= before + 8_000);
 }

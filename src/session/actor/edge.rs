@@ -53,7 +53,8 @@ impl Session<'_> {
     }
 
     /// Reports the session's own holdings to the buffer budget: its
-    /// reconnect buffer, and `unwritten` bytes its upstream has not taken.
+    /// reconnect buffer, what its envelope keeps (`pusher`'s channels), and
+    /// `unwritten` bytes its upstream has not taken.
     pub(super) fn account(&mut self, unwritten: usize) -> Result<(), SessionEnd> {
         match self.report(unwritten) {
             Verdict::Fine => Ok(()),
@@ -62,7 +63,7 @@ impl Session<'_> {
     }
 
     fn report(&mut self, unwritten: usize) -> Verdict {
-        let buffered = self.uplink.buffered_bytes();
+        let buffered = self.uplink.buffered_bytes() + self.envelope.held();
         let holders = &self.tabs.holders;
         holders
             .budget
