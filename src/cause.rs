@@ -71,6 +71,14 @@ pub enum Cause {
     /// The upstream was lost and the protocol's clients reconnect
     /// themselves (Pusher's 4200, "reconnect at once").
     Reconnect,
+    /// The upstream was lost and the protocol's clients retry (GraphQL:
+    /// 1012, which graphql-ws clients reconnect on).
+    UpstreamLost,
+    /// The tab broke its subprotocol's rules (or never spoke it), closed
+    /// as that protocol's server closes it (graphql-ws: 4400, 4401, 4406,
+    /// 4408, 4409, 4429), or a session limit reached after the handshake
+    /// was answered (1013, naming the limit).
+    Subprotocol { code: u16, reason: String },
     /// The backend asked for the close, with this code and reason.
     Backend { code: u16, reason: String },
 }
@@ -107,6 +115,8 @@ impl Cause {
             Cause::UpstreamUnavailable => (1011, "upstream unavailable", "upstream_lost", Proxy),
             Cause::ReconnectBufferFull => (1013, "reconnect buffer full", "buffer_full", Proxy),
             Cause::Reconnect => (4200, "upstream lost; reconnect", "reconnect", Proxy),
+            Cause::UpstreamLost => (1012, "upstream lost", "upstream_lost", Proxy),
+            Cause::Subprotocol { code, reason } => (*code, reason.as_str(), "subprotocol", Proxy),
             Cause::Backend { code, reason } => (*code, reason.as_str(), "backend", Backend),
         };
         Row {
@@ -148,7 +158,7 @@ impl Cause {
 
     /// Every label [`Cause::row`] gives a tab that tabmux closed (the
     /// metric's help text lists them).
-    pub const PROXY_LABELS: [&'static str; 13] = [
+    pub const PROXY_LABELS: [&'static str; 14] = [
         "invalid_json",
         "invalid_utf8",
         "too_big",
@@ -161,6 +171,7 @@ impl Cause {
         "upstream_lost",
         "buffer_full",
         "reconnect",
+        "subprotocol",
         "backend",
     ];
 }
@@ -407,8 +418,13 @@ mod tests {
             Cause::Idle,
             Cause::Shutdown,
             Cause::UpstreamUnavailable,
+            Cause::UpstreamLost,
             Cause::ReconnectBufferFull,
             Cause::Reconnect,
+            Cause::Subprotocol {
+                code: 4400,
+                reason: "Invalid message received".into(),
+            },
             Cause::Backend {
                 code: 4001,
                 reason: "bye".into(),
@@ -433,8 +449,10 @@ mod tests {
             (1001, "idle timeout", "idle"),
             (1001, "going away", "shutdown"),
             (1011, "upstream unavailable", "upstream_lost"),
+            (1012, "upstream lost", "upstream_lost"),
             (1013, "reconnect buffer full", "buffer_full"),
             (4200, "upstream lost; reconnect", "reconnect"),
+            (4400, "Invalid message received", "subprotocol"),
             (4001, "bye", "backend"),
         ];
         assert_eq!(rows.len(), want.len());
@@ -445,7 +463,9 @@ mod tests {
 
     #[test]
     fn every_label_tabmux_closes_with_is_listed() {
-        let labels: Vec<&str> = every_proxy_cause().iter().map(|c| c.row().label).collect();
+        let mut labels: Vec<&str> = every_proxy_cause().iter().map(|c| c.row().label).collect();
+        // Two causes share `upstream_lost` (1011 and 1012).
+        labels.dedup();
         assert_eq!(labels, Cause::PROXY_LABELS);
     }
 

@@ -66,6 +66,7 @@ pub mod listener;
 pub mod logging;
 pub mod memory;
 pub mod metrics;
+pub mod placement;
 pub mod proxy_protocol;
 pub mod queue;
 pub mod rate;

@@ -230,6 +230,12 @@ impl Tab {
         self.id
     }
 
+    /// The id its session gave it, for a tab placed in its session after
+    /// its handshake (`crate::placement`).
+    pub fn set_id(&mut self, id: TabId) {
+        self.id = id;
+    }
+
     /// Message bytes held for this tab outside its outbox: what tungstenite
     /// has not written while the socket is full, and the message the tab is
     /// part way through sending (the buffer budget counts both).

@@ -24,9 +24,12 @@ use tracing::{debug, field, info, Instrument};
 
 use crate::cause::Refusal;
 use crate::client::Client;
-use crate::config::{MissingCookie, Route};
+use crate::config::{Envelope, MissingCookie, Route};
+use crate::envelope::graphql::Subprotocol;
+use crate::envelope::TabId;
 use crate::limits::{Handshake, TabPermit};
-use crate::session::{JoinInfo, Joined, NewSession, SessionKey};
+use crate::placement::Placement;
+use crate::session::{JoinInfo, Joined, NewSession};
 use crate::shared::{Live, RouteRuntime, Shared};
 use crate::tab::Tab;
 use crate::upstream::DialParams;
@@ -96,9 +99,9 @@ impl Answer for Refusal {
 /// The admission checks, in the order the module doc lists them.
 async fn admit(
     req: Request<Incoming>,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     live: &Live,
-    rt: &RouteRuntime,
+    rt: &Arc<RouteRuntime>,
     client: Client,
     handshake: Handshake,
 ) -> HttpResponse {
@@ -110,9 +113,9 @@ async fn admit(
 
 async fn admit_steps(
     mut req: Request<Incoming>,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     live: &Live,
-    rt: &RouteRuntime,
+    rt: &Arc<RouteRuntime>,
     client: Client,
     handshake: Handshake,
 ) -> Result<HttpResponse, Refusal> {
@@ -121,7 +124,43 @@ async fn admit_steps(
     check_origin(req.headers(), route)?;
     let protocols = requested_protocols(req.headers());
     let query = req.uri().query().unwrap_or("").to_string();
-    let (session_key, own) = session_key(shared, rt, req.headers(), &protocols, &query)?;
+    let cookie = session_cookie(rt, req.headers())?;
+    let keyed_query = if route.forward_query {
+        query.as_str()
+    } else {
+        ""
+    };
+    if route.envelope == Envelope::Graphql {
+        // Placed in its session once its `connection_init` has come.
+        let protocol = Subprotocol::choose(&protocols);
+        let permit = shared
+            .limits
+            .tab_after(client.limit_key(), handshake.take())
+            .map_err(Refusal::Limit)?;
+        let offered = protocol.map(|p| p.name()).unwrap_or_default();
+        let placement = Placement {
+            shared: shared.clone(),
+            rt: rt.clone(),
+            keyed_query: keyed_query.to_string(),
+            protocol,
+            new: new_session(shared, live, route, &req, client, offered, &query, &cookie),
+            info: join_info(route, req.headers(), query.clone()),
+            cookie,
+        };
+        return Ok(place_later(&mut req, key, placement, permit));
+    }
+    let (session_key, own) = match &cookie {
+        Some(value) => {
+            let key = shared.hasher.shared(
+                &route.path,
+                value,
+                protocols.as_bytes(),
+                keyed_query.as_bytes(),
+            );
+            (key, false)
+        }
+        None => (shared.hasher.direct(), true),
+    };
     let span = tracing::Span::current();
     span.record("session", field::display(session_key.name()));
     // The connection's handshake slot becomes the tab's.
@@ -187,31 +226,81 @@ fn check_origin(headers: &HeaderMap, route: &Route) -> Result<(), Refusal> {
     Err(Refusal::Origin)
 }
 
-/// The session the tab belongs to: keyed by its cookie (with its
-/// subprotocols and, when forwarded, its query), or a session of its own
-/// (`missing_cookie = "direct"`; then true).
-fn session_key(
-    shared: &Shared,
-    rt: &RouteRuntime,
-    headers: &HeaderMap,
-    protocols: &str,
-    query: &str,
-) -> Result<(SessionKey, bool), Refusal> {
+/// The session cookie's values, which key the tab's session (with its
+/// subprotocols and, when forwarded, its query); None for a session of its
+/// own (`missing_cookie = "direct"`).
+fn session_cookie(rt: &RouteRuntime, headers: &HeaderMap) -> Result<Option<Vec<u8>>, Refusal> {
     let route = &rt.route;
     match find_cookie(headers, &route.session_cookie) {
-        Some(value) => {
-            let keyed_query = if route.forward_query { query } else { "" };
-            let key = shared.hasher.shared(
-                &route.path,
-                &value,
-                protocols.as_bytes(),
-                keyed_query.as_bytes(),
-            );
-            Ok((key, false))
-        }
-        None if route.missing_cookie == MissingCookie::Direct => Ok((shared.hasher.direct(), true)),
+        Some(value) => Ok(Some(value)),
+        None if route.missing_cookie == MissingCookie::Direct => Ok(None),
         None => Err(Refusal::Cookie(route.session_cookie.clone())),
     }
+}
+
+/// What a tab placed later brings in case it opens its session: the
+/// upstream is offered exactly the subprotocol the tab was answered with.
+#[allow(clippy::too_many_arguments)]
+fn new_session(
+    shared: &Shared,
+    live: &Live,
+    route: &Route,
+    req: &Request<Incoming>,
+    client: Client,
+    protocol: &str,
+    query: &str,
+    cookie: &Option<Vec<u8>>,
+) -> NewSession {
+    NewSession {
+        dial: dial_params(live, route, req.headers(), client, protocol, query),
+        linger: if cookie.is_some() {
+            route.linger
+        } else {
+            std::time::Duration::ZERO
+        },
+        limits: shared.limits.clone(),
+        client: client.limit_key(),
+    }
+}
+
+/// Answers the tab's handshake at once (with the subprotocol it was
+/// chosen), and places it in its session once its first frame has come
+/// (`crate::placement`).
+fn place_later(
+    req: &mut Request<Incoming>,
+    key: Vec<u8>,
+    placement: Placement,
+    permit: TabPermit,
+) -> HttpResponse {
+    let mut response = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(&key))
+        .body(Full::default())
+        .unwrap_or_default();
+    if let Some(p) = placement.protocol {
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(p.name()),
+        );
+    }
+    let on_upgrade = hyper::upgrade::on(req);
+    let span = tracing::Span::current();
+    tokio::spawn(
+        async move {
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let route = placement.rt.route.clone();
+                    let tab = Tab::from_upgraded(upgraded, TabId(0), &route, permit);
+                    crate::placement::place(tab, placement).await;
+                }
+                Err(e) => debug!(error = %e, "upgrade did not complete"),
+            }
+        }
+        .instrument(span),
+    );
+    response
 }
 
 /// What the tab contributes to the upstream handshake, if it opens the
@@ -257,6 +346,7 @@ fn join_info(route: &Route, headers: &HeaderMap, query: String) -> JoinInfo {
                 ))
             })
             .collect(),
+        init: None,
     }
 }
 

@@ -172,6 +172,7 @@ pub enum Envelope {
     Json,
     None,
     Pusher,
+    Graphql,
 }
 
 impl Envelope {
@@ -181,6 +182,7 @@ impl Envelope {
             Envelope::Json => "json/1",
             Envelope::None => "none",
             Envelope::Pusher => "pusher/7",
+            Envelope::Graphql => "graphql",
         }
     }
 }
@@ -293,6 +295,11 @@ pub struct Route {
     /// `envelope = "pusher"`: client events a second for a whole session
     /// (the server counts them per connection, and a session is one).
     pub client_event_rate: u32,
+    /// `envelope = "graphql"`: whether tabs share subscriptions.
+    pub share_subscriptions: crate::envelope::graphql::Share,
+    /// `envelope = "graphql"`: how long a tab has to send its
+    /// `connection_init` once its handshake is answered.
+    pub init_timeout: Duration,
     pub max_tabs_per_session: usize,
     pub max_message_size: usize,
     pub tab_queue: usize,

@@ -11,6 +11,7 @@ use toml_edit::{Item, TableLike};
 
 use super::check::{Checker, Span};
 use super::{Envelope, MissingCookie, Origins, Payload, Reconnect, Route, UpstreamUrl};
+use crate::envelope::graphql::Share;
 use crate::tls;
 
 /// The largest `max_message_size`: every byte of a message is held, and a
@@ -112,6 +113,7 @@ impl Checker<'_> {
                     ("json", Envelope::Json),
                     ("none", Envelope::None),
                     ("pusher", Envelope::Pusher),
+                    ("graphql", Envelope::Graphql),
                 ],
             )
         });
@@ -127,6 +129,17 @@ impl Checker<'_> {
         let linger = self.optional(t, "linger", Duration::from_secs(10), Self::duration_or_zero);
         let client_events = self.optional(t, "client_events", true, Self::boolean);
         let client_event_rate = self.optional(t, "client_event_rate", 10, Self::positive);
+        let share_subscriptions = self.optional(t, "share_subscriptions", Share::Off, |c, i| {
+            c.choice(
+                i,
+                &[
+                    ("off", Share::Off),
+                    ("events", Share::Events),
+                    ("live", Share::Live),
+                ],
+            )
+        });
+        let init_timeout = self.optional(t, "init_timeout", Duration::from_secs(3), Self::duration);
         let max_tabs_per_session = self.optional(t, "max_tabs_per_session", 32, Self::positive);
         let max_message_size = self.optional(t, "max_message_size", 1 << 20, |c, item| {
             let n = c.size(item)?;
@@ -182,6 +195,8 @@ impl Checker<'_> {
             linger: linger?,
             client_events: client_events?,
             client_event_rate: u32::try_from(client_event_rate?).unwrap_or(u32::MAX),
+            share_subscriptions: share_subscriptions?,
+            init_timeout: init_timeout?,
             max_tabs_per_session: max_tabs_per_session? as usize,
             max_message_size: max_message_size?,
             tab_queue: tab_queue? as usize,
@@ -207,6 +222,16 @@ impl Checker<'_> {
                     item.span(),
                     format!("{what}: `payload` applies to envelope = \"json\" only"),
                 );
+            }
+        }
+        if r.envelope != Envelope::Graphql {
+            for key in ["share_subscriptions", "init_timeout"] {
+                if let Some(item) = t.get(key) {
+                    self.at(
+                        item.span(),
+                        format!("{what}: `{key}` applies to envelope = \"graphql\" only"),
+                    );
+                }
             }
         }
         if r.envelope != Envelope::None && r.replay_first.is_some_and(|n| n > 0) {

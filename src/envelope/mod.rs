@@ -19,6 +19,7 @@
 //! - [`none`]: frames pass unchanged; a greeting is replayed to later tabs.
 //! - [`pusher`]: Pusher Channels, multiplexed by channel.
 
+pub mod graphql;
 pub mod json;
 pub mod json_decode;
 pub mod none;
@@ -72,6 +73,9 @@ pub struct JoinInfo {
     pub query: String,
     /// Request headers the route copies into the `open` event.
     pub headers: Vec<(String, String)>,
+    /// The frame that placed the tab in its session (a `graphql` tab's
+    /// `connection_init`), for the envelope.
+    pub init: Option<Message>,
 }
 
 /// Whom a frame is for.
@@ -164,11 +168,15 @@ pub enum Refused {
     ClientEventSize,
     /// A client event past the session's `client_event_rate`.
     ClientEventRate,
+    /// The tab's share of its session's operations is taken.
+    TabOperations,
+    /// The session's operations are all taken.
+    SessionOperations,
 }
 
 impl Refused {
     /// Every reason, in the order of [`Refused::label`].
-    pub const ALL: [Refused; 12] = [
+    pub const ALL: [Refused; 14] = [
         Refused::Malformed,
         Refused::Nesting,
         Refused::ChannelName,
@@ -181,6 +189,8 @@ impl Refused {
         Refused::ClientEventChannel,
         Refused::ClientEventSize,
         Refused::ClientEventRate,
+        Refused::TabOperations,
+        Refused::SessionOperations,
     ];
 
     /// Its `reason` label.
@@ -198,6 +208,8 @@ impl Refused {
             Refused::ClientEventChannel => "client_event_channel",
             Refused::ClientEventSize => "client_event_size",
             Refused::ClientEventRate => "client_event_rate",
+            Refused::TabOperations => "tab_operations",
+            Refused::SessionOperations => "session_operations",
         }
     }
 }
@@ -209,10 +221,12 @@ pub enum Saving {
     Subscription,
     /// A ping.
     Ping,
-    /// One more delivery than the fan-out counts: a message the server
-    /// would have sent that it never sent at all (a client event tabmux
-    /// delivered to sibling tabs: the server sent it to none of them).
-    Delivery,
+    /// More deliveries than the fan-out counts: messages the server would
+    /// have sent that it never sent at all (a client event tabmux
+    /// delivered to sibling tabs: the server sent it to none of them; a
+    /// GraphQL result written for tabs with different ids, one buffer
+    /// each: the server sent one).
+    Deliveries(u32),
 }
 
 /// The buffer an envelope pushes its effects into, in the order it decides
@@ -228,12 +242,27 @@ pub enum Machine {
     /// Boxed: a Pusher session's state is larger than the others', and
     /// the enum is inline in every session's task.
     Pusher(Box<pusher::Pusher>),
+    Graphql(Box<graphql::Graphql>),
 }
 
 impl Machine {
-    /// The machine for a route, for a session whose upstream is up.
-    pub fn new(route: &Route) -> Machine {
+    /// The machine for a route, for a session whose upstream is up and
+    /// chose `protocol`.
+    pub fn new(route: &Route, protocol: Option<&http::HeaderValue>) -> Machine {
         match route.envelope {
+            config::Envelope::Graphql => {
+                let legacy = protocol.is_some_and(|p| p.as_bytes() == b"graphql-ws");
+                let protocol = if legacy {
+                    graphql::Subprotocol::Legacy
+                } else {
+                    graphql::Subprotocol::TransportWs
+                };
+                Machine::Graphql(Box::new(graphql::Graphql::new(
+                    protocol,
+                    route.share_subscriptions,
+                    route.linger,
+                )))
+            }
             config::Envelope::Json => Machine::Json(json::Json::new(route)),
             config::Envelope::None => Machine::None(none::Passthrough::new(route)),
             config::Envelope::Pusher => Machine::Pusher(Box::new(
@@ -249,6 +278,7 @@ impl Machine {
             Machine::Json(m) => m.tab_joined(tab, info, out),
             Machine::None(m) => m.tab_joined(tab, out),
             Machine::Pusher(m) => m.tab_joined(tab, out),
+            Machine::Graphql(m) => m.tab_joined(tab, info, out),
         }
     }
 
@@ -270,6 +300,7 @@ impl Machine {
             Machine::Json(m) => m.tab_sent(tab, msg, now, out),
             Machine::None(m) => m.tab_sent(tab, msg, now, out),
             Machine::Pusher(m) => m.tab_sent(tab, msg, now, out),
+            Machine::Graphql(m) => m.tab_sent(tab, msg, now, out),
         }
     }
 
@@ -280,6 +311,7 @@ impl Machine {
             Machine::Json(m) => m.tab_left(tab, code, now, out),
             Machine::None(m) => m.tab_left(tab, code, now, out),
             Machine::Pusher(m) => m.tab_left(tab, code, now, out),
+            Machine::Graphql(m) => m.tab_left(tab, code, now, out),
         }
     }
 
@@ -290,6 +322,7 @@ impl Machine {
             Machine::Json(m) => m.upstream_frame(msg, out),
             Machine::None(m) => m.upstream_frame(msg, out),
             Machine::Pusher(m) => m.upstream_frame(msg, out),
+            Machine::Graphql(m) => m.upstream_frame(msg, out),
         }
     }
 
@@ -305,6 +338,7 @@ impl Machine {
             }
             Machine::None(_) => None,
             Machine::Pusher(m) => Some(m.upstream_lost(lost)),
+            Machine::Graphql(m) => Some(m.upstream_lost(lost)),
         }
     }
 
@@ -319,7 +353,7 @@ impl Machine {
             Machine::Json(m) => m.upstream_restored(members, out),
             Machine::None(m) => m.upstream_restored(),
             // Never redialled.
-            Machine::Pusher(_) => {}
+            Machine::Pusher(_) | Machine::Graphql(_) => {}
         }
     }
 
@@ -333,6 +367,7 @@ impl Machine {
         match self {
             Machine::Json(_) | Machine::None(_) => None,
             Machine::Pusher(m) => m.next_deadline(now()),
+            Machine::Graphql(m) => m.next_deadline(),
         }
     }
 
@@ -340,7 +375,7 @@ impl Machine {
     /// none).
     #[inline]
     pub fn keeps_time(&self) -> bool {
-        matches!(self, Machine::Pusher(_))
+        matches!(self, Machine::Pusher(_) | Machine::Graphql(_))
     }
 
     /// Whether the machine keeps state for its session beyond what passes
@@ -348,7 +383,7 @@ impl Machine {
     /// then the session reports [`Machine::held`] to the buffer budget.
     #[inline]
     pub fn keeps_state(&self) -> bool {
-        matches!(self, Machine::Pusher(_))
+        matches!(self, Machine::Pusher(_) | Machine::Graphql(_))
     }
 
     /// What the machine keeps for its session, in bytes (counted in the
@@ -357,12 +392,16 @@ impl Machine {
         match self {
             Machine::Json(_) | Machine::None(_) => 0,
             Machine::Pusher(m) => m.held(),
+            Machine::Graphql(m) => m.held(),
         }
     }
 
     /// A deadline given by [`Machine::next_deadline`] has come, at `now`.
     pub fn on_timeout(&mut self, now: Instant, out: &mut Effects) {
-        self.tick(now, out);
+        match self {
+            Machine::Graphql(m) => m.on_timeout(now, out),
+            _ => self.tick(now, out),
+        }
     }
 
     /// A keepalive tick of the session (every `ping_interval`), at `now`.
@@ -372,6 +411,9 @@ impl Machine {
         match self {
             Machine::Json(_) | Machine::None(_) => {}
             Machine::Pusher(m) => m.tick(now, out),
+            // Its deadlines are its lingers (the upstream's keepalive is
+            // the session's WebSocket ping).
+            Machine::Graphql(m) => m.on_timeout(now, out),
         }
     }
 
@@ -381,8 +423,8 @@ impl Machine {
         match self {
             Machine::Json(_) => 0,
             Machine::None(m) => m.greeting_len(),
-            // `connection_established`.
-            Machine::Pusher(_) => 1,
+            // `connection_established`; the `connection_ack`.
+            Machine::Pusher(_) | Machine::Graphql(_) => 1,
         }
     }
 }

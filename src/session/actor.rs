@@ -158,7 +158,7 @@ impl<'c> Session<'c> {
         Session {
             ctx,
             key,
-            envelope: Machine::new(&ctx.route),
+            envelope: Machine::new(&ctx.route, uplink.protocol.as_ref()),
             tabs: Tabs::new(Holders {
                 budget: ctx.budget.clone(),
                 commands: commands.clone(),
@@ -718,12 +718,13 @@ impl Apply<'_> {
     #[cold]
     #[inline(never)]
     fn avoided(&mut self, saving: Saving) {
-        let counter = match saving {
-            Saving::Subscription => &self.ctx.metrics.subscriptions_avoided,
-            Saving::Ping => &self.ctx.metrics.pings_avoided,
-            Saving::Delivery => &self.ctx.metrics.messages_avoided,
+        let m = &self.ctx.metrics;
+        let (counter, n) = match saving {
+            Saving::Subscription => (&m.subscriptions_avoided, 1),
+            Saving::Ping => (&m.pings_avoided, 1),
+            Saving::Deliveries(n) => (&m.messages_avoided, u64::from(n)),
         };
-        counter.inc();
+        counter.inc_by(n);
     }
 
     #[cold]

@@ -63,9 +63,28 @@ impl SessionHasher {
     /// The route is named by its path, so that a session keeps its key
     /// when a reload reorders the routes.
     pub fn shared(&self, route: &str, cookie: &[u8], protocols: &[u8], query: &[u8]) -> SessionKey {
+        self.keyed(b"S", &[route.as_bytes(), cookie, protocols, query])
+    }
+
+    /// The key of a shared session whose connections are also told apart
+    /// by what the tab's first frame says (a `graphql` route's
+    /// `connection_init` payload, as canonical JSON): another tag, so no
+    /// such key is ever one of [`SessionHasher::shared`]'s.
+    pub fn shared_by_init(
+        &self,
+        route: &str,
+        cookie: &[u8],
+        protocols: &[u8],
+        query: &[u8],
+        init: &[u8],
+    ) -> SessionKey {
+        self.keyed(b"I", &[route.as_bytes(), cookie, protocols, query, init])
+    }
+
+    fn keyed(&self, tag: &[u8], parts: &[&[u8]]) -> SessionKey {
         let mut ctx = ring::hmac::Context::with_key(&self.key);
-        ctx.update(b"S");
-        for part in [route.as_bytes(), cookie, protocols, query] {
+        ctx.update(tag);
+        for part in parts {
             ctx.update(&(part.len() as u64).to_be_bytes());
             ctx.update(part);
         }

@@ -8,6 +8,7 @@
 // tungstenite's handshake callback type returns a large error by design.
 #![allow(clippy::result_large_err)]
 
+pub mod graphql;
 pub mod json;
 pub mod mock;
 pub mod proxy;

@@ -99,8 +99,8 @@ pub async fn run(exe: &Path, f: &mut Figures) -> anyhow::Result<()> {
 
 /// Subscribes to `SUBSCRIBES` new channels, one every 100 ms (through
 /// the whole run), reading all the while; how many succeeded, and how many
-/// errors the tab heard. After the last, read until every one succeeded or
-/// nothing more came for 2 s.
+/// errors the tab heard. After the last, read until every one succeeded,
+/// for at most 2 s.
 async fn subscribe_many(ws: &mut Ws, case: &str) -> anyhow::Result<(usize, usize)> {
     let channels: Vec<String> = (0..SUBSCRIBES)
         .map(|n| format!("calm-{case}-{n}"))
@@ -112,7 +112,10 @@ async fn subscribe_many(ws: &mut Ws, case: &str) -> anyhow::Result<(usize, usize
         ws.send(Message::text(subscribe.to_string())).await?;
         heard.read_for(ws, Duration::from_millis(100)).await;
     }
-    while heard.ok.len() < SUBSCRIBES && heard.read_for(ws, Duration::from_secs(2)).await {}
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while heard.ok.len() < SUBSCRIBES && tokio::time::Instant::now() < until {
+        heard.read_for(ws, Duration::from_millis(100)).await;
+    }
     Ok((heard.ok.len(), heard.errors))
 }
 
@@ -125,13 +128,11 @@ struct Heard {
 }
 
 impl Heard {
-    /// Reads for `window`; false if nothing came in it.
-    async fn read_for(&mut self, ws: &mut Ws, window: Duration) -> bool {
+    /// Reads for `window`.
+    async fn read_for(&mut self, ws: &mut Ws, window: Duration) {
         use futures_util::StreamExt;
         let until = tokio::time::Instant::now() + window;
-        let mut any = false;
         while let Ok(Some(Ok(m))) = tokio::time::timeout_at(until, ws.next()).await {
-            any = true;
             let Ok(t) = m.to_text() else { continue };
             let v: serde_json::Value = serde_json::from_str(t).unwrap_or_default();
             match v["event"].as_str() {
@@ -144,7 +145,6 @@ impl Heard {
                 _ => {}
             }
         }
-        any
     }
 }
 

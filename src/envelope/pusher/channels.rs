@@ -305,7 +305,7 @@ impl Pusher {
             });
             // The fan-out counts n - 1 of the n deliveries as saved; the
             // server made none of them.
-            out.push(Effect::Avoided(Saving::Delivery));
+            out.push(Effect::Avoided(Saving::Deliveries(1)));
         }
         true
     }

@@ -354,7 +354,7 @@ fn a_client_event_goes_upstream_once_and_to_the_sibling_tabs_on_its_channel() {
     assert_eq!(fwd.unwrap().frame, text(typing));
     // Tab 3 is not subscribed, tab 1 sent it: only tab 2, with the user id.
     // (Then the ping whose pong ends the event's turn.)
-    let [Effect::Deliver { to, msg, .. }, Effect::Avoided(Saving::Delivery), Effect::Upstream(ping)] =
+    let [Effect::Deliver { to, msg, .. }, Effect::Avoided(Saving::Deliveries(1)), Effect::Upstream(ping)] =
         &out[..]
     else {
         panic!("{out:?}")
