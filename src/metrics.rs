@@ -238,12 +238,12 @@ impl Metrics {
         );
         registry.register(
             SUBSCRIPTIONS_AVOIDED,
-            "Savings (pusher routes): tab subscriptions answered by tabmux, with no subscribe upstream",
+            "Savings (pusher and graphql routes): tab subscriptions answered by tabmux, with no subscribe upstream",
             m.subscriptions_avoided.clone(),
         );
         registry.register(
             PINGS_AVOIDED,
-            "Savings (pusher routes): tab pings answered by tabmux, with no ping upstream",
+            "Savings (pusher and graphql routes): tab pings answered by tabmux, with no ping upstream",
             m.pings_avoided.clone(),
         );
         registry.register(

@@ -76,9 +76,12 @@ pub async fn place(mut tab: Tab, p: Placement) {
         None => p.shared.hasher.direct(),
     };
     drop(canonical);
-    let mut info = p.info;
-    info.init = Some(init);
-    match p.shared.registry.join(&p.rt.ctx, key, &p.new, info).await {
+    match p
+        .shared
+        .registry
+        .join(&p.rt.ctx, key, &p.new, p.info, Some(init))
+        .await
+    {
         Ok(joined) => {
             tab.set_id(joined.tab);
             joined.link.attach(Box::new(tab));

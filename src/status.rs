@@ -65,7 +65,8 @@ pub fn status_json(shared: &Shared) -> Value {
             "top_sessions": top,
         });
         let mut route = route;
-        if rt.route.envelope == crate::config::Envelope::Pusher {
+        use crate::config::Envelope;
+        if matches!(rt.route.envelope, Envelope::Pusher | Envelope::Graphql) {
             route["subscriptions_avoided"] = json!(m.subscriptions_avoided.get());
             route["pings_avoided"] = json!(m.pings_avoided.get());
         }

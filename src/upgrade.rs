@@ -181,7 +181,7 @@ async fn admit_steps(
     let info = join_info(route, req.headers(), query);
     let joined = shared
         .registry
-        .join(&rt.ctx, session_key, &new, info)
+        .join(&rt.ctx, session_key, &new, info, None)
         .await?;
     span.record("tab", field::display(joined.tab));
     let response = switching_protocols(&key, &joined);
@@ -346,7 +346,6 @@ fn join_info(route: &Route, headers: &HeaderMap, query: String) -> JoinInfo {
                 ))
             })
             .collect(),
-        init: None,
     }
 }
 

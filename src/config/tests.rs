@@ -203,7 +203,7 @@ fn unknown_key_names_key_place_and_allowed_keys() {
             "{key}: {p}"
         );
     }
-    assert_eq!(allowed.len(), 25, "{allowed:?}");
+    assert_eq!(allowed.len(), 27, "{allowed:?}");
 }
 
 #[test]

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use rustc_hash::FxHashMap;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{Effect, Effects, Forward, JoinInfo, Saving, TabId, Target};
+use super::{Effect, Effects, Forward, Saving, TabId, Target};
 use crate::cause::{Cause, Lost};
 use document::Kind;
 use wire::Frame;
@@ -159,12 +159,20 @@ impl Graphql {
         self.held + self.ack.as_ref().map_or(0, Message::len)
     }
 
-    /// A tab joined with its `connection_init` (in `info`): the first goes
-    /// upstream unchanged; a tab that comes once the ack is known is
+    /// A tab joined.
+    #[inline(never)]
+    pub fn tab_joined(&mut self, tab: TabId, _out: &mut Effects) {
+        self.tabs.insert(tab, TabState::default());
+    }
+
+    /// The `connection_init` that placed a tab in the session: the first
+    /// goes upstream unchanged; a tab that comes once the ack is known is
     /// answered with it; the others wait for it.
     #[inline(never)]
-    pub fn tab_joined(&mut self, tab: TabId, info: &JoinInfo, out: &mut Effects) {
-        let mut state = TabState::default();
+    pub fn tab_init(&mut self, tab: TabId, init: Message, out: &mut Effects) {
+        let Some(state) = self.tabs.get_mut(&tab) else {
+            return;
+        };
         match &self.ack {
             Some(ack) => {
                 state.acked = true;
@@ -174,14 +182,11 @@ impl Graphql {
                 });
             }
             None if !self.init_sent => {
-                if let Some(init) = &info.init {
-                    self.init_sent = true;
-                    out.push(Effect::Upstream(init.clone()));
-                }
+                self.init_sent = true;
+                out.push(Effect::Upstream(init));
             }
             None => {}
         }
-        self.tabs.insert(tab, state);
     }
 
     /// A tab sent a frame.
@@ -516,25 +521,29 @@ impl Graphql {
                 let Some(upstream) = frame.id.as_deref().and_then(|i| i.parse::<u64>().ok()) else {
                     return out.push(Effect::Malformed(super::FrameError::NotJson));
                 };
+                // A result keeps the operation going; `error` and
+                // `complete` end it. Another frame with an operation's id
+                // (a server's own, such as AppSync's `start_ack`) reaches
+                // its tabs the same way, and keeps it going.
                 let next = kind == self.protocol.words().next;
-                if !(next || kind == "error" || kind == "complete") {
-                    return out.push(Effect::Malformed(super::FrameError::NotJson));
-                }
+                let ends = kind == "error" || kind == "complete";
                 let payload = frame.payload.map(|p| p.get());
-                self.result(upstream, kind, payload, next, out);
+                self.result(upstream, kind, payload, next, ends, out);
             }
         }
     }
 
     /// A result (`next`, legacy `data`), `error` or `complete` for an
     /// operation: to each attached tab with its own id (tabs that share an
-    /// id share one buffer); `error` and `complete` end the operation.
+    /// id share one buffer); `error` and `complete` (`ends`) end the
+    /// operation.
     fn result(
         &mut self,
         upstream: u64,
         kind: &str,
         payload: Option<&str>,
         next: bool,
+        ends: bool,
         out: &mut Effects,
     ) {
         let Some(op) = self.ops.get_mut(&upstream) else {
@@ -569,14 +578,13 @@ impl Graphql {
             // buffers); the server made one, not k.
             out.push(Effect::Avoided(Saving::Deliveries(groups - 1)));
         }
-        if next {
-            if self.share == Share::Live && op.key.is_some() {
-                let old = op.last.as_ref().map_or(0, |l| l.len());
-                let new = payload.unwrap_or("null");
-                self.held = (self.held + new.len()).saturating_sub(old);
-                op.last = Some(new.into());
-            }
-        } else {
+        if next && self.share == Share::Live && op.key.is_some() {
+            let old = op.last.as_ref().map_or(0, |l| l.len());
+            let new = payload.unwrap_or("null");
+            self.held = (self.held + new.len()).saturating_sub(old);
+            op.last = Some(new.into());
+        }
+        if ends {
             self.forget(upstream);
         }
     }

@@ -244,7 +244,7 @@ mod tests {
     fn info(query: &str) -> JoinInfo {
         JoinInfo {
             query: query.into(),
-            ..JoinInfo::default()
+            headers: Vec::new(),
         }
     }
 
@@ -292,7 +292,6 @@ mod tests {
         let with_headers = JoinInfo {
             query: "room=5".into(),
             headers: vec![("accept-language".into(), "fr".into())],
-            ..JoinInfo::default()
         };
         m.tab_joined(TabId(7), &with_headers, &mut out);
         m.tab_joined(TabId(8), &info(""), &mut out);

@@ -73,9 +73,6 @@ pub struct JoinInfo {
     pub query: String,
     /// Request headers the route copies into the `open` event.
     pub headers: Vec<(String, String)>,
-    /// The frame that placed the tab in its session (a `graphql` tab's
-    /// `connection_init`), for the envelope.
-    pub init: Option<Message>,
 }
 
 /// Whom a frame is for.
@@ -278,7 +275,15 @@ impl Machine {
             Machine::Json(m) => m.tab_joined(tab, info, out),
             Machine::None(m) => m.tab_joined(tab, out),
             Machine::Pusher(m) => m.tab_joined(tab, out),
-            Machine::Graphql(m) => m.tab_joined(tab, info, out),
+            Machine::Graphql(m) => m.tab_joined(tab, out),
+        }
+    }
+
+    /// The frame that placed a tab in its session (a `graphql` tab's
+    /// `connection_init`), right after [`Machine::tab_joined`].
+    pub fn tab_placed(&mut self, tab: TabId, init: Message, out: &mut Effects) {
+        if let Machine::Graphql(m) = self {
+            m.tab_init(tab, init, out);
         }
     }
 

@@ -315,10 +315,11 @@ impl<'c> Session<'c> {
         match cmd {
             Command::Join {
                 info,
+                init,
                 reply,
                 max_tabs,
             } => {
-                self.join(*info, reply, max_tabs);
+                self.join(*info, init.map(|m| *m), reply, max_tabs);
                 Ok(())
             }
             Command::Attach(conn) => {
@@ -370,6 +371,7 @@ impl<'c> Session<'c> {
     fn join(
         &mut self,
         info: JoinInfo,
+        init: Option<Message>,
         reply: oneshot::Sender<Result<Joined, Refusal>>,
         max_tabs: usize,
     ) {
@@ -399,6 +401,9 @@ impl<'c> Session<'c> {
         self.ctx.metrics.tab_joined();
         self.linger = None;
         self.envelope.tab_joined(tab, &info, &mut self.effects);
+        if let Some(init) = init {
+            self.envelope.tab_placed(tab, init, &mut self.effects);
+        }
         // Only a forward can fail, and joining forwards nothing.
         let _ = self.apply_effects();
         if let Some(slot) = self.tabs.map.get_mut(&tab) {

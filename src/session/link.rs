@@ -8,6 +8,7 @@ use crate::cause::{Cause, Refusal};
 use crate::envelope::{JoinInfo, TabId};
 use crate::queue::Outbox;
 use crate::tab::Tab;
+use tokio_tungstenite::tungstenite::Message;
 
 /// Messages from the join path to a session task.
 pub(super) enum Command {
@@ -17,6 +18,9 @@ pub(super) enum Command {
     /// stays small.)
     Join {
         info: Box<JoinInfo>,
+        /// The frame that placed the tab (a `graphql` tab's
+        /// `connection_init`), for the envelope.
+        init: Option<Box<Message>>,
         reply: oneshot::Sender<Result<Joined, Refusal>>,
         /// `max_tabs_per_session` in force when the tab came (a reload
         /// applies to tabs that join existing sessions too).

@@ -27,6 +27,7 @@ use crate::envelope::JoinInfo;
 use crate::limits::{Limits, SessionPermit};
 use crate::reconnect::Backoff;
 use crate::upstream::DialParams;
+use tokio_tungstenite::tungstenite::Message;
 
 /// Capacity of a session's command channel, shared by all of its tabs.
 const COMMAND_QUEUE: usize = 256;
@@ -178,6 +179,7 @@ impl Registry {
         key: SessionKey,
         new: &NewSession,
         info: JoinInfo,
+        init: Option<Message>,
     ) -> Result<Joined, Refusal> {
         for _ in 0..JOIN_TRIES {
             let handle = match self.sessions.entry(key) {
@@ -193,6 +195,7 @@ impl Registry {
             let (reply, answer) = oneshot::channel();
             let cmd = Command::Join {
                 info: Box::new(info.clone()),
+                init: init.clone().map(Box::new),
                 reply,
                 max_tabs: ctx.route.max_tabs_per_session,
             };

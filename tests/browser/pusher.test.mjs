@@ -10,14 +10,13 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { createServer as createHttpServer } from 'node:http';
-import { createServer, connect } from 'node:net';
 import { createHash, createHmac } from 'node:crypto';
-import { mkdtempSync, readFileSync, writeFileSync, existsSync } from 'node:fs';
-import { tmpdir, homedir } from 'node:os';
+import { readFileSync, existsSync } from 'node:fs';
+import { homedir } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 import { launch } from './chromium.mjs';
+import { freePort, listening, servePage, startTabmux as tabmux } from './harness.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const root = path.resolve(here, '../..');
@@ -26,32 +25,6 @@ const cargoSockudo = path.join(process.env.CARGO_HOME || path.join(homedir(), '.
 const sockudoPath = process.env.SOCKUDO_BIN || (existsSync(cargoSockudo) ? cargoSockudo : 'sockudo');
 const TIMEOUT = 20_000;
 const APP = { id: 'app-id', key: 'app-key', secret: 'app-secret' };
-
-/** A free loopback port. */
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-/** Resolves once something accepts connections on `port`. */
-async function listening(port, what) {
-  const deadline = Date.now() + TIMEOUT;
-  while (Date.now() < deadline) {
-    const up = await new Promise((resolve) => {
-      const c = connect(port, '127.0.0.1', () => { c.destroy(); resolve(true); });
-      c.once('error', () => resolve(false));
-    });
-    if (up) return;
-    await new Promise((r) => setImmediate(r));
-  }
-  throw new Error(`${what} did not listen on ${port}`);
-}
 
 function startSockudo(port, metricsPort) {
   return spawn(sockudoPath, [], {
@@ -69,21 +42,11 @@ function startSockudo(port, metricsPort) {
 }
 
 function startTabmux(port, sockudoPort, origin) {
-  const dir = mkdtempSync(path.join(tmpdir(), 'tabmux-pusher-'));
-  const config = path.join(dir, 'proxy.toml');
-  writeFileSync(config, `[server]
-listen = "127.0.0.1:${port}"
-[admin]
-listen = "127.0.0.1:0"
-[log]
-level = "warn"
-[[route]]
-path = "/app/${APP.key}"
+  return tabmux(binary, port, `path = "/app/${APP.key}"
 upstream = "ws://127.0.0.1:${sockudoPort}/app/${APP.key}"
 allowed_origins = ["${origin}"]
 envelope = "pusher"
 `);
-  return spawn(binary, ['--config', config], { stdio: 'ignore', env: { ...process.env, NO_COLOR: '1' } });
 }
 
 /** The page every tab loads: pusher-js pointed at tabmux, with the
@@ -103,16 +66,7 @@ function startPage(port, tabmuxPort) {
   channel.bind('update', (data) => window.received.push(data));
   pusher.connection.bind('connected', () => { window.socketId = pusher.connection.socket_id; });
 </script>`;
-  const server = createHttpServer((req, res) => {
-    if (req.url === '/pusher.min.js') {
-      res.writeHead(200, { 'content-type': 'application/javascript' });
-      return res.end(pusherJs);
-    }
-    // The browser's session: a cookie for this host (cookies ignore ports).
-    res.writeHead(200, { 'content-type': 'text/html', 'set-cookie': 'sessionid=browser-1; Path=/' });
-    res.end(html);
-  });
-  return new Promise((resolve) => server.listen(port, '127.0.0.1', () => resolve(server)));
+  return servePage(port, 'pusher.min.js', pusherJs, html);
 }
 
 /** Triggers `event` on `channel` through sockudo's REST API, signed as

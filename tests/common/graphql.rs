@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::{json, Value};
 
-use super::{guard, Tab, TabSpec, TestProxy};
+use super::{guard, raw_http, Tab, TabSpec, TestProxy};
 
 /// The subprotocols.
 pub const MODERN: &str = "graphql-transport-ws";
@@ -55,7 +55,7 @@ impl GraphqlServer {
 
     /// What the server holds and has sent (its `/stats`).
     pub async fn stats(&self) -> Value {
-        let (_, body) = http(
+        let (_, body) = raw_http(
             self.addr,
             "GET /stats HTTP/1.0\r\nHost: x\r\nConnection: close\r\n\r\n",
         )
@@ -82,7 +82,7 @@ impl GraphqlServer {
         let request = format!(
             "POST /publish?text={text} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         );
-        let (status, _) = http(self.addr, &request).await;
+        let (status, _) = raw_http(self.addr, &request).await;
         assert_eq!(status, 200);
     }
 }
@@ -92,25 +92,6 @@ impl Drop for GraphqlServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-async fn http(addr: SocketAddr, request: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(request.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.expect("read");
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
 }
 
 /// A tab of browser `session` on `path`, offering `protocol`.

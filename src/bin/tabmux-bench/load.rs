@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{self, StreamExt};
 use futures_util::SinkExt;
 use http::HeaderValue;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -321,4 +321,49 @@ pub async fn join_storm(
     let elapsed = start.elapsed();
     let sockets: anyhow::Result<Vec<Ws>> = results.into_iter().collect();
     Ok((elapsed, sockets?))
+}
+
+/// One HTTP/1 request to `addr` (the connection closed after it): the
+/// answer's status and body.
+pub async fn http(addr: SocketAddr, request: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(request.as_bytes()).await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Ok((status, body))
+}
+
+/// The Unix-nanosecond stamp right after `key` in a message's text.
+pub fn stamp_after(text: &str, key: &str) -> Option<u64> {
+    let start = text.find(key)? + key.len();
+    let digits: String = text[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// Calls `send` at `rate` a second for `secs`; how many times.
+pub async fn at_rate<F, Fut>(rate: u32, secs: u64, mut send: F) -> anyhow::Result<u64>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut every = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
+    let total = u64::from(rate) * secs;
+    for _ in 0..total {
+        every.tick().await;
+        send().await?;
+    }
+    Ok(total)
 }

@@ -9,14 +9,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::Context as _;
 use futures_util::stream::{self, StreamExt};
 use futures_util::SinkExt;
 use http::HeaderValue;
 use md5::Digest as _;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -105,7 +103,7 @@ impl Sockudo {
     /// The sum of a metric's series in sockudo's scrape.
     pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
         let request = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-        let (_, body) = http(self.metrics, request).await?;
+        let (_, body) = crate::load::http(self.metrics, request).await?;
         Ok(body
             .lines()
             .filter(|l| l.starts_with(name))
@@ -133,7 +131,7 @@ impl Sockudo {
             "POST {path}?{query}&auth_signature={signature} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
-        let (status, answer) = http(self.running.addr, &request).await?;
+        let (status, answer) = crate::load::http(self.running.addr, &request).await?;
         anyhow::ensure!(status == 200, "trigger: HTTP {status}: {answer}");
         Ok(())
     }
@@ -141,24 +139,6 @@ impl Sockudo {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-async fn http(addr: SocketAddr, request: &str) -> anyhow::Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.write_all(request.as_bytes()).await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    Ok((status, body))
 }
 
 /// One tab of browser `session`: connected, greeted, subscribed.
@@ -219,12 +199,7 @@ pub async fn until(ws: &mut Ws, event: &str) -> anyhow::Result<String> {
 
 /// The stamp in a `tick` event's data (`"data":"<unix ns>"`).
 pub fn stamp(text: &str) -> Option<u64> {
-    let start = text.find("\"data\":\"")? + 8;
-    let digits: String = text[start..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().ok()
+    crate::load::stamp_after(text, "\"data\":\"")
 }
 
 /// The browsers' tabs, connected and subscribed, each timing the events
@@ -251,11 +226,5 @@ pub async fn tabs_of(target: &Target, session: usize, n: usize) -> anyhow::Resul
 
 /// Triggers events at `rate` a second for `secs`; returns how many.
 pub async fn trigger_for(sockudo: &Sockudo, rate: u32, secs: u64) -> anyhow::Result<u64> {
-    let mut every = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
-    let total = u64::from(rate) * secs;
-    for _ in 0..total {
-        every.tick().await;
-        sockudo.trigger().await?;
-    }
-    Ok(total)
+    crate::load::at_rate(rate, secs, || sockudo.trigger()).await
 }

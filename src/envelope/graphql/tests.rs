@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::*;
-use crate::envelope::{Effect, JoinInfo, Saving};
+use crate::envelope::{Effect, Saving};
 
 fn t(n: u64) -> TabId {
     TabId(n)
@@ -17,11 +17,11 @@ fn text(v: Value) -> Message {
     Message::text(v.to_string())
 }
 
-fn init(payload: Value) -> JoinInfo {
-    JoinInfo {
-        init: Some(text(json!({"type": "connection_init", "payload": payload}))),
-        ..JoinInfo::default()
-    }
+/// Tab `n` joins, placed by its `connection_init` with `payload`.
+fn join(m: &mut Graphql, n: u64, payload: Value, out: &mut Vec<Effect>) {
+    m.tab_joined(t(n), out);
+    let init = text(json!({"type": "connection_init", "payload": payload}));
+    m.tab_init(t(n), init, out);
 }
 
 const ACK: &str = r#"{"type":"connection_ack"}"#;
@@ -31,7 +31,7 @@ fn session(protocol: Subprotocol, share: Share, n: u64) -> Graphql {
     let mut m = Graphql::new(protocol, share, Duration::from_secs(10));
     let mut out = Vec::new();
     for i in 1..=n {
-        m.tab_joined(t(i), &init(json!({"token": "a"})), &mut out);
+        join(&mut m, i, json!({"token": "a"}), &mut out);
     }
     m.upstream_frame(Message::text(ACK), &mut out);
     m
@@ -103,8 +103,8 @@ fn closes(out: &[Effect]) -> Vec<(u64, u16, String)> {
 fn the_first_init_goes_upstream_and_the_ack_answers_every_tab() {
     let mut m = Graphql::new(Subprotocol::TransportWs, Share::Off, Duration::ZERO);
     let mut out = Vec::new();
-    m.tab_joined(t(1), &init(json!({"token": "a"})), &mut out);
-    m.tab_joined(t(2), &init(json!({"token": "a"})), &mut out);
+    join(&mut m, 1, json!({"token": "a"}), &mut out);
+    join(&mut m, 2, json!({"token": "a"}), &mut out);
     assert_eq!(
         upstream(&out),
         [json!({"type": "connection_init", "payload": {"token": "a"}})],
@@ -118,7 +118,7 @@ fn the_first_init_goes_upstream_and_the_ack_answers_every_tab() {
     assert_eq!(given(&out), [(1, ack.clone()), (2, ack.clone())]);
     // A later tab is given the ack as it came; nothing goes upstream.
     let mut out = Vec::new();
-    m.tab_joined(t(3), &init(json!({"token": "a"})), &mut out);
+    join(&mut m, 3, json!({"token": "a"}), &mut out);
     assert_eq!(given(&out), [(3, ack)]);
     assert!(upstream(&out).is_empty());
 }
@@ -247,7 +247,7 @@ fn an_operation_whose_tabs_left_lingers_and_a_reloaded_tab_reattaches() {
     m.tab_left(t(1), 1001, left, &mut Vec::new());
     assert_eq!(m.next_deadline(), Some(left + Duration::from_secs(10)));
     // The reloaded page (a new tab) subscribes again: it reattaches.
-    m.tab_joined(t(2), &init(json!({"token": "a"})), &mut Vec::new());
+    join(&mut m, 2, json!({"token": "a"}), &mut Vec::new());
     let out = from_tab(&mut m, 2, subscribe("x", query));
     assert!(upstream(&out).is_empty(), "{out:?}");
     // Left again, and the linger passes: completed upstream.
@@ -300,7 +300,7 @@ fn protocol_errors_close_only_the_tab_that_made_them() {
     assert_eq!(closes(&out)[0].1, 4400);
     // Before its ack, a tab's subscribe is 4401.
     let mut m = Graphql::new(Subprotocol::TransportWs, Share::Off, Duration::ZERO);
-    m.tab_joined(t(1), &init(json!(null)), &mut Vec::new());
+    join(&mut m, 1, json!(null), &mut Vec::new());
     let out = from_tab(&mut m, 1, subscribe("1", "{ a }"));
     assert_eq!(closes(&out), [(1, 4401, "Unauthorized".to_string())]);
 }
