@@ -25,6 +25,21 @@ use tokio_tungstenite::tungstenite::Error as WsError;
 use crate::limits::Limit;
 use crate::upstream::DialError;
 
+/// The most a close frame's reason may hold, in bytes.
+pub const MAX_CLOSE_REASON: usize = 123;
+
+/// `reason`, cut at a character boundary to what a close frame carries.
+pub fn close_reason(mut reason: String) -> String {
+    if reason.len() > MAX_CLOSE_REASON {
+        let mut end = MAX_CLOSE_REASON;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    reason
+}
+
 /// Which side ended a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {

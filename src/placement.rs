@@ -125,7 +125,10 @@ fn close(tab: Tab, code: u16, reason: &str) {
 /// `error`, as subscriptions-transport-ws answers).
 async fn connection_init(tab: &mut Tab, protocol: Subprotocol) -> Result<(Message, String), Cause> {
     let legacy = protocol == Subprotocol::Legacy;
-    let bad = |reason: String| Cause::Subprotocol { code: 4400, reason };
+    let bad = |reason: String| Cause::Subprotocol {
+        code: 4400,
+        reason: crate::cause::close_reason(reason),
+    };
     for _ in 0..BEFORE_INIT {
         let msg = poll_fn(|cx| tab.poll_message(cx, &mut 0)).await?;
         let text = match &msg {
@@ -176,7 +179,10 @@ async fn connection_init(tab: &mut Tab, protocol: Subprotocol) -> Result<(Messag
                 let why = format!("{kind} before connection_init");
                 answer(tab, wire::legacy_error(frame.id.as_deref(), &why)).await?;
             }
-            kind => return Err(bad(format!("Invalid message 'type' property \"{kind}\""))),
+            kind => {
+                let why = format!("Invalid message 'type' property \"{kind}\"");
+                return Err(bad(why));
+            }
         }
     }
     Err(bad(format!(

@@ -204,3 +204,26 @@ async fn ids_of_two_tabs_collide_and_each_gets_its_own_results() {
         json!({"id": "1", "type": "next", "payload": {"data": "query { a }"}})
     );
 }
+
+#[tokio::test]
+async fn the_server_s_ping_is_answered_by_tabmux_and_no_tab_sees_it() {
+    let mock = Mock::behaving(acking()).await;
+    let proxy = proxy().route(graphql_route(&mock)).start().await;
+    let spec = gql_tab("b", "/graphql", MODERN);
+    let mut tab = acked(&spec, &proxy, json!(null)).await;
+    let up = mock.upstream(0);
+    up.send(Message::text(r#"{"type":"ping","payload":{"at":1}}"#));
+    up.find("tabmux's pong", |v| {
+        v["type"] == "pong" && v["payload"]["at"] == 1
+    })
+    .await;
+    // The tab's next frame is its own pong, not the server's ping.
+    tab.send_json(json!({"type": "ping"})).await;
+    assert_eq!(tab.recv_json().await, json!({"type": "pong"}));
+    // A second connection_init from a tab: 4429, for that tab alone.
+    tab.send_json(json!({"type": "connection_init"})).await;
+    assert_eq!(
+        tab.closed().await,
+        (4429, "Too many initialisation requests".to_string())
+    );
+}

@@ -81,20 +81,24 @@ pub enum Share {
 }
 
 /// A tab's close for breaking the subprotocol, with the code and reason a
-/// graphql-ws server closes with.
+/// graphql-ws server closes with (the reason cut to what a close frame
+/// carries, as graphql-ws cuts it: it may quote the tab's own input).
 fn protocol_close(tab: TabId, code: u16, reason: String) -> Effect {
     Effect::Close {
         to: Target::one(tab),
-        cause: Cause::Subprotocol { code, reason },
+        cause: Cause::Subprotocol {
+            code,
+            reason: crate::cause::close_reason(reason),
+        },
     }
 }
 
 /// One upstream operation.
 #[derive(Debug)]
 struct Operation {
-    /// The tabs attached, each with its own id for it, in the order they
-    /// came.
-    tabs: Vec<(TabId, Box<str>)>,
+    /// The tabs attached, in the order they came (each keeps its own id
+    /// for it: [`TabState`]).
+    tabs: Vec<TabId>,
     /// Its identity when shared (see [`wire::share_key`]).
     key: Option<Box<str>>,
     /// `live`: the last result's payload, for a later tab.
@@ -104,13 +108,112 @@ struct Operation {
     orphaned: Option<Instant>,
 }
 
-/// One tab of the session.
+/// An id a tab chose for an operation: inline when it fits (graphql-ws's
+/// are UUIDs, 36 bytes; Apollo's legacy client counts), so that an idle
+/// tab's operation is no allocation of its own (small blocks scattered
+/// among the tabs' buffers kept about 0.35 KiB per tab resident:
+/// BENCHMARKS.md, "Twelfth pass").
+#[derive(Debug)]
+enum OpId {
+    Inline { len: u8, bytes: [u8; INLINE_ID] },
+    Heap(Box<str>),
+}
+
+/// The longest id kept inline.
+const INLINE_ID: usize = 38;
+
+impl OpId {
+    fn new(id: String) -> OpId {
+        if id.len() <= INLINE_ID {
+            let mut bytes = [0u8; INLINE_ID];
+            bytes[..id.len()].copy_from_slice(id.as_bytes());
+            OpId::Inline {
+                len: id.len() as u8,
+                bytes,
+            }
+        } else {
+            OpId::Heap(id.into_boxed_str())
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Copied from a `String`, cut at its own length: UTF-8.
+            OpId::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..*len as usize]).unwrap_or("")
+            }
+            OpId::Heap(s) => s,
+        }
+    }
+}
+
+/// One tab of the session: its first operation inline, the others in a
+/// list (a tab has a few; every idle tab of the process holds one of
+/// these, inside its session's map).
 #[derive(Debug, Default)]
 struct TabState {
     /// The ack has reached it.
     acked: bool,
     /// Its active ids, and the upstream operation each is attached to.
-    ids: FxHashMap<Box<str>, u64>,
+    first: Option<(OpId, u64)>,
+    more: Vec<(OpId, u64)>,
+}
+
+impl TabState {
+    fn ids(&self) -> impl Iterator<Item = &(OpId, u64)> {
+        self.first.iter().chain(self.more.iter())
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
+    fn get(&self, id: &str) -> Option<u64> {
+        self.ids()
+            .find(|(i, _)| i.as_str() == id)
+            .map(|&(_, up)| up)
+    }
+
+    /// Its id for upstream operation `upstream`.
+    fn id_for(&self, upstream: u64) -> Option<&str> {
+        self.ids()
+            .find(|&&(_, up)| up == upstream)
+            .map(|(i, _)| i.as_str())
+    }
+
+    fn add(&mut self, id: String, upstream: u64) {
+        let entry = (OpId::new(id), upstream);
+        match self.first {
+            None => self.first = Some(entry),
+            Some(_) => self.more.push(entry),
+        }
+    }
+
+    /// Removes the entry `matches` picks; its id and operation.
+    fn take(&mut self, matches: impl Fn(&(OpId, u64)) -> bool) -> Option<(OpId, u64)> {
+        if self.first.as_ref().is_some_and(&matches) {
+            let taken = self.first.take();
+            if !self.more.is_empty() {
+                self.first = Some(self.more.swap_remove(0));
+            }
+            return taken;
+        }
+        let at = self.more.iter().position(matches)?;
+        Some(self.more.swap_remove(at))
+    }
+
+    fn remove(&mut self, id: &str) -> Option<u64> {
+        self.take(|(i, _)| i.as_str() == id).map(|(_, up)| up)
+    }
+
+    fn remove_op(&mut self, upstream: u64) -> Option<OpId> {
+        self.take(|&(_, up)| up == upstream).map(|(id, _)| id)
+    }
+
+    /// Every id, with its operation (the tab is leaving).
+    fn drain(self) -> impl Iterator<Item = (OpId, u64)> {
+        self.first.into_iter().chain(self.more)
+    }
 }
 
 /// The `graphql` envelope's state for one session.
@@ -297,7 +400,7 @@ impl Graphql {
             out.push(protocol_close(tab, 4401, "Unauthorized".into()));
             return;
         }
-        if state.ids.contains_key(id.as_str()) {
+        if state.get(&id).is_some() {
             if legacy {
                 // subscriptions-transport-ws stops the old one first.
                 self.stop(tab, &id, out);
@@ -307,21 +410,29 @@ impl Graphql {
                 return;
             }
         }
-        if self.tabs.get(&tab).map_or(0, |s| s.ids.len()) >= MAX_TAB_OPERATIONS {
+        if self.tabs.get(&tab).map_or(0, TabState::len) >= MAX_TAB_OPERATIONS {
             out.push(Effect::Refused(super::Refused::TabOperations));
             let why = format!("too many operations for this tab ({MAX_TAB_OPERATIONS})");
             return self.limit_reached(tab, &id, why, out);
         }
         let payload = frame.payload.map(|p| p.get()).unwrap_or("{}");
+        // Only subscriptions are shared: a payload the session shares
+        // already is one (its document was parsed when it went upstream);
+        // any other is parsed, once, to learn its operation's type.
+        let key = match self.share {
+            Share::Off => None,
+            Share::Events | Share::Live => frame.payload.and_then(wire::share_key),
+        };
+        if let Some(&upstream) = key.as_deref().and_then(|k| self.shared.get(k)) {
+            // What was parsed goes first: the tab's lasting state is not
+            // carved out above it (the heap would keep its holes).
+            drop((key, checked));
+            return self.attach(tab, id, upstream, out);
+        }
         let subscription =
             document::operation_kind(&checked.query, checked.operation_name.as_deref())
                 == Some(Kind::Subscription);
-        let key = (self.share != Share::Off && subscription)
-            .then(|| frame.payload.and_then(wire::share_key))
-            .flatten();
-        if let Some(&upstream) = key.as_deref().and_then(|k| self.shared.get(k)) {
-            return self.attach(tab, id, upstream, out);
-        }
+        let key = key.filter(|_| subscription);
         if self.ops.len() >= MAX_OPERATIONS {
             out.push(Effect::Refused(super::Refused::SessionOperations));
             let why = format!("too many operations in this session ({MAX_OPERATIONS})");
@@ -343,14 +454,14 @@ impl Graphql {
         self.ops.insert(
             upstream,
             Operation {
-                tabs: vec![(tab, id.clone().into())],
+                tabs: vec![tab],
                 key,
                 last: None,
                 orphaned: None,
             },
         );
         if let Some(state) = self.tabs.get_mut(&tab) {
-            state.ids.insert(id.into(), upstream);
+            state.add(id, upstream);
         }
     }
 
@@ -383,10 +494,10 @@ impl Graphql {
                 });
             }
         }
-        op.tabs.push((tab, id.clone().into()));
         self.held += id.len() + TAB_ID_BYTES;
+        op.tabs.push(tab);
         if let Some(state) = self.tabs.get_mut(&tab) {
-            state.ids.insert(id.into(), upstream);
+            state.add(id, upstream);
         }
     }
 
@@ -394,7 +505,7 @@ impl Graphql {
     /// gets nothing more for it, and the operation is completed upstream
     /// once no tab is attached.
     fn stop(&mut self, tab: TabId, id: &str, out: &mut Effects) {
-        let Some(upstream) = self.tabs.get_mut(&tab).and_then(|s| s.ids.remove(id)) else {
+        let Some(upstream) = self.tabs.get_mut(&tab).and_then(|s| s.remove(id)) else {
             // An id that is not active: graphql-ws ignores it.
             return;
         };
@@ -402,7 +513,7 @@ impl Graphql {
         let Some(op) = self.ops.get_mut(&upstream) else {
             return;
         };
-        op.tabs.retain(|(t, _)| *t != tab);
+        op.tabs.retain(|&t| t != tab);
         if op.tabs.is_empty() {
             self.complete_upstream(upstream, out);
         }
@@ -427,16 +538,15 @@ impl Graphql {
         if let Some(k) = &op.key {
             self.shared.remove(k);
         }
-        let freed = op.key.as_ref().map_or(0, |k| 2 * k.len())
+        let mut freed = op.key.as_ref().map_or(0, |k| 2 * k.len())
             + op.last.as_ref().map_or(0, |l| l.len())
-            + OPERATION_BYTES
-            + op.tabs.iter().map(|(_, id)| id.len()).sum::<usize>();
-        self.held = self.held.saturating_sub(freed);
-        for (tab, id) in op.tabs {
-            if let Some(state) = self.tabs.get_mut(&tab) {
-                state.ids.remove(&id);
+            + OPERATION_BYTES;
+        for tab in op.tabs {
+            if let Some(id) = self.tabs.get_mut(&tab).and_then(|s| s.remove_op(upstream)) {
+                freed += id.as_str().len() + TAB_ID_BYTES;
             }
         }
+        self.held = self.held.saturating_sub(freed);
     }
 
     /// A tab left: it leaves its operations; those it was the last tab of
@@ -446,10 +556,10 @@ impl Graphql {
         let Some(state) = self.tabs.remove(&tab) else {
             return;
         };
-        for (id, upstream) in state.ids {
-            self.held = self.held.saturating_sub(id.len() + TAB_ID_BYTES);
+        for (id, upstream) in state.drain() {
+            self.held = self.held.saturating_sub(id.as_str().len() + TAB_ID_BYTES);
             if let Some(op) = self.ops.get_mut(&upstream) {
-                op.tabs.retain(|(t, _)| *t != tab);
+                op.tabs.retain(|&t| t != tab);
                 if op.tabs.is_empty() {
                     op.orphaned = Some(now);
                     self.lingering = true;
@@ -550,18 +660,18 @@ impl Graphql {
             // Completed here meanwhile.
             return;
         };
+        let tabs = &self.tabs;
+        let id_of = |tab: &TabId| tabs.get(tab).and_then(|s| s.id_for(upstream));
         let mut groups = 0;
-        let mut i = 0;
-        while i < op.tabs.len() {
-            let id = &op.tabs[i].1;
-            if op.tabs[..i].iter().any(|(_, seen)| seen == id) {
-                i += 1;
+        for (i, tab) in op.tabs.iter().enumerate() {
+            let Some(id) = id_of(tab) else { continue };
+            if op.tabs[..i].iter().any(|t| id_of(t) == Some(id)) {
                 continue;
             }
             let ids: Vec<TabId> = op.tabs[i..]
                 .iter()
-                .filter(|(_, other)| other == id)
-                .map(|(t, _)| *t)
+                .filter(|t| id_of(t) == Some(id))
+                .copied()
                 .collect();
             let msg = wire::with_id(kind, id, payload);
             let len = msg.len();
@@ -571,7 +681,6 @@ impl Graphql {
                 len,
             });
             groups += 1;
-            i += 1;
         }
         if groups > 1 {
             // The fan-out counts n - k of n deliveries as saved (k
@@ -590,11 +699,16 @@ impl Graphql {
     }
 
     /// The upstream is gone: every tab is closed, with the server's code
-    /// and reason when it closed with one from 4000, else with 1012
-    /// (graphql-ws clients retry it).
+    /// and reason when it closed with one from 4000 (or, on the legacy
+    /// subprotocol, before its ack), else with 1012 (graphql-ws clients
+    /// retry it).
     pub fn upstream_lost(&self, lost: &Lost) -> Cause {
+        // On the legacy subprotocol, a server that refused the init
+        // (`connection_error`) closes with a code of its own choosing
+        // (subscriptions-transport-ws: 1011): the waiting tabs get it.
+        let refused_init = self.protocol == Subprotocol::Legacy && self.ack.is_none();
         match lost {
-            Lost::Closed(Some(c)) if c.code >= 4000 => Cause::Backend {
+            Lost::Closed(Some(c)) if c.code >= 4000 || refused_init => Cause::Backend {
                 code: c.code,
                 reason: c.reason.clone(),
             },

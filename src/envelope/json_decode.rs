@@ -130,9 +130,6 @@ fn raw<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, 
     <&RawValue>::deserialize(d).map(Some)
 }
 
-/// The longest close reason a close frame can carry (125 bytes minus the code).
-const MAX_REASON: usize = 123;
-
 /// Decodes one upstream text frame. Payloads returned share its buffer
 /// where possible.
 pub fn decode(frame: &Utf8Bytes, payload: Payload) -> Result<BackendFrame, FrameError> {
@@ -227,8 +224,8 @@ fn decode_any(frame: &Utf8Bytes, payload: Payload) -> Result<BackendFrame, Frame
             if !(code == 1000 || (3000..=4999).contains(&code)) {
                 return Err(FrameError::BadCloseCode);
             }
-            let mut reason = wire.reason.map(Cow::into_owned).unwrap_or_default();
-            truncate_at_char(&mut reason, MAX_REASON);
+            let reason =
+                crate::cause::close_reason(wire.reason.map(Cow::into_owned).unwrap_or_default());
             Ok(BackendFrame::Close { to, code, reason })
         }
         (None, None, None) => Err(FrameError::NoPayload),
@@ -282,16 +279,6 @@ fn text_body(frame: &Bytes, data: &str, payload: Payload) -> Result<Utf8Bytes, F
     // Slices of valid UTF-8 at JSON token boundaries are valid UTF-8; this
     // checks it once per frame, not once per tab.
     Utf8Bytes::try_from(bytes).map_err(|_| FrameError::NotJson)
-}
-
-fn truncate_at_char(s: &mut String, max: usize) {
-    if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
 }
 
 #[cfg(test)]
@@ -437,7 +424,7 @@ mod tests {
             panic!()
         };
         assert_eq!(code, 1000);
-        assert!(reason.len() <= MAX_REASON && reason.chars().all(|c| c == 'é'));
+        assert!(reason.len() <= crate::cause::MAX_CLOSE_REASON && reason.chars().all(|c| c == 'é'));
     }
 
     #[test]

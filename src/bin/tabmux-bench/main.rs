@@ -694,7 +694,7 @@ fn delivery_figures(f: &mut Figures, sent: f64, mut lat: Vec<u32>, cpu: Option<p
 /// rate (the `pusher` scenario's browsers and rate, so that the two
 /// compare). Tabs reach the server directly, through nginx, or through
 /// tabmux's `graphql` route sharing subscriptions; then, for tabmux, the
-/// memory of an idle GraphQL tab at two sizes.
+/// memory of an idle GraphQL tab at the `memory` scenario's sizes.
 async fn graphql_once(plan: &Plan, c: Contender, f: &mut Figures) -> anyhow::Result<()> {
     const TABS_PER_BROWSER: usize = 10;
     let sizes = plan.sizes;
@@ -752,7 +752,7 @@ async fn graphql_once(plan: &Plan, c: Contender, f: &mut Figures) -> anyhow::Res
     // size on fresh processes, then the slope through them.
     let Some(exe) = exe else { return Ok(()) };
     let mut points = Vec::new();
-    for &n in &sizes.memory[..2] {
+    for &n in sizes.memory {
         let server = graphql::Server::start(0)?;
         let proxy = procs::start_tabmux_route(1, &exe, &graphql::route(server.running.addr), None)?;
         let pids = proxy.pids();

@@ -441,3 +441,34 @@ fn a_subscription_is_told_from_a_query_by_parsing_it() {
     assert_eq!(upstream(&from_tab(&mut m, 1, named("2"))).len(), 1);
     assert!(upstream(&from_tab(&mut m, 2, named("2"))).is_empty());
 }
+
+#[test]
+fn a_legacy_server_that_refuses_the_init_closes_the_waiting_tabs_with_its_code() {
+    use crate::cause::Closing;
+    let mut m = Graphql::new(Subprotocol::Legacy, Share::Off, Duration::ZERO);
+    join(&mut m, 1, json!({"token": "bad"}), &mut Vec::new());
+    let out = from_upstream(
+        &mut m,
+        json!({"type": "connection_error", "payload": {"message": "Forbidden"}}),
+    );
+    assert_eq!(given(&out)[0].1["type"], "connection_error");
+    let closing = Closing {
+        code: 1011,
+        reason: String::new(),
+    };
+    assert_eq!(m.upstream_lost(&Lost::Closed(Some(closing))).code(), 1011);
+}
+
+#[test]
+fn a_close_reason_that_quotes_the_tab_fits_a_close_frame() {
+    let mut m = session(Subprotocol::TransportWs, Share::Off, 1);
+    let long = "é".repeat(200);
+    from_tab(&mut m, 1, subscribe(&long, "subscription { a }"));
+    let out = from_tab(&mut m, 1, subscribe(&long, "subscription { a }"));
+    let (_, code, reason) = &closes(&out)[0];
+    assert_eq!(*code, 4409);
+    assert!(
+        reason.len() <= 123 && reason.starts_with("Subscriber for é"),
+        "{reason}"
+    );
+}
