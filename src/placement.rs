@@ -76,6 +76,7 @@ pub async fn place(mut tab: Tab, p: Placement) {
         None => p.shared.hasher.direct(),
     };
     drop(canonical);
+    tracing::Span::current().record("session", tracing::field::display(key.name()));
     match p
         .shared
         .registry
@@ -105,7 +106,11 @@ fn refused_cause(refused: &Refusal) -> Cause {
         }
         Refusal::Dial(DialError::Refused(_)) => (4403, "Forbidden".to_string()),
         Refusal::Dial(_) | Refusal::Gone => return Cause::UpstreamLost,
-        other => (1013, other.row().body.into_owned()),
+        // A limit of tabmux's: its refusal's text names it.
+        other => {
+            let reason = crate::cause::close_reason(other.row().body.into_owned());
+            return Cause::Subprotocol { code: 1013, reason };
+        }
     };
     Cause::Backend { code, reason }
 }
