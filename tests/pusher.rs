@@ -469,53 +469,47 @@ async fn channel_state_is_returned_when_the_sessions_end() {
     let _ = child.wait();
 }
 
-/// The route's deadlines fire on time whatever `ping_interval` is (30 s
-/// here, the default): a channel left without unsubscribing is
-/// unsubscribed upstream `linger` after its last tab left, not at the next
-/// keepalive tick. Through the real binary.
+/// The route's deadlines fire on their own, whatever `ping_interval` is
+/// (600 s here): a channel left without unsubscribing is unsubscribed
+/// upstream once its `linger` has passed, not at the next keepalive tick
+/// (which would come long after the wait's guard). When exactly is the
+/// machine's tests' (`src/envelope/pusher/tests.rs`, in paused time).
+/// Through the real binary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_is_unsubscribed_linger_after_its_last_tab_left() {
-    use std::time::{Duration, Instant};
     let mock = Mock::behaving(pusher_server()).await;
     let path = format!("/app/{APP_KEY}");
-    let (mut child, proxy) = proxy()
-        .route(route(&path, &mock).envelope("pusher").linger("1s"))
-        .spawn();
+    let slow_ticks = route(&path, &mock)
+        .envelope("pusher")
+        .linger("1s")
+        .ping_interval("600s")
+        .idle_timeout("1200s");
+    let (mut child, proxy) = proxy().route(slow_ticks).spawn();
     let up = mock.upstream(0);
     let mut tab = connected(&proxy, "b").await;
     subscribed(&mut tab, "private-a").await;
-    let left = Instant::now();
     tab.close(1000).await;
     up.wait_event("pusher:unsubscribe").await;
-    let after = left.elapsed();
-    assert!(
-        after >= Duration::from_millis(900) && after <= Duration::from_millis(1500),
-        "unsubscribed {after:?} after the tab left, with linger 1s"
-    );
     let _ = child.kill();
     let _ = child.wait();
 }
 
 /// A server that announces a 2 s activity timeout and then says nothing is
-/// pinged within it (at half of it), not at the next 30 s keepalive tick.
+/// pinged by a deadline of the session's own, not at the next keepalive
+/// tick (600 s here, long after the wait's guard).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_server_is_pinged_within_its_short_activity_timeout() {
-    use std::time::{Duration, Instant};
     let mock = Mock::behaving(quiet_server(2)).await;
     let path = format!("/app/{APP_KEY}");
-    let (mut child, proxy) = proxy()
-        .route(route(&path, &mock).envelope("pusher"))
-        .spawn();
+    let slow_ticks = route(&path, &mock)
+        .envelope("pusher")
+        .ping_interval("600s")
+        .idle_timeout("1200s");
+    let (mut child, proxy) = proxy().route(slow_ticks).spawn();
     let up = mock.upstream(0);
     let mut tab = pusher_tab("b").connect(&proxy).await;
-    let greeted = Instant::now();
     tab.recv_text().await;
     up.wait_event("pusher:ping").await;
-    let after = greeted.elapsed();
-    assert!(
-        after <= Duration::from_secs(2),
-        "pinged {after:?} after the greeting, with activity_timeout 2"
-    );
     let _ = child.kill();
     let _ = child.wait();
 }
