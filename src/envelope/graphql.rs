@@ -598,14 +598,7 @@ impl Graphql {
             ))),
             "pong" if !legacy => {}
             // Legacy keep-alive: every tab's client times out without it.
-            "ka" if legacy => {
-                let len = msg.len();
-                out.push(Effect::Deliver {
-                    to: Target::All,
-                    msg,
-                    len,
-                });
-            }
+            "ka" if legacy => super::broadcast(msg, out),
             // Legacy: the init was refused; the waiting tabs are told
             // (the upstream's close follows).
             "connection_error" if legacy => {
@@ -615,17 +608,7 @@ impl Graphql {
                     .filter(|(_, s)| !s.acked)
                     .map(|(&t, _)| t)
                     .collect();
-                if !waiting.is_empty() {
-                    let len = msg.len();
-                    out.push(Effect::Deliver {
-                        to: Target::Tabs {
-                            ids: waiting,
-                            foreign: 0,
-                        },
-                        msg,
-                        len,
-                    });
-                }
+                super::deliver(waiting, msg, out);
             }
             kind => {
                 let Some(upstream) = frame.id.as_deref().and_then(|i| i.parse::<u64>().ok()) else {
@@ -673,13 +656,7 @@ impl Graphql {
                 .filter(|t| id_of(t) == Some(id))
                 .copied()
                 .collect();
-            let msg = wire::with_id(kind, id, payload);
-            let len = msg.len();
-            out.push(Effect::Deliver {
-                to: Target::Tabs { ids, foreign: 0 },
-                msg,
-                len,
-            });
+            super::deliver(ids, wire::with_id(kind, id, payload), out);
             groups += 1;
         }
         if groups > 1 {

@@ -226,6 +226,32 @@ pub enum Saving {
     Deliveries(u32),
 }
 
+/// Delivers `msg` to every tab of the session.
+pub(crate) fn broadcast(msg: Message, out: &mut Effects) {
+    let len = msg.len();
+    out.push(Effect::Deliver {
+        to: Target::All,
+        msg,
+        len,
+    });
+}
+
+/// Delivers `msg` to the listed tabs, if any.
+pub(crate) fn deliver(tabs: Vec<TabId>, msg: Message, out: &mut Effects) {
+    if tabs.is_empty() {
+        return;
+    }
+    let len = msg.len();
+    out.push(Effect::Deliver {
+        to: Target::Tabs {
+            ids: tabs,
+            foreign: 0,
+        },
+        msg,
+        len,
+    });
+}
+
 /// The buffer an envelope pushes its effects into, in the order it decides
 /// them: the session's own (reused, so it allocates only when it grows),
 /// or a test's.

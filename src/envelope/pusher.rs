@@ -42,10 +42,11 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Message;
 
+use super::broadcast;
 use super::{Effect, Effects, Forward, Refused, Saving, TabId, Target};
 use crate::cause::{Cause, Lost};
 use channels::{Channel, Upstream};
-use frames::{broadcast, data_object, nested_deeper_than, refuse, take_string};
+use frames::{data_object, nested_deeper_than, refuse, take_string};
 use sign_in::SignIn;
 
 pub use channels::{MAX_CHANNELS, MAX_CHANNEL_NAME, MAX_TAB_CHANNELS};

@@ -124,12 +124,6 @@ impl Tab {
         self.send_text(&v.to_string()).await;
     }
 
-    /// The next frame, as JSON.
-    pub async fn recv_json(&mut self) -> Value {
-        let text = self.recv_text().await;
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-    }
-
     /// Frames until one of type `kind` (legacy keep-alives skipped); it.
     pub async fn recv_type(&mut self, kind: &str) -> Value {
         loop {

@@ -94,8 +94,7 @@ pub fn event(channel: &str, name: &str, data: Value) -> Message {
 impl Tab {
     /// The next Pusher event this tab receives, as JSON.
     pub async fn recv_event(&mut self) -> Value {
-        let text = self.recv_text().await;
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+        self.recv_json().await
     }
 
     /// Receives events until one named `name`; returns it.

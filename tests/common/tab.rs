@@ -351,6 +351,12 @@ impl Tab {
         }
     }
 
+    /// The next text message, as JSON.
+    pub async fn recv_json(&mut self) -> serde_json::Value {
+        let text = self.recv_text().await;
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+    }
+
     /// Waits for the proxy to close the tab; returns code and reason.
     pub async fn closed(&mut self) -> (u16, String) {
         loop {

@@ -13,9 +13,10 @@ use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::cache::{cached_or_miss, is_cache};
-use super::frames::{client_event, deliver, refuse, unsubscribe_frame};
+use super::frames::{client_event, refuse, unsubscribe_frame};
 use super::presence::{is_presence, Presence};
 use super::{Pusher, Request, Wire};
+use crate::envelope::deliver;
 use crate::envelope::{Effect, Effects, Refused, Saving, TabId, Target};
 
 /// The longest channel name a tab may use: Pusher's own limit (a stricter

@@ -9,33 +9,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::Wire;
-use crate::envelope::{Effect, Effects, Refused, TabId, Target};
-
-/// Every tab of the session.
-pub(super) fn broadcast(msg: Message, out: &mut Effects) {
-    let len = msg.len();
-    out.push(Effect::Deliver {
-        to: Target::All,
-        msg,
-        len,
-    });
-}
-
-/// The listed tabs, if any.
-pub(super) fn deliver(tabs: Vec<TabId>, msg: Message, out: &mut Effects) {
-    if tabs.is_empty() {
-        return;
-    }
-    let len = msg.len();
-    out.push(Effect::Deliver {
-        to: Target::Tabs {
-            ids: tabs,
-            foreign: 0,
-        },
-        msg,
-        len,
-    });
-}
+use crate::envelope::{Effect, Effects, Refused, TabId};
 
 /// A tab's input refused at the edge: `pusher:error` to that tab alone,
 /// with `code` (null when the server's own refusal has none) and `why`,

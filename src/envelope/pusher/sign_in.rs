@@ -7,8 +7,8 @@
 
 use tokio_tungstenite::tungstenite::Message;
 
-use super::frames::deliver;
 use super::{Pusher, Request};
+use crate::envelope::deliver;
 use crate::envelope::{Effect, Effects, TabId};
 
 /// The session's sign-in.
