@@ -18,6 +18,7 @@
 //!   [`json_decode`] turns a backend frame into a [`BackendFrame`].
 //! - [`none`]: frames pass unchanged; a greeting is replayed to later tabs.
 //! - [`pusher`]: Pusher Channels, multiplexed by channel.
+//! - [`graphql`]: GraphQL over WebSocket, multiplexed by operation.
 
 pub mod graphql;
 pub mod json;
@@ -410,8 +411,9 @@ impl Machine {
     }
 
     /// Whether the machine keeps state for its session beyond what passes
-    /// through (`pusher`: channels, members, requests waiting their turn):
-    /// then the session reports [`Machine::held`] to the buffer budget.
+    /// through (`pusher`: channels, members, requests waiting their turn;
+    /// `graphql`: operations, a live one's last result): then the session
+    /// reports [`Machine::held`] to the buffer budget.
     #[inline]
     pub fn keeps_state(&self) -> bool {
         matches!(self, Machine::Pusher(_) | Machine::Graphql(_))

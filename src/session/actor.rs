@@ -247,7 +247,7 @@ impl<'c> Session<'c> {
             };
             let outcome = outcome.and_then(|()| self.flush_tabs());
             // The reconnect buffer: only during an outage (and once after);
-            // an envelope's state (`pusher`), every turn.
+            // an envelope's state (`pusher`, `graphql`), every turn.
             let outcome = if self.uplink.outage.is_some()
                 || self.charge.bytes() != 0
                 || self.envelope.keeps_state()

@@ -53,8 +53,9 @@ impl Session<'_> {
     }
 
     /// Reports the session's own holdings to the buffer budget: its
-    /// reconnect buffer, what its envelope keeps (`pusher`'s channels), and
-    /// `unwritten` bytes its upstream has not taken.
+    /// reconnect buffer, what its envelope keeps (a `pusher` session's
+    /// channels, a `graphql` session's operations), and `unwritten` bytes
+    /// its upstream has not taken.
     pub(super) fn account(&mut self, unwritten: usize) -> Result<(), SessionEnd> {
         match self.report(unwritten) {
             Verdict::Fine => Ok(()),
