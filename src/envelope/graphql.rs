@@ -421,7 +421,7 @@ impl Graphql {
         // any other is parsed, once, to learn its operation's type.
         let key = match self.share {
             Share::Off => None,
-            Share::Events | Share::Live => frame.payload.and_then(wire::share_key),
+            Share::Events | Share::Live => wire::share_key(&checked.request),
         };
         if let Some(&upstream) = key.as_deref().and_then(|k| self.shared.get(k)) {
             // What was parsed goes first: the tab's lasting state is not

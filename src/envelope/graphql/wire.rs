@@ -88,14 +88,16 @@ pub struct Request<'a> {
 }
 
 /// An operation's request, checked as graphql-ws checks a `subscribe`:
-/// its query and operation name.
-pub struct Checked {
+/// its query and operation name, and its fields as they came (for
+/// [`share_key`]).
+pub struct Checked<'a> {
     pub query: String,
     pub operation_name: Option<String>,
+    pub request: Request<'a>,
 }
 
 /// Checks a `subscribe` (legacy: `start`) payload.
-pub fn check_request(kind: &str, payload: Option<&RawValue>) -> Result<Checked, String> {
+pub fn check_request<'a>(kind: &str, payload: Option<&'a RawValue>) -> Result<Checked<'a>, String> {
     let Some(payload) = payload.filter(|p| is_object(p)) else {
         return Err(format!(
             "\"{kind}\" message expects the 'payload' property to be an object"
@@ -133,15 +135,15 @@ pub fn check_request(kind: &str, payload: Option<&RawValue>) -> Result<Checked, 
     Ok(Checked {
         query,
         operation_name,
+        request: req,
     })
 }
 
 /// The identity of an operation's payload, for sharing: its `query`,
 /// `operationName`, `variables` and `extensions` as canonical JSON (keys
 /// sorted, no spacing; a missing field is `null`, as graphql-ws takes it).
-pub fn share_key(payload: &RawValue) -> Option<String> {
-    let req: Request<'_> = serde_json::from_str(payload.get()).ok()?;
-    let mut out = String::with_capacity(payload.get().len());
+pub fn share_key(req: &Request<'_>) -> Option<String> {
+    let mut out = String::new();
     for field in [req.query, req.operation_name, req.variables, req.extensions] {
         let value: Value = match field {
             Some(raw) => serde_json::from_str(raw.get()).ok()?,
