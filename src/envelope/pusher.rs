@@ -104,6 +104,9 @@ pub struct Pusher {
     /// Requests waiting their turn, and the one in flight.
     queue: VecDeque<Request>,
     in_flight: Option<Request>,
+    /// Since when the request in flight has waited for its answer (as of
+    /// the first look at the time after it went).
+    in_flight_since: Option<Instant>,
     sign_in: SignIn,
     /// Whether the upstream sent anything since the last ping decision.
     heard: bool,
@@ -140,6 +143,7 @@ impl Pusher {
             channels: FxHashMap::default(),
             queue: VecDeque::new(),
             in_flight: None,
+            in_flight_since: None,
             sign_in: SignIn::None,
             heard: false,
             silent_since: None,
@@ -398,6 +402,7 @@ impl Pusher {
             };
             out.push(Effect::Upstream(frame));
             self.in_flight = Some(request);
+            self.in_flight_since = None;
             return;
         }
     }
@@ -523,8 +528,9 @@ impl Pusher {
     }
 
     /// When the machine next needs the time: half the upstream's activity
-    /// timeout after it was last heard from (its keepalive), or when the
-    /// first lingering channel's linger ends.
+    /// timeout after it was last heard from (its keepalive), when the
+    /// first lingering channel's linger ends, or when the request in flight
+    /// has waited [`REQUEST_TURN`] for its answer.
     pub fn next_deadline(&mut self, now: Instant) -> Option<Instant> {
         if std::mem::take(&mut self.heard) || self.silent_since.is_none() {
             self.silent_since = Some(now);
@@ -534,7 +540,15 @@ impl Pusher {
             .as_ref()
             .and(self.silent_since)
             .map(|since| since + self.activity_timeout / 2);
-        keepalive.into_iter().chain(self.linger_deadline()).min()
+        let turn_ends = match self.in_flight {
+            Some(_) => Some(*self.in_flight_since.get_or_insert(now) + REQUEST_TURN),
+            None => None,
+        };
+        keepalive
+            .into_iter()
+            .chain(self.linger_deadline())
+            .chain(turn_ends)
+            .min()
     }
 
     /// A keepalive tick: the upstream is pinged when it has been silent for
@@ -553,8 +567,29 @@ impl Pusher {
             self.silent_since = Some(now);
         }
         self.end_lingering(now, out);
+        self.end_stalled_turn(now, out);
+    }
+
+    /// A request the server has not answered in [`REQUEST_TURN`] gives up
+    /// its turn, so that one unanswered subscribe does not hold every later
+    /// request of the session back (separate connections would not wait on
+    /// each other). Its tabs go on waiting for its answer, which is still
+    /// taken if it comes.
+    fn end_stalled_turn(&mut self, now: Instant, out: &mut Effects) {
+        let stalled = self
+            .in_flight_since
+            .is_some_and(|since| now.duration_since(since) >= REQUEST_TURN);
+        if self.in_flight.is_some() && stalled {
+            self.in_flight = None;
+            self.in_flight_since = None;
+            self.send_next(out);
+        }
     }
 }
+
+/// How long a request in flight keeps its turn without an answer: as long
+/// as pusher-js waits for a pong before it gives a connection up.
+pub const REQUEST_TURN: Duration = Duration::from_secs(30);
 
 mod cache;
 mod channels;

@@ -269,3 +269,26 @@ fn what_the_session_keeps_is_counted_and_a_subscribe_frame_is_let_go_once_answer
     from_upstream(&mut m, event);
     assert!(m.held() >= before + 8_000);
 }
+
+#[test]
+fn a_request_the_server_never_answers_gives_up_its_turn_after_30_s() {
+    let mut m = session(2);
+    let t0 = Instant::now();
+    // Tab 1's subscribe is in flight and never answered; tab 2's waits.
+    from_tab(&mut m, 1, subscribe("private-a"));
+    let (_, queued) = from_tab(&mut m, 2, subscribe("private-b"));
+    assert!(queued.is_empty(), "it waits its turn: {queued:?}");
+    let deadline = m.next_deadline(t0).expect("a deadline");
+    assert!(deadline <= t0 + REQUEST_TURN);
+    let mut out = Vec::new();
+    m.tick(t0 + REQUEST_TURN - Duration::from_secs(1), &mut out);
+    assert!(!out.contains(&upstream(subscribe("private-b"))), "{out:?}");
+    let mut out = Vec::new();
+    m.tick(t0 + REQUEST_TURN, &mut out);
+    assert!(out.contains(&upstream(subscribe("private-b"))), "{out:?}");
+    // Both answers are still taken when they come.
+    let out = from_upstream(&mut m, succeeded("private-b"));
+    assert_eq!(out, [to_tabs(&[2], text(succeeded("private-b")))]);
+    let out = from_upstream(&mut m, succeeded("private-a"));
+    assert_eq!(out, [to_tabs(&[1], text(succeeded("private-a")))]);
+}
