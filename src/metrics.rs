@@ -48,6 +48,7 @@ pub const MESSAGES_AVOIDED: &str = "tabmux_upstream_messages_avoided";
 pub const SUBSCRIPTIONS_AVOIDED: &str = "tabmux_upstream_subscriptions_avoided";
 /// Savings of `pusher` routes: tab pings answered without one upstream.
 pub const PINGS_AVOIDED: &str = "tabmux_upstream_pings_avoided";
+pub const CONNECTS_AVOIDED: &str = "tabmux_upstream_connects_avoided";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
@@ -107,6 +108,7 @@ pub struct Metrics {
     messages_avoided: Family<RouteLabel, Counter>,
     subscriptions_avoided: Family<RouteLabel, Counter>,
     pings_avoided: Family<RouteLabel, Counter>,
+    connects_avoided: Family<RouteLabel, Counter>,
     /// Every route's ledger, sampled at each scrape.
     ledgers: Arc<Mutex<Vec<Arc<Ledger>>>>,
 }
@@ -141,6 +143,7 @@ impl Default for Metrics {
             messages_avoided: Family::default(),
             subscriptions_avoided: Family::default(),
             pings_avoided: Family::default(),
+            connects_avoided: Family::default(),
             ledgers: Arc::default(),
         }
     }
@@ -238,13 +241,18 @@ impl Metrics {
         );
         registry.register(
             SUBSCRIPTIONS_AVOIDED,
-            "Savings (pusher and graphql routes): tab subscriptions answered by tabmux, with no subscribe upstream",
+            "Savings (pusher, graphql and mqtt routes): tab subscriptions answered by tabmux, with no subscribe upstream",
             m.subscriptions_avoided.clone(),
         );
         registry.register(
             PINGS_AVOIDED,
-            "Savings (pusher and graphql routes): tab pings answered by tabmux, with no ping upstream",
+            "Savings (pusher, graphql and mqtt routes): tab pings answered by tabmux, with no ping upstream",
             m.pings_avoided.clone(),
+        );
+        registry.register(
+            CONNECTS_AVOIDED,
+            "Savings (mqtt routes): later tabs' CONNECTs answered by tabmux, with no connection upstream",
+            m.connects_avoided.clone(),
         );
         registry.register(
             TAB_CLOSES,
@@ -340,6 +348,7 @@ impl Metrics {
             messages_avoided: self.messages_avoided.get_or_create_owned(&label),
             subscriptions_avoided: self.subscriptions_avoided.get_or_create_owned(&label),
             pings_avoided: self.pings_avoided.get_or_create_owned(&label),
+            connects_avoided: self.connects_avoided.get_or_create_owned(&label),
             session_peak_tabs: self.session_peak_tabs.get_or_create_owned(&label),
             ledger,
             families: self.clone(),
@@ -414,6 +423,7 @@ pub struct RouteMetrics {
     pub messages_avoided: Counter,
     pub subscriptions_avoided: Counter,
     pub pings_avoided: Counter,
+    pub connects_avoided: Counter,
     session_peak_tabs: Histogram,
     pub ledger: Arc<Ledger>,
     families: Metrics,

@@ -66,9 +66,15 @@ pub fn status_json(shared: &Shared) -> Value {
         });
         let mut route = route;
         use crate::config::Envelope;
-        if matches!(rt.route.envelope, Envelope::Pusher | Envelope::Graphql) {
+        if matches!(
+            rt.route.envelope,
+            Envelope::Pusher | Envelope::Graphql | Envelope::Mqtt
+        ) {
             route["subscriptions_avoided"] = json!(m.subscriptions_avoided.get());
             route["pings_avoided"] = json!(m.pings_avoided.get());
+        }
+        if rt.route.envelope == Envelope::Mqtt {
+            route["connects_avoided"] = json!(m.connects_avoided.get());
         }
         for key in [
             "tabs",
@@ -178,8 +184,10 @@ async function poll() {
       '</td><td class="n">' + fmt(r.connections_avoided) + '</td><td class="n">' + fmt(r.connection_seconds_avoided) +
       '</td><td class="n">' + fmt(r.messages_avoided) + '</td></tr></table>' +
       (r.subscriptions_avoided === undefined ? '' :
-        '<table><tr><th>subscriptions avoided</th><th>pings avoided</th></tr><tr><td class="n">' +
-        fmt(r.subscriptions_avoided) + '</td><td class="n">' + fmt(r.pings_avoided) + '</td></tr></table>') +
+        '<table><tr><th>subscriptions avoided</th><th>pings avoided</th>' +
+        (r.connects_avoided === undefined ? '' : '<th>CONNECTs avoided</th>') + '</tr><tr><td class="n">' +
+        fmt(r.subscriptions_avoided) + '</td><td class="n">' + fmt(r.pings_avoided) + '</td>' +
+        (r.connects_avoided === undefined ? '' : '<td class="n">' + fmt(r.connects_avoided) + '</td>') + '</tr></table>') +
       '<table class="top"><tr><th>session (keyed hash)</th><th>tabs</th><th>upstream</th><th>age</th></tr>' +
       (r.top_sessions.length ? r.top_sessions.map((x) => '<tr><td><code>' + esc(x.session) + '</code></td><td class="n">' +
         x.tabs + '</td><td>' + x.upstream + '</td><td class="n">' + x.age_s + ' s</td></tr>').join('')

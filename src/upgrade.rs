@@ -130,19 +130,31 @@ async fn admit_steps(
     } else {
         ""
     };
-    if route.envelope == Envelope::Graphql {
-        // Placed in its session once its `connection_init` has come.
-        let protocol = Subprotocol::choose(&protocols);
+    if matches!(route.envelope, Envelope::Graphql | Envelope::Mqtt) {
+        // Placed in its session once its `connection_init` (its CONNECT)
+        // has come.
+        let (protocol, mqtt, offered) = if route.envelope == Envelope::Mqtt {
+            let offered = mqtt_offered(&protocols)?;
+            // The upstream is always offered `mqtt`.
+            (None, Some(offered), "mqtt")
+        } else {
+            let protocol = Subprotocol::choose(&protocols);
+            (
+                protocol,
+                None,
+                protocol.map(|p| p.name()).unwrap_or_default(),
+            )
+        };
         let permit = shared
             .limits
             .tab_after(client.limit_key(), handshake.take())
             .map_err(Refusal::Limit)?;
-        let offered = protocol.map(|p| p.name()).unwrap_or_default();
         let placement = Placement {
             shared: shared.clone(),
             rt: rt.clone(),
             keyed_query: keyed_query.to_string(),
             protocol,
+            mqtt,
             new: new_session(shared, live, route, &req, client, offered, &query, &cookie),
             info: join_info(route, req.headers(), query.clone()),
             cookie,
@@ -279,11 +291,14 @@ fn place_later(
         .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(&key))
         .body(Full::default())
         .unwrap_or_default();
-    if let Some(p) = placement.protocol {
-        response.headers_mut().insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(p.name()),
-        );
+    let answered = match placement.mqtt {
+        Some(offered) => offered.then_some("mqtt"),
+        None => placement.protocol.map(|p| p.name()),
+    };
+    if let Some(p) = answered {
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
     }
     let on_upgrade = hyper::upgrade::on(req);
     let span = tracing::Span::current();
@@ -301,6 +316,21 @@ fn place_later(
         .instrument(span),
     );
     response
+}
+
+/// An `mqtt` tab's subprotocols: whether it offered `mqtt` (then it is
+/// answered with it), or none at all (answered with none, as mosquitto
+/// answers); only others is a refusal (400).
+fn mqtt_offered(protocols: &str) -> Result<bool, Refusal> {
+    if protocols.is_empty() {
+        return Ok(false);
+    }
+    if protocols.split(',').any(|p| p.trim() == "mqtt") {
+        return Ok(true);
+    }
+    Err(Refusal::Handshake(
+        "the mqtt route speaks the subprotocol `mqtt` only",
+    ))
 }
 
 /// What the tab contributes to the upstream handshake, if it opens the

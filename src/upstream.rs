@@ -187,7 +187,7 @@ impl UpstreamSocket {
                 }
                 flush_plain(ws).await
             }
-            UpstreamSocket::Tls(ws) => ws.close(Some(frame)).await,
+            UpstreamSocket::Tls(ws) => WebSocketStream::close(ws, Some(frame)).await,
         }
     }
 }

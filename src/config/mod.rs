@@ -173,6 +173,7 @@ pub enum Envelope {
     None,
     Pusher,
     Graphql,
+    Mqtt,
 }
 
 impl Envelope {
@@ -183,6 +184,7 @@ impl Envelope {
             Envelope::None => "none",
             Envelope::Pusher => "pusher/7",
             Envelope::Graphql => "graphql",
+            Envelope::Mqtt => "mqtt",
         }
     }
 }
@@ -297,9 +299,12 @@ pub struct Route {
     pub client_event_rate: u32,
     /// `envelope = "graphql"`: whether tabs share subscriptions.
     pub share_subscriptions: crate::envelope::graphql::Share,
-    /// `envelope = "graphql"`: how long a tab has to send its
-    /// `connection_init` once its handshake is answered.
+    /// `envelope = "graphql"` or `"mqtt"`: how long a tab has to send its
+    /// `connection_init` (its CONNECT) once its handshake is answered.
     pub init_timeout: Duration,
+    /// `envelope = "mqtt"`: the highest QoS the server accepts from a
+    /// client.
+    pub max_qos: u8,
     pub max_tabs_per_session: usize,
     pub max_message_size: usize,
     pub tab_queue: usize,

@@ -114,6 +114,7 @@ impl Checker<'_> {
                     ("none", Envelope::None),
                     ("pusher", Envelope::Pusher),
                     ("graphql", Envelope::Graphql),
+                    ("mqtt", Envelope::Mqtt),
                 ],
             )
         });
@@ -140,6 +141,14 @@ impl Checker<'_> {
             )
         });
         let init_timeout = self.optional(t, "init_timeout", Duration::from_secs(3), Self::duration);
+        let max_qos = self.optional(t, "max_qos", 2, |c, item| {
+            let n = c.non_negative(item)?;
+            if n > 2 {
+                c.at(item.span(), "max_qos must be 0, 1 or 2".into());
+                return None;
+            }
+            Some(n as u8)
+        });
         let max_tabs_per_session = self.optional(t, "max_tabs_per_session", 32, Self::positive);
         let max_message_size = self.optional(t, "max_message_size", 1 << 20, |c, item| {
             let n = c.size(item)?;
@@ -197,6 +206,7 @@ impl Checker<'_> {
             client_event_rate: u32::try_from(client_event_rate?).unwrap_or(u32::MAX),
             share_subscriptions: share_subscriptions?,
             init_timeout: init_timeout?,
+            max_qos: max_qos?,
             max_tabs_per_session: max_tabs_per_session? as usize,
             max_message_size: max_message_size?,
             tab_queue: tab_queue? as usize,
@@ -224,14 +234,28 @@ impl Checker<'_> {
                 );
             }
         }
-        if r.envelope != Envelope::Graphql {
-            for key in ["share_subscriptions", "init_timeout"] {
-                if let Some(item) = t.get(key) {
-                    self.at(
-                        item.span(),
-                        format!("{what}: `{key}` applies to envelope = \"graphql\" only"),
-                    );
-                }
+        let only = [
+            (
+                "share_subscriptions",
+                &[Envelope::Graphql][..],
+                "\"graphql\"",
+            ),
+            (
+                "init_timeout",
+                &[Envelope::Graphql, Envelope::Mqtt][..],
+                "\"graphql\" or \"mqtt\"",
+            ),
+            ("max_qos", &[Envelope::Mqtt][..], "\"mqtt\""),
+        ];
+        for (key, envelopes, names) in only {
+            if envelopes.contains(&r.envelope) {
+                continue;
+            }
+            if let Some(item) = t.get(key) {
+                self.at(
+                    item.span(),
+                    format!("{what}: `{key}` applies to envelope = {names} only"),
+                );
             }
         }
         if r.envelope != Envelope::None && r.replay_first.is_some_and(|n| n > 0) {

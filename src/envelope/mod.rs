@@ -19,10 +19,12 @@
 //! - [`none`]: frames pass unchanged; a greeting is replayed to later tabs.
 //! - [`pusher`]: Pusher Channels, multiplexed by channel.
 //! - [`graphql`]: GraphQL over WebSocket, multiplexed by operation.
+//! - [`mqtt`]: MQTT 3.1.1 and 5.0, multiplexed by topic filter.
 
 pub mod graphql;
 pub mod json;
 pub mod json_decode;
+pub mod mqtt;
 pub mod none;
 pub mod pusher;
 
@@ -170,11 +172,23 @@ pub enum Refused {
     TabOperations,
     /// The session's operations are all taken.
     SessionOperations,
+    /// The tab's share of its session's MQTT filters is taken.
+    TabFilters,
+    /// The session's MQTT filters are all taken.
+    SessionFilters,
+    /// An MQTT packet over the size allowed.
+    TooLarge,
+    /// An MQTT QoS above what the server accepts.
+    Qos,
+    /// An MQTT RETAIN where the server keeps no retained messages.
+    Retain,
+    /// An MQTT QoS 1/2 PUBLISH beyond the tab's Receive Maximum.
+    Quota,
 }
 
 impl Refused {
     /// Every reason, in the order of [`Refused::label`].
-    pub const ALL: [Refused; 14] = [
+    pub const ALL: [Refused; 20] = [
         Refused::Malformed,
         Refused::Nesting,
         Refused::ChannelName,
@@ -189,6 +203,12 @@ impl Refused {
         Refused::ClientEventRate,
         Refused::TabOperations,
         Refused::SessionOperations,
+        Refused::TabFilters,
+        Refused::SessionFilters,
+        Refused::TooLarge,
+        Refused::Qos,
+        Refused::Retain,
+        Refused::Quota,
     ];
 
     /// Its `reason` label.
@@ -208,6 +228,12 @@ impl Refused {
             Refused::ClientEventRate => "client_event_rate",
             Refused::TabOperations => "tab_operations",
             Refused::SessionOperations => "session_operations",
+            Refused::TabFilters => "tab_filters",
+            Refused::SessionFilters => "session_filters",
+            Refused::TooLarge => "too_large",
+            Refused::Qos => "qos",
+            Refused::Retain => "retain",
+            Refused::Quota => "quota",
         }
     }
 }
@@ -225,6 +251,10 @@ pub enum Saving {
     /// GraphQL result written for tabs with different ids, one buffer
     /// each: the server sent one).
     Deliveries(u32),
+    /// An upstream CONNECT (MQTT: a later tab's, answered by tabmux). The
+    /// time later tabs stay connected is counted for every route, as
+    /// connection-seconds avoided.
+    Connection,
 }
 
 /// Delivers `msg` to every tab of the session.
@@ -267,6 +297,7 @@ pub enum Machine {
     /// the enum is inline in every session's task.
     Pusher(Box<pusher::Pusher>),
     Graphql(Box<graphql::Graphql>),
+    Mqtt(Box<mqtt::Mqtt>),
 }
 
 impl Machine {
@@ -287,6 +318,11 @@ impl Machine {
                     route.linger,
                 )))
             }
+            config::Envelope::Mqtt => Machine::Mqtt(Box::new(mqtt::Mqtt::new(mqtt::Settings {
+                max_packet: route.max_message_size,
+                max_qos: route.max_qos,
+                linger: route.linger,
+            }))),
             config::Envelope::Json => Machine::Json(json::Json::new(route)),
             config::Envelope::None => Machine::None(none::Passthrough::new(route)),
             config::Envelope::Pusher => Machine::Pusher(Box::new(
@@ -303,14 +339,23 @@ impl Machine {
             Machine::None(m) => m.tab_joined(tab, out),
             Machine::Pusher(m) => m.tab_joined(tab, out),
             Machine::Graphql(m) => m.tab_joined(tab, out),
+            // Its CONNECT follows, with the time.
+            Machine::Mqtt(_) => {}
         }
     }
 
     /// The frame that placed a tab in its session (a `graphql` tab's
-    /// `connection_init`), right after [`Machine::tab_joined`].
-    pub fn tab_placed(&mut self, tab: TabId, init: Message, out: &mut Effects) {
-        if let Machine::Graphql(m) = self {
-            m.tab_init(tab, init, out);
+    /// `connection_init`; an `mqtt` tab's CONNECT, with whatever followed
+    /// it), right after [`Machine::tab_joined`], at `now`.
+    pub fn tab_placed(&mut self, tab: TabId, init: Message, now: Instant, out: &mut Effects) {
+        match self {
+            Machine::Graphql(m) => m.tab_init(tab, init, out),
+            Machine::Mqtt(m) => {
+                if let Message::Binary(bytes) = &init {
+                    m.tab_placed(tab, bytes, now, out);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -333,6 +378,7 @@ impl Machine {
             Machine::None(m) => m.tab_sent(tab, msg, now, out),
             Machine::Pusher(m) => m.tab_sent(tab, msg, now, out),
             Machine::Graphql(m) => m.tab_sent(tab, msg, now, out),
+            Machine::Mqtt(m) => m.tab_sent(tab, msg, now, out),
         }
     }
 
@@ -344,6 +390,7 @@ impl Machine {
             Machine::None(m) => m.tab_left(tab, code, now, out),
             Machine::Pusher(m) => m.tab_left(tab, code, now, out),
             Machine::Graphql(m) => m.tab_left(tab, code, now, out),
+            Machine::Mqtt(m) => m.tab_left(tab, code, now, out),
         }
     }
 
@@ -355,6 +402,7 @@ impl Machine {
             Machine::None(m) => m.upstream_frame(msg, out),
             Machine::Pusher(m) => m.upstream_frame(msg, out),
             Machine::Graphql(m) => m.upstream_frame(msg, out),
+            Machine::Mqtt(m) => m.upstream_frame(msg, out),
         }
     }
 
@@ -371,6 +419,7 @@ impl Machine {
             Machine::None(_) => None,
             Machine::Pusher(m) => Some(m.upstream_lost(lost)),
             Machine::Graphql(m) => Some(m.upstream_lost(lost)),
+            Machine::Mqtt(m) => Some(m.upstream_lost(lost)),
         }
     }
 
@@ -385,7 +434,7 @@ impl Machine {
             Machine::Json(m) => m.upstream_restored(members, out),
             Machine::None(m) => m.upstream_restored(),
             // Never redialled.
-            Machine::Pusher(_) | Machine::Graphql(_) => {}
+            Machine::Pusher(_) | Machine::Graphql(_) | Machine::Mqtt(_) => {}
         }
     }
 
@@ -400,6 +449,7 @@ impl Machine {
             Machine::Json(_) | Machine::None(_) => None,
             Machine::Pusher(m) => m.next_deadline(now()),
             Machine::Graphql(m) => m.next_deadline(),
+            Machine::Mqtt(m) => m.next_deadline(now()),
         }
     }
 
@@ -407,7 +457,10 @@ impl Machine {
     /// none).
     #[inline]
     pub fn keeps_time(&self) -> bool {
-        matches!(self, Machine::Pusher(_) | Machine::Graphql(_))
+        matches!(
+            self,
+            Machine::Pusher(_) | Machine::Graphql(_) | Machine::Mqtt(_)
+        )
     }
 
     /// Whether the machine keeps state for its session beyond what passes
@@ -416,7 +469,10 @@ impl Machine {
     /// reports [`Machine::held`] to the buffer budget.
     #[inline]
     pub fn keeps_state(&self) -> bool {
-        matches!(self, Machine::Pusher(_) | Machine::Graphql(_))
+        matches!(
+            self,
+            Machine::Pusher(_) | Machine::Graphql(_) | Machine::Mqtt(_)
+        )
     }
 
     /// What the machine keeps for its session, in bytes (counted in the
@@ -426,6 +482,7 @@ impl Machine {
             Machine::Json(_) | Machine::None(_) => 0,
             Machine::Pusher(m) => m.held(),
             Machine::Graphql(m) => m.held(),
+            Machine::Mqtt(m) => m.held(),
         }
     }
 
@@ -433,6 +490,7 @@ impl Machine {
     pub fn on_timeout(&mut self, now: Instant, out: &mut Effects) {
         match self {
             Machine::Graphql(m) => m.on_timeout(now, out),
+            Machine::Mqtt(m) => m.on_timeout(now, out),
             _ => self.tick(now, out),
         }
     }
@@ -447,6 +505,8 @@ impl Machine {
             // Its deadlines are its lingers (the upstream's keepalive is
             // the session's WebSocket ping).
             Machine::Graphql(m) => m.on_timeout(now, out),
+            // Its keepalives are deadlines of its own.
+            Machine::Mqtt(m) => m.on_timeout(now, out),
         }
     }
 
@@ -457,7 +517,7 @@ impl Machine {
             Machine::Json(_) => 0,
             Machine::None(m) => m.greeting_len(),
             // `connection_established`; the `connection_ack`.
-            Machine::Pusher(_) | Machine::Graphql(_) => 1,
+            Machine::Pusher(_) | Machine::Graphql(_) | Machine::Mqtt(_) => 1,
         }
     }
 }

@@ -402,7 +402,8 @@ impl<'c> Session<'c> {
         self.linger = None;
         self.envelope.tab_joined(tab, &info, &mut self.effects);
         if let Some(init) = init {
-            self.envelope.tab_placed(tab, init, &mut self.effects);
+            self.envelope
+                .tab_placed(tab, init, Instant::now().into_std(), &mut self.effects);
         }
         // Only a forward can fail, and joining forwards nothing.
         let _ = self.apply_effects();
@@ -728,6 +729,7 @@ impl Apply<'_> {
             Saving::Subscription => (&m.subscriptions_avoided, 1),
             Saving::Ping => (&m.pings_avoided, 1),
             Saving::Deliveries(n) => (&m.messages_avoided, u64::from(n)),
+            Saving::Connection => (&m.connects_avoided, 1),
         };
         counter.inc_by(n);
     }

@@ -11,6 +11,7 @@
 pub mod graphql;
 pub mod json;
 pub mod mock;
+pub mod mqtt;
 pub mod proxy;
 pub mod pusher;
 pub mod raw;

@@ -1,0 +1,991 @@
+//! `envelope = "mqtt"` (docs/protocol.md, "The `mqtt` envelope"): one MQTT
+//! connection per session, for MQTT 3.1.1 and 5.0, so that to each tab the
+//! session looks like an MQTT connection of its own.
+//!
+//! A tab is placed in its session once its CONNECT has come (the session
+//! key includes its protocol level, user name and password: see
+//! `crate::placement`); the machine starts from there. The first tab's
+//! CONNECT goes upstream without its will and with a clean session, and
+//! the upstream's CONNACK answers it; later tabs are answered by tabmux.
+//! Everything after is rewritten both ways: packet ids (each tab's are its
+//! own; tabmux numbers the upstream's), subscriptions (one upstream
+//! subscription per filter, refcounted by the tabs that hold it, lingering
+//! after the last tab left), messages (to the tabs holding a filter the
+//! message is for, each with its own packet id and QoS flow). Keepalives,
+//! lingers and will delays are deadlines of the machine.
+//!
+//! - [`codec`]: packets from and to a byte stream, at either level;
+//! - [`topic`]: topic names and filters;
+//! - `subscribe`: subscriptions and their answers;
+//! - `publish`: messages both ways and their QoS flows.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{
+    ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode,
+    LastWill, Login, Packet, PingResp, Publish, PublishProperties,
+};
+use rumqttc::v5::mqttbytes::QoS;
+use rustc_hash::FxHashMap;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{Effect, Effects, Refused, Saving, TabId, Target};
+use crate::cause::{Cause, Lost};
+use codec::{Bad, Level, Stream};
+
+pub mod codec;
+mod publish;
+mod subscribe;
+#[cfg(test)]
+mod tests;
+pub mod topic;
+
+/// The most filters one session holds upstream (lingering ones included).
+pub const MAX_FILTERS: usize = 1024;
+/// The most filters one tab holds.
+pub const MAX_TAB_FILTERS: usize = 256;
+/// A 3.1.1 connection's quota of unanswered QoS 1/2 messages (all its ids).
+const V4_RECEIVE_MAXIMUM: u16 = u16::MAX;
+
+/// What the route sets for its MQTT sessions.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// `max_message_size`: the largest packet either way.
+    pub max_packet: usize,
+    /// `max_qos`: the highest QoS the server accepts from a client.
+    pub max_qos: u8,
+    /// `linger`: how long a filter no tab holds stays subscribed upstream.
+    pub linger: Duration,
+}
+
+/// Where a tab stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Joined; its CONNECT has not been read yet.
+    Joined,
+    /// Its CONNECT was read; it waits for the upstream's CONNACK.
+    Waiting,
+    /// Answered with CONNACK 0: it speaks MQTT now.
+    Connected,
+    /// Refused or closed: nothing more is read from it.
+    Done,
+}
+
+/// A tab's will, kept until it ends.
+#[derive(Debug, Clone)]
+struct Will {
+    publish: Publish,
+    /// 5.0 Will Delay Interval.
+    delay: Duration,
+}
+
+/// A will waiting out its delay.
+#[derive(Debug)]
+struct DelayedWill {
+    at: Instant,
+    client_id: String,
+    publish: Publish,
+}
+
+/// A tab's own subscription.
+#[derive(Debug, Clone)]
+struct TabFilter {
+    filter: Box<str>,
+    /// The QoS granted to the tab for it.
+    granted: QoS,
+    /// The tab's Subscription Identifier for it (5.0), if it gave one.
+    sub_id: Option<usize>,
+    /// 5.0 No Local: its own messages are not delivered back to it.
+    no_local: bool,
+}
+
+/// A tab's QoS 1/2 PUBLISH on its way to the server.
+#[derive(Debug, Default)]
+struct Inbound {
+    /// The server's PUBREC came (QoS 2): a resend is answered with it.
+    rec: Option<Packet>,
+    /// The server's PUBCOMP, until the tab's PUBREL asks for it.
+    comp: Option<Packet>,
+    /// The tab's PUBREL came before the server's PUBCOMP.
+    released: bool,
+}
+
+/// A message tabmux sends a tab with QoS 1/2, until the tab answers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outbound {
+    /// Awaiting PUBACK (QoS 1) or PUBREC (QoS 2).
+    Sent,
+    /// QoS 2: PUBREL sent, awaiting PUBCOMP.
+    Released,
+}
+
+/// One tab of the session.
+#[derive(Debug)]
+struct TabMq {
+    phase: Phase,
+    /// Bytes not yet a whole packet.
+    stream: Stream,
+    client_id: String,
+    will: Option<Will>,
+    /// It sent DISCONNECT with reason 0: its will is not published.
+    clean_end: bool,
+    /// Closed silent at this long without a packet (1.5 × its keepalive).
+    silence: Option<Duration>,
+    last_heard: Instant,
+    filters: Vec<TabFilter>,
+    /// 5.0: its Maximum Packet Size (what tabmux may send it).
+    max_packet: Option<usize>,
+    /// 5.0: its Receive Maximum (QoS 1/2 messages awaiting its answer).
+    receive_max: u16,
+    /// Its QoS 1/2 PUBLISHes on their way, by its packet id.
+    inbound: FxHashMap<u16, Inbound>,
+    /// tabmux's QoS 1/2 messages to it awaiting its answer, by the id
+    /// tabmux gave them.
+    outbound: FxHashMap<u16, Outbound>,
+    /// Messages for it beyond its Receive Maximum, in order.
+    queue: VecDeque<Publish>,
+    queued_bytes: usize,
+    last_pkid: u16,
+    /// 5.0 topic aliases it set.
+    aliases: FxHashMap<u16, Bytes>,
+}
+
+impl TabMq {
+    fn new(now: Instant) -> TabMq {
+        TabMq {
+            phase: Phase::Joined,
+            stream: Stream::default(),
+            client_id: String::new(),
+            will: None,
+            clean_end: false,
+            silence: None,
+            last_heard: now,
+            filters: Vec::new(),
+            max_packet: None,
+            receive_max: V4_RECEIVE_MAXIMUM,
+            inbound: FxHashMap::default(),
+            outbound: FxHashMap::default(),
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            last_pkid: 0,
+            aliases: FxHashMap::default(),
+        }
+    }
+
+    /// A packet id for a message to it, free among those awaiting answer.
+    fn next_pkid(&mut self) -> u16 {
+        loop {
+            self.last_pkid = self.last_pkid.wrapping_add(1).max(1);
+            if !self.outbound.contains_key(&self.last_pkid) {
+                return self.last_pkid;
+            }
+        }
+    }
+
+    fn filter(&self, filter: &str) -> Option<&TabFilter> {
+        self.filters.iter().find(|f| &*f.filter == filter)
+    }
+}
+
+/// What an upstream packet id is waiting for.
+#[derive(Debug)]
+enum Pending {
+    /// A SUBSCRIBE for this filter.
+    Subscribe(Box<str>),
+    /// An UNSUBSCRIBE.
+    Unsubscribe,
+    /// A tab's QoS 1/2 PUBLISH (or a will, `tab` None); `sibling` is the
+    /// message to deliver to the session's tabs once the server accepts it
+    /// (5.0, where upstream subscriptions ask No Local).
+    Publish {
+        tab: Option<TabId>,
+        tab_pkid: u16,
+        sibling: Option<Box<Publish>>,
+    },
+}
+
+/// The `mqtt` envelope's state for one session.
+#[derive(Debug)]
+pub struct Mqtt {
+    settings: Settings,
+    /// The session's protocol level (every tab's: it keys the session).
+    level: Level,
+    /// The upstream's bytes, reassembled.
+    up: Stream,
+    /// The first tab's CONNECT went upstream.
+    connect_sent: bool,
+    /// The tab whose CONNECT went upstream (it gets the CONNACK as sent).
+    first: Option<TabId>,
+    /// The upstream's CONNACK, once it accepted the connection.
+    connack: Option<ConnAck>,
+    /// The upstream's keepalive, and whether anything was sent since its
+    /// last check (a PINGREQ goes when nothing was).
+    keepalive: Option<Duration>,
+    ping_at: Option<Instant>,
+    sent_since: bool,
+    tabs: FxHashMap<TabId, TabMq>,
+    /// The session's filters, held upstream.
+    filters: FxHashMap<Box<str>, subscribe::Filter>,
+    /// 5.0: the filter each Subscription Identifier of tabmux's names.
+    sub_ids: FxHashMap<usize, Box<str>>,
+    last_sub_id: usize,
+    /// Upstream packet ids awaiting their answer.
+    pending: FxHashMap<u16, Pending>,
+    last_pkid: u16,
+    /// QoS 1/2 PUBLISHes awaiting the server's answer, and those waiting
+    /// for a slot of the server's Receive Maximum.
+    in_flight: usize,
+    waiting: VecDeque<(u16, Publish)>,
+    /// Tab SUBSCRIBEs awaiting the server's answers, by request number.
+    requests: FxHashMap<u64, subscribe::Request>,
+    last_request: u64,
+    wills: Vec<DelayedWill>,
+    /// The earliest deadline the machine gave (recomputed when it comes).
+    deadline: Option<Instant>,
+    /// What the state keeps beyond the tabs' streams and queues.
+    held: usize,
+}
+
+impl Mqtt {
+    pub fn new(settings: Settings) -> Mqtt {
+        Mqtt {
+            settings,
+            level: Level::V4,
+            up: Stream::default(),
+            connect_sent: false,
+            first: None,
+            connack: None,
+            keepalive: None,
+            ping_at: None,
+            sent_since: false,
+            tabs: FxHashMap::default(),
+            filters: FxHashMap::default(),
+            sub_ids: FxHashMap::default(),
+            last_sub_id: 0,
+            pending: FxHashMap::default(),
+            last_pkid: 0,
+            in_flight: 0,
+            waiting: VecDeque::new(),
+            requests: FxHashMap::default(),
+            last_request: 0,
+            wills: Vec::new(),
+            deadline: None,
+            held: 0,
+        }
+    }
+
+    /// What the session's MQTT state keeps, in bytes, for the buffer
+    /// budget: partial packets, messages queued per tab, filters, wills,
+    /// topic aliases, messages waiting for the server's quota.
+    pub fn held(&self) -> usize {
+        let tabs: usize = self
+            .tabs
+            .values()
+            .map(|t| {
+                t.stream.held()
+                    + t.queued_bytes
+                    + t.will.as_ref().map_or(0, |w| w.publish.size())
+                    + t.aliases.values().map(|a| a.len() + 16).sum::<usize>()
+                    + t.filters.iter().map(|f| f.filter.len() + 48).sum::<usize>()
+            })
+            .sum();
+        let waiting: usize = self.waiting.iter().map(|(_, p)| p.size()).sum();
+        let wills: usize = self.wills.iter().map(|w| w.publish.size()).sum();
+        self.held + tabs + waiting + wills + self.up.held()
+    }
+
+    /// The server's CONNACK properties, if any.
+    fn server(&self) -> Option<&ConnAckProperties> {
+        self.connack.as_ref()?.properties.as_ref()
+    }
+
+    /// The server's Receive Maximum for the session.
+    fn server_receive_max(&self) -> usize {
+        usize::from(
+            self.server()
+                .and_then(|p| p.receive_max)
+                .unwrap_or(V4_RECEIVE_MAXIMUM),
+        )
+    }
+
+    /// The highest QoS a tab may publish with: the route's `max_qos`, and
+    /// on 5.0 the server's Maximum QoS when lower.
+    fn max_qos(&self) -> u8 {
+        let server = self.server().and_then(|p| p.max_qos).unwrap_or(2);
+        self.settings.max_qos.min(server)
+    }
+
+    /// Whether the server keeps retained messages (5.0 Retain Available).
+    fn retain_available(&self) -> bool {
+        self.server().and_then(|p| p.retain_available) != Some(0)
+    }
+
+    /// The largest packet a tab may send: the route's, and the server's
+    /// 5.0 Maximum Packet Size when lower.
+    fn max_from_tab(&self) -> usize {
+        let server = self
+            .server()
+            .and_then(|p| p.max_packet_size)
+            .map_or(usize::MAX, |m| m as usize);
+        self.settings.max_packet.min(server)
+    }
+
+    /// Writes a packet at the session's level.
+    fn bytes(&self, packet: &Packet) -> Bytes {
+        codec::write(self.level, packet)
+    }
+
+    /// Sends one tab a packet.
+    fn answer(&self, tab: TabId, packet: &Packet, out: &mut Effects) {
+        out.push(Effect::Answer {
+            tab,
+            msg: Message::Binary(self.bytes(packet)),
+        });
+    }
+
+    /// Sends the upstream a packet tabmux composed.
+    fn upstream(&mut self, packet: &Packet, out: &mut Effects) {
+        self.sent_since = true;
+        out.push(Effect::Upstream(Message::Binary(self.bytes(packet))));
+    }
+
+    /// An upstream packet id free among those awaiting answer.
+    fn next_pkid(&mut self) -> u16 {
+        loop {
+            self.last_pkid = self.last_pkid.wrapping_add(1).max(1);
+            if !self.pending.contains_key(&self.last_pkid) {
+                return self.last_pkid;
+            }
+        }
+    }
+
+    /// A tab joined (its CONNECT comes next, with [`Mqtt::tab_placed`]).
+    #[inline(never)]
+    pub fn tab_joined(&mut self, tab: TabId, now: Instant) {
+        self.tabs.insert(tab, TabMq::new(now));
+    }
+
+    /// The bytes that placed a tab in its session: its CONNECT (and
+    /// whatever followed it in the same messages).
+    #[inline(never)]
+    pub fn tab_placed(&mut self, tab: TabId, bytes: &[u8], now: Instant, out: &mut Effects) {
+        if !self.tabs.contains_key(&tab) {
+            self.tab_joined(tab, now);
+        }
+        self.read_tab(tab, bytes, now, out);
+    }
+
+    /// A tab sent a WebSocket message: its bytes join its stream, and each
+    /// whole packet is acted on.
+    #[inline(never)]
+    pub fn tab_sent(
+        &mut self,
+        tab: TabId,
+        msg: Message,
+        now: impl FnOnce() -> Instant,
+        out: &mut Effects,
+    ) -> Result<(), Cause> {
+        let bytes: &[u8] = match &msg {
+            Message::Binary(b) => b,
+            // Text is taken as bytes, as mosquitto takes it.
+            Message::Text(t) => t.as_bytes(),
+            _ => return Ok(()),
+        };
+        self.read_tab(tab, bytes, now(), out);
+        Ok(())
+    }
+
+    fn read_tab(&mut self, tab: TabId, bytes: &[u8], now: Instant, out: &mut Effects) {
+        let max = self.max_from_tab();
+        let level = self.level;
+        {
+            let Some(state) = self.tabs.get_mut(&tab) else {
+                return;
+            };
+            if state.phase == Phase::Done {
+                return;
+            }
+            state.last_heard = now;
+            state.stream.push(bytes);
+        }
+        loop {
+            let Some(state) = self.tabs.get_mut(&tab) else {
+                return;
+            };
+            if state.phase == Phase::Done {
+                return;
+            }
+            // The first packet decides the level of a tab's session.
+            let at = if state.phase == Phase::Joined {
+                None
+            } else {
+                Some(level)
+            };
+            let raw = match state.stream.next_raw(max) {
+                Ok(Some(raw)) => raw,
+                Ok(None) => return,
+                Err(bad) => return self.refuse_bad(tab, bad, out),
+            };
+            let Some(at) = at else {
+                self.connect(tab, raw, now, out);
+                continue;
+            };
+            match codec::read(at, raw) {
+                Ok(packet) => self.tab_packet(tab, packet, now, out),
+                Err(bad) => return self.refuse_bad(tab, bad, out),
+            }
+        }
+    }
+
+    /// A tab's packet that tabmux cannot read: refused to that tab alone.
+    fn refuse_bad(&mut self, tab: TabId, bad: Bad, out: &mut Effects) {
+        let (code, cause) = match bad {
+            Bad::TooLarge(_) => (DisconnectReasonCode::PacketTooLarge, Cause::TooBig),
+            Bad::Malformed(_) => (DisconnectReasonCode::MalformedPacket, Cause::ProtocolError),
+        };
+        let reason = if matches!(cause, Cause::TooBig) {
+            Refused::TooLarge
+        } else {
+            Refused::Malformed
+        };
+        self.refuse(tab, reason, code, cause, out);
+    }
+
+    /// Refuses a tab what the server would refuse: 5.0 with a DISCONNECT,
+    /// then closed; 3.1.1 closed without a packet.
+    fn refuse(
+        &mut self,
+        tab: TabId,
+        reason: Refused,
+        code: DisconnectReasonCode,
+        cause: Cause,
+        out: &mut Effects,
+    ) {
+        out.push(Effect::Refused(reason));
+        let Some(state) = self.tabs.get_mut(&tab) else {
+            return;
+        };
+        let connected = state.phase == Phase::Connected;
+        state.phase = Phase::Done;
+        if self.level == Level::V5 && connected {
+            self.answer(tab, &Packet::Disconnect(Disconnect::new(code)), out);
+        }
+        out.push(Effect::Close {
+            to: Target::one(tab),
+            cause,
+        });
+    }
+
+    /// Closes a tab (its will is published when it leaves).
+    fn close(&mut self, tab: TabId, cause: Cause, out: &mut Effects) {
+        if let Some(state) = self.tabs.get_mut(&tab) {
+            state.phase = Phase::Done;
+        }
+        out.push(Effect::Close {
+            to: Target::one(tab),
+            cause,
+        });
+    }
+
+    /// A tab's first packet: its CONNECT.
+    fn connect(&mut self, tab: TabId, raw: Bytes, now: Instant, out: &mut Effects) {
+        let level = match codec::identity(&raw) {
+            Some(id) if id.level == 5 && &id.protocol_name[..] == b"MQTT" => Level::V5,
+            Some(id) if id.level == 4 && &id.protocol_name[..] == b"MQTT" => Level::V4,
+            // Placement answers other levels; here it is malformed.
+            _ => return self.refuse_bad(tab, Bad::Malformed("not a CONNECT".into()), out),
+        };
+        if self.first.is_none() && !self.connect_sent {
+            self.level = level;
+        }
+        let packet = match codec::read(level, raw) {
+            Ok(Packet::Connect(c, will, login)) => (c, will, login),
+            Ok(_) => return self.refuse_bad(tab, Bad::Malformed("not a CONNECT".into()), out),
+            Err(bad) => return self.refuse_bad(tab, bad, out),
+        };
+        let (connect, will, login) = packet;
+        let Some(state) = self.tabs.get_mut(&tab) else {
+            return;
+        };
+        state.phase = Phase::Waiting;
+        state.client_id = connect.client_id.clone();
+        state.last_heard = now;
+        if let Some(props) = &connect.properties {
+            state.max_packet = props.max_packet_size.map(|m| m as usize);
+        }
+        let keepalive = Duration::from_secs(u64::from(connect.keep_alive));
+        state.silence = (!keepalive.is_zero()).then(|| keepalive * 3 / 2);
+        state.will = will.map(|w| Will {
+            delay: w
+                .properties
+                .as_ref()
+                .and_then(|p| p.delay_interval)
+                .map_or(Duration::ZERO, |s| Duration::from_secs(u64::from(s))),
+            publish: will_publish(w),
+        });
+        if !connect.client_id.is_empty() {
+            // A tab of this client id is back: its delayed will is not sent.
+            self.wills.retain(|w| w.client_id != connect.client_id);
+        }
+        self.deadline = None;
+        // 3.1.1: an empty client id needs a clean session.
+        if self.level == Level::V4 && connect.client_id.is_empty() && !connect.clean_start {
+            let refused = connack(ConnectReturnCode::BadClientId, None);
+            self.answer(tab, &refused, out);
+            return self.close(tab, refused_cause(), out);
+        }
+        if self.connack.is_some() {
+            out.push(Effect::Avoided(Saving::Connection));
+            return self.accept(tab, out);
+        }
+        if !self.connect_sent {
+            self.connect_sent = true;
+            self.first = Some(tab);
+            let upstream = upstream_connect(connect, login, self.settings.max_packet);
+            self.keepalive = upstream_keepalive(&upstream);
+            self.upstream(&upstream, out);
+        } else {
+            out.push(Effect::Avoided(Saving::Connection));
+        }
+    }
+
+    /// Answers a tab whose CONNECT waited, once the server accepted the
+    /// session's: CONNACK, or what the server would refuse its will for.
+    fn accept(&mut self, tab: TabId, out: &mut Effects) {
+        let max_qos = self.max_qos();
+        let retain_available = self.retain_available();
+        let level = self.level;
+        let first = self.first == Some(tab);
+        let Some(server) = self.connack.clone() else {
+            return;
+        };
+        let Some(state) = self.tabs.get_mut(&tab) else {
+            return;
+        };
+        if let Some(will) = &state.will {
+            let qos = will.publish.qos as u8;
+            let refusal = match level {
+                Level::V5 if qos > max_qos => Some(ConnectReturnCode::QoSNotSupported),
+                Level::V5 if will.publish.retain && !retain_available => {
+                    Some(ConnectReturnCode::RetainNotSupported)
+                }
+                // 3.1.1: mosquitto closes without a CONNACK.
+                Level::V4 if qos > max_qos => {
+                    state.will = None;
+                    out.push(Effect::Refused(Refused::Qos));
+                    return self.close(tab, Cause::ProtocolError, out);
+                }
+                _ => None,
+            };
+            if let Some(code) = refusal {
+                state.will = None;
+                out.push(Effect::Refused(
+                    if code == ConnectReturnCode::QoSNotSupported {
+                        Refused::Qos
+                    } else {
+                        Refused::Retain
+                    },
+                ));
+                let refused = connack(code, None);
+                self.answer(tab, &refused, out);
+                return self.close(tab, refused_cause(), out);
+            }
+        }
+        state.phase = Phase::Connected;
+        let props = server.properties.as_ref();
+        if let Some(p) = props {
+            if let Some(ka) = p.server_keep_alive {
+                let ka = Duration::from_secs(u64::from(ka));
+                state.silence = (!ka.is_zero()).then(|| ka * 3 / 2);
+            }
+            state.receive_max = p.receive_max.unwrap_or(V4_RECEIVE_MAXIMUM);
+        }
+        let answer = if first {
+            let answer = server;
+            if state.client_id.is_empty() {
+                if let Some(id) = answer
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.assigned_client_identifier.clone())
+                {
+                    state.client_id = id;
+                }
+            }
+            answer
+        } else {
+            let mut properties = props.map(later_tab_properties);
+            if state.client_id.is_empty() && level == Level::V5 {
+                let id = format!("tabmux-{tab}");
+                state.client_id = id.clone();
+                properties
+                    .get_or_insert_with(empty_connack_properties)
+                    .assigned_client_identifier = Some(id);
+            }
+            ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::Success,
+                properties,
+            }
+        };
+        self.answer(tab, &Packet::ConnAck(answer), out);
+    }
+
+    /// A packet from a tab that is connected (or waiting for its CONNACK).
+    fn tab_packet(&mut self, tab: TabId, packet: Packet, now: Instant, out: &mut Effects) {
+        let waiting = self.tabs.get(&tab).map(|t| t.phase) == Some(Phase::Waiting);
+        if waiting && !matches!(packet, Packet::Disconnect(_)) {
+            // Before its CONNACK a client sends nothing else (the server
+            // would read it after the CONNACK; 3.1.1 §3.1.4).
+            return self.refuse(
+                tab,
+                Refused::Malformed,
+                DisconnectReasonCode::ProtocolError,
+                Cause::ProtocolError,
+                out,
+            );
+        }
+        match packet {
+            Packet::PingReq(_) => {
+                out.push(Effect::Avoided(Saving::Ping));
+                self.answer(tab, &Packet::PingResp(PingResp), out);
+            }
+            Packet::Publish(p) => self.tab_publish(tab, p, out),
+            Packet::PubAck(a) => self.tab_ack(tab, a.pkid, false, out),
+            Packet::PubRec(r) => self.tab_ack(tab, r.pkid, true, out),
+            Packet::PubComp(c) => self.tab_ack(tab, c.pkid, false, out),
+            Packet::PubRel(r) => self.tab_release(tab, r.pkid, out),
+            Packet::Subscribe(s) => self.tab_subscribe(tab, s, out),
+            Packet::Unsubscribe(u) => self.tab_unsubscribe(tab, u, now, out),
+            Packet::Disconnect(d) => {
+                let with_will = d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage;
+                if let Some(state) = self.tabs.get_mut(&tab) {
+                    state.clean_end = !with_will;
+                }
+                self.close(
+                    tab,
+                    Cause::Subprotocol {
+                        code: 1000,
+                        reason: String::new(),
+                    },
+                    out,
+                );
+            }
+            // A second CONNECT, an AUTH outside enhanced authentication,
+            // or a packet only a server sends.
+            _ => self.refuse(
+                tab,
+                Refused::Malformed,
+                DisconnectReasonCode::ProtocolError,
+                Cause::ProtocolError,
+                out,
+            ),
+        }
+    }
+
+    /// A tab left: its subscriptions are released (lingering), its will
+    /// published unless it ended with DISCONNECT 0, its flows dropped.
+    #[inline(never)]
+    pub fn tab_left(&mut self, tab: TabId, _code: u16, now: Instant, out: &mut Effects) {
+        let Some(state) = self.tabs.remove(&tab) else {
+            return;
+        };
+        if self.first == Some(tab) && self.connack.is_none() {
+            // Its CONNECT is upstream; the CONNACK answers the others.
+            self.first = None;
+        }
+        for f in &state.filters {
+            self.release(&f.filter, tab, now, out);
+        }
+        if !state.clean_end && state.phase != Phase::Joined {
+            if let Some(will) = state.will {
+                if will.delay.is_zero() {
+                    self.publish_will(will.publish, out);
+                } else {
+                    self.wills.push(DelayedWill {
+                        at: now + will.delay,
+                        client_id: state.client_id,
+                        publish: will.publish,
+                    });
+                    self.deadline = None;
+                }
+            }
+        }
+    }
+
+    /// An upstream WebSocket message: its bytes join the upstream's
+    /// stream, and each whole packet is acted on.
+    #[inline(never)]
+    pub fn upstream_frame(&mut self, msg: Message, out: &mut Effects) {
+        let bytes: &[u8] = match &msg {
+            Message::Binary(b) => b,
+            Message::Text(t) => t.as_bytes(),
+            _ => return,
+        };
+        self.up.push(bytes);
+        loop {
+            // What the server sends is bounded by the Maximum Packet Size
+            // its CONNECT gave it.
+            match self.up.next(self.level, self.settings.max_packet) {
+                Ok(Some(packet)) => self.upstream_packet(packet, out),
+                Ok(None) => return,
+                Err(_) => {
+                    self.up = Stream::default();
+                    return out.push(Effect::Malformed(super::FrameError::NotJson));
+                }
+            }
+        }
+    }
+
+    fn upstream_packet(&mut self, packet: Packet, out: &mut Effects) {
+        match packet {
+            Packet::ConnAck(ack) => self.upstream_connack(ack, out),
+            Packet::Publish(p) => self.upstream_publish(p, out),
+            Packet::PubAck(a) => {
+                let (pkid, reason) = (a.pkid, a.reason as u8);
+                self.server_answered(pkid, Packet::PubAck(a), reason < 0x80, true, out)
+            }
+            Packet::PubRec(r) => self.server_received(r, out),
+            Packet::PubComp(c) => self.server_completed(c, out),
+            Packet::PubRel(r) => {
+                let comp = rumqttc::v5::mqttbytes::v5::PubComp::new(r.pkid, None);
+                self.upstream(&Packet::PubComp(comp), out);
+            }
+            Packet::SubAck(s) => self.upstream_suback(s, out),
+            Packet::UnsubAck(u) => {
+                self.pending.remove(&u.pkid);
+            }
+            Packet::PingResp(_) => {}
+            Packet::Disconnect(d) => {
+                // The close follows: every 5.0 tab is told why first.
+                if self.level == Level::V5 {
+                    let msg = Message::Binary(self.bytes(&Packet::Disconnect(d)));
+                    super::broadcast(msg, out);
+                }
+            }
+            Packet::Auth(a) => {
+                // Enhanced authentication: a session of one tab.
+                let tabs: Vec<TabId> = self.tabs.keys().copied().collect();
+                let msg = Message::Binary(self.bytes(&Packet::Auth(a)));
+                super::deliver(tabs, msg, out);
+            }
+            _ => out.push(Effect::Malformed(super::FrameError::NotJson)),
+        }
+    }
+
+    /// The server's CONNACK: the tabs waiting are answered; a refusal
+    /// closes them (the server closes the connection after it).
+    fn upstream_connack(&mut self, ack: ConnAck, out: &mut Effects) {
+        let waiting: Vec<TabId> = self
+            .tabs
+            .iter()
+            .filter(|(_, t)| t.phase == Phase::Waiting)
+            .map(|(&t, _)| t)
+            .collect();
+        if ack.code != ConnectReturnCode::Success {
+            let msg = Message::Binary(self.bytes(&Packet::ConnAck(ack)));
+            for tab in waiting {
+                out.push(Effect::Answer {
+                    tab,
+                    msg: msg.clone(),
+                });
+                self.close(tab, refused_cause(), out);
+            }
+            return;
+        }
+        if let Some(ka) = ack.properties.as_ref().and_then(|p| p.server_keep_alive) {
+            let ka = Duration::from_secs(u64::from(ka));
+            self.keepalive = (!ka.is_zero()).then_some(ka);
+        }
+        self.connack = Some(ack);
+        self.deadline = None;
+        for tab in waiting {
+            self.accept(tab, out);
+        }
+    }
+
+    /// The upstream is gone: every tab is closed with 1012 (their clients
+    /// reconnect). Their wills are not published.
+    pub fn upstream_lost(&mut self, _lost: &Lost) -> Cause {
+        for t in self.tabs.values_mut() {
+            t.clean_end = true;
+        }
+        Cause::UpstreamLost
+    }
+
+    /// When the machine next needs the time: a tab's silence, the
+    /// upstream's keepalive, a filter's linger, a will's delay.
+    pub fn next_deadline(&mut self, now: Instant) -> Option<Instant> {
+        if let Some(d) = self.deadline {
+            return Some(d);
+        }
+        let mut first: Option<Instant> = None;
+        let mut consider = |t: Instant| {
+            first = Some(first.map_or(t, |f: Instant| f.min(t)));
+        };
+        for t in self.tabs.values() {
+            if let (Some(s), Phase::Connected | Phase::Waiting) = (t.silence, t.phase) {
+                consider(t.last_heard + s);
+            }
+        }
+        if let (Some(ka), true) = (self.keepalive, self.connack.is_some()) {
+            let at = *self.ping_at.get_or_insert(now + ka / 2);
+            consider(at);
+        }
+        for f in self.filters.values() {
+            if let Some(since) = f.orphaned {
+                consider(since + self.settings.linger);
+            }
+        }
+        for w in &self.wills {
+            consider(w.at);
+        }
+        self.deadline = first;
+        first
+    }
+
+    /// A deadline has come at `now`.
+    #[inline(never)]
+    pub fn on_timeout(&mut self, now: Instant, out: &mut Effects) {
+        self.deadline = None;
+        let silent: Vec<TabId> = self
+            .tabs
+            .iter()
+            .filter(|(_, t)| {
+                matches!(t.phase, Phase::Connected | Phase::Waiting)
+                    && t.silence.is_some_and(|s| now >= t.last_heard + s)
+            })
+            .map(|(&t, _)| t)
+            .collect();
+        for tab in silent {
+            // Closed without a packet, as mosquitto closes it; its will
+            // is published as it leaves.
+            self.close(tab, Cause::Idle, out);
+        }
+        if let (Some(ka), Some(at)) = (self.keepalive, self.ping_at) {
+            if now >= at {
+                if !self.sent_since {
+                    self.upstream(&Packet::PingReq(rumqttc::v5::mqttbytes::v5::PingReq), out);
+                }
+                self.sent_since = false;
+                self.ping_at = Some(now + ka / 2);
+            }
+        }
+        self.expire_lingers(now, out);
+        let due: Vec<DelayedWill> = {
+            let (due, keep) = std::mem::take(&mut self.wills)
+                .into_iter()
+                .partition(|w| w.at <= now);
+            self.wills = keep;
+            due
+        };
+        for w in due {
+            self.publish_will(w.publish, out);
+        }
+    }
+}
+
+/// The upstream CONNECT: the first tab's, without its will, clean, with
+/// no topic aliases from the server and the route's Maximum Packet Size.
+fn upstream_connect(mut connect: Connect, login: Option<Login>, max_packet: usize) -> Packet {
+    connect.clean_start = true;
+    if let Some(p) = &mut connect.properties {
+        p.session_expiry_interval = None;
+        p.topic_alias_max = None;
+        p.max_packet_size = Some(max_packet.min(u32::MAX as usize) as u32);
+    }
+    Packet::Connect(connect, None, login)
+}
+
+/// The keepalive in force upstream, from its CONNECT.
+fn upstream_keepalive(connect: &Packet) -> Option<Duration> {
+    match connect {
+        Packet::Connect(c, _, _) if c.keep_alive > 0 => {
+            Some(Duration::from_secs(u64::from(c.keep_alive)))
+        }
+        _ => None,
+    }
+}
+
+/// A will as the PUBLISH it becomes (5.0: its properties as the
+/// PUBLISH's).
+fn will_publish(w: LastWill) -> Publish {
+    let properties = w.properties.map(|p| PublishProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: p.message_expiry_interval,
+        topic_alias: None,
+        response_topic: p.response_topic,
+        correlation_data: p.correlation_data,
+        user_properties: p.user_properties,
+        subscription_identifiers: Vec::new(),
+        content_type: p.content_type,
+    });
+    Publish {
+        dup: false,
+        qos: w.qos,
+        retain: w.retain,
+        topic: w.topic,
+        pkid: 0,
+        payload: w.message,
+        properties,
+    }
+}
+
+/// A CONNACK of tabmux's.
+fn connack(code: ConnectReturnCode, properties: Option<ConnAckProperties>) -> Packet {
+    Packet::ConnAck(ConnAck {
+        session_present: false,
+        code,
+        properties,
+    })
+}
+
+/// How a tab refused at its CONNECT is closed (after its CONNACK).
+fn refused_cause() -> Cause {
+    Cause::Subprotocol {
+        code: 1000,
+        reason: String::new(),
+    }
+}
+
+/// CONNACK properties, none set.
+pub fn empty_connack_properties() -> ConnAckProperties {
+    ConnAckProperties {
+        session_expiry_interval: None,
+        receive_max: None,
+        max_qos: None,
+        retain_available: None,
+        max_packet_size: None,
+        assigned_client_identifier: None,
+        topic_alias_max: None,
+        reason_string: None,
+        user_properties: Vec::new(),
+        wildcard_subscription_available: None,
+        subscription_identifiers_available: None,
+        shared_subscription_available: None,
+        server_keep_alive: None,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    }
+}
+
+/// What a later tab's CONNACK carries of the server's: its limits and
+/// abilities, and its User Properties.
+fn later_tab_properties(p: &ConnAckProperties) -> ConnAckProperties {
+    ConnAckProperties {
+        receive_max: p.receive_max,
+        max_qos: p.max_qos,
+        retain_available: p.retain_available,
+        max_packet_size: p.max_packet_size,
+        topic_alias_max: p.topic_alias_max,
+        user_properties: p.user_properties.clone(),
+        wildcard_subscription_available: p.wildcard_subscription_available,
+        subscription_identifiers_available: p.subscription_identifiers_available,
+        shared_subscription_available: p.shared_subscription_available,
+        server_keep_alive: p.server_keep_alive,
+        ..empty_connack_properties()
+    }
+}
