@@ -514,6 +514,7 @@ impl Mqtt {
         state.last_heard = now;
         if let Some(props) = &connect.properties {
             state.max_packet = props.max_packet_size.map(|m| m as usize);
+            state.receive_max = props.receive_maximum.unwrap_or(V4_RECEIVE_MAXIMUM);
         }
         let keepalive = Duration::from_secs(u64::from(connect.keep_alive));
         state.silence = (!keepalive.is_zero()).then(|| keepalive * 3 / 2);
@@ -600,7 +601,6 @@ impl Mqtt {
                 let ka = Duration::from_secs(u64::from(ka));
                 state.silence = (!ka.is_zero()).then(|| ka * 3 / 2);
             }
-            state.receive_max = p.receive_max.unwrap_or(V4_RECEIVE_MAXIMUM);
         }
         let answer = if first {
             let answer = server;

@@ -13,6 +13,9 @@
 //! - packets without a body (PINGREQ, PINGRESP, a DISCONNECT or AUTH with
 //!   reason 0 and no properties): the crate's 5.0 reader refuses a
 //!   DISCONNECT of remaining length 0, which 5.0 allows and clients send;
+//! - a 5.0 DISCONNECT with a reason code and no properties: the crate
+//!   writes it with a remaining length one short of its body, and its
+//!   reader wants properties after the reason code;
 //! - [`Identity`]: the CONNECT's level, user name and password as bytes,
 //!   telling no user name from an empty one (the crate's `Login` does not);
 //! - the conversion between the levels.
@@ -137,6 +140,18 @@ pub fn read(level: Level, raw: Bytes) -> Result<Packet, Bad> {
             _ => Err(Bad::Malformed(format!("packet type {kind} without a body"))),
         };
     }
+    if level == Level::V5 && kind == 14 && raw.len() == 3 {
+        // A DISCONNECT with its reason code alone (5.0 allows it; the
+        // crate's reader wants properties after it).
+        return DisconnectReasonCode::try_from(raw[2])
+            .map(|reason_code| {
+                Packet::Disconnect(Disconnect {
+                    reason_code,
+                    properties: None,
+                })
+            })
+            .map_err(malformed);
+    }
     let mut stream = BytesMut::from(&raw[..]);
     match level {
         Level::V5 => Packet::read(&mut stream, None).map_err(malformed),
@@ -157,6 +172,13 @@ pub fn read(level: Level, raw: Bytes) -> Result<Packet, Bad> {
 
 /// Writes a packet at `level` into a buffer of its own.
 pub fn write(level: Level, packet: &Packet) -> Bytes {
+    if let (Level::V5, Packet::Disconnect(d)) = (level, packet) {
+        if d.properties.is_none() && d.reason_code != DisconnectReasonCode::NormalDisconnection {
+            // rumqttc 0.25 writes this one with a remaining length one
+            // short of its body; 5.0 allows the reason code alone.
+            return Bytes::from(vec![0xe0, 1, d.reason_code as u8]);
+        }
+    }
     let mut buf = BytesMut::with_capacity(packet.size() + 8);
     let written = match level {
         Level::V5 => packet.write(&mut buf, None).is_ok(),
