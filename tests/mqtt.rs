@@ -127,7 +127,10 @@ async fn a_later_tab_is_answered_by_tabmux_with_the_server_s_limits_and_a_client
     let proxy = mqtt_proxy(&broker).await;
     let spec = mqtt_tab("b");
     let (_first, server) = Client::connected(&proxy, &spec, Hello::new(Level::V5, "")).await;
-    let props = server.properties.clone().expect("mosquitto's CONNACK properties");
+    let props = server
+        .properties
+        .clone()
+        .expect("mosquitto's CONNACK properties");
     let assigned = props.assigned_client_identifier.clone();
     assert!(assigned.is_some(), "the server assigned the first tab's id");
     let (_later, ack) = Client::connected(&proxy, &spec, Hello::new(Level::V5, "")).await;
@@ -138,7 +141,9 @@ async fn a_later_tab_is_answered_by_tabmux_with_the_server_s_limits_and_a_client
     assert_eq!(mine.receive_max, props.receive_max);
     assert_eq!(mine.max_qos, props.max_qos);
     assert_eq!(mine.retain_available, props.retain_available);
-    let own = mine.assigned_client_identifier.expect("an id of tabmux's own");
+    let own = mine
+        .assigned_client_identifier
+        .expect("an id of tabmux's own");
     assert_ne!(Some(own), assigned, "unique in the session");
     assert_eq!(broker.connections(), 1);
 
@@ -181,9 +186,15 @@ async fn a_later_tab_gets_the_retained_messages_and_no_other_tab_gets_them_again
         assert_eq!(&r.payload[..], b"kept");
         b.puback(r.pkid).await;
         nothing_more(&mut a, "the first tab gets no second retained copy").await;
-        assert_eq!(broker.count("Received SUBSCRIBE from id"), 2, "{level:?}: an identical SUBSCRIBE again");
+        assert_eq!(
+            broker.count("Received SUBSCRIBE from id"),
+            2,
+            "{level:?}: an identical SUBSCRIBE again"
+        );
         // A live message reaches both, with RETAIN 0.
-        outside.send(&publish("r/1", "live", QoS::AtMostOnce, 0)).await;
+        outside
+            .send(&publish("r/1", "live", QoS::AtMostOnce, 0))
+            .await;
         for tab in [&mut a, &mut b] {
             let p = tab.recv_publish().await;
             assert_eq!(&p.payload[..], b"live");
@@ -208,7 +219,10 @@ async fn a_tab_that_unsubscribes_stops_receiving_and_the_filter_goes_upstream_wi
             Packet::UnsubAck(u) => {
                 assert_eq!(u.pkid, 2);
                 if level == Level::V5 {
-                    assert_eq!(u.reasons, vec![rumqttc::v5::mqttbytes::v5::UnsubAckReason::Success]);
+                    assert_eq!(
+                        u.reasons,
+                        vec![rumqttc::v5::mqttbytes::v5::UnsubAckReason::Success]
+                    );
                 }
             }
             other => panic!("expected UNSUBACK, got {other:?}"),
@@ -217,7 +231,11 @@ async fn a_tab_that_unsubscribes_stops_receiving_and_the_filter_goes_upstream_wi
         outside.send(&publish("u/1", "m", QoS::AtMostOnce, 0)).await;
         assert_eq!(&b.recv_publish().await.payload[..], b"m");
         nothing_more(&mut a, "the tab that unsubscribed").await;
-        assert_eq!(broker.count("Received UNSUBSCRIBE from id"), 0, "{level:?}: a sibling holds it");
+        assert_eq!(
+            broker.count("Received UNSUBSCRIBE from id"),
+            0,
+            "{level:?}: a sibling holds it"
+        );
         if level == Level::V5 {
             a.send(&unsubscribe(3, "u/1")).await;
             match a.recv().await {
@@ -256,7 +274,7 @@ async fn colliding_packet_ids_are_each_tab_s_own_and_a_dup_resend_goes_upstream_
             }
             nothing_more(tab, "one PUBACK each").await;
         }
-        let mut got = vec![outside.recv_publish().await, outside.recv_publish().await];
+        let mut got = [outside.recv_publish().await, outside.recv_publish().await];
         got.sort_by(|x, y| x.topic.cmp(&y.topic));
         assert_eq!(&got[0].payload[..], b"from a");
         assert_eq!(&got[1].payload[..], b"from b");
@@ -269,12 +287,19 @@ async fn colliding_packet_ids_are_each_tab_s_own_and_a_dup_resend_goes_upstream_
         assert!(matches!(a.recv().await, Packet::PubRec(r) if r.pkid == 5));
         q2.dup = true;
         a.send(&Packet::Publish(q2)).await;
-        assert!(matches!(a.recv().await, Packet::PubRec(r) if r.pkid == 5), "{level:?}: PUBREC again");
+        assert!(
+            matches!(a.recv().await, Packet::PubRec(r) if r.pkid == 5),
+            "{level:?}: PUBREC again"
+        );
         a.send(&Packet::PubRel(PubRel::new(5, None))).await;
         assert!(matches!(a.recv().await, Packet::PubComp(c) if c.pkid == 5));
         assert_eq!(&outside.recv_publish().await.payload[..], b"exactly once");
         b.send(&publish("c/end", "end", QoS::AtMostOnce, 0)).await;
-        assert_eq!(&outside.recv_publish().await.payload[..], b"end", "{level:?}: the QoS 2 message once");
+        assert_eq!(
+            &outside.recv_publish().await.payload[..],
+            b"end",
+            "{level:?}: the QoS 2 message once"
+        );
     }
 }
 
@@ -295,7 +320,9 @@ async fn a_tab_that_acks_late_gets_the_rest_within_its_receive_maximum() {
     subscribed(&mut quick, 1, "q/#", QoS::AtLeastOnce).await;
     let mut outside = Client::tcp(&broker, Hello::new(Level::V5, "outside")).await;
     for (i, text) in ["1", "2", "3"].iter().enumerate() {
-        outside.send(&publish("q/x", text, QoS::AtLeastOnce, i as u16 + 1)).await;
+        outside
+            .send(&publish("q/x", text, QoS::AtLeastOnce, i as u16 + 1))
+            .await;
         assert!(matches!(outside.recv().await, Packet::PubAck(_)));
     }
     // The quick tab has all three; the slow one one at a time.
@@ -344,16 +371,26 @@ async fn a_tab_s_will_is_published_when_it_vanishes_and_not_when_it_disconnects(
         let (c, _) = Client::connected(&proxy, &spec, will("w/c")).await;
         a.abort();
         assert_eq!(&outside.recv_publish().await.topic[..], b"w/a", "{level:?}");
-        b.send(&Packet::Disconnect(Disconnect::new(DisconnectReasonCode::NormalDisconnection)))
-            .await;
-        assert_eq!(b.ended().await, "1000 ", "{level:?}: DISCONNECT closes the tab with 1000");
+        b.send(&Packet::Disconnect(Disconnect::new(
+            DisconnectReasonCode::NormalDisconnection,
+        )))
+        .await;
+        assert_eq!(
+            b.ended().await,
+            "1000 ",
+            "{level:?}: DISCONNECT closes the tab with 1000"
+        );
         c.close().await;
         assert_eq!(
             &outside.recv_publish().await.topic[..],
             b"w/c",
             "{level:?}: b's will was never published"
         );
-        assert_eq!(broker.connections(), 2, "{level:?}: the session's connection stayed");
+        assert_eq!(
+            broker.connections(),
+            2,
+            "{level:?}: the session's connection stayed"
+        );
         drop(keeper);
     }
 }
@@ -369,18 +406,33 @@ async fn what_the_server_would_refuse_is_refused_to_that_tab_alone() {
         subscribed(&mut sibling, 1, "ok/#", QoS::AtMostOnce).await;
         let cases: Vec<(Vec<u8>, DisconnectReasonCode)> = vec![
             (
-                tabmux::envelope::mqtt::codec::write(level, &publish("a/+", "x", QoS::AtMostOnce, 0)).to_vec(),
+                tabmux::envelope::mqtt::codec::write(
+                    level,
+                    &publish("a/+", "x", QoS::AtMostOnce, 0),
+                )
+                .to_vec(),
                 DisconnectReasonCode::ProtocolError,
             ),
             (
-                tabmux::envelope::mqtt::codec::write(level, &publish("a", "x", QoS::ExactlyOnce, 3)).to_vec(),
+                tabmux::envelope::mqtt::codec::write(
+                    level,
+                    &publish("a", "x", QoS::ExactlyOnce, 3),
+                )
+                .to_vec(),
                 DisconnectReasonCode::QoSNotSupported,
             ),
             // A PUBLISH whose topic length runs past its end.
-            (vec![0x30, 0x03, 0x00, 0x09, b'a'], DisconnectReasonCode::MalformedPacket),
+            (
+                vec![0x30, 0x03, 0x00, 0x09, b'a'],
+                DisconnectReasonCode::MalformedPacket,
+            ),
             // A SUBSCRIBE with an invalid filter.
             (
-                tabmux::envelope::mqtt::codec::write(level, &subscribe(4, "a/#/b", QoS::AtMostOnce)).to_vec(),
+                tabmux::envelope::mqtt::codec::write(
+                    level,
+                    &subscribe(4, "a/#/b", QoS::AtMostOnce),
+                )
+                .to_vec(),
                 DisconnectReasonCode::MalformedPacket,
             ),
         ];
@@ -393,13 +445,23 @@ async fn what_the_server_would_refuse_is_refused_to_that_tab_alone() {
                     other => panic!("expected DISCONNECT {code:?}, got {other:?}"),
                 }
             }
-            assert_eq!(tab.ended().await, "1002 protocol error", "{level:?} {code:?}");
+            assert_eq!(
+                tab.ended().await,
+                "1002 protocol error",
+                "{level:?} {code:?}"
+            );
             nothing_more(&mut sibling, "the sibling").await;
         }
         let mut outside = Client::tcp(&broker, Hello::new(level, "outside")).await;
-        outside.send(&publish("ok/1", "still here", QoS::AtMostOnce, 0)).await;
+        outside
+            .send(&publish("ok/1", "still here", QoS::AtMostOnce, 0))
+            .await;
         assert_eq!(&sibling.recv_publish().await.payload[..], b"still here");
-        assert_eq!(broker.connections(), 2, "{level:?}: the session's connection was never closed");
+        assert_eq!(
+            broker.connections(),
+            2,
+            "{level:?}: the session's connection was never closed"
+        );
         assert_eq!(broker.count("disconnected"), 0, "{level:?}");
     }
 }
@@ -407,23 +469,37 @@ async fn what_the_server_would_refuse_is_refused_to_that_tab_alone() {
 #[tokio::test]
 #[ignore = "needs mosquitto (.ci/run installs it)"]
 async fn user_names_split_sessions_and_a_refused_connect_leaves_no_session() {
-    let users = vec![("alice".to_string(), "a-pass".to_string()), ("bob".to_string(), "b-pass".to_string())];
-    let broker = Broker::start_with(BrokerSpec { users, ..Default::default() }).await;
+    let users = vec![
+        ("alice".to_string(), "a-pass".to_string()),
+        ("bob".to_string(), "b-pass".to_string()),
+    ];
+    let broker = Broker::start_with(BrokerSpec {
+        users,
+        ..Default::default()
+    })
+    .await;
     let proxy = mqtt_proxy(&broker).await;
     for level in LEVELS {
         let spec = mqtt_tab(&format!("browser-{level:?}"));
         let alice = || Hello::new(level, &format!("alice-{level:?}")).login("alice", "a-pass");
         let (mut a1, _) = Client::connected(&proxy, &spec, alice()).await;
         let (mut a2, _) = Client::connected(&proxy, &spec, alice()).await;
-        let (mut b, ack) = Client::connected(&proxy, &spec, Hello::new(level, "bob-id").login("bob", "b-pass")).await;
+        let (mut b, ack) = Client::connected(
+            &proxy,
+            &spec,
+            Hello::new(level, "bob-id").login("bob", "b-pass"),
+        )
+        .await;
         assert_eq!(ack.code, ConnectReturnCode::Success);
         for tab in [&mut a1, &mut a2, &mut b] {
             subscribed(tab, 1, "t", QoS::AtMostOnce).await;
         }
-        let (mut wrong, ack) = Client::connected(&proxy, &spec, Hello::new(level, "x").login("alice", "nope")).await;
+        let (mut wrong, ack) =
+            Client::connected(&proxy, &spec, Hello::new(level, "x").login("alice", "nope")).await;
         assert_ne!(ack.code, ConnectReturnCode::Success, "{level:?}");
         wrong.ended().await;
-        let mut outside = Client::tcp(&broker, Hello::new(level, "outside").login("bob", "b-pass")).await;
+        let mut outside =
+            Client::tcp(&broker, Hello::new(level, "outside").login("bob", "b-pass")).await;
         outside.send(&publish("t", "m", QoS::AtMostOnce, 0)).await;
         for tab in [&mut a1, &mut a2, &mut b] {
             assert_eq!(&tab.recv_publish().await.payload[..], b"m");
@@ -433,7 +509,11 @@ async fn user_names_split_sessions_and_a_refused_connect_leaves_no_session() {
     // Per level: alice's session, bob's, the refused one and the outside
     // client.
     assert_eq!(broker.count("New client connected"), 6);
-    assert_eq!(broker.count("as alice-"), 2, "one connection per user and level");
+    assert_eq!(
+        broker.count("as alice-"),
+        2,
+        "one connection per user and level"
+    );
 }
 
 #[tokio::test]
@@ -445,17 +525,31 @@ async fn on_5_0_a_tab_s_message_reaches_its_siblings_through_tabmux() {
     let (mut a, _) = Client::connected(&proxy, &spec, Hello::new(Level::V5, "id")).await;
     let (mut b, _) = Client::connected(&proxy, &spec, Hello::new(Level::V5, "id")).await;
     subscribed(&mut a, 1, "s/#", QoS::AtLeastOnce).await;
-    b.send(&subscribe_with(1, "s/+", QoS::AtLeastOnce, RetainForwardRule::OnEverySubscribe, Some(42)))
-        .await;
+    b.send(&subscribe_with(
+        1,
+        "s/+",
+        QoS::AtLeastOnce,
+        RetainForwardRule::OnEverySubscribe,
+        Some(42),
+    ))
+    .await;
     b.recv().await;
     a.send(&publish("s/1", "hi", QoS::AtLeastOnce, 9)).await;
     let mut to_a = a.until(|p| matches!(p, Packet::Publish(_))).await;
-    assert!(to_a.iter().any(|p| matches!(p, Packet::PubAck(x) if x.pkid == 9)) || matches!(a.recv().await, Packet::PubAck(x) if x.pkid == 9));
+    assert!(
+        to_a.iter()
+            .any(|p| matches!(p, Packet::PubAck(x) if x.pkid == 9))
+            || matches!(a.recv().await, Packet::PubAck(x) if x.pkid == 9)
+    );
     let own = match to_a.pop() {
         Some(Packet::Publish(p)) => p,
         other => panic!("{other:?}"),
     };
-    assert_eq!(&own.payload[..], b"hi", "the sender's own subscription did not ask No Local");
+    assert_eq!(
+        &own.payload[..],
+        b"hi",
+        "the sender's own subscription did not ask No Local"
+    );
     let p = b.recv_publish().await;
     assert_eq!(&p.payload[..], b"hi");
     assert_eq!(
@@ -463,7 +557,11 @@ async fn on_5_0_a_tab_s_message_reaches_its_siblings_through_tabmux() {
         Some(vec![42]),
         "the tab's own Subscription Identifier"
     );
-    assert_eq!(broker.count("Sending PUBLISH to id"), 0, "the server did not send it back");
+    assert_eq!(
+        broker.count("Sending PUBLISH to id"),
+        0,
+        "the server did not send it back"
+    );
 }
 
 #[tokio::test]
@@ -479,7 +577,10 @@ async fn session_limits_at_the_connect_answer_connack_and_close_with_1013() {
             Level::V4 => assert_eq!(ack.code, ConnectReturnCode::ServiceUnavailable),
             Level::V5 => {
                 assert_eq!(ack.code, ConnectReturnCode::QuotaExceeded);
-                let reason = ack.properties.and_then(|p| p.reason_string).unwrap_or_default();
+                let reason = ack
+                    .properties
+                    .and_then(|p| p.reason_string)
+                    .unwrap_or_default();
                 assert!(reason.contains("max_tabs_per_session"), "{reason}");
             }
         }

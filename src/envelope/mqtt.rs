@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{
-    ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode,
-    LastWill, Login, Packet, PingResp, Publish, PublishProperties,
+    ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, Disconnect,
+    DisconnectReasonCode, LastWill, Login, Packet, PingResp, Publish, PublishProperties,
 };
 use rumqttc::v5::mqttbytes::QoS;
 use rustc_hash::FxHashMap;
@@ -46,6 +46,8 @@ pub mod topic;
 pub const MAX_FILTERS: usize = 1024;
 /// The most filters one tab holds.
 pub const MAX_TAB_FILTERS: usize = 256;
+/// Packets a tab may send between its CONNECT and its CONNACK.
+const MAX_EARLY: usize = 64;
 /// A 3.1.1 connection's quota of unanswered QoS 1/2 messages (all its ids).
 const V4_RECEIVE_MAXIMUM: u16 = u16::MAX;
 
@@ -150,6 +152,9 @@ struct TabMq {
     last_pkid: u16,
     /// 5.0 topic aliases it set.
     aliases: FxHashMap<u16, Bytes>,
+    /// What it sent after its CONNECT, before its CONNACK (a client need
+    /// not wait for it): acted on once it is accepted.
+    early: Vec<Packet>,
 }
 
 impl TabMq {
@@ -171,6 +176,7 @@ impl TabMq {
             queued_bytes: 0,
             last_pkid: 0,
             aliases: FxHashMap::default(),
+            early: Vec::new(),
         }
     }
 
@@ -289,6 +295,7 @@ impl Mqtt {
                     + t.will.as_ref().map_or(0, |w| w.publish.size())
                     + t.aliases.values().map(|a| a.len() + 16).sum::<usize>()
                     + t.filters.iter().map(|f| f.filter.len() + 48).sum::<usize>()
+                    + t.early.iter().map(Packet::size).sum::<usize>()
             })
             .sum();
         let waiting: usize = self.waiting.iter().map(|(_, p)| p.size()).sum();
@@ -630,21 +637,38 @@ impl Mqtt {
             }
         };
         self.answer(tab, &Packet::ConnAck(answer), out);
+        let early = self
+            .tabs
+            .get_mut(&tab)
+            .map(|t| std::mem::take(&mut t.early))
+            .unwrap_or_default();
+        let now = self.tabs.get(&tab).map(|t| t.last_heard);
+        for packet in early {
+            if let Some(now) = now {
+                self.tab_packet(tab, packet, now, out);
+            }
+        }
     }
 
     /// A packet from a tab that is connected (or waiting for its CONNACK).
     fn tab_packet(&mut self, tab: TabId, packet: Packet, now: Instant, out: &mut Effects) {
-        let waiting = self.tabs.get(&tab).map(|t| t.phase) == Some(Phase::Waiting);
-        if waiting && !matches!(packet, Packet::Disconnect(_)) {
-            // Before its CONNACK a client sends nothing else (the server
-            // would read it after the CONNACK; 3.1.1 §3.1.4).
-            return self.refuse(
-                tab,
-                Refused::Malformed,
-                DisconnectReasonCode::ProtocolError,
-                Cause::ProtocolError,
-                out,
-            );
+        if let Some(state) = self.tabs.get_mut(&tab) {
+            if state.phase == Phase::Waiting && !matches!(packet, Packet::Disconnect(_)) {
+                // A client need not wait for its CONNACK (3.1.1 and 5.0,
+                // §3.1.4): what it sent meanwhile is acted on once it is
+                // accepted, within a bound.
+                if state.early.len() < MAX_EARLY {
+                    state.early.push(packet);
+                    return;
+                }
+                return self.refuse(
+                    tab,
+                    Refused::Malformed,
+                    DisconnectReasonCode::ReceiveMaximumExceeded,
+                    Cause::ProtocolError,
+                    out,
+                );
+            }
         }
         match packet {
             Packet::PingReq(_) => {
@@ -799,6 +823,9 @@ impl Mqtt {
             self.keepalive = (!ka.is_zero()).then_some(ka);
         }
         self.connack = Some(ack);
+        // The keepalive counts from here.
+        self.sent_since = false;
+        self.ping_at = None;
         self.deadline = None;
         for tab in waiting {
             self.accept(tab, out);
@@ -890,11 +917,21 @@ impl Mqtt {
 /// no topic aliases from the server and the route's Maximum Packet Size.
 fn upstream_connect(mut connect: Connect, login: Option<Login>, max_packet: usize) -> Packet {
     connect.clean_start = true;
-    if let Some(p) = &mut connect.properties {
-        p.session_expiry_interval = None;
-        p.topic_alias_max = None;
-        p.max_packet_size = Some(max_packet.min(u32::MAX as usize) as u32);
-    }
+    // (3.1.1 writes no properties.)
+    let p = connect.properties.get_or_insert_with(|| ConnectProperties {
+        session_expiry_interval: None,
+        receive_maximum: None,
+        max_packet_size: None,
+        topic_alias_max: None,
+        request_response_info: None,
+        request_problem_info: None,
+        user_properties: Vec::new(),
+        authentication_method: None,
+        authentication_data: None,
+    });
+    p.session_expiry_interval = None;
+    p.topic_alias_max = None;
+    p.max_packet_size = Some(max_packet.min(u32::MAX as usize) as u32);
     Packet::Connect(connect, None, login)
 }
 
