@@ -226,6 +226,9 @@ pub struct Mqtt {
     first: Option<TabId>,
     /// The upstream's CONNACK, once it accepted the connection.
     connack: Option<ConnAck>,
+    /// The upstream's CONNACK, once it refused the connection: a tab that
+    /// comes before the session is gone is answered with it.
+    refused: Option<ConnAck>,
     /// The upstream's keepalive, and whether anything was sent since its
     /// last check (a PINGREQ goes when nothing was).
     keepalive: Option<Duration>,
@@ -263,6 +266,7 @@ impl Mqtt {
             connect_sent: false,
             first: None,
             connack: None,
+            refused: None,
             keepalive: None,
             ping_at: None,
             sent_since: false,
@@ -548,6 +552,10 @@ impl Mqtt {
             out.push(Effect::Avoided(Saving::Connection));
             return self.accept(tab, out);
         }
+        if let Some(refused) = self.refused.clone() {
+            self.answer(tab, &Packet::ConnAck(refused), out);
+            return self.close(tab, refused_cause(), out);
+        }
         if !self.connect_sent {
             self.connect_sent = true;
             self.first = Some(tab);
@@ -808,7 +816,8 @@ impl Mqtt {
             .map(|(&t, _)| t)
             .collect();
         if ack.code != ConnectReturnCode::Success {
-            let msg = Message::Binary(self.bytes(&Packet::ConnAck(ack)));
+            let msg = Message::Binary(self.bytes(&Packet::ConnAck(ack.clone())));
+            self.refused = Some(ack);
             for tab in waiting {
                 out.push(Effect::Answer {
                     tab,
