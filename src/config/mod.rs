@@ -446,10 +446,20 @@ impl Config {
                 out,
                 "  envelope {}{}, cookie `{}` (missing: {}), origins: {origins}",
                 r.envelope.header_value(),
-                if r.envelope == Envelope::Json {
-                    format!(" payload {:?}", r.payload).to_lowercase()
-                } else {
-                    format!(", replay_first {}", r.replay_first)
+                match r.envelope {
+                    Envelope::Json => format!(" payload {:?}", r.payload).to_lowercase(),
+                    Envelope::None => format!(", replay_first {}", r.replay_first),
+                    Envelope::Pusher => format!(
+                        ", client_events {} ({}/s)",
+                        r.client_events, r.client_event_rate
+                    ),
+                    Envelope::Graphql => format!(
+                        ", share_subscriptions {:?}, init_timeout {:?}",
+                        r.share_subscriptions, r.init_timeout
+                    )
+                    .to_lowercase(),
+                    Envelope::Mqtt =>
+                        format!(", max_qos {}, init_timeout {:?}", r.max_qos, r.init_timeout),
                 },
                 r.session_cookie,
                 match r.missing_cookie {

@@ -203,7 +203,7 @@ fn unknown_key_names_key_place_and_allowed_keys() {
             "{key}: {p}"
         );
     }
-    assert_eq!(allowed.len(), 27, "{allowed:?}");
+    assert_eq!(allowed.len(), 28, "{allowed:?}");
 }
 
 #[test]
@@ -310,4 +310,39 @@ fn durations_and_sizes() {
     assert_eq!(parse_size("512"), Some(512));
     assert_eq!(parse_size("1MB"), None);
     assert_eq!(parse_size("99999999999GiB"), None);
+}
+
+#[test]
+fn mqtt_routes_take_max_qos_and_init_timeout_and_other_routes_do_not() {
+    let route = |keys: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[route]]\npath = \"/mqtt\"\nupstream = \"ws://h/mqtt\"\nallowed_origins = [\"*\"]\n{keys}"
+        )
+    };
+    let config = parse(&route(
+        "envelope = \"mqtt\"\nmax_qos = 1\ninit_timeout = \"2s\"\n",
+    ))
+    .unwrap();
+    assert_eq!(config.routes[0].envelope, Envelope::Mqtt);
+    assert_eq!(config.routes[0].max_qos, 1);
+    assert_eq!(config.routes[0].init_timeout, Duration::from_secs(2));
+    assert_eq!(
+        parse(&route("envelope = \"mqtt\"\n")).unwrap().routes[0].max_qos,
+        2
+    );
+    let all = parse(&route("envelope = \"mqtt\"\nmax_qos = 3\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(all.contains("max_qos must be 0, 1 or 2"), "{all}");
+    let all = parse(&route("max_qos = 1\ninit_timeout = \"2s\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        all.contains("`max_qos` applies to envelope = \"mqtt\" only"),
+        "{all}"
+    );
+    assert!(
+        all.contains("`init_timeout` applies to envelope = \"graphql\" or \"mqtt\" only"),
+        "{all}"
+    );
 }

@@ -224,6 +224,9 @@ pub struct Mqtt {
     connect_sent: bool,
     /// The tab whose CONNECT went upstream (it gets the CONNACK as sent).
     first: Option<TabId>,
+    /// That CONNECT asked for enhanced authentication (5.0 Authentication
+    /// Method): the session is that tab's alone, and AUTH passes through.
+    enhanced: bool,
     /// The upstream's CONNACK, once it accepted the connection.
     connack: Option<ConnAck>,
     /// The upstream's CONNACK, once it refused the connection: a tab that
@@ -265,6 +268,7 @@ impl Mqtt {
             up: Stream::default(),
             connect_sent: false,
             first: None,
+            enhanced: false,
             connack: None,
             refused: None,
             keepalive: None,
@@ -559,6 +563,10 @@ impl Mqtt {
         if !self.connect_sent {
             self.connect_sent = true;
             self.first = Some(tab);
+            self.enhanced = connect
+                .properties
+                .as_ref()
+                .is_some_and(|p| p.authentication_method.is_some());
             let upstream = upstream_connect(connect, login, self.settings.max_packet);
             self.keepalive = upstream_keepalive(&upstream);
             self.upstream(&upstream, out);
@@ -660,6 +668,21 @@ impl Mqtt {
 
     /// A packet from a tab that is connected (or waiting for its CONNACK).
     fn tab_packet(&mut self, tab: TabId, packet: Packet, now: Instant, out: &mut Effects) {
+        if let Packet::Auth(auth) = packet {
+            // Enhanced authentication (a session of one tab): its AUTH
+            // packets pass through, before the CONNACK too.
+            if self.enhanced {
+                self.upstream(&Packet::Auth(auth), out);
+                return;
+            }
+            return self.refuse(
+                tab,
+                Refused::Malformed,
+                DisconnectReasonCode::ProtocolError,
+                Cause::ProtocolError,
+                out,
+            );
+        }
         if let Some(state) = self.tabs.get_mut(&tab) {
             if state.phase == Phase::Waiting && !matches!(packet, Packet::Disconnect(_)) {
                 // A client need not wait for its CONNACK (3.1.1 and 5.0,
