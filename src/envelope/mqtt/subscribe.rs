@@ -77,6 +77,15 @@ impl Mqtt {
     /// A tab's SUBSCRIBE.
     pub(super) fn tab_subscribe(&mut self, tab: TabId, s: Subscribe, out: &mut Effects) {
         let v5 = self.level == Level::V5;
+        if s.pkid == 0 {
+            return self.refuse(
+                tab,
+                Refused::Malformed,
+                DisconnectReasonCode::MalformedPacket,
+                Cause::ProtocolError,
+                out,
+            );
+        }
         for f in &s.filters {
             if !topic::valid_filter(&f.path) {
                 return self.refuse(
@@ -367,6 +376,18 @@ impl Mqtt {
         _now: Instant,
         out: &mut Effects,
     ) {
+        if u.pkid == 0 || u.filters.is_empty() || !u.filters.iter().all(|f| topic::valid_filter(f))
+        {
+            // No filter, an invalid one, or no packet id: malformed, as
+            // the server reads it.
+            return self.refuse(
+                tab,
+                Refused::Malformed,
+                DisconnectReasonCode::MalformedPacket,
+                Cause::ProtocolError,
+                out,
+            );
+        }
         let mut reasons = Vec::with_capacity(u.filters.len());
         for path in &u.filters {
             let held = self.tabs.get_mut(&tab).is_some_and(|state| {
