@@ -256,8 +256,11 @@ pub struct Mqtt {
     wills: Vec<DelayedWill>,
     /// The earliest deadline the machine gave (recomputed when it comes).
     deadline: Option<Instant>,
-    /// What the state keeps beyond the tabs' streams and queues.
+    /// What the state keeps beyond the streams and the tabs' queues (its
+    /// filters, wills, aliases, early packets, messages waiting for the
+    /// server's quota), counted again only after a change to them.
     held: usize,
+    recount: bool,
 }
 
 impl Mqtt {
@@ -287,28 +290,38 @@ impl Mqtt {
             wills: Vec::new(),
             deadline: None,
             held: 0,
+            recount: false,
         }
     }
 
     /// What the session's MQTT state keeps, in bytes, for the buffer
     /// budget: partial packets, messages queued per tab, filters, wills,
     /// topic aliases, messages waiting for the server's quota.
-    pub fn held(&self) -> usize {
-        let tabs: usize = self
+    pub fn held(&mut self) -> usize {
+        if self.recount {
+            self.recount = false;
+            let tabs: usize = self
+                .tabs
+                .values()
+                .map(|t| {
+                    t.will.as_ref().map_or(0, |w| w.publish.size())
+                        + t.aliases.values().map(|a| a.len() + 16).sum::<usize>()
+                        + t.filters.iter().map(|f| f.filter.len() + 48).sum::<usize>()
+                        + t.early.iter().map(Packet::size).sum::<usize>()
+                })
+                .sum();
+            let filters: usize = self.filters.keys().map(|f| 2 * f.len() + 96).sum();
+            let waiting: usize = self.waiting.iter().map(|(_, p)| p.size()).sum();
+            let wills: usize = self.wills.iter().map(|w| w.publish.size()).sum();
+            self.held = tabs + filters + waiting + wills;
+        }
+        // What moves with every message: partial packets and queues.
+        let moving: usize = self
             .tabs
             .values()
-            .map(|t| {
-                t.stream.held()
-                    + t.queued_bytes
-                    + t.will.as_ref().map_or(0, |w| w.publish.size())
-                    + t.aliases.values().map(|a| a.len() + 16).sum::<usize>()
-                    + t.filters.iter().map(|f| f.filter.len() + 48).sum::<usize>()
-                    + t.early.iter().map(Packet::size).sum::<usize>()
-            })
+            .map(|t| t.stream.held() + t.queued_bytes)
             .sum();
-        let waiting: usize = self.waiting.iter().map(|(_, p)| p.size()).sum();
-        let wills: usize = self.wills.iter().map(|w| w.publish.size()).sum();
-        self.held + tabs + waiting + wills + self.up.held()
+        self.held + moving + self.up.held()
     }
 
     /// The server's CONNACK properties, if any.
@@ -506,6 +519,7 @@ impl Mqtt {
 
     /// A tab's first packet: its CONNECT.
     fn connect(&mut self, tab: TabId, raw: Bytes, now: Instant, out: &mut Effects) {
+        self.recount = true;
         let level = match codec::identity(&raw) {
             Some(id) if id.level == 5 && &id.protocol_name[..] == b"MQTT" => Level::V5,
             Some(id) if id.level == 4 && &id.protocol_name[..] == b"MQTT" => Level::V4,
@@ -668,6 +682,10 @@ impl Mqtt {
 
     /// A packet from a tab that is connected (or waiting for its CONNACK).
     fn tab_packet(&mut self, tab: TabId, packet: Packet, now: Instant, out: &mut Effects) {
+        if !matches!(&packet, Packet::Publish(p) if p.qos == QoS::AtMostOnce && p.properties.is_none())
+        {
+            self.recount = true;
+        }
         if let Packet::Auth(auth) = packet {
             // Enhanced authentication (a session of one tab): its AUTH
             // packets pass through, before the CONNACK too.
@@ -743,6 +761,7 @@ impl Mqtt {
     /// published unless it ended with DISCONNECT 0, its flows dropped.
     #[inline(never)]
     pub fn tab_left(&mut self, tab: TabId, _code: u16, now: Instant, out: &mut Effects) {
+        self.recount = true;
         let Some(state) = self.tabs.remove(&tab) else {
             return;
         };
@@ -794,6 +813,9 @@ impl Mqtt {
     }
 
     fn upstream_packet(&mut self, packet: Packet, out: &mut Effects) {
+        if !matches!(packet, Packet::Publish(_)) {
+            self.recount = true;
+        }
         match packet {
             Packet::ConnAck(ack) => self.upstream_connack(ack, out),
             Packet::Publish(p) => self.upstream_publish(p, out),
@@ -908,6 +930,7 @@ impl Mqtt {
     #[inline(never)]
     pub fn on_timeout(&mut self, now: Instant, out: &mut Effects) {
         self.deadline = None;
+        self.recount = true;
         let silent: Vec<TabId> = self
             .tabs
             .iter()

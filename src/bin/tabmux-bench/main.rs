@@ -21,6 +21,7 @@ mod floor;
 mod graphql;
 mod hostile;
 mod load;
+mod mqtt;
 mod procs;
 mod pusher;
 mod report;
@@ -112,7 +113,7 @@ struct RunArgs {
     rounds: usize,
     /// Scenarios to run: memory, latency, cpu, fanout, storm, and (asked for
     /// by name) pusher (it needs sockudo), graphql (it needs Node.js and `npm ci`
-    /// in tests/graphql), hostile (tabmux only) and fleet
+    /// in tests/graphql), mqtt (it needs mosquitto), hostile (tabmux only) and fleet
     /// (tabmux behind haproxy).
     #[arg(
         long,
@@ -603,6 +604,7 @@ async fn scenario_once(plan: &Plan, scenario: &str, c: Contender) -> anyhow::Res
         }
         "pusher" => servers::pusher_once(plan, c, &mut f).await?,
         "graphql" => servers::graphql_once(plan, c, &mut f).await?,
+        "mqtt" => servers::mqtt_once(plan, c, &mut f).await?,
         "hostile" => match c {
             Contender::Tabmux => hostile::run(&plan.tabmux, &sizes.hostile, &mut f).await?,
             Contender::Other => {

@@ -1,5 +1,5 @@
-//! The scenarios against real servers: `pusher` (sockudo) and `graphql`
-//! (graphql-ws on Node.js). Browsers of 10 tabs on one channel or event
+//! The scenarios against real servers: `pusher` (sockudo), `graphql`
+//! (graphql-ws on Node.js) and `mqtt` (mosquitto). Browsers of 10 tabs on one channel or event
 //! stream, updates at a fixed rate; tabs reach the server directly, through
 //! nginx, or through tabmux; the figures are what the server holds and
 //! sends, the deliveries and their latency, and the proxy's CPU per
@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use crate::load::{self, Target};
 use crate::procs::{self, Contender, Running};
 use crate::report::{percentile, slope};
-use crate::{graphql, pusher, Figures, Plan};
+use crate::{graphql, mqtt, pusher, Figures, Plan};
 
 /// The `pusher` scenario (see pusher.rs): browsers of 10 tabs on one
 /// channel of a real Pusher server, events triggered at a fixed rate. Tabs
@@ -161,5 +161,61 @@ pub async fn graphql_once(plan: &Plan, c: Contender, f: &mut Figures) -> anyhow:
         drop(idle);
     }
     f.insert("proxy_kib_per_tab_slope".into(), slope(&points));
+    Ok(())
+}
+
+/// The `mqtt` scenario (see mqtt.rs): browsers of 10 tabs subscribed to one
+/// topic on mosquitto, messages published from a TCP client at a fixed rate
+/// (the `pusher` scenario's browsers and rate). Tabs reach the broker's
+/// websockets listener directly, through nginx, or through tabmux's `mqtt`
+/// route.
+pub async fn mqtt_once(plan: &Plan, c: Contender, f: &mut Figures) -> anyhow::Result<()> {
+    const TABS_PER_BROWSER: usize = 10;
+    let sizes = plan.sizes;
+    anyhow::ensure!(
+        mqtt::available(),
+        "the mqtt scenario needs Debian's mosquitto (apt-get install mosquitto)"
+    );
+    let broker = mqtt::Broker::start(0)?;
+    let addr = broker.running.addr;
+    let proxy = match c {
+        Contender::Tabmux => Some(procs::start_tabmux_route(
+            1,
+            &plan.tabmux,
+            &mqtt::route(addr),
+            None,
+        )?),
+        Contender::Other => {
+            let exe = plan.other.as_deref().context("no --other binary")?;
+            Some(procs::start_tabmux_route(1, exe, &mqtt::route(addr), None)?)
+        }
+        Contender::Nginx => Some(procs::start_nginx(1, addr, 1, None)?),
+        Contender::Direct => None,
+    };
+    let shared = matches!(c, Contender::Tabmux | Contender::Other);
+    let target = Target::plain(proxy.as_ref().map_or(addr, |p| p.addr));
+    let pids = proxy.as_ref().map(Running::pids).unwrap_or_default();
+    let browsers = sizes.pusher_sessions;
+    let tabs = mqtt::timing_tabs(&target, browsers, TABS_PER_BROWSER).await?;
+    let clients = if shared {
+        browsers
+    } else {
+        browsers * TABS_PER_BROWSER
+    };
+    f.insert(
+        "server_connections".into(),
+        broker.wait_clients(clients).await?,
+    );
+    let sent0 = broker.stat("publish/messages/sent").await?;
+    let cpu0 = procs::cpu_us(&pids);
+    let messages = mqtt::publish_for(&broker, sizes.pusher_rate, sizes.pusher_secs).await?;
+    load::settle(&tabs.deliveries).await;
+    let cpu = procs::cpu_us(&pids) - cpu0;
+    // (The broker's count includes the few `$SYS` messages its stats
+    // reads receive.)
+    let sent = broker.stat("publish/messages/sent").await? - sent0;
+    f.insert("messages".into(), messages as f64);
+    let lat = tabs.finish().await;
+    delivery_figures(f, sent, lat, proxy.is_some().then_some(cpu));
     Ok(())
 }
