@@ -382,6 +382,17 @@ impl Machine {
         }
     }
 
+    /// Messages of `tab_rate` the last [`Machine::tab_sent`] counts beyond
+    /// the one it was given (`mqtt`: the packets beyond the first that the
+    /// message completed; rates count MQTT packets).
+    #[inline]
+    pub fn extra_messages(&mut self) -> u32 {
+        match self {
+            Machine::Mqtt(m) => m.take_extra_packets(),
+            _ => 0,
+        }
+    }
+
     /// A tab left the session at `now`; `code` is its connection's close
     /// code. Every envelope has this signature.
     pub fn tab_left(&mut self, tab: TabId, code: u16, now: Instant, out: &mut Effects) {

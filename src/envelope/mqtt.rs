@@ -22,7 +22,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::v5::{
     ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, Disconnect,
     DisconnectReasonCode, LastWill, Login, Packet, PingResp, Publish, PublishProperties,
@@ -133,6 +133,8 @@ struct TabMq {
     will: Option<Will>,
     /// It sent DISCONNECT with reason 0: its will is not published.
     clean_end: bool,
+    /// It was answered CONNACK 0 (only then is its will published).
+    accepted: bool,
     /// Closed silent at this long without a packet (1.5 × its keepalive).
     silence: Option<Duration>,
     last_heard: Instant,
@@ -165,6 +167,7 @@ impl TabMq {
             client_id: String::new(),
             will: None,
             clean_end: false,
+            accepted: false,
             silence: None,
             last_heard: now,
             filters: Vec::new(),
@@ -261,6 +264,9 @@ pub struct Mqtt {
     /// server's quota), counted again only after a change to them.
     held: usize,
     recount: bool,
+    /// Packets the last tab message completed beyond its first (rates
+    /// count packets).
+    extra_packets: u32,
 }
 
 impl Mqtt {
@@ -291,6 +297,7 @@ impl Mqtt {
             deadline: None,
             held: 0,
             recount: false,
+            extra_packets: 0,
         }
     }
 
@@ -421,6 +428,7 @@ impl Mqtt {
             Message::Text(t) => t.as_bytes(),
             _ => return Ok(()),
         };
+        self.extra_packets = 0;
         self.read_tab(tab, bytes, now(), out);
         Ok(())
     }
@@ -438,7 +446,11 @@ impl Mqtt {
             state.last_heard = now;
             state.stream.push(bytes);
         }
+        let mut packets = 0u32;
         loop {
+            if packets > 1 {
+                self.extra_packets = packets - 1;
+            }
             let Some(state) = self.tabs.get_mut(&tab) else {
                 return;
             };
@@ -456,6 +468,7 @@ impl Mqtt {
                 Ok(None) => return,
                 Err(bad) => return self.refuse_bad(tab, bad, out),
             };
+            packets += 1;
             let Some(at) = at else {
                 self.connect(tab, raw, now, out);
                 continue;
@@ -518,7 +531,7 @@ impl Mqtt {
     }
 
     /// A tab's first packet: its CONNECT.
-    fn connect(&mut self, tab: TabId, raw: Bytes, now: Instant, out: &mut Effects) {
+    fn connect(&mut self, tab: TabId, raw: BytesMut, now: Instant, out: &mut Effects) {
         self.recount = true;
         let level = match codec::identity(&raw) {
             Some(id) if id.level == 5 && &id.protocol_name[..] == b"MQTT" => Level::V5,
@@ -632,6 +645,7 @@ impl Mqtt {
             }
         }
         state.phase = Phase::Connected;
+        state.accepted = true;
         let props = server.properties.as_ref();
         if let Some(p) = props {
             if let Some(ka) = p.server_keep_alive {
@@ -757,6 +771,12 @@ impl Mqtt {
         }
     }
 
+    /// Packets the last tab message completed beyond its first.
+    #[inline]
+    pub fn take_extra_packets(&mut self) -> u32 {
+        std::mem::take(&mut self.extra_packets)
+    }
+
     /// A tab left: its subscriptions are released (lingering), its will
     /// published unless it ended with DISCONNECT 0, its flows dropped.
     #[inline(never)]
@@ -772,7 +792,9 @@ impl Mqtt {
         for f in &state.filters {
             self.release(&f.filter, tab, now, out);
         }
-        if !state.clean_end && state.phase != Phase::Joined {
+        self.requests.retain(|_, r| r.tab != tab);
+        // A tab refused at its CONNECT never had a connection: no will.
+        if !state.clean_end && state.accepted {
             if let Some(will) = state.will {
                 if will.delay.is_zero() {
                     self.publish_will(will.publish, out);

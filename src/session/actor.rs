@@ -518,6 +518,13 @@ impl<'c> Session<'c> {
                         if let Err(cause) = envelope.tab_sent(id, msg, clock, effects) {
                             return Some(cause);
                         }
+                        // An MQTT message may hold several packets: each
+                        // counts as a message of `tab_rate`.
+                        let extra = envelope.extra_messages();
+                        if extra != 0 {
+                            bucket.charge(extra, 0);
+                            conn.pool().charge(extra, 0);
+                        }
                         // Out of its rate (or its address's), or its share
                         // of this turn: the next look decides (now, or once
                         // it is back under).

@@ -217,5 +217,33 @@ pub async fn mqtt_once(plan: &Plan, c: Contender, f: &mut Figures) -> anyhow::Re
     f.insert("messages".into(), messages as f64);
     let lat = tabs.finish().await;
     delivery_figures(f, sent, lat, proxy.is_some().then_some(cpu));
+    drop((proxy, broker));
+    // An idle MQTT tab's memory in tabmux (connected, subscribed), as the
+    // `memory` scenario measures a json tab's: each size on fresh
+    // processes, then the slope through them.
+    let exe = match c {
+        Contender::Tabmux => plan.tabmux.clone(),
+        Contender::Other => plan.other.clone().context("no --other binary")?,
+        Contender::Direct | Contender::Nginx => return Ok(()),
+    };
+    let mut points = Vec::new();
+    for &n in sizes.memory {
+        let broker = mqtt::Broker::start(0)?;
+        let proxy = procs::start_tabmux_route(1, &exe, &mqtt::route(broker.running.addr), None)?;
+        let pids = proxy.pids();
+        let before = procs::rss_kib(&pids);
+        let idle = mqtt::tabs(
+            &Target::plain(proxy.addr),
+            n / TABS_PER_BROWSER,
+            TABS_PER_BROWSER,
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let grown = procs::rss_kib(&pids) as f64 - before as f64;
+        f.insert(format!("proxy_kib_per_tab@{n}"), grown / n as f64);
+        points.push((n as f64, grown));
+        drop(idle);
+    }
+    f.insert("proxy_kib_per_tab_slope".into(), slope(&points));
     Ok(())
 }

@@ -71,7 +71,7 @@ impl Stream {
 
     /// The next whole packet, as its bytes, if it has come; `max` bounds a
     /// packet's whole size (checked as soon as its header has come).
-    pub fn next_raw(&mut self, max: usize) -> Result<Option<Bytes>, Bad> {
+    pub fn next_raw(&mut self, max: usize) -> Result<Option<BytesMut>, Bad> {
         let Some((header, remaining)) = fixed_header(&self.buf)? else {
             return Ok(None);
         };
@@ -84,7 +84,7 @@ impl Stream {
             self.buf.reserve(total - self.buf.len());
             return Ok(None);
         }
-        let raw = self.buf.split_to(total).freeze();
+        let raw = self.buf.split_to(total);
         if self.buf.is_empty() {
             // A drained buffer keeps nothing for an idle connection.
             self.buf = BytesMut::new();
@@ -121,8 +121,13 @@ fn malformed(e: impl std::fmt::Display) -> Bad {
     Bad::Malformed(e.to_string())
 }
 
-/// Reads one whole packet (`raw`, from [`Stream::next_raw`]).
-pub fn read(level: Level, raw: Bytes) -> Result<Packet, Bad> {
+/// Reads one whole packet (`raw`, from [`Stream::next_raw`]: read in
+/// place, not copied).
+pub fn read(level: Level, raw: impl Into<BytesMut>) -> Result<Packet, Bad> {
+    let mut raw: BytesMut = raw.into();
+    if raw.len() < 2 {
+        return Err(Bad::Malformed("a packet of less than 2 bytes".into()));
+    }
     let kind = raw[0] >> 4;
     if raw.len() == 2 {
         // No body: the crate's 5.0 reader takes only pings so.
@@ -152,18 +157,18 @@ pub fn read(level: Level, raw: Bytes) -> Result<Packet, Bad> {
             })
             .map_err(malformed);
     }
-    let mut stream = BytesMut::from(&raw[..]);
+    let len = raw.len();
     match level {
-        Level::V5 => Packet::read(&mut stream, None).map_err(malformed),
+        Level::V5 => Packet::read(&mut raw, None).map_err(malformed),
         Level::V4 => match kind {
             // The same at both levels when they carry no reason code.
             4..=7 => {
-                if raw.len() != 4 {
+                if len != 4 {
                     return Err(Bad::Malformed("acknowledgement of a wrong size".into()));
                 }
-                Packet::read(&mut stream, None).map_err(malformed)
+                Packet::read(&mut raw, None).map_err(malformed)
             }
-            _ => v4::Packet::read(&mut stream, raw.len())
+            _ => v4::Packet::read(&mut raw, len)
                 .map_err(malformed)
                 .and_then(from_v4),
         },

@@ -84,39 +84,45 @@ impl Mqtt {
             }
             return copies;
         }
+        // Each filter of the session is matched once; a tab gets one copy,
+        // at its highest QoS among its matching filters.
         let topic = String::from_utf8_lossy(&p.topic);
-        for (&tab, state) in &self.tabs {
-            if state.phase != Phase::Connected {
+        for (path, filter) in &self.filters {
+            if filter.holders.is_empty() || !topic::matches(&topic, path) {
                 continue;
             }
-            let mut best: Option<QoS> = None;
-            let mut retained = false;
-            for tf in &state.filters {
-                if !topic::matches(&topic, &tf.filter) {
+            for &tab in &filter.holders {
+                let Some(tf) = self.tabs.get(&tab).and_then(|t| {
+                    (t.phase == Phase::Connected)
+                        .then(|| t.filter(path))
+                        .flatten()
+                }) else {
                     continue;
-                }
-                best = Some(best.map_or(tf.granted, |b| {
-                    if (tf.granted as u8) > (b as u8) {
-                        tf.granted
-                    } else {
-                        b
+                };
+                let retained = filter.retain_to.contains(&tab);
+                match copies.iter_mut().find(|c: &&mut Copy| c.tab == tab) {
+                    Some(c) => {
+                        if (tf.granted as u8) > (c.qos as u8) {
+                            c.qos = tf.granted;
+                        }
+                        c.retain |= retained;
                     }
-                }));
-                retained |= self
-                    .filters
-                    .get(&tf.filter)
-                    .is_some_and(|f| f.retain_to.contains(&tab));
+                    None => copies.push(Copy {
+                        tab,
+                        qos: tf.granted,
+                        // Here: whether the tab may have a RETAIN 1 copy.
+                        retain: retained,
+                        sub_id: None,
+                    }),
+                }
             }
-            let Some(granted) = best else { continue };
-            if p.retain && !retained {
-                continue;
-            }
-            copies.push(Copy {
-                tab,
-                qos: lower(p.qos, granted),
-                retain: p.retain,
-                sub_id: None,
-            });
+        }
+        // A RETAIN 1 message goes only to the tabs of a SUBSCRIBE that
+        // brought it; the others get nothing of it.
+        copies.retain(|c| c.retain || !p.retain);
+        for c in &mut copies {
+            c.qos = lower(p.qos, c.qos);
+            c.retain = p.retain;
         }
         copies
     }
@@ -507,7 +513,12 @@ impl Mqtt {
                 continue;
             }
             for tf in &state.filters {
-                if !topic::matches(&topic, &tf.filter) || (from == Some(tab) && tf.no_local) {
+                // A shared subscription's messages are the server's to
+                // give (to one member of the group), not tabmux's.
+                if tf.filter.starts_with("$share/")
+                    || !topic::matches(&topic, &tf.filter)
+                    || (from == Some(tab) && tf.no_local)
+                {
                     continue;
                 }
                 copies.push(Copy {

@@ -51,7 +51,7 @@ struct Waiter {
 /// A tab's SUBSCRIBE, until every filter has its answer.
 #[derive(Debug)]
 pub(super) struct Request {
-    tab: TabId,
+    pub(super) tab: TabId,
     pkid: u16,
     codes: Vec<Option<SubscribeReasonCode>>,
     open: usize,

@@ -501,3 +501,25 @@ fn what_the_session_keeps_is_counted() {
         .unwrap();
     assert!(m.held() < before + 3000);
 }
+
+#[test]
+fn every_packet_of_a_message_counts_against_the_rate() {
+    let now = Instant::now();
+    let mut m = session(Level::V4, 1, 0, server_ack(None, None), now);
+    let ping = codec::write(
+        Level::V4,
+        &Packet::PingReq(rumqttc::v5::mqttbytes::v5::PingReq),
+    );
+    let three = [&ping[..], &ping[..], &ping[..]].concat();
+    let mut out = Vec::new();
+    m.tab_sent(t(1), Message::Binary(three.into()), || now, &mut out)
+        .unwrap();
+    assert_eq!(m.take_extra_packets(), 2);
+    assert_eq!(to_tab(Level::V4, &out, 1).len(), 3, "three PINGRESPs");
+    // Half a packet, then its rest: one packet, no extra.
+    m.tab_sent(t(1), Message::Binary(ping.slice(..1)), || now, &mut out)
+        .unwrap();
+    m.tab_sent(t(1), Message::Binary(ping.slice(1..)), || now, &mut out)
+        .unwrap();
+    assert_eq!(m.take_extra_packets(), 0);
+}
