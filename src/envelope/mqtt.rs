@@ -581,7 +581,7 @@ impl Mqtt {
         }
         if self.connack.is_some() {
             out.push(Effect::Avoided(Saving::Connection));
-            return self.accept(tab, out);
+            return self.accept(tab, false, out);
         }
         if let Some(refused) = self.refused.clone() {
             self.answer(tab, &Packet::ConnAck(refused), out);
@@ -602,9 +602,13 @@ impl Mqtt {
         }
     }
 
-    /// Answers a tab whose CONNECT waited, once the server accepted the
-    /// session's: CONNACK, or what the server would refuse its will for.
-    fn accept(&mut self, tab: TabId, out: &mut Effects) {
+    /// Answers a tab's CONNECT once the server accepted the session's:
+    /// CONNACK, or what the server would refuse its will for. A tab that
+    /// was waiting for the server's CONNACK (`as_sent`) gets it as the
+    /// server sent it (its Assigned Client Identifier only if it is the
+    /// tab whose CONNECT went upstream); a later tab gets tabmux's, with
+    /// the server's limits.
+    fn accept(&mut self, tab: TabId, as_sent: bool, out: &mut Effects) {
         let max_qos = self.max_qos();
         let retain_available = self.retain_available();
         let level = self.level;
@@ -666,7 +670,14 @@ impl Mqtt {
             }
             answer
         } else {
-            let mut properties = props.map(later_tab_properties);
+            let mut properties = if as_sent {
+                props.cloned().map(|mut p| {
+                    p.assigned_client_identifier = None;
+                    p
+                })
+            } else {
+                props.map(later_tab_properties)
+            };
             if state.client_id.is_empty() && level == Level::V5 {
                 let id = format!("tabmux-{tab}");
                 state.client_id = id.clone();
@@ -904,7 +915,7 @@ impl Mqtt {
         self.ping_at = None;
         self.deadline = None;
         for tab in waiting {
-            self.accept(tab, out);
+            self.accept(tab, true, out);
         }
     }
 

@@ -523,3 +523,44 @@ fn every_packet_of_a_message_counts_against_the_rate() {
         .unwrap();
     assert_eq!(m.take_extra_packets(), 0);
 }
+
+#[test]
+fn tabs_waiting_for_the_server_s_connack_get_it_as_sent_and_only_the_first_its_assigned_id() {
+    let now = Instant::now();
+    let mut m = machine(Level::V5);
+    let mut out = Vec::new();
+    m.tab_placed(t(1), &hello(Level::V5, "", 0, None), now, &mut out);
+    m.tab_placed(t(2), &hello(Level::V5, "", 0, None), now, &mut out);
+    let ack = Packet::ConnAck(ConnAck {
+        session_present: false,
+        code: ConnectReturnCode::Success,
+        properties: Some(ConnAckProperties {
+            assigned_client_identifier: Some("auto-1".into()),
+            response_information: Some("r".into()),
+            user_properties: vec![("k".into(), "v".into())],
+            ..empty_connack_properties()
+        }),
+    });
+    let out = from_upstream(&mut m, &ack);
+    let Packet::ConnAck(first) = &to_tab(Level::V5, &out, 1)[0] else {
+        panic!()
+    };
+    assert_eq!(
+        first,
+        &match ack {
+            Packet::ConnAck(a) => a,
+            _ => unreachable!(),
+        }
+    );
+    let Packet::ConnAck(second) = &to_tab(Level::V5, &out, 2)[0] else {
+        panic!()
+    };
+    let p = second.properties.as_ref().unwrap();
+    assert_eq!(p.assigned_client_identifier.as_deref(), Some("tabmux-t2"));
+    assert_eq!(
+        p.response_information.as_deref(),
+        Some("r"),
+        "as the server sent it"
+    );
+    assert_eq!(p.user_properties, vec![("k".to_string(), "v".to_string())]);
+}
