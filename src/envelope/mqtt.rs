@@ -123,26 +123,34 @@ enum Outbound {
     Released,
 }
 
-/// One tab of the session.
+/// One tab of the session: what every idle tab keeps, inline in its
+/// session's map (so it is small: an idle tab's memory is a headline
+/// figure), and what its message flows need, boxed once it has any.
 #[derive(Debug)]
 struct TabMq {
     phase: Phase,
     /// Bytes not yet a whole packet.
     stream: Stream,
     client_id: String,
-    will: Option<Will>,
+    will: Option<Box<Will>>,
     /// It sent DISCONNECT with reason 0: its will is not published.
     clean_end: bool,
     /// It was answered CONNACK 0 (only then is its will published).
     accepted: bool,
+    /// 5.0: its Receive Maximum (QoS 1/2 messages awaiting its answer).
+    receive_max: u16,
     /// Closed silent at this long without a packet (1.5 × its keepalive).
     silence: Option<Duration>,
     last_heard: Instant,
     filters: Vec<TabFilter>,
     /// 5.0: its Maximum Packet Size (what tabmux may send it).
     max_packet: Option<usize>,
-    /// 5.0: its Receive Maximum (QoS 1/2 messages awaiting its answer).
-    receive_max: u16,
+    flows: Option<Box<Flows>>,
+}
+
+/// A tab's message flows, allocated once it has any.
+#[derive(Debug, Default)]
+struct Flows {
     /// Its QoS 1/2 PUBLISHes on their way, by its packet id.
     inbound: FxHashMap<u16, Inbound>,
     /// tabmux's QoS 1/2 messages to it awaiting its answer, by the id
@@ -159,6 +167,19 @@ struct TabMq {
     early: Vec<Packet>,
 }
 
+impl Flows {
+    /// A packet id for a message to the tab, free among those awaiting
+    /// answer.
+    fn next_pkid(&mut self) -> u16 {
+        loop {
+            self.last_pkid = self.last_pkid.wrapping_add(1).max(1);
+            if !self.outbound.contains_key(&self.last_pkid) {
+                return self.last_pkid;
+            }
+        }
+    }
+}
+
 impl TabMq {
     fn new(now: Instant) -> TabMq {
         TabMq {
@@ -168,29 +189,18 @@ impl TabMq {
             will: None,
             clean_end: false,
             accepted: false,
+            receive_max: V4_RECEIVE_MAXIMUM,
             silence: None,
             last_heard: now,
             filters: Vec::new(),
             max_packet: None,
-            receive_max: V4_RECEIVE_MAXIMUM,
-            inbound: FxHashMap::default(),
-            outbound: FxHashMap::default(),
-            queue: VecDeque::new(),
-            queued_bytes: 0,
-            last_pkid: 0,
-            aliases: FxHashMap::default(),
-            early: Vec::new(),
+            flows: None,
         }
     }
 
-    /// A packet id for a message to it, free among those awaiting answer.
-    fn next_pkid(&mut self) -> u16 {
-        loop {
-            self.last_pkid = self.last_pkid.wrapping_add(1).max(1);
-            if !self.outbound.contains_key(&self.last_pkid) {
-                return self.last_pkid;
-            }
-        }
+    /// Its flows, allocated on first use.
+    fn flows(&mut self) -> &mut Flows {
+        self.flows.get_or_insert_with(Box::default)
     }
 
     fn filter(&self, filter: &str) -> Option<&TabFilter> {
@@ -312,9 +322,12 @@ impl Mqtt {
                 .values()
                 .map(|t| {
                     t.will.as_ref().map_or(0, |w| w.publish.size())
-                        + t.aliases.values().map(|a| a.len() + 16).sum::<usize>()
                         + t.filters.iter().map(|f| f.filter.len() + 48).sum::<usize>()
-                        + t.early.iter().map(Packet::size).sum::<usize>()
+                        + t.flows.as_ref().map_or(0, |f| {
+                            std::mem::size_of::<Flows>()
+                                + f.aliases.values().map(|a| a.len() + 16).sum::<usize>()
+                                + f.early.iter().map(Packet::size).sum::<usize>()
+                        })
                 })
                 .sum();
             let filters: usize = self.filters.keys().map(|f| 2 * f.len() + 96).sum();
@@ -326,7 +339,7 @@ impl Mqtt {
         let moving: usize = self
             .tabs
             .values()
-            .map(|t| t.stream.held() + t.queued_bytes)
+            .map(|t| t.stream.held() + t.flows.as_ref().map_or(0, |f| f.queued_bytes))
             .sum();
         self.held + moving + self.up.held()
     }
@@ -560,19 +573,33 @@ impl Mqtt {
         }
         let keepalive = Duration::from_secs(u64::from(connect.keep_alive));
         state.silence = (!keepalive.is_zero()).then(|| keepalive * 3 / 2);
-        state.will = will.map(|w| Will {
-            delay: w
-                .properties
-                .as_ref()
-                .and_then(|p| p.delay_interval)
-                .map_or(Duration::ZERO, |s| Duration::from_secs(u64::from(s))),
-            publish: will_publish(w),
+        state.will = will.map(|w| {
+            Box::new(Will {
+                delay: w
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.delay_interval)
+                    .map_or(Duration::ZERO, |s| Duration::from_secs(u64::from(s))),
+                publish: will_publish(w),
+            })
         });
         if !connect.client_id.is_empty() {
             // A tab of this client id is back: its delayed will is not sent.
             self.wills.retain(|w| w.client_id != connect.client_id);
         }
         self.deadline = None;
+        // 3.1.1, where the server announces nothing: a will above the
+        // route's `max_qos` closes the tab without a CONNACK, as mosquitto
+        // does, before anything goes upstream.
+        let will_qos = self
+            .tabs
+            .get(&tab)
+            .and_then(|t| t.will.as_ref())
+            .map(|w| w.publish.qos as u8);
+        if self.level == Level::V4 && will_qos.is_some_and(|q| q > self.settings.max_qos) {
+            out.push(Effect::Refused(Refused::Qos));
+            return self.close(tab, Cause::ProtocolError, out);
+        }
         // 3.1.1: an empty client id needs a clean session.
         if self.level == Level::V4 && connect.client_id.is_empty() && !connect.clean_start {
             let refused = connack(ConnectReturnCode::BadClientId, None);
@@ -695,7 +722,12 @@ impl Mqtt {
         let early = self
             .tabs
             .get_mut(&tab)
-            .map(|t| std::mem::take(&mut t.early))
+            .map(|t| {
+                t.flows
+                    .as_mut()
+                    .map(|f| std::mem::take(&mut f.early))
+                    .unwrap_or_default()
+            })
             .unwrap_or_default();
         let now = self.tabs.get(&tab).map(|t| t.last_heard);
         for packet in early {
@@ -731,8 +763,8 @@ impl Mqtt {
                 // A client need not wait for its CONNACK (3.1.1 and 5.0,
                 // §3.1.4): what it sent meanwhile is acted on once it is
                 // accepted, within a bound.
-                if state.early.len() < MAX_EARLY {
-                    state.early.push(packet);
+                if state.flows().early.len() < MAX_EARLY {
+                    state.flows().early.push(packet);
                     return;
                 }
                 return self.refuse(
@@ -807,6 +839,7 @@ impl Mqtt {
         // A tab refused at its CONNECT never had a connection: no will.
         if !state.clean_end && state.accepted {
             if let Some(will) = state.will {
+                let will = *will;
                 if will.delay.is_zero() {
                     self.publish_will(will.publish, out);
                 } else {

@@ -191,18 +191,18 @@ impl Mqtt {
         let Some(state) = self.tabs.get_mut(&tab) else {
             return;
         };
-        if state.outbound.len() >= usize::from(state.receive_max) {
-            state.queued_bytes += msg.size();
-            state.queue.push_back(msg);
+        if state.flows().outbound.len() >= usize::from(state.receive_max) {
+            state.flows().queued_bytes += msg.size();
+            state.flows().queue.push_back(msg);
             return;
         }
-        let pkid = state.next_pkid();
-        state.outbound.insert(pkid, Outbound::Sent);
+        let pkid = state.flows().next_pkid();
+        state.flows().outbound.insert(pkid, Outbound::Sent);
         msg.pkid = pkid;
         let bytes = self.bytes(&Packet::Publish(msg));
         if !self.fits(tab, bytes.len()) {
             if let Some(state) = self.tabs.get_mut(&tab) {
-                state.outbound.remove(&pkid);
+                state.flows().outbound.remove(&pkid);
             }
             return;
         }
@@ -215,19 +215,20 @@ impl Mqtt {
         let Some(state) = self.tabs.get_mut(&tab) else {
             return;
         };
-        match state.outbound.get(&pkid) {
-            Some(Outbound::Sent) if rec => {
-                state.outbound.insert(pkid, Outbound::Released);
+        match state.flows().outbound.get(&pkid) {
+            // (A PUBREC again is answered PUBREL again.)
+            Some(_) if rec => {
+                state.flows().outbound.insert(pkid, Outbound::Released);
                 self.answer(tab, &Packet::PubRel(PubRel::new(pkid, None)), out);
                 return;
             }
             Some(_) => {
-                state.outbound.remove(&pkid);
+                state.flows().outbound.remove(&pkid);
             }
             None => return,
         }
-        if let Some(next) = state.queue.pop_front() {
-            state.queued_bytes = state.queued_bytes.saturating_sub(next.size());
+        if let Some(next) = state.flows().queue.pop_front() {
+            state.flows().queued_bytes = state.flows().queued_bytes.saturating_sub(next.size());
             self.send_qos(tab, next, out);
         }
     }
@@ -262,7 +263,7 @@ impl Mqtt {
                 return;
             };
             if p.topic.is_empty() {
-                match state.aliases.get(&alias) {
+                match state.flows().aliases.get(&alias) {
                     Some(t) => p.topic = t.clone(),
                     None => {
                         return refuse(
@@ -274,7 +275,7 @@ impl Mqtt {
                     }
                 }
             } else {
-                state.aliases.insert(alias, p.topic.clone());
+                state.flows().aliases.insert(alias, p.topic.clone());
             }
         }
         if p.topic.is_empty() {
@@ -318,7 +319,7 @@ impl Mqtt {
         let Some(state) = self.tabs.get_mut(&tab) else {
             return;
         };
-        if let Some(known) = state.inbound.get(&p.pkid) {
+        if let Some(known) = state.flows().inbound.get(&p.pkid) {
             // A resend (DUP) of one on its way: not sent again; a QoS 2
             // one the server received is answered PUBREC again.
             if let Some(rec) = known.rec.clone() {
@@ -326,7 +327,7 @@ impl Mqtt {
             }
             return;
         }
-        if state.inbound.len() >= quota {
+        if state.flows().inbound.len() >= quota {
             out.push(Effect::Refused(Refused::Quota));
             let answer = match p.qos {
                 QoS::AtLeastOnce => Packet::PubAck(PubAck {
@@ -342,7 +343,7 @@ impl Mqtt {
             };
             return self.answer(tab, &answer, out);
         }
-        state.inbound.insert(p.pkid, Inbound::default());
+        state.flows().inbound.insert(p.pkid, Inbound::default());
         let up = self.next_pkid();
         self.pending.insert(
             up,
@@ -408,7 +409,7 @@ impl Mqtt {
         self.next_waiting(out);
         if let Some(tab) = tab {
             if let Some(state) = self.tabs.get_mut(&tab) {
-                state.inbound.remove(&tab_pkid);
+                state.flows().inbound.remove(&tab_pkid);
                 self.answer(tab, &with_pkid(answer, tab_pkid), out);
             }
         }
@@ -441,8 +442,8 @@ impl Mqtt {
             return;
         };
         if refused {
-            state.inbound.remove(&tab_pkid);
-        } else if let Some(i) = state.inbound.get_mut(&tab_pkid) {
+            state.flows().inbound.remove(&tab_pkid);
+        } else if let Some(i) = state.flows().inbound.get_mut(&tab_pkid) {
             i.rec = Some(rec.clone());
         }
         self.answer(tab, &rec, out);
@@ -469,9 +470,9 @@ impl Mqtt {
         let Some(state) = self.tabs.get_mut(&tab) else {
             return;
         };
-        match state.inbound.get_mut(&tab_pkid) {
+        match state.flows().inbound.get_mut(&tab_pkid) {
             Some(i) if i.released => {
-                state.inbound.remove(&tab_pkid);
+                state.flows().inbound.remove(&tab_pkid);
                 self.answer(tab, &comp, out);
             }
             Some(i) => i.comp = Some(comp),
@@ -484,10 +485,10 @@ impl Mqtt {
         let Some(state) = self.tabs.get_mut(&tab) else {
             return;
         };
-        match state.inbound.get_mut(&pkid) {
+        match state.flows().inbound.get_mut(&pkid) {
             Some(i) => match i.comp.take() {
                 Some(comp) => {
-                    state.inbound.remove(&pkid);
+                    state.flows().inbound.remove(&pkid);
                     self.answer(tab, &comp, out);
                 }
                 None => i.released = true,
@@ -529,12 +530,13 @@ impl Mqtt {
                 });
             }
         }
-        let n = copies.len() as u32;
         let mut msg = p.clone();
         msg.retain = false;
-        self.fan_out(&msg, copies, out);
-        if n > 0 {
-            out.push(Effect::Avoided(Saving::Deliveries(n)));
+        // Every copy is a delivery the server did not make: the fan-out
+        // counts n - k of the n copies it sent in k buffers; these are the k.
+        let sends = self.fan_out(&msg, copies, out);
+        if sends > 0 {
+            out.push(Effect::Avoided(Saving::Deliveries(sends)));
         }
     }
 

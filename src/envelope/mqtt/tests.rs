@@ -564,3 +564,67 @@ fn tabs_waiting_for_the_server_s_connack_get_it_as_sent_and_only_the_first_its_a
     );
     assert_eq!(p.user_properties, vec![("k".to_string(), "v".to_string())]);
 }
+
+#[test]
+fn a_will_the_server_would_refuse_is_refused_at_the_connect_to_that_tab_alone() {
+    let now = Instant::now();
+    let mut qos2 = will(None);
+    qos2.qos = QoS::ExactlyOnce;
+    // 3.1.1 with max_qos 1: closed without a CONNACK, nothing upstream.
+    let mut m = machine(Level::V4);
+    m.settings.max_qos = 1;
+    let mut out = Vec::new();
+    m.tab_placed(
+        t(1),
+        &hello(Level::V4, "a", 0, Some(qos2.clone())),
+        now,
+        &mut out,
+    );
+    assert!(upstream(Level::V4, &out).is_empty());
+    assert!(to_tab(Level::V4, &out, 1).is_empty());
+    assert_eq!(closed(&out, 1), Some(Cause::ProtocolError));
+    // 5.0: the server's Maximum QoS 1 and Retain Available 0, in its CONNACK.
+    let mut m = session(
+        Level::V5,
+        1,
+        0,
+        Packet::ConnAck(ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::Success,
+            properties: Some(ConnAckProperties {
+                max_qos: Some(1),
+                retain_available: Some(0),
+                ..empty_connack_properties()
+            }),
+        }),
+        now,
+    );
+    let mut retained = will(None);
+    retained.retain = true;
+    for (n, w, code) in [
+        (2, qos2, ConnectReturnCode::QoSNotSupported),
+        (3, retained, ConnectReturnCode::RetainNotSupported),
+    ] {
+        let mut out = Vec::new();
+        m.tab_placed(t(n), &hello(Level::V5, "b", 0, Some(w)), now, &mut out);
+        assert!(
+            matches!(&to_tab(Level::V5, &out, n)[..], [Packet::ConnAck(a)] if a.code == code),
+            "{out:?}"
+        );
+        assert!(closed(&out, n).is_some());
+        let mut out = Vec::new();
+        m.tab_left(t(n), 1000, now, &mut out);
+        assert!(upstream(Level::V5, &out).is_empty(), "no will published");
+    }
+}
+
+#[test]
+fn an_idle_tab_s_record_stays_small() {
+    // Inline in its session's map for every idle tab of the process (its
+    // flows are boxed once it has any): BENCHMARKS.md, "Thirteenth pass".
+    assert!(
+        std::mem::size_of::<TabMq>() <= 160,
+        "{}",
+        std::mem::size_of::<TabMq>()
+    );
+}
