@@ -622,3 +622,152 @@ async fn a_lost_broker_closes_every_tab_with_1012() {
         assert_eq!(b.ended().await, "1012 upstream lost");
     }
 }
+
+#[tokio::test]
+#[ignore = "needs mosquitto (.ci/run installs it)"]
+async fn on_5_0_topic_aliases_are_resolved_per_tab_and_retain_handling_2_is_answered_by_tabmux() {
+    let broker = Broker::start().await;
+    let proxy = mqtt_proxy(&broker).await;
+    let spec = mqtt_tab("b");
+    let (mut a, ack) = Client::connected(&proxy, &spec, Hello::new(Level::V5, "id")).await;
+    let max = ack.properties.and_then(|p| p.topic_alias_max).unwrap_or(0);
+    assert!(max >= 1, "mosquitto gives topic aliases ({max})");
+    let (mut b, _) = Client::connected(&proxy, &spec, Hello::new(Level::V5, "id")).await;
+    let mut outside = Client::tcp(&broker, Hello::new(Level::V5, "outside")).await;
+    outside.send(&subscribe(1, "al/#", QoS::AtMostOnce)).await;
+    assert!(matches!(outside.recv().await, Packet::SubAck(_)));
+    let aliased = |topic: &str, payload: &str| {
+        let Packet::Publish(mut p) = publish(topic, payload, QoS::AtMostOnce, 0) else {
+            unreachable!()
+        };
+        p.properties = Some(rumqttc::v5::mqttbytes::v5::PublishProperties {
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            topic_alias: Some(1),
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+            subscription_identifiers: Vec::new(),
+            content_type: None,
+        });
+        Packet::Publish(p)
+    };
+    a.send(&aliased("al/one", "set")).await;
+    a.send(&aliased("", "used")).await;
+    for payload in ["set", "used"] {
+        let p = outside.recv_publish().await;
+        assert_eq!(
+            (&p.topic[..], &p.payload[..]),
+            (&b"al/one"[..], payload.as_bytes())
+        );
+    }
+    // b never set alias 1: refused to b alone.
+    b.send(&aliased("", "nope")).await;
+    assert!(
+        matches!(b.recv().await, Packet::Disconnect(d) if d.reason_code == DisconnectReasonCode::ProtocolError)
+    );
+    b.ended().await;
+    // Retain Handling 2 for a filter the session holds: no SUBSCRIBE upstream.
+    subscribed(&mut a, 2, "al/#", QoS::AtMostOnce).await;
+    let (mut c, _) = Client::connected(&proxy, &spec, Hello::new(Level::V5, "id")).await;
+    c.send(&subscribe_with(
+        3,
+        "al/#",
+        QoS::AtMostOnce,
+        RetainForwardRule::Never,
+        None,
+    ))
+    .await;
+    assert_eq!(
+        suback_codes(&c.recv().await),
+        vec![SubscribeReasonCode::Success(QoS::AtMostOnce)]
+    );
+    assert_eq!(broker.count("Received SUBSCRIBE from id"), 1);
+}
+
+#[tokio::test]
+#[ignore = "needs mosquitto (.ci/run installs it)"]
+async fn on_3_1_1_a_tab_s_message_comes_back_from_the_broker_once_to_each_subscribed_tab() {
+    let broker = Broker::start().await;
+    let proxy = mqtt_proxy(&broker).await;
+    let spec = mqtt_tab("b");
+    let (mut a, _) = Client::connected(&proxy, &spec, Hello::new(Level::V4, "id")).await;
+    let (mut b, _) = Client::connected(&proxy, &spec, Hello::new(Level::V4, "id")).await;
+    subscribed(&mut a, 1, "s/#", QoS::AtMostOnce).await;
+    subscribed(&mut b, 1, "s/1", QoS::AtMostOnce).await;
+    a.send(&publish("s/1", "hi", QoS::AtMostOnce, 0)).await;
+    for tab in [&mut a, &mut b] {
+        assert_eq!(&tab.recv_publish().await.payload[..], b"hi");
+        nothing_more(tab, "once").await;
+    }
+    broker.wait_count("Sending PUBLISH to id", 1).await;
+}
+
+#[tokio::test]
+#[ignore = "needs mosquitto (.ci/run installs it)"]
+async fn a_qos_2_message_to_a_tab_is_its_own_exchange() {
+    for level in LEVELS {
+        let broker = Broker::start().await;
+        let proxy = mqtt_proxy(&broker).await;
+        let spec = mqtt_tab("b");
+        let (mut a, _) = Client::connected(&proxy, &spec, Hello::new(level, "id")).await;
+        let (mut b, _) = Client::connected(&proxy, &spec, Hello::new(level, "id")).await;
+        subscribed(&mut a, 1, "x", QoS::ExactlyOnce).await;
+        subscribed(&mut b, 1, "x", QoS::AtMostOnce).await;
+        let mut outside = Client::tcp(&broker, Hello::new(level, "outside")).await;
+        outside
+            .send(&publish("x", "twice?", QoS::ExactlyOnce, 1))
+            .await;
+        assert!(matches!(outside.recv().await, Packet::PubRec(_)));
+        outside.send(&Packet::PubRel(PubRel::new(1, None))).await;
+        assert!(matches!(outside.recv().await, Packet::PubComp(_)));
+        let p = a.recv_publish().await;
+        assert_eq!(p.qos, QoS::ExactlyOnce, "{level:?}");
+        let q = b.recv_publish().await;
+        assert_eq!(q.qos, QoS::AtMostOnce, "{level:?}: the lower of the grants");
+        a.send(&Packet::PubRec(rumqttc::v5::mqttbytes::v5::PubRec::new(
+            p.pkid, None,
+        )))
+        .await;
+        assert!(matches!(a.recv().await, Packet::PubRel(r) if r.pkid == p.pkid));
+        a.send(&Packet::PubComp(rumqttc::v5::mqttbytes::v5::PubComp::new(
+            p.pkid, None,
+        )))
+        .await;
+        nothing_more(&mut a, "the exchange is over").await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs mosquitto (.ci/run installs it)"]
+async fn a_silent_tab_is_closed_and_its_will_published_and_a_delayed_will_waits() {
+    let broker = Broker::start().await;
+    let proxy = mqtt_proxy(&broker).await;
+    let mut outside = Client::tcp(&broker, Hello::new(Level::V5, "outside")).await;
+    outside.send(&subscribe(1, "w/#", QoS::AtMostOnce)).await;
+    assert!(matches!(outside.recv().await, Packet::SubAck(_)));
+    let spec = mqtt_tab("b");
+    let (_keeper, _) = Client::connected(&proxy, &spec, Hello::new(Level::V5, "keeper")).await;
+    // Keepalive 1 s: silent, it is closed after 1.5 s.
+    let mut silent = Hello::new(Level::V5, "silent").will("w/silent", "gone", QoS::AtMostOnce);
+    silent.keep_alive = 1;
+    let (mut s, _) = Client::connected(&proxy, &spec, silent).await;
+    assert_eq!(s.ended().await, "1001 idle timeout");
+    assert_eq!(&outside.recv_publish().await.topic[..], b"w/silent");
+    // A will delayed 1 s comes after its tab vanished.
+    let mut delayed = Hello::new(Level::V5, "delayed").will("w/delayed", "gone", QoS::AtMostOnce);
+    if let Some(w) = &mut delayed.will {
+        w.properties = Some(rumqttc::v5::mqttbytes::v5::LastWillProperties {
+            delay_interval: Some(1),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        });
+    }
+    let (d, _) = Client::connected(&proxy, &spec, delayed).await;
+    d.abort();
+    assert_eq!(&outside.recv_publish().await.topic[..], b"w/delayed");
+}
