@@ -497,6 +497,13 @@ impl Machine {
         }
     }
 
+    /// Whether the machine found its upstream dead at its last deadline
+    /// (`mqtt`: no answer for a keepalive after its PINGREQ): the session
+    /// then loses the upstream as silent.
+    pub fn upstream_silent(&self) -> bool {
+        matches!(self, Machine::Mqtt(m) if m.upstream_silent())
+    }
+
     /// A deadline given by [`Machine::next_deadline`] has come, at `now`.
     pub fn on_timeout(&mut self, now: Instant, out: &mut Effects) {
         match self {

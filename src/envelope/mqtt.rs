@@ -250,6 +250,11 @@ pub struct Mqtt {
     keepalive: Option<Duration>,
     ping_at: Option<Instant>,
     sent_since: bool,
+    /// When tabmux's PINGREQ went, while nothing has come from the server
+    /// since: the server is lost one keepalive after it.
+    ping_sent: Option<Instant>,
+    /// The server answered nothing for a keepalive after a PINGREQ.
+    silent: bool,
     tabs: FxHashMap<TabId, TabMq>,
     /// The session's filters, held upstream.
     filters: FxHashMap<Box<str>, subscribe::Filter>,
@@ -293,6 +298,8 @@ impl Mqtt {
             keepalive: None,
             ping_at: None,
             sent_since: false,
+            ping_sent: None,
+            silent: false,
             tabs: FxHashMap::default(),
             filters: FxHashMap::default(),
             sub_ids: FxHashMap::default(),
@@ -863,6 +870,7 @@ impl Mqtt {
             Message::Text(t) => t.as_bytes(),
             _ => return,
         };
+        self.ping_sent = None;
         self.up.push(bytes);
         loop {
             // What the server sends is bounded by the Maximum Packet Size
@@ -961,6 +969,12 @@ impl Mqtt {
         Cause::UpstreamLost
     }
 
+    /// Whether the server answered nothing for a keepalive after a PINGREQ
+    /// of tabmux's: the session then treats its upstream as lost.
+    pub fn upstream_silent(&self) -> bool {
+        self.silent
+    }
+
     /// When the machine next needs the time: a tab's silence, the
     /// upstream's keepalive, a filter's linger, a will's delay.
     pub fn next_deadline(&mut self, now: Instant) -> Option<Instant> {
@@ -979,6 +993,9 @@ impl Mqtt {
         if let (Some(ka), true) = (self.keepalive, self.connack.is_some()) {
             let at = *self.ping_at.get_or_insert(now + ka / 2);
             consider(at);
+            if let Some(sent) = self.ping_sent {
+                consider(sent + ka);
+            }
         }
         for f in self.filters.values() {
             if let Some(since) = f.orphaned {
@@ -1012,9 +1029,15 @@ impl Mqtt {
             self.close(tab, Cause::Idle, out);
         }
         if let (Some(ka), Some(at)) = (self.keepalive, self.ping_at) {
+            if self.ping_sent.is_some_and(|sent| now >= sent + ka) {
+                // Nothing came for a keepalive after a PINGREQ: lost (the
+                // session reads `upstream_silent` once this call returns).
+                self.silent = true;
+            }
             if now >= at {
                 if !self.sent_since {
                     self.upstream(&Packet::PingReq(rumqttc::v5::mqttbytes::v5::PingReq), out);
+                    self.ping_sent.get_or_insert(now);
                 }
                 self.sent_since = false;
                 self.ping_at = Some(now + ka / 2);

@@ -628,3 +628,31 @@ fn an_idle_tab_s_record_stays_small() {
         std::mem::size_of::<TabMq>()
     );
 }
+
+#[test]
+fn a_server_that_answers_nothing_for_a_keepalive_after_a_pingreq_is_lost() {
+    let start = Instant::now();
+    for answered in [false, true] {
+        let mut m = session(Level::V4, 1, 10, server_ack(None, None), start);
+        let at = m.next_deadline(start).unwrap();
+        let mut out = Vec::new();
+        m.on_timeout(at, &mut out);
+        assert!(matches!(
+            upstream(Level::V4, &out)[..],
+            [Packet::PingReq(_)]
+        ));
+        if answered {
+            from_upstream(
+                &mut m,
+                &Packet::PingResp(rumqttc::v5::mqttbytes::v5::PingResp),
+            );
+        }
+        // Deadlines until a keepalive after the PINGREQ.
+        let mut now = at;
+        while now < at + Duration::from_secs(10) {
+            now = m.next_deadline(now).unwrap();
+            m.on_timeout(now, &mut out);
+        }
+        assert_eq!(m.upstream_silent(), !answered, "answered: {answered}");
+    }
+}

@@ -146,6 +146,9 @@ impl Session<'_> {
         self.envelope
             .on_timeout(Instant::now().into_std(), &mut self.effects);
         self.apply_effects()?;
+        if self.envelope.upstream_silent() {
+            return self.lose(Lost::Silent);
+        }
         self.leave_listed()
     }
 
