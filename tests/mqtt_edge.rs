@@ -270,3 +270,17 @@ async fn a_server_that_answers_no_pingreq_for_a_keepalive_is_lost() {
     let frames = mock.upstream(0).frames(2).await;
     assert!(matches!(decode(Level::V4, &frames[1]), Packet::PingReq(_)));
 }
+
+#[tokio::test]
+async fn a_server_that_sends_what_is_not_a_packet_is_lost() {
+    let mock = Mock::behaving(answering(Level::V4, ConnectReturnCode::Success)).await;
+    let proxy = mqtt_proxy(&mock).await;
+    let (mut tab, _) = Client::connected(&proxy, &mqtt_tab("b"), Hello::new(Level::V4, "x")).await;
+    let up = mock.upstream(0);
+    up.send(Message::Binary(
+        vec![0x30, 0x80, 0x80, 0x80, 0x80, 0x01].into(),
+    ));
+    assert_eq!(tab.ended().await, "1012 upstream lost");
+    // The upstream connection ends (dropped, as a silent one is).
+    up.closed().await;
+}

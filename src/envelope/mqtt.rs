@@ -253,7 +253,8 @@ pub struct Mqtt {
     /// When tabmux's PINGREQ went, while nothing has come from the server
     /// since: the server is lost one keepalive after it.
     ping_sent: Option<Instant>,
-    /// The server answered nothing for a keepalive after a PINGREQ.
+    /// The server answered nothing for a keepalive after a PINGREQ, or
+    /// sent what is not a packet: the upstream is lost.
     silent: bool,
     tabs: FxHashMap<TabId, TabMq>,
     /// The session's filters, held upstream.
@@ -878,8 +879,13 @@ impl Mqtt {
             match self.up.next(self.level, self.settings.max_packet) {
                 Ok(Some(packet)) => self.upstream_packet(packet, out),
                 Ok(None) => return,
-                Err(_) => {
+                Err(bad) => {
+                    // The stream cannot be read past it: the upstream is
+                    // lost at once (the next deadline is now).
+                    tracing::warn!(?bad, "the MQTT server sent what is not a packet");
                     self.up = Stream::default();
+                    self.silent = true;
+                    self.deadline = None;
                     return out.push(Effect::Malformed(super::FrameError::NotJson));
                 }
             }
@@ -970,7 +976,8 @@ impl Mqtt {
     }
 
     /// Whether the server answered nothing for a keepalive after a PINGREQ
-    /// of tabmux's: the session then treats its upstream as lost.
+    /// of tabmux's, or sent what is not a packet: the session then treats
+    /// its upstream as lost.
     pub fn upstream_silent(&self) -> bool {
         self.silent
     }
@@ -978,6 +985,10 @@ impl Mqtt {
     /// When the machine next needs the time: a tab's silence, the
     /// upstream's keepalive, a filter's linger, a will's delay.
     pub fn next_deadline(&mut self, now: Instant) -> Option<Instant> {
+        if self.silent {
+            // Lost: the session reads it at this deadline.
+            return Some(now);
+        }
         if let Some(d) = self.deadline {
             return Some(d);
         }

@@ -656,3 +656,19 @@ fn a_server_that_answers_nothing_for_a_keepalive_after_a_pingreq_is_lost() {
         assert_eq!(m.upstream_silent(), !answered, "answered: {answered}");
     }
 }
+
+#[test]
+fn a_server_that_sends_what_is_not_a_packet_is_lost_at_once() {
+    let now = Instant::now();
+    let mut m = session(Level::V4, 1, 0, server_ack(None, None), now);
+    let mut out = Vec::new();
+    // A packet type 0 with a remaining length of five bytes of 0x80.
+    m.upstream_frame(
+        Message::Binary(vec![0x30, 0x80, 0x80, 0x80, 0x80, 0x01].into()),
+        &mut out,
+    );
+    assert!(matches!(out[..], [Effect::Malformed(_)]));
+    assert_eq!(m.next_deadline(now), Some(now), "at once");
+    m.on_timeout(now, &mut out);
+    assert!(m.upstream_silent());
+}
