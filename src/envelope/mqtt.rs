@@ -20,6 +20,7 @@
 //! - `publish`: messages both ways and their QoS flows.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -81,6 +82,9 @@ struct Will {
     publish: Publish,
     /// 5.0 Will Delay Interval.
     delay: Duration,
+    /// The tab's client id (assigned, if it gave none): a tab of the same
+    /// id connecting within the delay cancels the will.
+    client_id: String,
 }
 
 /// A will waiting out its delay.
@@ -94,7 +98,8 @@ struct DelayedWill {
 /// A tab's own subscription.
 #[derive(Debug, Clone)]
 struct TabFilter {
-    filter: Box<str>,
+    /// Shared with the session's own record of the filter.
+    filter: Arc<str>,
     /// The QoS granted to the tab for it.
     granted: QoS,
     /// The tab's Subscription Identifier for it (5.0), if it gave one.
@@ -131,7 +136,8 @@ struct TabMq {
     phase: Phase,
     /// Bytes not yet a whole packet.
     stream: Stream,
-    client_id: String,
+    /// It gave an empty client id (it is assigned one).
+    empty_id: bool,
     will: Option<Box<Will>>,
     /// It sent DISCONNECT with reason 0: its will is not published.
     clean_end: bool,
@@ -185,7 +191,7 @@ impl TabMq {
         TabMq {
             phase: Phase::Joined,
             stream: Stream::default(),
-            client_id: String::new(),
+            empty_id: false,
             will: None,
             clean_end: false,
             accepted: false,
@@ -212,7 +218,7 @@ impl TabMq {
 #[derive(Debug)]
 enum Pending {
     /// A SUBSCRIBE for this filter.
-    Subscribe(Box<str>),
+    Subscribe(Arc<str>),
     /// An UNSUBSCRIBE.
     Unsubscribe,
     /// A tab's QoS 1/2 PUBLISH (or a will, `tab` None); `sibling` is the
@@ -258,9 +264,9 @@ pub struct Mqtt {
     silent: bool,
     tabs: FxHashMap<TabId, TabMq>,
     /// The session's filters, held upstream.
-    filters: FxHashMap<Box<str>, subscribe::Filter>,
+    filters: FxHashMap<Arc<str>, subscribe::Filter>,
     /// 5.0: the filter each Subscription Identifier of tabmux's names.
-    sub_ids: FxHashMap<usize, Box<str>>,
+    sub_ids: FxHashMap<usize, Arc<str>>,
     last_sub_id: usize,
     /// Upstream packet ids awaiting their answer.
     pending: FxHashMap<u16, Pending>,
@@ -573,7 +579,7 @@ impl Mqtt {
             return;
         };
         state.phase = Phase::Waiting;
-        state.client_id = connect.client_id.clone();
+        state.empty_id = connect.client_id.is_empty();
         state.last_heard = now;
         if let Some(props) = &connect.properties {
             state.max_packet = props.max_packet_size.map(|m| m as usize);
@@ -589,6 +595,7 @@ impl Mqtt {
                     .and_then(|p| p.delay_interval)
                     .map_or(Duration::ZERO, |s| Duration::from_secs(u64::from(s))),
                 publish: will_publish(w),
+                client_id: connect.client_id.clone(),
             })
         });
         if !connect.client_id.is_empty() {
@@ -694,13 +701,13 @@ impl Mqtt {
         }
         let answer = if first {
             let answer = server;
-            if state.client_id.is_empty() {
-                if let Some(id) = answer
-                    .properties
-                    .as_ref()
-                    .and_then(|p| p.assigned_client_identifier.clone())
-                {
-                    state.client_id = id;
+            if state.empty_id {
+                let assigned = answer.properties.as_ref();
+                if let (Some(id), Some(will)) = (
+                    assigned.and_then(|p| p.assigned_client_identifier.clone()),
+                    state.will.as_mut(),
+                ) {
+                    will.client_id = id;
                 }
             }
             answer
@@ -713,9 +720,11 @@ impl Mqtt {
             } else {
                 props.map(later_tab_properties)
             };
-            if state.client_id.is_empty() && level == Level::V5 {
+            if state.empty_id && level == Level::V5 {
                 let id = format!("tabmux-{tab}");
-                state.client_id = id.clone();
+                if let Some(will) = state.will.as_mut() {
+                    will.client_id = id.clone();
+                }
                 properties
                     .get_or_insert_with(empty_connack_properties)
                     .assigned_client_identifier = Some(id);
@@ -853,7 +862,7 @@ impl Mqtt {
                 } else {
                     self.wills.push(DelayedWill {
                         at: now + will.delay,
-                        client_id: state.client_id,
+                        client_id: will.client_id,
                         publish: will.publish,
                     });
                     self.deadline = None;

@@ -1,6 +1,7 @@
 //! Subscriptions: one upstream subscription per filter, held by the tabs
 //! that subscribed to it, answered to each tab in its own SUBACK.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use rumqttc::v5::mqttbytes::v5::{
@@ -134,7 +135,11 @@ impl Mqtt {
                 self.resolve(request, index, quota, out);
                 continue;
             }
-            let path: Box<str> = f.path.as_str().into();
+            // One allocation per filter, shared by the tabs that hold it.
+            let path: Arc<str> = match self.filters.get_key_value(f.path.as_str()) {
+                Some((known, _)) => known.clone(),
+                None => Arc::from(f.path.as_str()),
+            };
             if !self.filters.contains_key(&path) && self.filters.len() >= MAX_FILTERS {
                 out.push(crate::envelope::Effect::Refused(Refused::SessionFilters));
                 self.resolve(request, index, quota, out);
@@ -437,7 +442,7 @@ impl Mqtt {
     /// Filters whose linger has passed are unsubscribed upstream.
     pub(super) fn expire_lingers(&mut self, now: Instant, out: &mut Effects) {
         let linger = self.settings.linger;
-        let expired: Vec<Box<str>> = self
+        let expired: Vec<Arc<str>> = self
             .filters
             .iter()
             .filter(|(_, f)| {

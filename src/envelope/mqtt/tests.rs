@@ -623,7 +623,7 @@ fn an_idle_tab_s_record_stays_small() {
     // Inline in its session's map for every idle tab of the process (its
     // flows are boxed once it has any): BENCHMARKS.md, "Thirteenth pass".
     assert!(
-        std::mem::size_of::<TabMq>() <= 160,
+        std::mem::size_of::<TabMq>() <= 136,
         "{}",
         std::mem::size_of::<TabMq>()
     );
