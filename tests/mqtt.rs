@@ -1,4 +1,4 @@
-//! PROTOCOL.md, "Envelope `mqtt`", through the real proxy in front of a real
+//! docs/protocol.md, "The `mqtt` envelope", through the real proxy in front of a real
 //! broker: Debian's mosquitto, started by each test on free ports (a TCP
 //! listener for the outside publisher, a websockets one for tabmux), at both
 //! protocol levels. `.ci/run` installs mosquitto and runs these:
@@ -9,8 +9,8 @@ mod common;
 use common::mqtt::*;
 use common::*;
 use rumqttc::v5::mqttbytes::v5::{
-    ConnectReturnCode, Disconnect, DisconnectReasonCode, Packet, PubRel, RetainForwardRule,
-    SubscribeReasonCode,
+    ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter, Packet, PubRel, RetainForwardRule,
+    Subscribe, SubscribeReasonCode,
 };
 use rumqttc::v5::mqttbytes::QoS;
 use tabmux::envelope::mqtt::codec::Level;
@@ -770,4 +770,78 @@ async fn a_silent_tab_is_closed_and_its_will_published_and_a_delayed_will_waits(
     let (d, _) = Client::connected(&proxy, &spec, delayed).await;
     d.abort();
     assert_eq!(&outside.recv_publish().await.topic[..], b"w/delayed");
+}
+
+#[tokio::test]
+#[ignore = "needs mosquitto (.ci/run installs it)"]
+async fn a_tab_s_share_of_filters_is_256_and_the_rest_of_its_subscribe_is_served() {
+    for level in LEVELS {
+        let broker = Broker::start().await;
+        let proxy = mqtt_proxy(&broker).await;
+        let (mut tab, _) = Client::connected(&proxy, &mqtt_tab("b"), Hello::new(level, "id")).await;
+        let filters: Vec<Filter> = (0..257)
+            .map(|i| Filter {
+                path: format!("f/{i}"),
+                qos: QoS::AtMostOnce,
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+            })
+            .collect();
+        tab.send(&Packet::Subscribe(Subscribe {
+            pkid: 1,
+            filters,
+            properties: None,
+        }))
+        .await;
+        let codes = suback_codes(&tab.recv().await);
+        assert_eq!(codes.len(), 257);
+        assert!(codes[..256]
+            .iter()
+            .all(|c| *c == SubscribeReasonCode::Success(QoS::AtMostOnce)));
+        let refused = match level {
+            Level::V4 => SubscribeReasonCode::Failure,
+            Level::V5 => SubscribeReasonCode::QuotaExceeded,
+        };
+        assert_eq!(codes[256], refused, "{level:?}");
+        assert_eq!(broker.count("Received SUBSCRIBE from id"), 256, "{level:?}");
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs mosquitto (.ci/run installs it)"]
+async fn on_5_0_a_will_the_broker_would_refuse_is_refused_at_the_connect() {
+    let spec = BrokerSpec {
+        extra: vec!["max_qos 1".into(), "retain_available false".into()],
+        ..Default::default()
+    };
+    let broker = Broker::start_with(spec).await;
+    let proxy = mqtt_proxy(&broker).await;
+    let tabs = mqtt_tab("b");
+    let (mut first, ack) = Client::connected(&proxy, &tabs, Hello::new(Level::V5, "id")).await;
+    let props = ack.properties.expect("the broker's limits");
+    assert_eq!((props.max_qos, props.retain_available), (Some(1), Some(0)));
+    let (mut high, ack) = Client::connected(
+        &proxy,
+        &tabs,
+        Hello::new(Level::V5, "id").will("w", "x", QoS::ExactlyOnce),
+    )
+    .await;
+    assert_eq!(ack.code, ConnectReturnCode::QoSNotSupported);
+    high.ended().await;
+    let mut retained = Hello::new(Level::V5, "id").will("w", "x", QoS::AtMostOnce);
+    if let Some(w) = &mut retained.will {
+        w.retain = true;
+    }
+    let (mut kept, ack) = Client::connected(&proxy, &tabs, retained).await;
+    assert_eq!(ack.code, ConnectReturnCode::RetainNotSupported);
+    kept.ended().await;
+    // A PUBLISH above the broker's Maximum QoS: refused to that tab alone.
+    let (mut qos2, _) = Client::connected(&proxy, &tabs, Hello::new(Level::V5, "id")).await;
+    qos2.send(&publish("t", "x", QoS::ExactlyOnce, 1)).await;
+    assert!(
+        matches!(qos2.recv().await, Packet::Disconnect(d) if d.reason_code == DisconnectReasonCode::QoSNotSupported)
+    );
+    nothing_more(&mut first, "the first tab").await;
+    assert_eq!(broker.connections(), 1);
 }

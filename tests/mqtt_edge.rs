@@ -1,4 +1,4 @@
-//! PROTOCOL.md, "Envelope `mqtt`", through the real proxy in front of a
+//! docs/protocol.md, "The `mqtt` envelope", through the real proxy in front of a
 //! mock server (exact packets and faults): the handshake answered at once,
 //! the CONNECT the upstream receives, refused and lost upstreams, a
 //! refused CONNECT, MQTT 3.1, sizes. The real broker is in tests/mqtt.rs.
