@@ -4,13 +4,15 @@
 //! websockets listener tabmux dials), an MQTT client over TCP for
 //! publishing from outside, and MQTT tabs over WebSocket through tabmux.
 //!
-//! What the broker did is read from its own log (`log_type all`): the
-//! connections it accepted and the packets it sent and received, by
-//! client id.
+//! What the broker did is read from its own log (`log_type all`, on its
+//! standard error, read as it comes): the connections it accepted and the
+//! packets it sent and received, by client id.
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -22,6 +24,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use tabmux::envelope::mqtt::codec::{self, Level, Stream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{guard, Tab, TabSpec, TestProxy};
@@ -32,6 +35,10 @@ pub struct Broker {
     dir: PathBuf,
     pub tcp: SocketAddr,
     pub ws: SocketAddr,
+    /// Its log so far (its standard error, read by a thread), and a
+    /// notice for each line.
+    log: Arc<Mutex<String>>,
+    line: Arc<Notify>,
 }
 
 /// How the broker is started.
@@ -66,8 +73,7 @@ impl Broker {
         let (tcp, ws) = (free_port(), free_port());
         let mut conf = format!(
             "user root\nper_listener_settings false\nlistener {tcp} 127.0.0.1\nlistener {ws} 127.0.0.1\nprotocol websockets\n\
-             log_dest file {log}\nlog_type all\nconnection_messages true\npersistence false\n",
-            log = dir.join("log").display()
+             log_dest stderr\nlog_type all\nconnection_messages true\npersistence false\n"
         );
         if spec.users.is_empty() {
             conf += "allow_anonymous true\n";
@@ -98,30 +104,35 @@ impl Broker {
         }
         let path = dir.join("mosquitto.conf");
         std::fs::write(&path, conf).unwrap();
-        let child = Command::new("mosquitto")
+        let mut child = Command::new("mosquitto")
             .arg("-c")
             .arg(&path)
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            // Its log, unbuffered there.
+            .stderr(Stdio::piped())
             .spawn()
             .expect("mosquitto (`.ci/run` installs Debian's mosquitto)");
+        let (log, line) = (Arc::new(Mutex::new(String::new())), Arc::new(Notify::new()));
+        let stderr = child.stderr.take().expect("its stderr");
+        let (to, notify) = (log.clone(), line.clone());
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = to.lock().unwrap();
+                log.push_str(&l);
+                log.push('\n');
+                notify.notify_waiters();
+            }
+        });
         let broker = Broker {
             child,
             dir,
             tcp: SocketAddr::from(([127, 0, 0, 1], tcp)),
             ws: SocketAddr::from(([127, 0, 0, 1], ws)),
+            log,
+            line,
         };
-        guard("mosquitto to listen", async {
-            loop {
-                if TcpStream::connect(broker.ws).await.is_ok()
-                    && TcpStream::connect(broker.tcp).await.is_ok()
-                {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        })
-        .await;
+        // It logs this once both listeners are open.
+        broker.wait_count(" running", 1).await;
         broker
     }
 
@@ -132,7 +143,7 @@ impl Broker {
 
     /// The broker's log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+        self.log.lock().unwrap().clone()
     }
 
     /// Lines of the log that contain `needle`.
@@ -145,10 +156,12 @@ impl Broker {
         let what = format!("{n} broker log lines with {needle:?}");
         guard(&what, async {
             loop {
+                // Asked for before looking, so no line is missed between.
+                let next = self.line.notified();
                 if self.count(needle) >= n {
                     return;
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                next.await;
             }
         })
         .await;
