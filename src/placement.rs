@@ -30,6 +30,7 @@ use crate::envelope::graphql::{wire, Subprotocol};
 use crate::envelope::mqtt::codec as mqtt_codec;
 use crate::envelope::JoinInfo;
 use crate::queue::Outbox;
+use crate::session::key::SessionKey;
 use crate::session::NewSession;
 use crate::shared::{RouteRuntime, Shared};
 use crate::tab::Tab;
@@ -85,6 +86,20 @@ pub async fn place(mut tab: Tab, p: Placement) {
         None => p.shared.hasher.direct(),
     };
     drop(canonical);
+    if let Err((tab, refused)) = join(tab, p, key, init).await {
+        tab.finish(refused_cause(&refused), Outbox::default(), None);
+    }
+}
+
+/// Joins a placed tab to the session `key` (dialling it if it is the
+/// first), with the frame that placed it, and hands its connection over;
+/// or gives the tab back with the refusal (counted and logged here).
+async fn join(
+    mut tab: Tab,
+    p: Placement,
+    key: SessionKey,
+    init: Message,
+) -> Result<(), (Tab, Refusal)> {
     tracing::Span::current().record("session", tracing::field::display(key.name()));
     match p
         .shared
@@ -95,13 +110,14 @@ pub async fn place(mut tab: Tab, p: Placement) {
         Ok(joined) => {
             tab.set_id(joined.tab);
             joined.link.attach(Box::new(tab));
+            Ok(())
         }
         Err(refused) => {
             if let Some(label) = refused.row().label {
                 p.rt.ctx.metrics.refused(label);
             }
             debug!(reason = %refused.row().body, "tab not placed");
-            tab.finish(refused_cause(&refused), Outbox::default(), None);
+            Err((tab, refused))
         }
     }
 }
@@ -253,27 +269,10 @@ async fn place_mqtt(mut tab: Tab, p: Placement, offered: bool) {
     };
     let level = identity.level;
     drop(identity);
-    tracing::Span::current().record("session", tracing::field::display(key.name()));
-    let init = Message::Binary(bytes);
-    match p
-        .shared
-        .registry
-        .join(&p.rt.ctx, key, &p.new, p.info, Some(init))
-        .await
-    {
-        Ok(joined) => {
-            tab.set_id(joined.tab);
-            joined.link.attach(Box::new(tab));
-        }
-        Err(refused) => {
-            if let Some(label) = refused.row().label {
-                p.rt.ctx.metrics.refused(label);
-            }
-            debug!(reason = %refused.row().body, "tab not placed");
-            let (connack, cause) = mqtt_refusal(&refused, level);
-            let _ = answer(&mut tab, Message::Binary(connack)).await;
-            tab.finish(cause, Outbox::default(), None);
-        }
+    if let Err((mut tab, refused)) = join(tab, p, key, Message::Binary(bytes)).await {
+        let (connack, cause) = mqtt_refusal(&refused, level);
+        let _ = answer(&mut tab, Message::Binary(connack)).await;
+        tab.finish(cause, Outbox::default(), None);
     }
 }
 
