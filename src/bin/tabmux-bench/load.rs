@@ -98,6 +98,27 @@ pub async fn connect_many(
     results.into_iter().collect()
 }
 
+/// `sessions` browsers of `per_session` tabs against a real server, each
+/// tab opened (and subscribed) by `open(browser, n)`, `n` counting every
+/// tab; 64 at a time (a real server's handshakes are slower than the
+/// benchmark backend's).
+pub async fn browsers<F, Fut>(
+    sessions: usize,
+    per_session: usize,
+    open: F,
+) -> anyhow::Result<Vec<Ws>>
+where
+    F: Fn(usize, usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Ws>>,
+{
+    let results: Vec<anyhow::Result<Ws>> = stream::iter(0..sessions * per_session)
+        .map(|i| open(i / per_session, i))
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
 /// The next data message, ignoring control frames.
 async fn next_data(ws: &mut Ws) -> anyhow::Result<Message> {
     loop {

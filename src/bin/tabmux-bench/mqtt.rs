@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use futures_util::stream::{self, StreamExt};
 use futures_util::SinkExt;
+use futures_util::StreamExt;
 use http::HeaderValue;
 use rumqttc::v5::mqttbytes::v5::{Connect, Filter, Packet, Publish, RetainForwardRule, Subscribe};
 use rumqttc::v5::mqttbytes::QoS;
@@ -245,12 +245,7 @@ fn stamp(text: &str) -> Option<u64> {
 
 /// `sessions` browsers of `per_session` tabs, subscribed.
 pub async fn tabs(target: &Target, sessions: usize, per_session: usize) -> anyhow::Result<Vec<Ws>> {
-    let sockets: Vec<anyhow::Result<Ws>> = stream::iter(0..sessions * per_session)
-        .map(|i| tab(target, i / per_session, i))
-        .buffer_unordered(64)
-        .collect()
-        .await;
-    sockets.into_iter().collect()
+    crate::load::browsers(sessions, per_session, |session, n| tab(target, session, n)).await
 }
 
 /// The same, each timing the messages it receives.

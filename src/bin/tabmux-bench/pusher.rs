@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use futures_util::stream::{self, StreamExt};
+use futures_util::stream::StreamExt;
 use futures_util::SinkExt;
 use http::HeaderValue;
 use md5::Digest as _;
@@ -205,12 +205,8 @@ pub fn stamp(text: &str) -> Option<u64> {
 /// The browsers' tabs, connected and subscribed, each timing the events
 /// it receives.
 pub async fn tabs(target: &Target, sessions: usize, per_session: usize) -> anyhow::Result<FanOut> {
-    let sockets: Vec<anyhow::Result<Ws>> = stream::iter(0..sessions * per_session)
-        .map(|i| tab(target, i / per_session))
-        .buffer_unordered(64)
-        .collect()
-        .await;
-    let sockets = sockets.into_iter().collect::<anyhow::Result<Vec<Ws>>>()?;
+    let sockets =
+        crate::load::browsers(sessions, per_session, |session, _| tab(target, session)).await?;
     Ok(FanOut::timing(sockets, stamp))
 }
 

@@ -28,21 +28,13 @@ pub async fn pusher_once(plan: &Plan, c: Contender, f: &mut Figures) -> anyhow::
     );
     let sockudo = pusher::Sockudo::start(0)?;
     let server = sockudo.running.addr;
-    let route = |exe: &std::path::Path| {
-        let table = format!(
-            "[[route]]\npath = \"{}\"\nupstream = \"ws://{server}{}\"\nsession_cookie = \"sid\"\n\
-             allowed_origins = [\"http://bench.local\"]\nenvelope = \"pusher\"\n",
-            pusher::path(),
-            pusher::path()
-        );
-        procs::start_tabmux_route(1, exe, &table, None)
-    };
-    let proxy = match c {
-        Contender::Tabmux => Some(route(&plan.tabmux)?),
-        Contender::Other => Some(route(plan.other.as_deref().context("no --other binary")?)?),
-        Contender::Nginx => Some(procs::start_nginx(1, server, 1, None)?),
-        Contender::Direct => None,
-    };
+    let route = format!(
+        "[[route]]\npath = \"{}\"\nupstream = \"ws://{server}{}\"\nsession_cookie = \"sid\"\n\
+         allowed_origins = [\"http://bench.local\"]\nenvelope = \"pusher\"\n",
+        pusher::path(),
+        pusher::path()
+    );
+    let proxy = start_proxy(plan, c, server, &route)?;
     let target = Target::plain(proxy.as_ref().map_or(server, |p| p.addr));
     let pids = proxy.as_ref().map(Running::pids).unwrap_or_default();
     let tabs = pusher::tabs(&target, sizes.pusher_sessions, TABS_PER_BROWSER).await?;
@@ -60,6 +52,30 @@ pub async fn pusher_once(plan: &Plan, c: Contender, f: &mut Figures) -> anyhow::
     let lat = tabs.finish().await;
     delivery_figures(f, sent, lat, proxy.is_some().then_some(cpu));
     Ok(())
+}
+
+/// The tabmux binary a contender runs (None: direct, or nginx).
+fn tabmux_exe(plan: &Plan, c: Contender) -> anyhow::Result<Option<std::path::PathBuf>> {
+    Ok(match c {
+        Contender::Tabmux => Some(plan.tabmux.clone()),
+        Contender::Other => Some(plan.other.clone().context("no --other binary")?),
+        Contender::Direct | Contender::Nginx => None,
+    })
+}
+
+/// What a contender puts in front of the server at `server`: tabmux with
+/// `route` (a `[[route]]` table), nginx, or nothing (direct).
+fn start_proxy(
+    plan: &Plan,
+    c: Contender,
+    server: std::net::SocketAddr,
+    route: &str,
+) -> anyhow::Result<Option<Running>> {
+    Ok(match (tabmux_exe(plan, c)?, c) {
+        (Some(exe), _) => Some(procs::start_tabmux_route(1, &exe, route, None)?),
+        (None, Contender::Nginx) => Some(procs::start_nginx(1, server, 1, None)?),
+        (None, _) => None,
+    })
 }
 
 /// The figures of a real server's updates reaching the tabs: what the
@@ -92,23 +108,10 @@ pub async fn graphql_once(plan: &Plan, c: Contender, f: &mut Figures) -> anyhow:
         graphql::available(),
         "the graphql scenario needs Node.js and `npm ci` in tests/graphql"
     );
-    let exe = match c {
-        Contender::Tabmux => Some(plan.tabmux.clone()),
-        Contender::Other => Some(plan.other.clone().context("no --other binary")?),
-        Contender::Direct | Contender::Nginx => None,
-    };
+    let exe = tabmux_exe(plan, c)?;
     let server = graphql::Server::start(0)?;
     let addr = server.running.addr;
-    let proxy = match (&exe, c) {
-        (Some(exe), _) => Some(procs::start_tabmux_route(
-            1,
-            exe,
-            &graphql::route(addr),
-            None,
-        )?),
-        (None, Contender::Nginx) => Some(procs::start_nginx(1, addr, 1, None)?),
-        (None, _) => None,
-    };
+    let proxy = start_proxy(plan, c, addr, &graphql::route(addr))?;
     let target = Target::plain(proxy.as_ref().map_or(addr, |p| p.addr));
     let pids = proxy.as_ref().map(Running::pids).unwrap_or_default();
     let browsers = sizes.pusher_sessions;
@@ -178,20 +181,7 @@ pub async fn mqtt_once(plan: &Plan, c: Contender, f: &mut Figures) -> anyhow::Re
     );
     let broker = mqtt::Broker::start(0)?;
     let addr = broker.running.addr;
-    let proxy = match c {
-        Contender::Tabmux => Some(procs::start_tabmux_route(
-            1,
-            &plan.tabmux,
-            &mqtt::route(addr),
-            None,
-        )?),
-        Contender::Other => {
-            let exe = plan.other.as_deref().context("no --other binary")?;
-            Some(procs::start_tabmux_route(1, exe, &mqtt::route(addr), None)?)
-        }
-        Contender::Nginx => Some(procs::start_nginx(1, addr, 1, None)?),
-        Contender::Direct => None,
-    };
+    let proxy = start_proxy(plan, c, addr, &mqtt::route(addr))?;
     let shared = matches!(c, Contender::Tabmux | Contender::Other);
     let target = Target::plain(proxy.as_ref().map_or(addr, |p| p.addr));
     let pids = proxy.as_ref().map(Running::pids).unwrap_or_default();
@@ -221,10 +211,8 @@ pub async fn mqtt_once(plan: &Plan, c: Contender, f: &mut Figures) -> anyhow::Re
     // An idle MQTT tab's memory in tabmux (connected, subscribed), as the
     // `memory` scenario measures a json tab's: each size on fresh
     // processes, then the slope through them.
-    let exe = match c {
-        Contender::Tabmux => plan.tabmux.clone(),
-        Contender::Other => plan.other.clone().context("no --other binary")?,
-        Contender::Direct | Contender::Nginx => return Ok(()),
+    let Some(exe) = tabmux_exe(plan, c)? else {
+        return Ok(());
     };
     let mut points = Vec::new();
     for &n in sizes.memory {
