@@ -82,15 +82,6 @@ function startPage(port, tabmuxPort) {
   return servePage(port, 'mqtt.min.js', client, html);
 }
 
-async function until(what, check) {
-  const deadline = Date.now() + TIMEOUT;
-  while (Date.now() < deadline) {
-    if (await check()) return;
-    await new Promise((r) => setTimeout(r, 10));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
-
 const children = [];
 let browser;
 let pageServer;

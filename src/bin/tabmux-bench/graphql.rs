@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::load::{FanOut, Target, Ws};
+use crate::load::{Target, Ws};
 use crate::procs::{self, Running};
 
 /// Where the server script and its packages are.
@@ -130,25 +130,13 @@ async fn tab(target: &Target, session: usize, n: usize) -> anyhow::Result<Ws> {
 }
 
 /// The stamp in a `next` (`"ticks":"<unix ns>"`).
-fn stamp(text: &str) -> Option<u64> {
+pub fn stamp(text: &str) -> Option<u64> {
     crate::load::stamp_after(text, "\"ticks\":\"")
 }
 
 /// `sessions` browsers of `per_session` tabs, subscribed.
 pub async fn tabs(target: &Target, sessions: usize, per_session: usize) -> anyhow::Result<Vec<Ws>> {
     crate::load::browsers(sessions, per_session, |session, n| tab(target, session, n)).await
-}
-
-/// The same, each timing the updates it receives.
-pub async fn timing_tabs(
-    target: &Target,
-    sessions: usize,
-    per_session: usize,
-) -> anyhow::Result<FanOut> {
-    Ok(FanOut::timing(
-        tabs(target, sessions, per_session).await?,
-        stamp,
-    ))
 }
 
 /// Publishes at `rate` a second for `secs`; how many.

@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::load::{FanOut, Target, Ws};
+use crate::load::{Target, Ws};
 use crate::procs::{self, Running};
 
 const TOPIC: &str = "bench/ticks";
@@ -239,25 +239,13 @@ async fn tab(target: &Target, session: usize, n: usize) -> anyhow::Result<Ws> {
 }
 
 /// The stamp in a PUBLISH's payload (`ts:<unix ns>`).
-fn stamp(text: &str) -> Option<u64> {
+pub fn stamp(text: &str) -> Option<u64> {
     crate::load::stamp_after(text, "ts:")
 }
 
 /// `sessions` browsers of `per_session` tabs, subscribed.
 pub async fn tabs(target: &Target, sessions: usize, per_session: usize) -> anyhow::Result<Vec<Ws>> {
     crate::load::browsers(sessions, per_session, |session, n| tab(target, session, n)).await
-}
-
-/// The same, each timing the messages it receives.
-pub async fn timing_tabs(
-    target: &Target,
-    sessions: usize,
-    per_session: usize,
-) -> anyhow::Result<FanOut> {
-    Ok(FanOut::timing(
-        tabs(target, sessions, per_session).await?,
-        stamp,
-    ))
 }
 
 /// Publishes at `rate` a second for `secs` from a TCP client; how many.

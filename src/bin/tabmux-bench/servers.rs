@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::load::{self, Target};
+use crate::load::{self, FanOut, Target};
 use crate::procs::{self, Contender, Running};
 use crate::report::{percentile, slope};
 use crate::{graphql, mqtt, pusher, Figures, Plan};
@@ -115,7 +115,8 @@ pub async fn graphql_once(plan: &Plan, c: Contender, f: &mut Figures) -> anyhow:
     let target = Target::plain(proxy.as_ref().map_or(addr, |p| p.addr));
     let pids = proxy.as_ref().map(Running::pids).unwrap_or_default();
     let browsers = sizes.pusher_sessions;
-    let tabs = graphql::timing_tabs(&target, browsers, TABS_PER_BROWSER).await?;
+    let tabs = graphql::tabs(&target, browsers, TABS_PER_BROWSER).await?;
+    let tabs = FanOut::timing(tabs, graphql::stamp);
     let subscriptions = if exe.is_some() {
         browsers
     } else {
@@ -186,7 +187,8 @@ pub async fn mqtt_once(plan: &Plan, c: Contender, f: &mut Figures) -> anyhow::Re
     let target = Target::plain(proxy.as_ref().map_or(addr, |p| p.addr));
     let pids = proxy.as_ref().map(Running::pids).unwrap_or_default();
     let browsers = sizes.pusher_sessions;
-    let tabs = mqtt::timing_tabs(&target, browsers, TABS_PER_BROWSER).await?;
+    let tabs = mqtt::tabs(&target, browsers, TABS_PER_BROWSER).await?;
+    let tabs = FanOut::timing(tabs, mqtt::stamp);
     let clients = if shared {
         browsers
     } else {
