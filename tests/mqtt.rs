@@ -312,7 +312,7 @@ async fn a_tab_that_acks_late_gets_the_rest_within_its_receive_maximum() {
     let mut hello = Hello::new(Level::V5, "id");
     hello.properties = Some(rumqttc::v5::mqttbytes::v5::ConnectProperties {
         receive_maximum: Some(1),
-        ..connect_properties()
+        ..tabmux::envelope::mqtt::empty_connect_properties()
     });
     let (mut slow, _) = Client::connected(&proxy, &spec, hello).await;
     let (mut quick, _) = Client::connected(&proxy, &spec, Hello::new(Level::V5, "id")).await;
@@ -337,20 +337,6 @@ async fn a_tab_that_acks_late_gets_the_rest_within_its_receive_maximum() {
         assert_eq!(p.qos, QoS::AtLeastOnce);
         nothing_more(&mut slow, "beyond its Receive Maximum").await;
         slow.puback(p.pkid).await;
-    }
-}
-
-fn connect_properties() -> rumqttc::v5::mqttbytes::v5::ConnectProperties {
-    rumqttc::v5::mqttbytes::v5::ConnectProperties {
-        session_expiry_interval: None,
-        receive_maximum: None,
-        max_packet_size: None,
-        topic_alias_max: None,
-        request_response_info: None,
-        request_problem_info: None,
-        user_properties: Vec::new(),
-        authentication_method: None,
-        authentication_data: None,
     }
 }
 

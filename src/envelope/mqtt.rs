@@ -36,7 +36,7 @@ use tokio_tungstenite::tungstenite::Message;
 use super::{Effect, Effects, Refused, Saving, TabId, Target};
 use crate::cause::{Cause, Lost};
 use codec::{Bad, Level, Stream};
-pub use connect::empty_connack_properties;
+pub use connect::{empty_connack_properties, empty_connect_properties};
 
 pub mod codec;
 mod connect;
@@ -550,6 +550,12 @@ impl Mqtt {
         });
     }
 
+    /// Refuses a packet the server would refuse as malformed or a protocol
+    /// error (`code`): [`Mqtt::refuse`], counted as malformed, closed 1002.
+    fn refuse_packet(&mut self, tab: TabId, code: DisconnectReasonCode, out: &mut Effects) {
+        self.refuse(tab, Refused::Malformed, code, Cause::ProtocolError, out);
+    }
+
     /// Closes a tab (its will is published when it leaves).
     fn close(&mut self, tab: TabId, cause: Cause, out: &mut Effects) {
         if let Some(state) = self.tabs.get_mut(&tab) {
@@ -574,13 +580,7 @@ impl Mqtt {
                 self.upstream(&Packet::Auth(auth), out);
                 return;
             }
-            return self.refuse(
-                tab,
-                Refused::Malformed,
-                DisconnectReasonCode::ProtocolError,
-                Cause::ProtocolError,
-                out,
-            );
+            return self.refuse_packet(tab, DisconnectReasonCode::ProtocolError, out);
         }
         if let Some(state) = self.tabs.get_mut(&tab) {
             if state.phase == Phase::Waiting && !matches!(packet, Packet::Disconnect(_)) {
@@ -591,13 +591,7 @@ impl Mqtt {
                     state.flows().early.push(packet);
                     return;
                 }
-                return self.refuse(
-                    tab,
-                    Refused::Malformed,
-                    DisconnectReasonCode::ReceiveMaximumExceeded,
-                    Cause::ProtocolError,
-                    out,
-                );
+                return self.refuse_packet(tab, DisconnectReasonCode::ReceiveMaximumExceeded, out);
             }
         }
         match packet {
@@ -628,13 +622,7 @@ impl Mqtt {
             }
             // A second CONNECT, an AUTH outside enhanced authentication,
             // or a packet only a server sends.
-            _ => self.refuse(
-                tab,
-                Refused::Malformed,
-                DisconnectReasonCode::ProtocolError,
-                Cause::ProtocolError,
-                out,
-            ),
+            _ => self.refuse_packet(tab, DisconnectReasonCode::ProtocolError, out),
         }
     }
 

@@ -256,17 +256,9 @@ impl Mqtt {
 fn upstream_connect(mut connect: Connect, login: Option<Login>, max_packet: usize) -> Packet {
     connect.clean_start = true;
     // (3.1.1 writes no properties.)
-    let p = connect.properties.get_or_insert_with(|| ConnectProperties {
-        session_expiry_interval: None,
-        receive_maximum: None,
-        max_packet_size: None,
-        topic_alias_max: None,
-        request_response_info: None,
-        request_problem_info: None,
-        user_properties: Vec::new(),
-        authentication_method: None,
-        authentication_data: None,
-    });
+    let p = connect
+        .properties
+        .get_or_insert_with(empty_connect_properties);
     p.session_expiry_interval = None;
     p.topic_alias_max = None;
     p.max_packet_size = Some(max_packet.min(u32::MAX as usize) as u32);
@@ -321,6 +313,21 @@ fn refused_cause() -> Cause {
     Cause::Subprotocol {
         code: 1000,
         reason: String::new(),
+    }
+}
+
+/// CONNECT properties, none set.
+pub fn empty_connect_properties() -> ConnectProperties {
+    ConnectProperties {
+        session_expiry_interval: None,
+        receive_maximum: None,
+        max_packet_size: None,
+        topic_alias_max: None,
+        request_response_info: None,
+        request_problem_info: None,
+        user_properties: Vec::new(),
+        authentication_method: None,
+        authentication_data: None,
     }
 }
 

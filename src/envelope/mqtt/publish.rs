@@ -237,27 +237,14 @@ impl Mqtt {
     /// with tabmux's packet id.
     pub(super) fn tab_publish(&mut self, tab: TabId, mut p: Publish, out: &mut Effects) {
         let v5 = self.level == Level::V5;
-        let refuse = |m: &mut Mqtt, reason, code, out: &mut Effects| {
-            m.refuse(tab, reason, code, Cause::ProtocolError, out);
-        };
         if !topic::valid_topic(&p.topic) {
-            return refuse(
-                self,
-                Refused::Malformed,
-                DisconnectReasonCode::ProtocolError,
-                out,
-            );
+            return self.refuse_packet(tab, DisconnectReasonCode::ProtocolError, out);
         }
         let alias = p.properties.as_mut().and_then(|pp| pp.topic_alias.take());
         if let Some(alias) = alias {
             let max = self.server().and_then(|s| s.topic_alias_max).unwrap_or(0);
             if !v5 || alias == 0 || alias > max {
-                return refuse(
-                    self,
-                    Refused::Malformed,
-                    DisconnectReasonCode::TopicAliasInvalid,
-                    out,
-                );
+                return self.refuse_packet(tab, DisconnectReasonCode::TopicAliasInvalid, out);
             }
             let Some(state) = self.tabs.get_mut(&tab) else {
                 return;
@@ -266,12 +253,7 @@ impl Mqtt {
                 match state.flows().aliases.get(&alias) {
                     Some(t) => p.topic = t.clone(),
                     None => {
-                        return refuse(
-                            self,
-                            Refused::Malformed,
-                            DisconnectReasonCode::ProtocolError,
-                            out,
-                        )
+                        return self.refuse_packet(tab, DisconnectReasonCode::ProtocolError, out)
                     }
                 }
             } else {
@@ -279,26 +261,23 @@ impl Mqtt {
             }
         }
         if p.topic.is_empty() {
-            return refuse(
-                self,
-                Refused::Malformed,
-                DisconnectReasonCode::ProtocolError,
-                out,
-            );
+            return self.refuse_packet(tab, DisconnectReasonCode::ProtocolError, out);
         }
         if p.qos as u8 > self.max_qos() {
-            return refuse(
-                self,
+            return self.refuse(
+                tab,
                 Refused::Qos,
                 DisconnectReasonCode::QoSNotSupported,
+                Cause::ProtocolError,
                 out,
             );
         }
         if p.retain && !self.retain_available() {
-            return refuse(
-                self,
+            return self.refuse(
+                tab,
                 Refused::Retain,
                 DisconnectReasonCode::RetainNotSupported,
+                Cause::ProtocolError,
                 out,
             );
         }

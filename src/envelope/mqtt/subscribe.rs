@@ -12,7 +12,6 @@ use rumqttc::v5::mqttbytes::QoS;
 
 use super::codec::Level;
 use super::{topic, Mqtt, Pending, Phase, TabFilter, MAX_FILTERS, MAX_TAB_FILTERS};
-use crate::cause::Cause;
 use crate::envelope::{Effects, Refused, Saving, TabId};
 use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
 
@@ -79,32 +78,14 @@ impl Mqtt {
     pub(super) fn tab_subscribe(&mut self, tab: TabId, s: Subscribe, out: &mut Effects) {
         let v5 = self.level == Level::V5;
         if s.pkid == 0 {
-            return self.refuse(
-                tab,
-                Refused::Malformed,
-                DisconnectReasonCode::MalformedPacket,
-                Cause::ProtocolError,
-                out,
-            );
+            return self.refuse_packet(tab, DisconnectReasonCode::MalformedPacket, out);
         }
         for f in &s.filters {
             if !topic::valid_filter(&f.path) {
-                return self.refuse(
-                    tab,
-                    Refused::Malformed,
-                    DisconnectReasonCode::MalformedPacket,
-                    Cause::ProtocolError,
-                    out,
-                );
+                return self.refuse_packet(tab, DisconnectReasonCode::MalformedPacket, out);
             }
             if v5 && f.nolocal && f.path.starts_with("$share/") {
-                return self.refuse(
-                    tab,
-                    Refused::Malformed,
-                    DisconnectReasonCode::ProtocolError,
-                    Cause::ProtocolError,
-                    out,
-                );
+                return self.refuse_packet(tab, DisconnectReasonCode::ProtocolError, out);
             }
         }
         let sub_id = s.properties.as_ref().and_then(|p| p.id);
@@ -385,13 +366,7 @@ impl Mqtt {
         {
             // No filter, an invalid one, or no packet id: malformed, as
             // the server reads it.
-            return self.refuse(
-                tab,
-                Refused::Malformed,
-                DisconnectReasonCode::MalformedPacket,
-                Cause::ProtocolError,
-                out,
-            );
+            return self.refuse_packet(tab, DisconnectReasonCode::MalformedPacket, out);
         }
         let mut reasons = Vec::with_capacity(u.filters.len());
         for path in &u.filters {

@@ -38,17 +38,7 @@ fn hello(level: Level, id: &str, keep_alive: u16, will: Option<LastWill>) -> Byt
         keep_alive,
         client_id: id.into(),
         clean_start: true,
-        properties: (level == Level::V5).then(|| ConnectProperties {
-            session_expiry_interval: None,
-            receive_maximum: None,
-            max_packet_size: None,
-            topic_alias_max: None,
-            request_response_info: None,
-            request_problem_info: None,
-            user_properties: Vec::new(),
-            authentication_method: None,
-            authentication_data: None,
-        }),
+        properties: (level == Level::V5).then(empty_connect_properties),
     };
     codec::write(level, &Packet::Connect(connect, will, None))
 }
